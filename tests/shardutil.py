@@ -1,0 +1,40 @@
+"""Helpers the tests share: writing real tar shards the way producers do."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+
+def tar_bytes(samples: list[dict[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    """A tar archive holding ``samples`` (each a dict with __key__ and extension: bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, data in sample.items():
+                if ext.startswith("__"):
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                info.mtime = 1700000000
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make_samples(prefix: str, n: int, size: int = 64) -> list[dict[str, bytes]]:
+    return [
+        {"__key__": f"{prefix}/{i:06d}", "bin": (f"{prefix}:{i}:".encode() * size)[:size], "cls": str(i % 10).encode()}
+        for i in range(n)
+    ]
+
+
+def write_shard(directory: str, name: str, n: int, size: int = 64, prefix: str | None = None) -> str:
+    """Publishes a shard the safe way (temporary name, then rename); returns its path."""
+    path = os.path.join(directory, name)
+    tmp = os.path.join(directory, f"_tmp.{name}")
+    with open(tmp, "wb") as f:
+        f.write(tar_bytes(make_samples(prefix or name.split(".")[0], n, size)))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,163 @@
+"""Reading one consumer's assignment: open, verify, apply the change policy, count.
+
+Every outcome that is not "read as the snapshot said" is counted in ReadStats: shards
+replaced or rewritten after the snapshot (``on_change``), deleted, corrupt (``handler``).
+Under torch.distributed a consumer that lost samples fills its quota by repeating samples it
+already yielded this epoch (counted as ``padded``), so every rank still yields the same
+number of samples and DDP does not hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from .snapshot import ShardInfo, Snapshot
+from .split import Assignment, Piece
+from .tario import Expected, ShardChangedError, TarError, index_shard, open_shard
+
+log = logging.getLogger("wdsrefresh")
+
+VERIFY_MODES = ("off", "inline", "strict")
+CHANGE_POLICIES = ("reload", "skip", "raise")
+_RECENT = 64
+
+
+@dataclass
+class ReadStats:
+    """What one consumer did in one epoch."""
+
+    yielded: int = 0
+    quota: int = 0
+    replaced: int = 0
+    deleted: int = 0
+    corrupt: int = 0
+    skipped: int = 0
+    padded: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ShardVanishedError(FileNotFoundError):
+    """A shard of the snapshot was deleted before it was read (``on_change="raise"``)."""
+
+
+class StopConsumer(Exception):
+    """The handler asked to stop reading (webdataset's handler returned False)."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    verify: str = "inline"
+    on_change: str = "reload"
+    handler: Callable[[BaseException], bool] | None = None
+    equalize: bool = True
+
+
+def read_assignment(
+    snapshot: Snapshot, assignment: Assignment, options: ReadOptions, stats: ReadStats
+) -> Iterator[dict]:
+    """Yields the samples of ``assignment``: exactly ``assignment.quota`` under equalize."""
+    stats.quota = assignment.quota
+    recent: deque[dict] = deque(maxlen=_RECENT)
+    try:
+        for piece in assignment.pieces:
+            shard = snapshot.shards[piece.shard]
+            for sample in _read_piece(shard, piece, options, stats):
+                recent.append(sample)
+                stats.yielded += 1
+                yield sample
+    except StopConsumer:
+        return
+    shortfall = assignment.quota - stats.yielded
+    if shortfall > 0 and options.equalize:
+        yield from _pad(recent, shortfall, assignment, stats)
+
+
+def _pad(recent: deque, shortfall: int, assignment: Assignment, stats: ReadStats) -> Iterator[dict]:
+    if not recent:
+        raise RuntimeError(
+            f"rank {assignment.rank} worker {assignment.worker}: every shard of its range vanished or "
+            f"changed after the snapshot; it cannot yield its {shortfall} samples to keep ranks equal"
+        )
+    log.warning(
+        "rank %d worker %d: repeating %d samples to keep ranks equal after shards changed",
+        assignment.rank, assignment.worker, shortfall,
+    )
+    for i in range(shortfall):
+        sample = dict(recent[i % len(recent)])
+        sample["__padded__"] = True
+        stats.padded += 1
+        yield sample
+
+
+def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
+    expected = shard.expected(with_digest=options.verify != "off")
+    position = piece.start
+    reloaded = False
+    while position < piece.stop:
+        try:
+            for sample in _read_verified(shard, expected, position, piece.stop, options.verify):
+                position += 1
+                yield sample
+            return
+        except FileNotFoundError as exn:
+            stats.deleted += 1
+            if options.on_change == "raise":
+                raise ShardVanishedError(f"{shard.url}: deleted after the snapshot") from exn
+            log.warning("%s: deleted after the snapshot; %d samples skipped", shard.url, piece.stop - position)
+        except ShardChangedError as exn:
+            stats.replaced += 1
+            if options.on_change == "raise":
+                raise
+            if options.on_change == "reload" and not reloaded:
+                reloaded = True
+                fresh = _reindex(shard)
+                if fresh is not None:
+                    log.warning("%s; reading its current content", exn)
+                    expected = fresh
+                    continue
+            log.warning("%s; %d samples skipped", exn, piece.stop - position)
+        except TarError as exn:
+            stats.corrupt += 1
+            if options.handler is None or not options.handler(exn):
+                if options.handler is None:
+                    raise
+                raise StopConsumer() from exn
+        stats.skipped += piece.stop - position
+        return
+
+
+def _reindex(shard: ShardInfo) -> Expected | None:
+    """What the shard's current content is, if it is a complete tar that holds still."""
+    try:
+        before = os.stat(shard.path)
+        index = index_shard(shard.path, shard.url)
+        after = os.stat(shard.path)
+    except (OSError, TarError):
+        return None
+    if not index.complete or (before.st_ino, before.st_size, before.st_mtime_ns) != (
+        after.st_ino, after.st_size, after.st_mtime_ns,
+    ):
+        return None
+    return Expected(after.st_size, after.st_mtime_ns, after.st_ino, index.digest, index.blocks)
+
+
+def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, verify: str) -> Iterator[dict]:
+    reader, fd = open_shard(shard.path, shard.url, expected)
+    try:
+        hold_back = verify == "strict" and expected.blocks is None and expected.digest is not None
+        samples = reader.samples(start, stop)
+        if hold_back:
+            held = list(samples)
+            reader.finish()
+            yield from held
+        else:
+            yield from samples
+            reader.finish()
+    finally:
+        os.close(fd)

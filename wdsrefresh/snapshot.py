@@ -1,0 +1,175 @@
+"""ShardInfo and Snapshot: the immutable list of shards one epoch reads, and how it is resolved.
+
+Resolving stats every candidate a source names, reuses what the previous snapshot knew about
+files whose identity (device, inode, size, mtime_ns) is unchanged, and indexes the rest once
+(sample count and digests in one pass). A file is listed only when it is a complete tar
+(end-of-archive marker present) and did not change while it was indexed; a shard still being
+written simply waits for a later epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from .digest import BLOCK_SIZE, file_digest, split_digest
+from .sources import SHARD_PATTERNS, Candidate, NoShardsError, ShardSource
+from .tario import Expected, ShardChangedError, TarError, index_shard
+
+log = logging.getLogger("wdsrefresh")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as a snapshot saw it."""
+
+    url: str
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int = 0
+    device: int = 0
+    nsamples: int | None = None
+    digest: str | None = None
+    blocks: bytes | None = field(default=None, repr=False)
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def identity(self) -> tuple[int, int, int, int]:
+        return (self.device, self.inode, self.size, self.mtime_ns)
+
+    def expected(self, with_digest: bool = True) -> Expected:
+        """What a reader should find when it opens this shard."""
+        return Expected(
+            size=self.size,
+            mtime_ns=self.mtime_ns,
+            inode=self.inode or None,
+            digest=self.digest if with_digest else None,
+            blocks=self.blocks if with_digest else None,
+            block_size=self.block_size,
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The shards an epoch reads, in a deterministic order; ``id`` names its content."""
+
+    epoch: int
+    shards: tuple[ShardInfo, ...]
+    id: str
+    rejected: tuple[tuple[str, str], ...] = ()
+    pending: tuple[str, ...] = ()
+    created: float = 0.0
+
+    @property
+    def nsamples(self) -> int:
+        return sum(s.nsamples or 0 for s in self.shards)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(s.url for s in self.shards)
+
+    def diff(self, previous: Snapshot | None) -> tuple[list[str], list[str]]:
+        """Urls added and removed since ``previous``."""
+        before = set(previous.urls) if previous else set()
+        now = set(self.urls)
+        return sorted(now - before), sorted(before - now)
+
+    def describe(self, previous: Snapshot | None = None) -> str:
+        added, removed = self.diff(previous)
+        return (
+            f"epoch {self.epoch}: snapshot {self.id}, {len(self.shards)} shards "
+            f"(+{len(added)} -{len(removed)}), {self.nsamples} samples"
+            + (f", {len(self.pending)} pending" if self.pending else "")
+            + (f", {len(self.rejected)} rejected" if self.rejected else "")
+        )
+
+
+def snapshot_id(shards: tuple[ShardInfo, ...]) -> str:
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(repr((s.url, s.path, s.size, s.mtime_ns, s.inode, s.nsamples, s.digest)).encode())
+    return h.hexdigest()[:16]
+
+
+Handler = Callable[[BaseException], bool]
+
+
+class Resolver:
+    """Turns a source into snapshots, indexing only files it has not seen in this identity."""
+
+    def __init__(self, source: ShardSource, with_digest: bool = True, handler: Handler | None = None):
+        self.source = source
+        self.with_digest = with_digest
+        self.handler = handler
+        self.known: dict[str, ShardInfo] = {}
+
+    def remember(self, snapshot: Snapshot | None) -> None:
+        if snapshot is not None:
+            for shard in snapshot.shards:
+                self.known.setdefault(shard.path, shard)
+
+    def resolve(self, epoch: int, candidates: list[Candidate] | None = None) -> Snapshot:
+        """The snapshot for ``epoch``; raises NoShardsError when the source names no shard."""
+        if candidates is None:
+            candidates = self.source.candidates()
+        shards, rejected, pending = [], [], []
+        for cand in candidates:
+            try:
+                info = self._info(cand)
+            except FileNotFoundError:
+                continue
+            except (TarError, ShardChangedError, OSError) as exn:
+                self._reject(exn)
+                rejected.append((cand.url, str(exn)))
+                continue
+            if info is None:
+                pending.append(cand.url)
+            else:
+                shards.append(info)
+        if not shards and not pending and not rejected:
+            raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
+        live = {s.path for s in shards}
+        self.known = {p: s for p, s in self.known.items() if p in live}
+        self.known.update((s.path, s) for s in shards)
+        ordered = tuple(shards)
+        return Snapshot(epoch, ordered, snapshot_id(ordered), tuple(rejected), tuple(pending), time.time())
+
+    def _reject(self, exn: BaseException) -> None:
+        if self.handler is None or not self.handler(exn):
+            raise exn
+        log.warning("shard left out of the snapshot: %s", exn)
+
+    def _info(self, cand: Candidate) -> ShardInfo | None:
+        st = os.stat(cand.path)
+        path = os.path.realpath(cand.path)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        known = self.known.get(path)
+        if known is not None and known.identity == identity and (known.digest or not self.with_digest):
+            return known
+        base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        if self._manifest_describes(cand, st.st_size):
+            return replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks)
+        index = index_shard(path, cand.url, with_digest=self.with_digest)
+        after = os.stat(path)
+        if not index.complete or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            log.debug("%s: not ready (still being written)", cand.url)
+            return None
+        if cand.digest and self.with_digest and not cand.digest.startswith("xxh3_128:"):
+            _check_external_digest(cand, path)
+        return replace(base, nsamples=index.nsamples, digest=index.digest, blocks=index.blocks)
+
+    def _manifest_describes(self, cand: Candidate, size: int) -> bool:
+        if cand.nsamples is None or (cand.filesize is not None and cand.filesize != size):
+            return False
+        return not self.with_digest or (cand.digest is not None and cand.blocks is not None)
+
+
+def _check_external_digest(cand: Candidate, path: str) -> None:
+    algo, _ = split_digest(cand.digest)
+    if file_digest(path, algo) != cand.digest.lower():
+        raise ShardChangedError(cand.url, 0, f"content differs from the manifest's {algo} digest")

@@ -1,0 +1,183 @@
+"""Where shard names come from: a directory, a glob, a brace pattern, a manifest, or a list.
+
+A source only names candidate files; statting, indexing and deciding which are ready is the
+snapshot's job. Listing order is sorted, so a snapshot's order is deterministic.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globmod
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import braceexpand
+
+from . import manifest as manifestmod
+
+SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+TEMPORARY_PATTERNS = (".*", "*.tmp", "*.part", "*~", "_tmp*", "*.partial")
+
+
+class NoShardsError(FileNotFoundError):
+    """A source matched no shard."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file a source names, with whatever a manifest says about it."""
+
+    url: str
+    path: str
+    nsamples: int | None = None
+    digest: str | None = None
+    blocks: bytes | None = None
+    filesize: int | None = None
+
+
+def is_temporary(name: str) -> bool:
+    """Hidden files and the usual names of files still being written."""
+    base = os.path.basename(name)
+    return any(fnmatch.fnmatchcase(base, pattern) for pattern in TEMPORARY_PATTERNS)
+
+
+def is_shard_name(name: str) -> bool:
+    base = os.path.basename(name)
+    return not is_temporary(base) and any(fnmatch.fnmatchcase(base, p) for p in SHARD_PATTERNS)
+
+
+class ShardSource:
+    """Names the candidate shard files; ``describe()`` is used in error messages."""
+
+    def candidates(self) -> list[Candidate]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def watch_root(self) -> str | None:
+        """The directory whose events can keep an index of this source current, if any."""
+        return None
+
+
+class DirectorySource(ShardSource):
+    def __init__(self, path: str, recursive: bool = False):
+        self.path = os.fspath(path)
+        self.recursive = recursive
+
+    def candidates(self) -> list[Candidate]:
+        if not os.path.isdir(self.path):
+            raise NoShardsError(f"shard directory {self.path!r} does not exist")
+        names = []
+        if self.recursive:
+            for root, dirs, files in os.walk(self.path, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if not is_temporary(d))
+                names.extend(os.path.join(root, f) for f in files)
+        else:
+            with os.scandir(self.path) as entries:
+                names = [e.path for e in entries if not e.is_dir()]
+        return [Candidate(url=n, path=n) for n in sorted(names) if is_shard_name(n)]
+
+    def describe(self) -> str:
+        return f"directory {self.path!r}"
+
+    def watch_root(self) -> str | None:
+        return self.path
+
+
+class GlobSource(ShardSource):
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+
+    def candidates(self) -> list[Candidate]:
+        names = globmod.glob(self.pattern, recursive=True)
+        return [Candidate(url=n, path=n) for n in sorted(names) if not is_temporary(n) and os.path.isfile(n)]
+
+    def describe(self) -> str:
+        return f"glob {self.pattern!r}"
+
+
+class BraceSource(ShardSource):
+    """A brace pattern such as ``shard-{000..099}.tar``; names that do not exist yet are left out."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+
+    def candidates(self) -> list[Candidate]:
+        names = list(braceexpand.braceexpand(self.pattern))
+        return [Candidate(url=n, path=n) for n in names if os.path.isfile(n)]
+
+    def describe(self) -> str:
+        return f"brace pattern {self.pattern!r}"
+
+
+class ManifestSource(ShardSource):
+    """A wids shard index v1 JSON file; relative urls resolve against its directory."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+
+    def candidates(self) -> list[Candidate]:
+        entries = manifestmod.load(self.path)
+        base = os.path.dirname(os.path.abspath(self.path))
+        return [
+            Candidate(
+                url=e.url,
+                path=e.url if os.path.isabs(e.url) else os.path.join(base, e.url),
+                nsamples=e.nsamples,
+                digest=e.digest,
+                blocks=e.blocks,
+                filesize=e.filesize,
+            )
+            for e in entries
+        ]
+
+    def describe(self) -> str:
+        return f"manifest {self.path!r}"
+
+    def watch_root(self) -> str | None:
+        return os.path.dirname(os.path.abspath(self.path))
+
+
+class ListSource(ShardSource):
+    """Several sources, in the order given; a file named twice is listed once."""
+
+    def __init__(self, sources: Iterable[ShardSource]):
+        self.sources = list(sources)
+
+    def candidates(self) -> list[Candidate]:
+        seen: set[str] = set()
+        out = []
+        for source in self.sources:
+            for c in source.candidates():
+                if c.path not in seen:
+                    seen.add(c.path)
+                    out.append(c)
+        return out
+
+    def describe(self) -> str:
+        return "list [" + ", ".join(s.describe() for s in self.sources) + "]"
+
+
+def make_source(spec: object) -> ShardSource:
+    """A ShardSource from a directory, glob, brace pattern, manifest path, list, or a ShardSource."""
+    if isinstance(spec, ShardSource):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return ListSource(make_source(s) for s in spec)
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"cannot make a shard source from {spec!r}")
+    if os.path.isdir(spec):
+        return DirectorySource(spec)
+    if spec.endswith(".json"):
+        return ManifestSource(spec)
+    if "{" in spec and "}" in spec:
+        return BraceSource(spec)
+    if any(ch in spec for ch in "*?["):
+        return GlobSource(spec)
+    if os.path.isfile(spec):
+        return ListSource([BraceSource(spec)])
+    raise NoShardsError(f"{spec!r} is not a directory, manifest, glob, brace pattern or existing file")
