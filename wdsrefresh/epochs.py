@@ -171,7 +171,9 @@ class EpochState:
 
     # stats: written by each consumer at the end of its epoch
     def write_stats(self, epoch: int, rank: int, worker: int, stats: dict) -> None:
-        _write_atomic(self._path(f"stats-{epoch:09d}-{rank}-{worker}.json"), json.dumps(stats).encode())
+        """Records a consumer's counters; a no-op once the dataset (and its directory) is gone."""
+        if os.path.isdir(self.directory):
+            _write_atomic(self._path(f"stats-{epoch:09d}-{rank}-{worker}.json"), json.dumps(stats).encode())
 
     def read_stats(self, epoch: int) -> list[dict]:
         prefix = f"stats-{epoch:09d}-"

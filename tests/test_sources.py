@@ -1,0 +1,82 @@
+"""Where shards come from: directories, globs, brace patterns, manifests, lists; clear errors."""
+
+import glob
+import json
+import os
+
+import pytest
+import webdataset as wds
+from webdataset.handlers import warn_and_continue
+
+import wdsrefresh as wr
+from conftest import TESTDATA
+from shardutil import write_shard
+
+
+def urls(source):
+    return [os.path.basename(s.url) for s in wr.RefreshingWebDataset(source).set_epoch(0).shards]
+
+
+def test_directory_lists_shards_and_ignores_temporary_and_hidden_names(shard_dir):
+    for name in ["a.tar", "b.tar.gz", "c.tgz"]:
+        write_shard(shard_dir, name, 2)
+    for name in [".hidden.tar", "x.tar.tmp", "y.tar.part", "z.tar~", "_tmp.w.tar", "notes.txt"]:
+        with open(os.path.join(shard_dir, name), "wb") as f:
+            f.write(b"junk")
+    assert urls(shard_dir) == ["a.tar", "b.tar.gz", "c.tgz"]
+
+
+def test_glob_brace_and_list_sources(shard_dir):
+    for i in range(4):
+        write_shard(shard_dir, f"s-{i}.tar", 1)
+    assert urls(os.path.join(shard_dir, "s-[12].tar")) == ["s-1.tar", "s-2.tar"]
+    # names of the brace pattern that do not exist yet are simply not in this epoch
+    assert urls(os.path.join(shard_dir, "s-{0..9}.tar")) == ["s-0.tar", "s-1.tar", "s-2.tar", "s-3.tar"]
+    both = [os.path.join(shard_dir, "s-0.tar"), os.path.join(shard_dir, "s-{2..3}.tar")]
+    assert urls(both) == ["s-0.tar", "s-2.tar", "s-3.tar"]
+
+
+def test_manifest_urls_resolve_against_its_directory(shard_dir):
+    write_shard(shard_dir, "m0.tar", 3)
+    write_shard(shard_dir, "m1.tar", 5)
+    manifest = os.path.join(shard_dir, "index.json")
+    with open(manifest, "w") as f:
+        json.dump({"__kind__": "wids-shard-index-v1", "wids_version": 1,
+                   "shardlist": [{"url": "m1.tar", "nsamples": 5}, {"url": "m0.tar", "nsamples": 3}]}, f)
+    snap = wr.RefreshingWebDataset(manifest).set_epoch(0)
+    assert [(s.url, s.nsamples) for s in snap.shards] == [("m1.tar", 5), ("m0.tar", 3)]
+    keys = [s["__key__"] for s in wr.RefreshingWebDataset(manifest, shardshuffle=False)]
+    assert keys == [f"m1/{i:06d}" for i in range(5)] + [f"m0/{i:06d}" for i in range(3)]
+
+
+def test_source_matching_nothing_names_the_source(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(wr.NoShardsError, match="empty"):
+        wr.RefreshingWebDataset(str(empty)).set_epoch(0)
+    with pytest.raises(wr.NoShardsError, match="nowhere"):
+        wr.RefreshingWebDataset(str(tmp_path / "nowhere" / "*.tar")).set_epoch(0)
+
+
+def test_corrupt_file_error_names_the_shard_or_goes_through_the_handler(shard_dir):
+    write_shard(shard_dir, "good.tar", 3)
+    with open(os.path.join(shard_dir, "bad.tar"), "wb") as f:
+        f.write(b"this is not a tar file at all" * 40)
+    with pytest.raises(wr.TarError, match="bad.tar"):
+        wr.RefreshingWebDataset(shard_dir).set_epoch(0)
+    ds = wr.RefreshingWebDataset(shard_dir, handler=warn_and_continue)
+    snap = ds.set_epoch(0)
+    assert [os.path.basename(u) for u, _ in snap.rejected] == ["bad.tar"]
+    assert len(list(ds)) == 3
+
+
+@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(TESTDATA, "*")) if not p.endswith(".md")))
+def test_samples_equal_webdatasets_on_third_party_shards(path):
+    expected = list(wds.WebDataset(path, shardshuffle=False))
+    actual = list(wr.RefreshingWebDataset(path, shardshuffle=False))
+    assert [s["__key__"] for s in actual] == [s["__key__"] for s in expected]
+    # __local_path__ is the resolved path we opened (the snapshot holds resolved paths)
+    assert [os.path.realpath(s.pop("__local_path__")) for s in actual] == [
+        os.path.realpath(s.pop("__local_path__")) for s in expected
+    ]
+    assert actual == expected

@@ -1,0 +1,107 @@
+"""``wdsrefresh demo``: a tiny training loop on a directory that grows between epochs.
+
+Also holds the deterministic example-shard generator used by tools/make_example_shards.py.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NUM_CLASSES = 4
+DIM = 16
+PER_SHARD = 128
+
+
+def _sample(rng: np.random.Generator, centers: np.ndarray) -> tuple[bytes, bytes]:
+    label = int(rng.integers(NUM_CLASSES))
+    x = (centers[label] + rng.normal(0, 1.0, DIM)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue(), str(label).encode()
+
+
+def write_example_shard(directory: str, index: int, per_shard: int = PER_SHARD, seed: int = 0) -> str:
+    """Writes example shard ``index`` (16-d features, 4 classes) safely: temporary name, then rename."""
+    centers = np.random.default_rng(1234).normal(0, 3.0, (NUM_CLASSES, DIM))
+    rng = np.random.default_rng(seed * 100003 + index)
+    path = os.path.join(directory, f"example-{index:06d}.tar")
+    tmp = os.path.join(directory, f"_tmp.example-{index:06d}.tar")
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(index * per_shard, (index + 1) * per_shard):
+            for ext, data in zip(("input.npy", "cls"), _sample(rng, centers)):
+                info = tarfile.TarInfo(f"sample{i:07d}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+    return path
+
+
+def _find_example_shards(given: str | None) -> str | None:
+    if given:
+        return given
+    repo = Path(__file__).resolve().parents[1] / "example_shards"
+    return str(repo) if repo.is_dir() else None
+
+
+def run(args) -> int:
+    import torch
+
+    import wdsrefresh as wr
+
+    workdir = tempfile.mkdtemp(prefix="wdsrefresh-demo-")
+    try:
+        data = os.path.join(workdir, "shards")
+        source = _find_example_shards(args.shards)
+        if source:
+            shutil.copytree(source, data)
+        else:
+            os.makedirs(data)
+            for i in range(4):
+                write_example_shard(data, i)
+        next_index = 1 + max(int(p.stem.split("-")[-1]) for p in Path(data).glob("example-*.tar"))
+        print(f"training on {data} (copied from {source or 'generated shards'}), "
+              f"{args.workers} DataLoader workers")
+        torch.manual_seed(0)
+        model = torch.nn.Linear(DIM, NUM_CLASSES)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        ds = (
+            wr.RefreshingWebDataset(data, seed=0)
+            .shuffle(256)
+            .decode()
+            .to_tuple("input.npy", "cls")
+            .batched(32)
+        )
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
+                                             persistent_workers=args.workers > 0)
+        previous = None
+        for epoch in range(args.epochs):
+            start = time.time()
+            snap = ds.set_epoch(epoch)
+            added, removed = snap.diff(previous)
+            seen, total_loss, batches = 0, 0.0, 0
+            for x, y in loader:
+                loss = torch.nn.functional.cross_entropy(model(torch.as_tensor(x)), torch.as_tensor(y))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                seen += len(y)
+                total_loss += loss.item()
+                batches += 1
+            print(f"epoch {epoch}  snapshot {snap.id[:8]}  shards {len(snap.shards):2d} "
+                  f"(+{len(added)} -{len(removed)})  samples {seen:5d}  "
+                  f"loss {total_loss / max(batches, 1):.3f}  ({time.time() - start:.1f}s)")
+            previous = snap
+            path = write_example_shard(data, next_index)
+            print(f"  producer: added {os.path.basename(path)}")
+            next_index += 1
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
