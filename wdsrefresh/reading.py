@@ -75,14 +75,31 @@ def read_assignment(
         return
     shortfall = assignment.quota - stats.yielded
     if shortfall > 0 and options.equalize:
+        if not recent:
+            recent.extend(_any_samples(snapshot, options))
         yield from _pad(recent, shortfall, assignment, stats)
+
+
+def _any_samples(snapshot: Snapshot, options: ReadOptions) -> Iterator[dict]:
+    """Up to _RECENT samples from whichever shards of the snapshot can still be read."""
+    found = 0
+    for shard in snapshot.shards:
+        try:
+            for sample in _read_verified(shard, shard.expected(options.verify != "off"), 0, _RECENT - found,
+                                         options.verify):
+                found += 1
+                yield sample
+        except (OSError, TarError, ShardChangedError):
+            continue
+        if found >= _RECENT:
+            return
 
 
 def _pad(recent: deque, shortfall: int, assignment: Assignment, stats: ReadStats) -> Iterator[dict]:
     if not recent:
         raise RuntimeError(
-            f"rank {assignment.rank} worker {assignment.worker}: every shard of its range vanished or "
-            f"changed after the snapshot; it cannot yield its {shortfall} samples to keep ranks equal"
+            f"rank {assignment.rank} worker {assignment.worker}: every shard of the snapshot vanished or "
+            f"changed before it was read; it cannot yield its {shortfall} samples to keep ranks equal"
         )
     log.warning(
         "rank %d worker %d: repeating %d samples to keep ranks equal after shards changed",
