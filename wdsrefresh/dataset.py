@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import webdataset as wds
@@ -36,7 +36,10 @@ class Consumer:
 
 @dataclass(frozen=True)
 class EpochStats:
-    """What one epoch read, on this node: from the snapshot and from every consumer's counters."""
+    """What one epoch read, on this node: from the snapshot and from every consumer's counters.
+
+    ``replaced``, ``deleted`` and ``corrupt`` count shards; the others count samples.
+    """
 
     epoch: int
     snapshot_id: str
@@ -135,8 +138,10 @@ class EpochSource:
 
     def _samples(self, snapshot, assignment, consumer: Consumer):
         stats = ReadStats()
+        # padding keeps ranks equal; a single rank has nothing to keep equal with
+        options = replace(self.options, equalize=self.options.equalize and consumer.world_size > 1)
         try:
-            yield from read_assignment(snapshot, assignment, self.options, stats)
+            yield from read_assignment(snapshot, assignment, options, stats)
         finally:
             record = stats.as_dict() | {"left_out": assignment.left_out, "rank": consumer.rank,
                                         "worker": consumer.worker}
@@ -216,11 +221,12 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         added, removed = snap.diff(state.latest(before=snap.epoch))
         records = state.read_stats(snap.epoch)
         total = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
+        shards = lambda key: len(set().union(*(r.get(key, ()) for r in records)))  # noqa: E731
         left_out = max((r.get("left_out", 0) for r in records), default=0)
         return EpochStats(
             epoch=snap.epoch, snapshot_id=snap.id, shards=len(snap.shards), samples=snap.nsamples,
             added=len(added), removed=len(removed), left_out=left_out, yielded=total("yielded"),
-            replaced=total("replaced"), deleted=total("deleted"), corrupt=total("corrupt"),
+            replaced=shards("replaced"), deleted=shards("deleted"), corrupt=shards("corrupt"),
             skipped=total("skipped"), padded=total("padded"), consumers=len(records),
         )
 

@@ -13,7 +13,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .snapshot import ShardInfo, Snapshot
 from .split import Assignment, Piece
@@ -28,18 +28,18 @@ _RECENT = 64
 
 @dataclass
 class ReadStats:
-    """What one consumer did in one epoch."""
+    """What one consumer did in one epoch; shards are counted by url, so consumers' sets add up."""
 
     yielded: int = 0
     quota: int = 0
-    replaced: int = 0
-    deleted: int = 0
-    corrupt: int = 0
     skipped: int = 0
     padded: int = 0
+    replaced: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)
+    corrupt: set[str] = field(default_factory=set)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(self).items()}
 
 
 class ShardVanishedError(FileNotFoundError):
@@ -123,12 +123,12 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
                 yield sample
             return
         except FileNotFoundError as exn:
-            stats.deleted += 1
+            stats.deleted.add(shard.url)
             if options.on_change == "raise":
                 raise ShardVanishedError(f"{shard.url}: deleted after the snapshot") from exn
             log.warning("%s: deleted after the snapshot; %d samples skipped", shard.url, piece.stop - position)
         except ShardChangedError as exn:
-            stats.replaced += 1
+            stats.replaced.add(shard.url)
             if options.on_change == "raise":
                 raise
             if options.on_change == "reload" and not reloaded:
@@ -140,7 +140,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
                     continue
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
         except TarError as exn:
-            stats.corrupt += 1
+            stats.corrupt.add(shard.url)
             if options.handler is None or not options.handler(exn):
                 if options.handler is None:
                     raise

@@ -1,0 +1,185 @@
+"""Invariants 4 and 5: replaced, deleted, truncated, half-written and corrupt shards."""
+
+import io
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+
+import wdsrefresh as wr
+from shardutil import make_samples, tar_bytes, write_shard
+
+BIG = 100_000  # 100 KB payloads: a shard of 100 samples spans 3 blocks of 4 MiB
+
+
+def versioned_shard(path, version: bytes, n=100, size=BIG):
+    """A shard whose every payload byte says which version it is (to spot torn samples)."""
+    samples = [{"__key__": f"s/{i:06d}", "bin": version * size, "cls": version} for i in range(n)]
+    return tar_bytes(samples)
+
+
+def loader(ds, num_workers=1, persistent=False):
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=persistent,
+                                       prefetch_factor=1 if num_workers else None)
+
+
+def assert_whole_versions(samples):
+    for s in samples:
+        versions = set(s["bin"]) | set(s["cls"])
+        assert len(versions) == 1, f"{s['__key__']} mixes versions {versions}"
+
+
+@pytest.mark.parametrize("verify", ["inline", "strict"])
+def test_in_place_rewrite_during_epoch_is_detected_and_never_torn(shard_dir, verify):
+    path = os.path.join(shard_dir, "v.tar")
+    with open(path, "wb") as f:
+        f.write(versioned_shard(path, b"A"))
+    ds = wr.RefreshingWebDataset(shard_dir, verify=verify, on_change="reload")
+    ds.set_epoch(0)
+    it = iter(loader(ds, num_workers=1))
+    got = [next(it)]
+    with open(path, "r+b") as f:  # what `cp` or open("wb") does: same inode, new bytes
+        f.write(versioned_shard(path, b"B"))
+    got.extend(it)
+    assert [s["__key__"] for s in got] == [f"s/{i:06d}" for i in range(100)]
+    assert_whole_versions(got)
+    assert {bytes(s["cls"]) for s in got} == {b"A", b"B"}
+    stats = ds.stats(0)
+    assert stats.replaced == 1 and stats.yielded == 100
+
+
+def test_in_place_rewrite_with_skip_policy_counts_skipped(shard_dir):
+    path = os.path.join(shard_dir, "v.tar")
+    with open(path, "wb") as f:
+        f.write(versioned_shard(path, b"A"))
+    ds = wr.RefreshingWebDataset(shard_dir, on_change="skip")
+    ds.set_epoch(0)
+    it = iter(loader(ds, num_workers=1))
+    got = [next(it)]
+    with open(path, "r+b") as f:
+        f.write(versioned_shard(path, b"B"))
+    got.extend(it)
+    assert_whole_versions(got)
+    assert {bytes(s["cls"]) for s in got} == {b"A"}
+    stats = ds.stats(0)
+    assert stats.replaced == 1 and stats.yielded + stats.skipped == 100 and stats.skipped > 0
+
+
+@pytest.mark.parametrize("on_change,expect_new", [("reload", True), ("skip", False)])
+def test_shard_replaced_by_rename_after_snapshot(shard_dir, on_change, expect_new):
+    write_shard(shard_dir, "a.tar", 5)
+    ds = wr.RefreshingWebDataset(shard_dir, on_change=on_change)
+    ds.set_epoch(0)
+    tmp = os.path.join(shard_dir, "_tmp.a.tar")
+    with open(tmp, "wb") as f:
+        f.write(tar_bytes(make_samples("new", 5)))
+    os.replace(tmp, os.path.join(shard_dir, "a.tar"))
+    keys = sorted(s["__key__"] for s in loader(ds, num_workers=2))
+    assert keys == ([f"new/{i:06d}" for i in range(5)] if expect_new else [])
+    stats = ds.stats(0)
+    assert stats.replaced == 1 and stats.skipped == (0 if expect_new else 5)
+
+
+def test_replaced_shard_raises_under_raise_policy(shard_dir):
+    write_shard(shard_dir, "a.tar", 5)
+    ds = wr.RefreshingWebDataset(shard_dir, on_change="raise")
+    ds.set_epoch(0)
+    write_shard(shard_dir, "a.tar", 6)
+    with pytest.raises(Exception, match="a.tar"):
+        list(loader(ds, num_workers=2))
+
+
+def test_shard_deleted_after_snapshot_is_skipped_and_counted(shard_dir):
+    write_shard(shard_dir, "a.tar", 5)
+    write_shard(shard_dir, "b.tar", 6)
+    ds = wr.RefreshingWebDataset(shard_dir)
+    ds.set_epoch(0)
+    os.unlink(os.path.join(shard_dir, "a.tar"))
+    keys = [s["__key__"] for s in loader(ds, num_workers=2, persistent=True)]
+    assert sorted(keys) == [f"b/{i:06d}" for i in range(6)]
+    stats = ds.stats(0)
+    assert (stats.deleted, stats.skipped, stats.padded) == (1, 5, 0)
+    ds.set_epoch(1)
+    with pytest.raises(Exception):
+        os.unlink(os.path.join(shard_dir, "b.tar"))
+        list(wr.RefreshingWebDataset(shard_dir, on_change="raise"))
+
+
+def test_deleted_shard_raises_under_raise_policy(shard_dir):
+    write_shard(shard_dir, "a.tar", 5)
+    ds = wr.RefreshingWebDataset(shard_dir, on_change="raise")
+    ds.set_epoch(0)
+    os.unlink(os.path.join(shard_dir, "a.tar"))
+    with pytest.raises(wr.ShardVanishedError, match="a.tar"):
+        list(ds)
+
+
+def test_symlinked_directory_swap_switches_at_next_epoch(tmp_path):
+    for version in ("v1", "v2"):
+        (tmp_path / version).mkdir()
+        write_shard(str(tmp_path / version), "x.tar", 3, prefix=version)
+    data = tmp_path / "data"
+    data.symlink_to(tmp_path / "v1")
+    ds = wr.RefreshingWebDataset(str(data))
+    ds.set_epoch(0)
+    swap = tmp_path / "data.new"
+    swap.symlink_to(tmp_path / "v2")
+    os.replace(swap, data)  # the epoch in flight keeps reading v1: the snapshot holds resolved paths
+    assert {s["__key__"].split("/")[0] for s in loader(ds, num_workers=2)} == {"v1"}
+    ds.set_epoch(1)
+    assert {s["__key__"].split("/")[0] for s in loader(ds, num_workers=2)} == {"v2"}
+
+
+def test_half_written_shard_is_not_read_until_complete(shard_dir):
+    write_shard(shard_dir, "done.tar", 3)
+    data = tar_bytes(make_samples("late", 20, size=1000))
+    path = os.path.join(shard_dir, "late.tar")
+    with open(path, "wb") as f:  # a plain `cp`, caught half way
+        f.write(data[: len(data) // 2])
+    ds = wr.RefreshingWebDataset(shard_dir)
+    snap = ds.set_epoch(0)
+    assert [os.path.basename(s.url) for s in snap.shards] == ["done.tar"]
+    assert [os.path.basename(p) for p in snap.pending] == ["late.tar"]
+    assert len(list(loader(ds, num_workers=2))) == 3
+    with open(path, "ab") as f:
+        f.write(data[len(data) // 2 :])
+    ds.set_epoch(1)
+    assert len(list(loader(ds, num_workers=2))) == 23
+
+
+def test_truncated_shard_error_names_offset_and_partial_sample_never_merges(shard_dir):
+    samples = make_samples("t", 6, size=3000)
+    data = tar_bytes(samples)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member_offsets = [m.offset for m in tar.getmembers()]  # where each member's header starts
+    cut = member_offsets[6] + 512 + 100  # inside sample 3's 3000-byte .bin
+    with open(os.path.join(shard_dir, "t.tar"), "wb") as f:
+        f.write(data[:cut])
+    write_shard(shard_dir, "u.tar", 4)
+    manifest = os.path.join(shard_dir, "index.json")
+    with open(manifest, "w") as f:  # a manifest vouches for the truncated shard, so it is read
+        json.dump({"shardlist": [{"url": "t.tar", "nsamples": 6}, {"url": "u.tar", "nsamples": 4}]}, f)
+    errors = []
+    ds = wr.RefreshingWebDataset(manifest, shardshuffle=False, verify="off",
+                                 handler=lambda exn: errors.append(exn) or True)
+    got = list(ds)
+    assert [s["__key__"] for s in got] == [f"t/{i:06d}" for i in range(3)] + [f"u/{i:06d}" for i in range(4)]
+    for s in got:
+        assert s["bin"].startswith(s["__key__"].split("/")[0].encode()), "sample assembled across shards"
+    assert len(errors) == 1 and "t.tar" in str(errors[0]) and f"at byte {member_offsets[6]}" in str(errors[0])
+    assert ds.stats().corrupt == 1 and ds.stats().skipped == 3
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("verify", ["inline", "strict"])
+def test_torture_writer_never_yields_duplicates_or_torn_samples(tmp_path, verify):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import torture
+
+    totals = torture.run(str(tmp_path), epochs=6, seed=1, verify=verify)
+    assert totals["yielded"] > 0
+    assert totals["duplicates"] == 0 and totals["torn"] == 0, totals
