@@ -21,6 +21,159 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=lambda args: __import__("wdsrefresh.demo", fromlist=["run"]).run(args))
 
 
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for line in [headers, ["-" * w for w in widths], *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def _fail(command: str, exn: BaseException) -> int:
+    print(f"wdsrefresh {command}: error: {exn}", file=sys.stderr)
+    return 1
+
+
+def _add_shard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed)")
+    p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most (default: 10000)")
+    p.add_argument("--maxsize", default="1GB", help="bytes per shard at most, e.g. 500MB, 1GiB (default: 1GB); "
+                   "a bigger sample gets a shard of its own, with a warning")
+    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default: shard)")
+
+
+def _run_pack(args: argparse.Namespace) -> int:
+    from .pack import PackError, pack
+
+    try:
+        entries = pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
+                       prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks)
+    except (PackError, OSError, ValueError) as exn:
+        return _fail("pack", exn)
+    print(f"packed {sum(e.nsamples or 0 for e in entries)} samples into {len(entries)} shards in {args.out}")
+    return 0
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="pack files into tar shards and update the manifest",
+        description="Packs the files under each SRC into new tar shards in OUT. Files are grouped "
+        "into samples by webdataset's rule (dir/a.jpg and dir/a.cls are sample dir/a). Shards are "
+        "named PREFIX-NNNNNN.tar, numbered after the highest shard already in OUT, written under "
+        "a hidden temporary name, fsynced and renamed; OUT/manifest.json (wids shard index v1 "
+        "plus digests) is then updated atomically. All inputs are checked first: unreadable files, "
+        "names without an extension, symlinks leading outside SRC, duplicate keys and an empty "
+        "SRC are errors, and nothing is published. Hidden files are skipped.",
+    )
+    p.add_argument("src", nargs="+", metavar="SRC", help="directory (names relative to it) or file (its base name)")
+    _add_shard_options(p)
+    p.add_argument("--jobs", type=int, default=1, help="shards written in parallel (default: 1)")
+    p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks even when they lead outside SRC")
+    p.set_defaults(run=_run_pack)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    import signal
+
+    from .ingest import IngestConfig, IngestError, Ingester
+    from .pack import parse_size
+
+    try:
+        config = IngestConfig(args.inbox, args.out, maxcount=args.maxcount, maxsize=parse_size(args.maxsize),
+                              settle=args.settle, flush=args.flush, archive=args.archive, prefix=args.prefix,
+                              require_done=args.require_done)
+        with Ingester(config) as ingester:
+            signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
+            ingester.run_once() if args.once else ingester.run_forever()
+    except (IngestError, OSError, ValueError) as exn:
+        return _fail("ingest", exn)
+    return 0
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="turn files dropped into an inbox directory into published shards",
+        description="Watches INBOX and packs complete samples into shards in OUT, publishing each "
+        "shard atomically and updating OUT/manifest.json; only then are the inputs removed (or "
+        "moved to --archive). A sample is complete when a KEY.done marker file exists (the marker "
+        "is removed, not packed), or else when all its files were closed after writing and stayed "
+        "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
+        "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
+        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/).",
+    )
+    p.add_argument("inbox", metavar="INBOX", help="directory producers drop files into")
+    _add_shard_options(p)
+    p.add_argument("--once", action="store_true", help="publish what is complete now (waiting for files "
+                   "still settling), then exit")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged (default: 2)")
+    p.add_argument("--flush", type=float, default=30.0, help="publish a partial shard when its oldest sample "
+                   "has waited this many seconds (default: 30)")
+    p.add_argument("--archive", metavar="DIR", help="move inputs here instead of deleting them (same file system)")
+    p.add_argument("--require-done", action="store_true", help="take only samples that have a KEY.done marker")
+    p.set_defaults(run=_run_ingest)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    try:
+        problems = verify(args.target)
+    except (OSError, ValueError) as exn:
+        return _fail("verify", exn)
+    if not problems:
+        print(f"{args.target}: all shards verified")
+        return 0
+    _print_table(["SHARD", "PROBLEM", "DETAIL"], [[p.shard, p.kind, p.detail] for p in problems])
+    return 1
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="re-hash every shard and check it against the manifest",
+        description="Reads every shard of OUT (or of MANIFEST) once: checks size, whole-file and "
+        "block digests, sample count and tar structure against the manifest, and reports shard "
+        "files the manifest does not list. Prints a table of problems and exits with status 1 "
+        "when there are any, 0 otherwise.",
+    )
+    p.add_argument("target", metavar="OUT|MANIFEST", help="shard directory or manifest file")
+    p.set_defaults(run=_run_verify)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    from .verify import listing
+
+    try:
+        rows = listing(args.target)
+    except (OSError, ValueError) as exn:
+        return _fail("ls", exn)
+    table = [[r.shard + ("" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
+              "-" if r.size is None else str(r.size), (r.digest or "-")[:25], _age(r.age)] for r in rows]
+    _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
+    return 0
+
+
+def _add_ls(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ls",
+        help="list shards with samples, size, digest and age",
+        description="Lists the shards of OUT (or of MANIFEST): sample count and digest from the "
+        "manifest, size and age (time since last modification) from the file system. Shards "
+        "not in the manifest are marked (unlisted) and counted by reading their headers.",
+    )
+    p.add_argument("target", metavar="OUT|MANIFEST", help="shard directory or manifest file")
+    p.set_defaults(run=_run_ls)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wdsrefresh",
@@ -28,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO and DEBUG)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_pack(sub)
+    _add_ingest(sub)
+    _add_verify(sub)
+    _add_ls(sub)
     _add_demo(sub)
     return parser
 

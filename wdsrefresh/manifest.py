@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 KIND = "wids-shard-index-v1"
+DEFAULT_NAME = "manifest.json"  # what pack and ingest write next to the shards
 
 
 class ManifestError(ValueError):
@@ -76,11 +77,17 @@ def save(path: str, entries: Iterable[ManifestEntry], name: str | None = None) -
         "name": name or os.path.basename(os.path.dirname(os.path.abspath(path))),
         "shardlist": [e.to_json() for e in entries],
     }
+    write_json_atomic(path, doc, indent=1)
+
+
+def write_json_atomic(path: str, doc: object, indent: int | None = None) -> None:
+    """Writes ``doc`` as JSON to ``path`` durably: readers see the old or the new file, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="_tmp.", suffix=".json", dir=directory)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the manifest from jobs run as other users
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
+            json.dump(doc, f, indent=indent)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,259 @@
+"""`wdsrefresh ingest`: complete samples only, every input in exactly one shard, even under kill -9."""
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from wdsrefresh import manifest
+from wdsrefresh.ingest import IngestConfig, IngestError, Ingester, _journal_doc, ingest
+from wdsrefresh.tario import open_shard
+from wdsrefresh.verify import verify
+
+CLI = [sys.executable, "-m", "wdsrefresh.cli"]
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def drop(inbox, name, data):
+    """Drops a file the safe way: written under a hidden name, then renamed into place."""
+    path = os.path.join(inbox, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(name) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def published_members(out):
+    """Counter of member names over the shards the manifest lists (which must be all of them)."""
+    entries = manifest.load(os.path.join(out, "manifest.json"))
+    assert sorted(e.url for e in entries) == sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    names = collections.Counter()
+    for e in entries:
+        reader, fd = open_shard(os.path.join(out, e.url))
+        try:
+            samples = list(reader.samples())
+        finally:
+            os.close(fd)
+        assert len(samples) == e.nsamples
+        names.update(f"{s['__key__']}.{ext}" for s in samples for ext in s if not ext.startswith("__"))
+    return names
+
+
+def inbox_files(inbox):
+    return sorted(os.path.relpath(os.path.join(r, f), inbox) for r, _, fs in os.walk(inbox) for f in fs)
+
+
+def config(tmp_path, **kw):
+    kw.setdefault("settle", 0.1)
+    return IngestConfig(str(tmp_path / "inbox"), str(tmp_path / "out"), **kw)
+
+
+def test_once_publishes_every_complete_sample_then_empties_inbox(tmp_path):
+    cfg = config(tmp_path, maxcount=5)
+    expected = set()
+    for i in range(12):
+        drop(cfg.inbox, f"s{i:02d}.txt", b"%d" % i)
+        expected.add(f"s{i:02d}.txt")
+    for name in ("m.jpg", "m.cls", "m.done", "sub/n.bin", "sub/n.done"):
+        drop(cfg.inbox, name, b"x")
+    expected |= {"m.jpg", "m.cls", "sub/n.bin"}
+    ingest(cfg, once=True)
+    members = published_members(cfg.out)
+    assert set(members) == expected and set(members.values()) == {1}
+    assert inbox_files(cfg.inbox) == []
+    assert verify(cfg.out) == []
+
+
+def test_archive_receives_every_input_including_markers(tmp_path):
+    archive = str(tmp_path / "archive")
+    cfg = config(tmp_path, archive=archive)
+    for name in ("a.txt", "b.jpg", "b.done"):
+        drop(cfg.inbox, name, b"data")
+    ingest(cfg, once=True)
+    assert set(published_members(cfg.out)) == {"a.txt", "b.jpg"}
+    assert inbox_files(cfg.inbox) == [] and inbox_files(archive) == ["a.txt", "b.done", "b.jpg"]
+
+
+def test_require_done_takes_only_marked_samples(tmp_path):
+    cfg = config(tmp_path, require_done=True)
+    for name in ("a.txt", "b.txt", "b.done"):
+        drop(cfg.inbox, name, b"data")
+    ingest(cfg, once=True)
+    assert set(published_members(cfg.out)) == {"b.txt"}
+    assert inbox_files(cfg.inbox) == ["a.txt"]
+
+
+def test_file_open_for_writing_waits_until_closed(tmp_path):
+    cfg = config(tmp_path, settle=0.05, flush=0.05, maxcount=100)
+    os.makedirs(cfg.inbox)
+    ingester = Ingester(cfg)
+    ingester.open()
+    loop = threading.Thread(target=ingester.run_forever, daemon=True)
+    loop.start()
+    assert ingester.watching.wait(10)
+    slow = os.path.join(cfg.inbox, "slow.bin")
+    try:
+        with open(slow, "wb") as f:
+            f.write(b"first half ")
+            f.flush()
+            wait_for(lambda: slow in ingester.tracker.writing, 10, "the write event")
+            drop(cfg.inbox, "quick.txt", b"q")
+            wait_for(lambda: os.path.exists(os.path.join(cfg.out, "manifest.json")), 10, "a shard")
+            assert set(published_members(cfg.out)) == {"quick.txt"}  # flushed alone; slow.bin is open
+            f.write(b"second half")
+        wait_for(lambda: inbox_files(cfg.inbox) == [], 10, "slow.bin to be taken")
+    finally:
+        ingester.stop()
+        loop.join(timeout=10)
+        ingester.close()
+    assert not loop.is_alive()
+    reader, fd = open_shard(os.path.join(cfg.out, "shard-000001.tar"))
+    assert [s["bin"] for s in reader.samples()] == [b"first half second half"]
+    os.close(fd)
+
+
+def test_marker_arriving_after_its_sample_was_taken_is_removed(tmp_path):
+    cfg = config(tmp_path)
+    drop(cfg.inbox, "a.txt", b"data")
+    ingest(cfg, once=True)
+    drop(cfg.inbox, "a.done", b"")
+    ingest(cfg, once=True)
+    assert published_members(cfg.out) == {"a.txt": 1} and inbox_files(cfg.inbox) == []
+
+
+def test_second_ingest_on_same_inbox_is_refused(tmp_path):
+    first = Ingester(config(tmp_path))
+    first.open()
+    try:
+        with pytest.raises(IngestError, match="another ingest is already running"):
+            Ingester(config(tmp_path)).open()
+    finally:
+        first.close()
+
+
+def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
+    cfg = config(tmp_path)
+    drop(cfg.inbox, "a.txt", b"version 1")
+    st = os.stat(os.path.join(cfg.inbox, "a.txt"))
+    ingest(cfg, once=True)
+    drop(cfg.inbox, "a.txt", b"version 2, a new input")
+    # the journal of a publication that crashed before removing its input (version 1)
+    ingester = Ingester(cfg)
+    entry = manifest.load(os.path.join(cfg.out, "manifest.json"))[0]
+    inputs = [{"path": os.path.join(ingester.inbox, "a.txt"), "ino": st.st_ino, "size": st.st_size,
+               "mtime_ns": st.st_mtime_ns}]
+    os.makedirs(ingester.journal_dir, exist_ok=True)
+    manifest.write_json_atomic(os.path.join(ingester.journal_dir, entry.url + ".json"),
+                               _journal_doc(entry, ".gone.tmp", inputs))
+    ingest(cfg, once=True)
+    assert published_members(cfg.out) == {"a.txt": 2}  # version 1 once, version 2 once
+    assert os.listdir(ingester.journal_dir) == []
+
+
+def test_recovery_rolls_back_a_publication_not_yet_renamed(tmp_path):
+    cfg = config(tmp_path)
+    drop(cfg.inbox, "a.txt", b"data")
+    ingester = Ingester(cfg)
+    os.makedirs(ingester.journal_dir)
+    tmp_name = f".ingest-{ingester.tag}-1-1.tar.tmp"
+    with open(os.path.join(ingester.out, tmp_name), "wb") as f:
+        f.write(b"a shard that was never renamed")
+    entry = manifest.ManifestEntry("shard-000000.tar", 1, 30, "xxh3_128:00", b"")
+    manifest.write_json_atomic(os.path.join(ingester.journal_dir, "shard-000000.tar.json"),
+                               _journal_doc(entry, tmp_name, [{"path": os.path.join(ingester.inbox, "a.txt"),
+                                                               "ino": 0, "size": 0, "mtime_ns": 0}]))
+    ingester.open()
+    ingester.close()
+    assert inbox_files(cfg.inbox) == ["a.txt"]
+    assert [n for n in os.listdir(cfg.out) if not n.startswith(".wdsrefresh")] == []
+
+
+def test_cli_watches_until_sigterm_then_exits_cleanly(tmp_path, procs):
+    inbox, out = str(tmp_path / "inbox"), str(tmp_path / "out")
+    err = str(tmp_path / "ingest.log")
+    with open(err, "w") as f:
+        proc = subprocess.Popen(CLI + ["-v", "ingest", inbox, "-o", out, "--settle", "0.05", "--flush", "0.05"],
+                                stderr=f)
+    procs.append(proc)
+    wait_for(lambda: "watching" in open(err).read() or proc.poll() is not None, 60, "ingest to start")
+    drop(inbox, "a.txt", b"hello")
+    wait_for(lambda: inbox_files(inbox) == [], 30, "a.txt to be published")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, open(err).read()
+    assert published_members(out) == {"a.txt": 1}
+
+
+DROPPER = r"""
+import os, sys, time
+inbox, stop, log = sys.argv[1:4]
+def put(name, data, atomic):
+    path = os.path.join(inbox, name)
+    tmp = os.path.join(inbox, "." + name + ".tmp") if atomic else path
+    with open(tmp, "wb") as f:
+        f.write(data)
+    if atomic:
+        os.rename(tmp, path)
+i = 0
+with open(log, "w") as names:
+    while not os.path.exists(stop):
+        if i % 3:
+            put(f"k{i:05d}.bin", os.urandom(1000 + i), atomic=True)
+            names.write(f"k{i:05d}.bin\n")
+        else:  # written in place, completed by a marker
+            for ext in ("jpg", "cls"):
+                put(f"m{i:05d}.{ext}", os.urandom(500), atomic=False)
+                names.write(f"m{i:05d}.{ext}\n")
+            put(f"m{i:05d}.done", b"", atomic=False)
+        names.flush()
+        i += 1
+        time.sleep(0.004)
+"""
+
+
+def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path, procs):
+    inbox, out = str(tmp_path / "inbox"), str(tmp_path / "out")
+    os.makedirs(inbox)
+    stop, log = str(tmp_path / "stop"), str(tmp_path / "dropped.txt")
+    dropper = subprocess.Popen([sys.executable, "-c", DROPPER, inbox, stop, log])
+    procs.append(dropper)
+    rng = random.Random(1234)
+    # settle 0.3: in-place writes that stall longer than that before the marker arrives get
+    # taken by settling first (still exactly once, but the sample is split)
+    args = ["-v", "ingest", inbox, "-o", out, "--settle", "0.3", "--flush", "0.05", "--maxcount", "4"]
+    for round_ in range(20):
+        err = str(tmp_path / f"ingest-{round_}.log")
+        with open(err, "w") as f:
+            proc = subprocess.Popen(CLI + args, stderr=f)
+        procs.append(proc)
+        if rng.random() < 0.8:  # most kills while it works; some during start-up and recovery
+            wait_for(lambda: "watching" in open(err).read() or proc.poll() is not None, 30, "ingest to start")
+        time.sleep(rng.uniform(0, 0.3))
+        assert proc.poll() is None, open(err).read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    shards_while_killed = len([n for n in os.listdir(out) if n.endswith(".tar")])
+    open(stop, "w").close()
+    assert dropper.wait(timeout=30) == 0
+    final = subprocess.run(CLI + ["ingest", inbox, "-o", out, "--once", "--settle", "0.3", "--maxcount", "4"],
+                           capture_output=True, text=True, timeout=60)
+    assert final.returncode == 0, final.stderr
+    dropped = open(log).read().split()
+    members = published_members(out)
+    assert shards_while_killed > 10
+    assert sorted(members) == sorted(dropped) and set(members.values()) == {1}
+    assert inbox_files(inbox) == []
+    assert verify(out) == []

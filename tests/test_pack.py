@@ -1,0 +1,225 @@
+"""`wdsrefresh pack`: round trip, deterministic plain-tar shards, exact manifest, bad input."""
+
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import webdataset as wds
+
+import wdsrefresh as wr
+from shardutil import write_shard
+from wdsrefresh import manifest
+from wdsrefresh.pack import PackError, group_samples, pack
+from wdsrefresh.tario import index_shard
+
+LONG = "d" * 60 + "/" + "n" * 70  # a member name over 100 bytes needs a GNU long-name record
+CLI = [sys.executable, "-m", "wdsrefresh.cli"]
+
+
+def make_tree(root, n=23):
+    """Files of n samples (some nested, some with long or multi-dot names); returns
+    {key: {ext: bytes}} as webdataset should read them back."""
+    expected = {}
+    for i in range(n):
+        key = f"{'sub/' if i % 3 else ''}{LONG if i == 5 else 's'}{i:04d}"
+        files = {"jpg": os.urandom(100 + 37 * i), "cls": str(i).encode(), "seg.png": bytes([i]) * i}
+        if i == 7:
+            files["bin"] = os.urandom(5 << 20)  # spans two 4 MiB digest blocks
+        for ext, data in files.items():
+            path = os.path.join(root, f"{key}.{ext}")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        expected[key] = files
+    return expected
+
+
+def shard_files(out):
+    return sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+
+
+def as_dicts(samples):
+    return {s["__key__"]: {k: bytes(v) for k, v in s.items() if not k.startswith("__")} for s in samples}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    return str(src), make_tree(str(src))
+
+
+def test_round_trip_reads_back_identical_bytes_with_webdataset_and_refreshing(tree, tmp_path):
+    src, expected = tree
+    out = str(tmp_path / "out")
+    entries = pack([src], out, maxcount=7)
+    assert [e.url for e in entries] == [f"shard-{i:06d}.tar" for i in range(4)]
+    urls = [os.path.join(out, name) for name in shard_files(out)]
+    assert as_dicts(wds.WebDataset(urls, shardshuffle=False)) == expected
+    for source in (out, os.path.join(out, "manifest.json")):
+        ds = wr.RefreshingWebDataset(source, verify="inline", shardshuffle=False, watch=False)
+        ds.set_epoch(0)
+        assert as_dicts(ds) == expected
+    listed = subprocess.run(["tar", "tf", urls[0]], capture_output=True, text=True, check=True).stdout.split()
+    assert listed == [n for s in wds.WebDataset(urls[:1], shardshuffle=False) for n in
+                      sorted(f"{s['__key__']}.{e}" for e in s if not e.startswith("__"))]
+
+
+def test_long_names_survive_gnu_tar_listing(tree, tmp_path):
+    src, expected = tree
+    out = str(tmp_path / "out")
+    pack([src], out)
+    listed = subprocess.run(["tar", "tf", os.path.join(out, "shard-000000.tar")],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert f"sub/{LONG}0005.jpg" in listed and len(listed) == sum(len(f) for f in expected.values())
+
+
+def test_shards_are_plain_tar_without_pax_headers(tree, tmp_path):
+    src, _ = tree
+    out = str(tmp_path / "out")
+    pack([src], out, maxcount=7)
+    with tarfile.open(os.path.join(out, "shard-000000.tar")) as tar:
+        members = tar.getmembers()
+        assert tar.pax_headers == {}
+    assert all(m.pax_headers == {} and m.mtime == 0 and m.isreg() for m in members)
+    with open(os.path.join(out, "shard-000000.tar"), "rb") as f:
+        data = f.read()
+    kinds = {data[off + 156 : off + 157] for off in _header_offsets(data)}
+    assert kinds <= {b"0", b"L"}
+
+
+def _header_offsets(data):
+    off = 0
+    while data[off : off + 512] != bytes(512):
+        yield off
+        size = int(data[off + 124 : off + 136].rstrip(b"\0") or b"0", 8)
+        off += 512 + size + (-size % 512)
+
+
+def test_same_tree_packs_to_same_bytes(tree, tmp_path):
+    src, _ = tree
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    pack([src], a, maxcount=7)
+    pack([src], b, maxcount=7, jobs=3)
+    for name in shard_files(a):
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            assert fa.read() == fb.read()
+
+
+def test_manifest_counts_and_digests_are_exact(tree, tmp_path):
+    src, expected = tree
+    out = str(tmp_path / "out")
+    pack([src], out, maxcount=7)
+    entries = manifest.load(os.path.join(out, "manifest.json"))
+    assert sum(e.nsamples for e in entries) == len(expected)
+    for e in entries:
+        index = index_shard(os.path.join(out, e.url))
+        assert (e.nsamples, e.digest, e.blocks, e.filesize) == (
+            index.nsamples, index.digest, index.blocks, os.path.getsize(os.path.join(out, e.url)))
+    assert any(len(e.blocks) == 16 for e in entries)  # the 5 MiB sample's shard has 2 blocks
+
+
+def test_numbering_continues_after_highest_existing_shard(tree, tmp_path):
+    src, _ = tree
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    write_shard(out, "shard-000007.tar", 3)
+    pack([src], out, maxcount=20)
+    pack([src], out, maxcount=20)
+    assert shard_files(out) == ["shard-000007.tar"] + [f"shard-{i:06d}.tar" for i in range(8, 12)]
+    urls = [e.url for e in manifest.load(os.path.join(out, "manifest.json"))]
+    assert urls == shard_files(out)
+
+
+def test_maxsize_bounds_shards_and_oversized_sample_gets_own_shard(tree, tmp_path, caplog):
+    src, _ = tree
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
+        entries = pack([src], out, maxsize="64KB")
+    big = [e for e in entries if e.filesize > 64_000]
+    assert len(big) == 1 and big[0].nsamples == 1
+    assert "more than maxsize" in caplog.text and "s0007" in caplog.text
+
+
+def assert_nothing_published(out):
+    assert not os.path.exists(out) or [n for n in os.listdir(out) if not n.startswith(".wdsrefresh")] == []
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "/abs/evil.jpg", "a/./b.jpg"])
+def test_unsafe_member_names_are_refused(tmp_path, name):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(b"x")
+    with pytest.raises(PackError, match="member name"):
+        group_samples([("src", name, str(path))])
+
+
+def test_symlink_outside_source_is_refused_unless_followed(tree, tmp_path):
+    src, expected = tree
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"secret")
+    os.symlink(outside, os.path.join(src, "link.txt"))
+    out = str(tmp_path / "out")
+    with pytest.raises(PackError, match=r"link\.txt: symlink points outside"):
+        pack([src], out)
+    assert_nothing_published(out)
+    pack([src], out, follow_symlinks=True)
+    got = as_dicts(wds.WebDataset([os.path.join(out, "shard-000000.tar")], shardshuffle=False))
+    assert got["link"] == {"txt": b"secret"}
+
+
+@pytest.mark.parametrize("second", ["a.JPG", "other/a.cls"])
+def test_duplicate_keys_are_refused(tmp_path, second):
+    one, two = tmp_path / "one", tmp_path / "two"
+    (one).mkdir()
+    (one / "a.jpg").write_bytes(b"1")
+    (two / os.path.dirname(second)).mkdir(parents=True)
+    (two / second).write_bytes(b"2")
+    sources = [str(one)] if "/" not in second else [str(one), str(two / "other")]
+    if "/" not in second:
+        (one / second).write_bytes(b"2")
+    out = str(tmp_path / "out")
+    with pytest.raises(PackError, match="duplicate key 'a'"):
+        pack(sources, out)
+    assert_nothing_published(out)
+
+
+def test_empty_source_and_name_without_extension_are_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / ".hidden.jpg").write_bytes(b"skipped")
+    out = str(tmp_path / "out")
+    with pytest.raises(PackError, match="nothing to pack"):
+        pack([str(src)], out)
+    (src / "README").write_bytes(b"x")
+    with pytest.raises(PackError, match="README.*no extension"):
+        pack([str(src)], out)
+    assert_nothing_published(out)
+
+
+def test_cli_unreadable_file_fails_naming_it_and_publishes_nothing(tree, tmp_path):
+    src, _ = tree
+    bad = os.path.join(src, "sub", "s0001.jpg")
+    os.chmod(bad, 0)
+    out = tmp_path / "out"
+    # root reads anything: drop the capabilities that let it (setpriv, util-linux)
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    r = subprocess.run(as_user + CLI + ["pack", src, "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"{bad}: cannot be read" in r.stderr
+    assert_nothing_published(str(out))
+
+
+def test_cli_pack_prints_summary_and_help_explains(tree, tmp_path):
+    src, expected = tree
+    out = str(tmp_path / "out")
+    r = subprocess.run(CLI + ["pack", src, "-o", out, "--maxcount", "10", "--prefix", "part"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"packed {len(expected)} samples into 3 shards in {out}"
+    assert shard_files(out) == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
+    assert r.stderr == ""  # no progress bar when stderr is not a terminal
+    help_text = subprocess.run(CLI + ["pack", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--maxsize" in help_text and "key" in help_text

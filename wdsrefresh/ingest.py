@@ -1,0 +1,481 @@
+"""Directory-drop ingestion: files dropped into an inbox become samples in published shards.
+
+When a sample is complete:
+- **marker**: a file ``KEY.done`` exists; every ``KEY.*`` file is then taken at once (the
+  marker itself is not packed, and is removed with the sample's files). With
+  ``require_done`` this is the only rule. A marker left without files (its sample was
+  taken by settling before the marker arrived) is removed once it has settled.
+- **settled**: otherwise, every file of the sample was closed after its last write (seen by
+  watchdog: a write, or the creation of an empty file, marks it open until its close) and
+  its size, mtime and inode have not changed for ``settle`` seconds. Files found while no
+  events were watched (at start-up) are judged by the settle time alone.
+Safe producer patterns: write under a hidden name (``.name``, ignored) and rename into
+place; or write the files in place and then create ``KEY.done`` (with ``require_done``
+when a writer may pause longer than ``settle``).
+
+Guarantee (crash safety): an input is removed from the inbox (or moved to ``archive``) only
+after the shard holding it is durable under its final name and listed in the manifest. Each
+publication is journaled (``OUT/.wdsrefresh/``) before the shard is renamed into place; a
+restart first completes or rolls back the journaled step. So after kill -9 at any moment and
+a restart, every input is in exactly one published shard, or still in the inbox.
+Input files are identified by (inode, size, mtime): a file re-created or rewritten under the
+same name after it was packed is a new input, never removed by mistake.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+from watchdog.events import FileSystemEventHandler
+
+from . import manifest as manifestmod
+from .manifest import ManifestEntry
+from .pack import (
+    DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample,
+    add_to_manifest, check_name, current_entries, next_number, out_lock, plan_shards,
+    rename_durably, shard_name, write_shard,
+)
+from .tario import split_key
+from .tarwriter import TarWriteError
+
+log = logging.getLogger("wdsrefresh")
+
+STATE_DIR = ".wdsrefresh"
+MARKER_EXT = "done"
+JOURNAL_VERSION = 1
+
+
+class IngestError(RuntimeError):
+    """Ingestion cannot start or continue; the message says why."""
+
+
+@dataclass
+class IngestConfig:
+    inbox: str
+    out: str
+    maxcount: int = DEFAULT_MAXCOUNT
+    maxsize: int = DEFAULT_MAXSIZE
+    settle: float = 2.0
+    flush: float = 30.0
+    archive: str | None = None
+    prefix: str = DEFAULT_PREFIX
+    require_done: bool = False
+    poll: float = 5.0
+
+
+@dataclass
+class _Found:
+    """One scan's view of a sample: its data files and its marker, with their stats."""
+
+    files: dict[str, os.stat_result] = field(default_factory=dict)
+    marker: tuple[str, os.stat_result] | None = None
+
+
+def _scan(inbox: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """``(name relative to inbox, path, lstat)`` of every visible regular file under inbox."""
+    stack = [("", inbox)]
+    while stack:
+        rel, directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((rel + entry.name + "/", entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                yield rel + entry.name, entry.path, st
+
+
+class _Tracker:
+    """Remembers when each file last changed and which files are open for writing.
+
+    A file marked as being written (a write event without its close event) still counts as
+    complete once unchanged for ``stale`` seconds: close events can be lost (inotify queue
+    overflow) and attribute changes arrive as writes without a close.
+    """
+
+    def __init__(self, settle: float):
+        self.settle = settle
+        self.stale = max(10.0, 10 * settle)
+        self.since: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self.writing: set[str] = set()
+        self.lock = threading.Lock()
+        self.warned: set[tuple[str, tuple[int, int, int]]] = set()
+
+    def settled_at(self, path: str, st: os.stat_result, now: float) -> float:
+        """The monotonic time at which the file counts as complete, if it does not change."""
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self.lock:
+            old = self.since.get(path)
+            if old is None or old[0] != sig:
+                self.since[path] = old = (sig, now)
+            if path in self.writing:
+                return old[1] + self.stale
+        wall_age = time.time() - st.st_mtime_ns / 1e9
+        return min(old[1] + self.settle, now + max(0.0, self.settle - wall_age))
+
+    def warn_once(self, path: str, st: os.stat_result, message: str) -> None:
+        key = (path, (st.st_ino, st.st_size, st.st_mtime_ns))
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning("%s", message)
+
+    def forget(self, paths: Sequence[str]) -> None:
+        with self.lock:
+            for p in paths:
+                self.since.pop(p, None)
+
+
+def _input_id(path: str, st: os.stat_result) -> InputId:
+    return InputId(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _same_file(ident: dict) -> bool:
+    try:
+        st = os.lstat(ident["path"])
+    except FileNotFoundError:
+        return False
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (ident["ino"], ident["size"], ident["mtime_ns"])
+
+
+class Ingester:
+    """Moves complete samples from an inbox into published shards; see the module docstring."""
+
+    def __init__(self, config: IngestConfig):
+        self.cfg = config
+        self.inbox = os.path.abspath(config.inbox)
+        self.out = os.path.abspath(config.out)
+        self.tag = xxhash.xxh3_64_hexdigest(os.path.realpath(self.inbox).encode())
+        self.state = os.path.join(self.out, STATE_DIR)
+        self.journal_dir = os.path.join(self.state, f"ingest-{self.tag}")
+        self.tracker = _Tracker(config.settle)
+        self.wake = threading.Event()
+        self._counter = 0
+        self._lock_fd: int | None = None
+        self._oldest_ready: float | None = None
+        self.watching = threading.Event()  # set once events are being received
+        self.stopping = threading.Event()
+
+    # ---- start-up: exclusive ownership of the inbox, recovery ----------------------------
+
+    def open(self) -> None:
+        """Takes the inbox lock, then completes or rolls back any journaled publication."""
+        for d in (self.inbox, self.out, self.journal_dir):
+            os.makedirs(d, exist_ok=True)
+        if self.cfg.archive:
+            os.makedirs(self.cfg.archive, exist_ok=True)
+            if os.stat(self.cfg.archive).st_dev != os.stat(self.inbox).st_dev:
+                raise IngestError(f"archive {self.cfg.archive} must be on the same file system as {self.inbox}")
+        fd = os.open(os.path.join(self.state, f"ingest-{self.tag}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise IngestError(f"another ingest is already running on {self.inbox}") from None
+        self._lock_fd = fd
+        self.recover()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Ingester:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        """Makes ``run_forever`` publish what is complete and return (safe from a signal handler)."""
+        self.stopping.set()
+        self.wake.set()
+
+    def recover(self) -> None:
+        """Finishes each journaled publication whose shard was renamed; rolls back the others."""
+        with out_lock(self.out):
+            for name in sorted(os.listdir(self.journal_dir)):
+                path = os.path.join(self.journal_dir, name)
+                if name.startswith("_tmp."):
+                    os.unlink(path)
+                    continue
+                doc = _load_journal(path)
+                tmp = os.path.join(self.out, doc["tmp"])
+                if not os.path.exists(tmp) and os.path.exists(os.path.join(self.out, doc["shard"])):
+                    log.info("recovery: completing publication of %s", doc["shard"])
+                    add_to_manifest(self.out, current_entries(self.out), [_entry_from(doc)])
+                    self._remove_inputs(doc["inputs"])
+                else:
+                    log.info("recovery: rolling back unpublished %s", doc["shard"])
+                os.unlink(path)
+                manifestmod.fsync_dir(self.journal_dir)
+            self._sweep_temporaries()
+
+    def _sweep_temporaries(self) -> None:
+        for name in os.listdir(self.out):
+            if name.startswith(f".ingest-{self.tag}-"):
+                os.unlink(os.path.join(self.out, name))
+
+    # ---- finding complete samples --------------------------------------------------------
+
+    def ready(self, now: float) -> tuple[list[tuple[Sample, list[InputId]]], float | None]:
+        """Complete samples, in key order, with every input each one consumes; and the
+        earliest time at which a sample still settling may become complete."""
+        found: dict[str, _Found] = {}
+        for name, path, st in _scan(self.inbox):
+            key, ext = split_key(name)
+            if key is None or not ext:
+                self.tracker.warn_once(path, st, f"{path}: name has no extension; left in the inbox")
+                continue
+            if ext.lower() == MARKER_EXT:
+                found.setdefault(key, _Found()).marker = (path, st)
+            else:
+                found.setdefault(key, _Found()).files[name] = st
+        out, later = [], None
+        for key in sorted(found):
+            f = found[key]
+            at = self._complete_at(f, now)
+            if at is None:
+                continue
+            if at > now:
+                later = at if later is None else min(later, at)
+            elif not f.files:
+                self._drop_orphan_marker(*f.marker)
+            elif (sample := self._sample(key, f)) is not None:
+                out.append(sample)
+        return out, later
+
+    @staticmethod
+    def _drop_orphan_marker(path: str, st: os.stat_result) -> None:
+        """Removes a settled marker without files: its sample was taken by settling first."""
+        if _same_file(_as_dict(_input_id(path, st))):
+            log.info("%s: removing marker whose sample was already published", path)
+            os.unlink(path)
+
+    def _complete_at(self, f: _Found, now: float) -> float | None:
+        """When the sample counts as complete (a marker alone: when the marker settles)."""
+        if f.marker is not None:
+            return now if f.files else self.tracker.settled_at(f.marker[0], f.marker[1], now)
+        if self.cfg.require_done:
+            return None
+        return max(self.tracker.settled_at(os.path.join(self.inbox, n), st, now) for n, st in f.files.items())
+
+    def _sample(self, key: str, f: _Found) -> tuple[Sample, list[InputId]] | None:
+        members, exts = [], {}
+        for name, st in sorted(f.files.items()):
+            path = os.path.join(self.inbox, name)
+            ext = split_key(name)[1].lower()
+            problem = self._problem(name, path, ext, exts)
+            if problem:
+                self.tracker.warn_once(path, st, f"{problem}; sample {key!r} left in the inbox")
+                return None
+            exts[ext] = path
+            members.append(Member(name, path, st.st_size))
+        inputs = [_input_id(m.path, f.files[m.name]) for m in members]
+        if f.marker is not None:
+            inputs.append(_input_id(*f.marker))
+        return Sample(key, tuple(members)), inputs
+
+    @staticmethod
+    def _problem(name: str, path: str, ext: str, exts: dict[str, str]) -> str | None:
+        """Why the file ``path`` cannot be packed (a message naming it), or None."""
+        if ext in exts:
+            return f"{path}: duplicate key: {exts[ext]} is the same member .{ext}"
+        try:
+            check_name(name, path)
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        except PackError as exn:
+            return str(exn)
+        except OSError as exn:
+            return f"{path}: cannot be read ({exn.strerror})"
+        return None
+
+    # ---- publishing ----------------------------------------------------------------------
+
+    def publish(self, batch: Sequence[tuple[Sample, list[InputId]]]) -> ManifestEntry:
+        """Writes one shard from ``batch``, publishes it, then removes (or archives) its inputs."""
+        self._counter += 1
+        tmp_name = f".ingest-{self.tag}-{os.getpid()}-{self._counter}.tar.tmp"
+        written = write_shard([s for s, _ in batch], os.path.join(self.out, tmp_name))
+        packed = {i.path for i in written.inputs}
+        markers = [i for _, ids in batch for i in ids if i.path not in packed]
+        inputs = [_as_dict(i) for i in written.inputs + tuple(markers)]
+        with out_lock(self.out):
+            entries = current_entries(self.out)
+            name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, entries))
+            entry = written.entry(name)
+            journal = os.path.join(self.journal_dir, name + ".json")
+            manifestmod.write_json_atomic(journal, _journal_doc(entry, tmp_name, inputs))
+            rename_durably(written.tmp_path, os.path.join(self.out, name))
+            manifestmod.fsync_dir(self.out)
+            add_to_manifest(self.out, entries, [entry])
+            self._remove_inputs(inputs)
+            os.unlink(journal)
+        self.tracker.forget([i["path"] for i in inputs])
+        log.info("published %s: %d samples, %d bytes", name, entry.nsamples, entry.filesize)
+        return entry
+
+    def _remove_inputs(self, inputs: Sequence[dict]) -> None:
+        dirs = set()
+        for ident in inputs:
+            if not _same_file(ident):
+                continue
+            if self.cfg.archive:
+                rel = os.path.relpath(ident["path"], self.inbox)
+                dest = _free_name(os.path.join(self.cfg.archive, rel))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.rename(ident["path"], dest)
+                dirs.add(os.path.dirname(dest))
+            else:
+                os.unlink(ident["path"])
+            dirs.add(os.path.dirname(ident["path"]))
+        for d in dirs:
+            manifestmod.fsync_dir(d)
+
+    # ---- loops ---------------------------------------------------------------------------
+
+    def _batches(self, ready: list) -> list[list]:
+        by_key = {s.key: ids for s, ids in ready}
+        shards = plan_shards([s for s, _ in ready], self.cfg.maxcount, self.cfg.maxsize)
+        return [[(s, by_key[s.key]) for s in shard] for shard in shards]
+
+    def step(self, final: bool) -> float | None:
+        """Publishes full shards of complete samples (all of them when ``final``, or when the
+        oldest has waited ``flush`` seconds). Returns when a settling sample may be ready."""
+        now = time.monotonic()
+        ready, later = self.ready(now)
+        if not ready:
+            self._oldest_ready = None
+            return later
+        if self._oldest_ready is None:
+            self._oldest_ready = now
+        batches = self._batches(ready)
+        if not (final or now - self._oldest_ready >= self.cfg.flush or len(batches[-1]) >= self.cfg.maxcount):
+            batches = batches[:-1]  # every batch but the last is full by construction
+        else:
+            self._oldest_ready = None
+        for batch in batches:
+            try:
+                self.publish(batch)
+            except (FileNotFoundError, TarWriteError) as exn:
+                log.warning("%s; will retry at the next scan", exn)
+                return later
+        return later
+
+    def run_once(self) -> None:
+        """Publishes every sample complete now, waiting for those still settling (at most
+        ``settle`` seconds); leaves files still being written for the next run."""
+        later = self.step(final=True)
+        limit = time.monotonic() + self.cfg.settle  # files seen by that first scan settle by then
+        while later is not None and later <= limit:
+            time.sleep(max(0.0, later - time.monotonic()))
+            later = self.step(final=True)
+
+    def run_forever(self) -> None:
+        """Watches the inbox until ``stop()``; publishes as samples become complete."""
+        from watchdog.observers import Observer
+
+        observer = Observer()
+        observer.schedule(_Handler(self), self.inbox, recursive=True)
+        observer.start()
+        self.watching.set()
+        log.info("watching %s; publishing into %s", self.inbox, self.out)
+        try:
+            while not self.stopping.is_set():
+                later = self.step(final=False)
+                deadlines = [self.cfg.poll]
+                if later is not None:
+                    deadlines.append(later - time.monotonic())
+                if self._oldest_ready is not None:
+                    deadlines.append(self._oldest_ready + self.cfg.flush - time.monotonic())
+                self.wake.wait(max(0.01, min(deadlines)))
+                self.wake.clear()
+            self.step(final=True)
+        finally:
+            self.watching.clear()
+            observer.stop()
+            observer.join()
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog events: tracks files open for writing and wakes the ingest loop."""
+
+    def __init__(self, ingester: Ingester):
+        super().__init__()
+        self.ingester = ingester
+
+    def dispatch(self, event) -> None:
+        kind = event.event_type
+        if kind in ("opened", "closed_no_write") or event.is_directory:
+            return
+        tracker = self.ingester.tracker
+        with tracker.lock:
+            if kind == "modified" or (kind == "created" and _empty(event.src_path)):
+                tracker.writing.add(event.src_path)
+            elif kind in ("closed", "deleted", "moved"):
+                tracker.writing.discard(event.src_path)
+                tracker.writing.discard(getattr(event, "dest_path", ""))
+        self.ingester.wake.set()
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
+def _as_dict(i: InputId) -> dict:
+    return {"path": i.path, "ino": i.ino, "size": i.size, "mtime_ns": i.mtime_ns}
+
+
+def _journal_doc(entry: ManifestEntry, tmp_name: str, inputs: list[dict]) -> dict:
+    return {"version": JOURNAL_VERSION, "shard": entry.url, "tmp": tmp_name, "entry": entry.to_json(), "inputs": inputs}
+
+
+def _load_journal(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if doc.get("version") != JOURNAL_VERSION:
+        raise IngestError(f"{path}: unknown ingest journal version {doc.get('version')!r}")
+    return doc
+
+
+def _entry_from(doc: dict) -> ManifestEntry:
+    e = doc["entry"]
+    return ManifestEntry(e["url"], e["nsamples"], e["filesize"], e["digest"], bytes.fromhex(e["blocks"]))
+
+
+def _free_name(path: str) -> str:
+    candidate, n = path, 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+def ingest(config: IngestConfig, once: bool = False) -> None:
+    """Publishes what is complete and returns (``once``), or watches the inbox until
+    interrupted. Raises IngestError when another ingest owns the inbox."""
+    with Ingester(config) as ingester:
+        if once:
+            ingester.run_once()
+        else:
+            ingester.run_forever()
