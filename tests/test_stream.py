@@ -1,0 +1,122 @@
+"""Stream mode: shards dropped while training runs are read once each, soon after they land."""
+
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.utils.data
+
+import wdsrefresh as wr
+from wdsrefresh.stream import owner
+
+pytestmark = pytest.mark.timeout(60)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Drops `count` shards of `n` samples into `directory`, one every `interval` seconds: most by
+# temporary name then rename, every fourth written in place in two halves with a pause between
+# (a consumer must not read it before it is complete). Prints "<name> <time it landed>".
+PRODUCER = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from shardutil import tar_bytes, make_samples
+directory, count, n, interval = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+for i in range(count):
+    name = f"drop-{i:03d}.tar"
+    data = tar_bytes(make_samples(f"drop-{i:03d}", n))
+    path = os.path.join(directory, name)
+    if i % 4 == 3:
+        with open(path, "wb") as f:
+            f.write(data[:700]); f.flush()
+            time.sleep(0.2)
+            f.write(data[700:])
+    else:
+        tmp = os.path.join(directory, "_tmp." + name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    print(name, time.time(), flush=True)
+    time.sleep(interval)
+"""
+
+
+def start_producer(procs, directory: str, count: int, n: int, interval: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", PRODUCER, HERE, directory, str(count), str(n), str(interval)],
+                            stdout=subprocess.PIPE, text=True)
+    procs.append(proc)
+    return proc
+
+
+def consume(ds, expected: int, timeout: float = 30.0):
+    """Reads until ``expected`` samples arrived, then closes the stream and drains the loader."""
+    # in_order=False: a stream gives workers unequal shares; in order, the loader would wait on
+    # the worker with nothing new while the other's samples sit in its queue
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, in_order=False)
+    counts: collections.Counter = collections.Counter()
+    first_seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    it = iter(loader)
+    for sample in it:
+        counts[sample["__key__"]] += 1
+        first_seen.setdefault(sample["__key__"].split("/")[0], time.time())
+        if sum(counts.values()) >= expected:
+            break
+        assert time.monotonic() < deadline, f"only {sum(counts.values())} of {expected} samples after {timeout} s"
+    ds.close()  # ends the stream in both workers: the loader finishes, and nothing is read twice
+    for sample in it:
+        counts[sample["__key__"]] += 1
+    return counts, first_seen
+
+
+def landed(proc: subprocess.Popen) -> dict[str, float]:
+    out, _ = proc.communicate(timeout=30)
+    return {name.split(".")[0]: float(t) for name, t in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.parametrize("poll", [False, 0.1], ids=["inotify", "polling"])
+def test_every_dropped_shard_is_read_exactly_once_by_two_workers(tmp_path, procs, poll):
+    d = str(tmp_path / "shards")
+    os.makedirs(d)
+    count, n = (16, 5) if not poll else (8, 5)
+    ds = wr.RefreshingWebDataset(d, mode="stream", poll=poll)
+    producer = start_producer(procs, d, count, n, interval=0.15)
+    counts, first_seen = consume(ds, count * n)
+    times = landed(producer)
+    assert set(counts) == {f"drop-{i:03d}/{j:06d}" for i in range(count) for j in range(n)}
+    assert set(counts.values()) == {1}, {k: c for k, c in counts.items() if c != 1}
+
+    stats = ds.stats()
+    assert stats.consumers == 2 and stats.shards == count and stats.samples == count * n
+    assert len(stats.latencies) == count
+    end_to_end = [first_seen[name] - t for name, t in times.items()]
+    print(f"\n[{'poll %.1fs' % poll if poll else 'inotify'}] drop-to-first-sample latency over {count} shards: "
+          f"median {stats.median_latency * 1000:.1f} ms in the workers (max {max(stats.latencies) * 1000:.1f} ms), "
+          f"median {statistics.median(end_to_end) * 1000:.1f} ms to the training loop")
+
+
+def test_stream_stops_on_close_even_with_nothing_new(tmp_path):
+    d = str(tmp_path)
+    ds = wr.RefreshingWebDataset(d, mode="stream")
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    it = iter(loader)
+    ds.close()
+    started = time.monotonic()
+    assert list(it) == []  # both workers were asleep on an empty directory; close() woke them
+    assert time.monotonic() - started < 10
+
+
+def test_rendezvous_gives_each_shard_to_exactly_one_consumer_and_moves_few():
+    names = [f"shard-{i:05d}.tar" for i in range(2000)]
+    four = [owner(n, 4) for n in names]
+    assert collections.Counter(four).keys() == {0, 1, 2, 3}
+    assert min(collections.Counter(four).values()) > 400
+    five = [owner(n, 5) for n in names]
+    moved = sum(a != b for a, b in zip(four, five))
+    assert all(b == 4 for a, b in zip(four, five) if a != b)  # only shards the new consumer takes move
+    assert moved < 600

@@ -1,0 +1,238 @@
+"""The watched directory index: same snapshots as a rescan, O(changes), waiting, polling, lifecycle."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import pytest
+import torch.utils.data
+import webdataset as wds
+
+import wdsrefresh as wr
+from wdsrefresh.snapshot import Resolver
+from wdsrefresh.sources import DirectorySource
+from wdsrefresh.watch import DirectoryIndex, Inotify, NotEnoughShardsError
+
+from shardutil import tar_bytes, make_samples, write_shard
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def rescan(directory: str, epoch: int, **kw):
+    return Resolver(DirectorySource(directory), **kw).resolve(epoch)
+
+
+def threads() -> int:
+    return threading.active_count()
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def ours() -> tuple[int, int]:
+    """Threads and inotify fds of wdsrefresh in this process (other tests' stragglers aside)."""
+    inotify = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            inotify += "inotify" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return sum(t.name.startswith("wdsrefresh") for t in threading.enumerate()), inotify
+
+
+def back_to(base_threads: int, base_fds: int) -> bool:
+    # <=: a thread or fd another test left behind may end meanwhile; ours must all be gone
+    return ours() == (0, 0) and threads() <= base_threads and fds() <= base_fds
+
+
+def test_watched_snapshot_equals_rescan_through_adds_deletes_and_replacements(tmp_path):
+    d = str(tmp_path)
+    for i in range(5):
+        write_shard(d, f"s{i}.tar", 3)
+    with DirectoryIndex(DirectorySource(d)) as index:
+        assert index.snapshot(0).id == rescan(d, 0).id
+        write_shard(d, "s5.tar", 4)  # added
+        os.unlink(os.path.join(d, "s1.tar"))  # deleted
+        write_shard(d, "s2.tar", 7, prefix="v2")  # replaced by rename
+        with open(os.path.join(d, "s3.tar"), "wb") as f:  # rewritten in place
+            f.write(tar_bytes(make_samples("v3", 2)))
+        os.rename(os.path.join(d, "s4.tar"), os.path.join(d, "s4.tar.tmp"))  # moved out (temporary name)
+        with open(os.path.join(d, "half.tar"), "wb") as f:  # still being written
+            f.write(tar_bytes(make_samples("h", 3))[:700])
+        snap, expected = index.snapshot(1), rescan(d, 1)
+        assert snap.id == expected.id
+        assert [s.nsamples for s in snap.shards] == [s.nsamples for s in expected.shards] == [3, 7, 2, 4]
+        assert snap.pending == expected.pending == (os.path.join(d, "half.tar"),)
+
+
+def test_shard_renamed_in_just_before_set_epoch_is_in_that_epoch(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "a-000.tar", 1)
+    ds = wr.RefreshingWebDataset(d, watch=True)
+    try:
+        for epoch in range(1, 30):
+            path = write_shard(d, f"a-{epoch:03d}.tar", 1)
+            snap = ds.set_epoch(epoch)
+            assert path in snap.urls and len(snap.shards) == epoch + 1
+        assert ds.epochs.index() is not None and not ds.epochs.index().polling
+    finally:
+        ds.close()
+
+
+def test_new_shards_are_indexed_in_the_background_before_the_epoch(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "a.tar", 2)
+    with DirectoryIndex(DirectorySource(d)) as index:
+        index.snapshot(0)
+        for i in range(10):
+            write_shard(d, f"b{i}.tar", 2)
+        wait_until(lambda: index.counts() == (11, 0, 0), what="the background indexer")
+        version = index.version
+        snap = index.snapshot(1)
+        assert index.version == version  # nothing left to index when the epoch starts
+        assert len(snap.shards) == 11 and all(s.digest for s in snap.shards)
+
+
+def test_missed_events_are_healed_by_the_periodic_rescan(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "a.tar", 2)
+    index = DirectoryIndex(DirectorySource(d), rescan_interval=0.3).start()
+    try:
+        deaf = Inotify()  # stands in for an inotify queue that lost every event
+        index._state.inotify, live = deaf, index._state.inotify
+        live.close()
+        for i in range(3):
+            write_shard(d, f"b{i}.tar", 2)
+        wait_until(lambda: index.counts()[0] == 4, what="the periodic rescan")
+    finally:
+        index.close()
+
+
+def test_polling_fallback_when_forced(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "a.tar", 2)
+    ds = wr.RefreshingWebDataset(d, watch=True, poll=0.1)
+    try:
+        assert len(ds.set_epoch(0).shards) == 1
+        index = ds.epochs.index()
+        assert index.polling and index._state.inotify is None
+        write_shard(d, "b.tar", 2)
+        wait_until(lambda: index.counts()[0] == 2, what="the poller")  # indexed before any set_epoch
+        write_shard(d, "c.tar", 2)
+        snap = ds.set_epoch(1)  # polling: the snapshot is as fresh as a rescan
+        assert snap.id == rescan(d, 1).id and len(snap.shards) == 3
+        assert sum(1 for _ in ds) == 6
+    finally:
+        ds.close()
+
+
+def test_waits_for_min_shards_then_reads(tmp_path):
+    d = str(tmp_path / "shards")  # does not exist yet either
+
+    def producer():
+        time.sleep(0.3)
+        os.makedirs(d)
+        for i in range(3):
+            write_shard(d, f"s{i}.tar", 2)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    try:
+        ds = wr.RefreshingWebDataset(DirectorySource(d), watch=True, min_shards=3, timeout=20)
+        started = time.monotonic()
+        snap = ds.set_epoch(0)
+        print(f"waited {time.monotonic() - started:.2f} s for 3 shards")
+        assert len(snap.shards) == 3
+        assert sorted(s["__key__"] for s in ds) == sorted(f"s{i}/{j:06d}" for i in range(3) for j in range(2))
+        ds.close()
+    finally:
+        thread.join()
+
+
+def test_timeout_error_says_ready_pending_and_rejected(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "good.tar", 2)
+    with open(os.path.join(d, "half.tar"), "wb") as f:
+        f.write(tar_bytes(make_samples("h", 3))[:700])
+    with open(os.path.join(d, "bad.tar"), "wb") as f:
+        f.write(b"this is not a tar archive" * 40)
+    for watch in (True, False):
+        ds = wr.RefreshingWebDataset(d, watch=watch, min_shards=5, timeout=0.5, handler=wds.warn_and_continue)
+        with pytest.raises(NotEnoughShardsError) as err:
+            ds.set_epoch(0)
+        message = str(err.value)
+        assert "1 ready" in message and "need 5" in message
+        assert "1 pending" in message and "half.tar" in message
+        assert "1 rejected" in message and "bad.tar" in message
+        ds.close()
+
+
+def test_empty_directory_without_min_shards_still_raises_no_shards(tmp_path):
+    ds = wr.RefreshingWebDataset(str(tmp_path), watch=True)
+    with pytest.raises(wr.NoShardsError):
+        ds.set_epoch(0)
+    ds.close()
+
+
+def _inotify_fds(path: str) -> None:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "inotify" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    with open(path, "a") as f:
+        f.write(f"{count}\n")
+
+
+def test_no_thread_or_fd_left_after_50_epochs_and_close(tmp_path):
+    d = str(tmp_path / "shards")
+    os.makedirs(d)
+    for i in range(4):
+        write_shard(d, f"s{i:03d}.tar", 3)
+    probe = str(tmp_path / "worker-inotify-fds.txt")
+
+    def epoch_loader(ds):
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                           worker_init_fn=lambda _: _inotify_fds(probe))
+
+    warm = wr.RefreshingWebDataset(d, watch=False)  # let torch and multiprocessing start what they keep
+    assert sum(1 for _ in epoch_loader(warm)) == 12
+    del warm
+    gc.collect()
+    base_threads, base_fds = threads(), fds()
+
+    ds = wr.RefreshingWebDataset(d, watch=True)
+    seen = []
+    for epoch in range(50):
+        if epoch % 10 == 9:
+            write_shard(d, f"n{epoch:03d}.tar", 3)
+        snap = ds.set_epoch(epoch)
+        assert sum(1 for _ in epoch_loader(ds)) == snap.nsamples
+        seen.append((threads(), fds()))
+    assert seen[-1][0] <= seen[5][0] and seen[-1][1] <= seen[5][1], f"grew across epochs: {seen[5]} -> {seen[-1]}"
+    assert ours() == (1, 1)  # one indexer thread, one inotify fd, after 50 epochs
+    with open(probe) as f:
+        assert {int(line) for line in f} == {0}, "a DataLoader worker inherited the inotify fd"
+    ds.close()
+    wait_until(lambda: back_to(base_threads, base_fds), what="threads and fds back after close")
+
+    ds = wr.RefreshingWebDataset(d, watch=True)  # collected without close()
+    ds.set_epoch(0)
+    assert ours() == (1, 1)
+    del ds
+    gc.collect()
+    wait_until(lambda: back_to(base_threads, base_fds), what="threads and fds back after gc")
