@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from .snapshot import ShardInfo, Snapshot
+from .snapshot import ShardInfo, Snapshot, quiet_since_written
 from .split import Assignment, Piece
 from .tario import Expected, ShardChangedError, TarError, index_shard, open_shard
 
@@ -58,22 +58,52 @@ class ReadOptions:
     equalize: bool = True
 
 
+@dataclass
+class Cursor:
+    """Where a consumer is in its assignment: piece ``piece``, ``position(stats)`` samples into it.
+
+    Updated once per piece; within a piece the position follows ``stats.yielded``, so tracking
+    it costs nothing per sample. ``piece == len(pieces)`` once every piece was read.
+    """
+
+    piece: int = 0
+    offset: int = 0
+    base: int = 0
+
+    def position(self, stats: ReadStats) -> tuple[int, int]:
+        return self.piece, self.offset + stats.yielded - self.base
+
+
 def read_assignment(
-    snapshot: Snapshot, assignment: Assignment, options: ReadOptions, stats: ReadStats
+    snapshot: Snapshot, assignment: Assignment, options: ReadOptions, stats: ReadStats,
+    cursor: Cursor | None = None,
 ) -> Iterator[dict]:
-    """Yields the samples of ``assignment``: exactly ``assignment.quota`` under equalize."""
+    """Yields the samples of ``assignment``: exactly ``assignment.quota`` under equalize.
+
+    With a ``cursor``, starts at its position (a resumed epoch: ``stats`` holds what was read
+    before) and keeps it current.
+    """
+    cursor = cursor if cursor is not None else Cursor()
     stats.quota = assignment.quota
     recent: deque[dict] = deque(maxlen=_RECENT)
     try:
-        for piece in assignment.pieces:
+        pieces = assignment.pieces
+        for index in range(cursor.piece, len(pieces)):
+            piece = pieces[index]
+            if index != cursor.piece:
+                cursor.piece, cursor.offset = index, 0
+            cursor.base = stats.yielded
+            if cursor.offset:
+                piece = Piece(piece.shard, min(piece.start + cursor.offset, piece.stop), piece.stop)
             shard = snapshot.shards[piece.shard]
             for sample in _read_piece(shard, piece, options, stats):
                 recent.append(sample)
                 stats.yielded += 1
                 yield sample
+        cursor.piece, cursor.offset, cursor.base = len(pieces), 0, stats.yielded
     except StopConsumer:
         return
-    shortfall = assignment.quota - stats.yielded
+    shortfall = assignment.quota - stats.yielded - stats.padded
     if shortfall > 0 and options.equalize:
         if not recent:
             recent.extend(_any_samples(snapshot, options))
@@ -153,6 +183,8 @@ def _reindex(shard: ShardInfo) -> Expected | None:
     """What the shard's current content is, if it is a complete tar that holds still."""
     try:
         before = os.stat(shard.path)
+        if before.st_ino == shard.inode and not quiet_since_written(before):
+            return None  # rewritten in place just now: its writer may not be done
         index = index_shard(shard.path, shard.url)
         after = os.stat(shard.path)
     except (OSError, TarError):

@@ -1,0 +1,400 @@
+"""Mid-epoch checkpoint and resume: the versioned state format and where a consumer restarts.
+
+A consumer (rank, worker) reads an *assignment*: pieces (shard, start, stop) of the epoch's
+snapshot. The split is a pure function of (snapshot, seed, epoch, world size, workers), so a
+consumer's position is small: the piece it is in and how many of that piece's samples it has
+passed. ``RefreshingWebDataset.state_dict()`` returns it as a plain dict of plain values::
+
+    {"format": "wdsrefresh.resume", "version": 1,
+     "source": "directory '/data/shards'", "seed": 0, "shardshuffle": True, "partial": False,
+     "epoch": 3,
+     "snapshot": {"id": ..., "epoch": 3,
+                  "shards": [[url, path, size, mtime_ns, inode, device, nsamples, digest,
+                              blocks_hex, block_size], ...]},
+     "world_size": 1, "num_workers": 2,
+     "consumers": [{"rank": 0, "worker": 1, "piece": 4, "offset": 17,
+                    "stats": {"yielded": ..., "padded": ..., ...},
+                    "pieces": [[shard, start, stop], ...]   # only when not the split's own
+                   }]}
+
+Each DataLoader worker's state holds its own consumer; ``merge()`` combines the states of
+several consumers (of a StatefulDataLoader state, or of several ranks) into one.
+
+What is guaranteed when a state is loaded:
+
+- The interrupted epoch reads the *saved* snapshot (rebuilt from the state, not resolved
+  again). Its shards are verified against the saved digests; those that changed or vanished
+  since are handled by ``on_change`` and counted, as in any epoch. The epoch after it resolves
+  a fresh snapshot, so shards added meanwhile appear there.
+- Same layout (world size and num_workers as saved): each consumer yields exactly the samples
+  of its assignment after its saved position, in the same order as the uninterrupted run.
+- Different num_workers, same world size: the unread samples of each rank's old consumers
+  (all of them must be in the state) are concatenated in (worker, piece) order and split into
+  contiguous, equal (to within one sample) ranges among the rank's new workers. Every unread
+  sample is yielded exactly once; the order differs from the uninterrupted run.
+- Different world size: the unread samples of all old consumers (every rank's, merged) are
+  split the same way across the new ranks x workers; unless ``partial``, the last
+  ``unread % world_size`` samples are left out (logged) so ranks stay equal.
+- ``set_epoch(e)`` called for the saved epoch after loading republishes the saved snapshot
+  instead of resolving one (under torch.distributed every rank loads its state, so no rank
+  broadcasts). The epoch counter continues: the iteration after the resumed one is ``e + 1``.
+- A state saved before any iteration loads as a no-op; a state saved after the loader finished
+  an epoch resumes with the next one (StatefulDataLoader starts a fresh iteration).
+- Exactly once counts from the checkpoint: samples yielded after the last saved state are
+  yielded again after the restart. Positions count samples that left the dataset's source
+  stage; a ``.shuffle()`` buffer holds samples that were read but not delivered, so a
+  pipeline with one refuses ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .snapshot import ShardInfo, Snapshot, snapshot_id
+from .split import Assignment, Piece
+
+log = logging.getLogger("wdsrefresh")
+
+FORMAT = "wdsrefresh.resume"
+VERSION = 1
+_STATS_COUNTS = ("yielded", "quota", "skipped", "padded")
+_STATS_URLS = ("replaced", "deleted", "corrupt")
+MARK = "resume.json"
+
+
+class ResumeError(ValueError):
+    """A state that does not fit this dataset, or is not a valid wdsrefresh state."""
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """Where one consumer (rank, worker) was in its assignment of the saved epoch."""
+
+    rank: int
+    worker: int
+    piece: int
+    offset: int
+    stats: dict = field(default_factory=dict, compare=False)
+    pieces: tuple[Piece, ...] | None = None
+
+    def as_dict(self) -> dict:
+        doc = {"rank": self.rank, "worker": self.worker, "piece": self.piece, "offset": self.offset,
+               "stats": dict(self.stats)}
+        if self.pieces is not None:
+            doc["pieces"] = [[p.shard, p.start, p.stop] for p in self.pieces]
+        return doc
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """A validated state: the saved epoch, its snapshot, and the consumers' positions."""
+
+    epoch: int
+    snapshot: Snapshot
+    world_size: int
+    num_workers: int
+    consumers: tuple[ConsumerState, ...]
+    token: str
+
+
+# ---------------------------------------------------------------------------- encoding
+
+def snapshot_doc(snapshot: Snapshot) -> dict:
+    """A snapshot as plain values: enough to rebuild it exactly (see ``snapshot_from_doc``)."""
+    return {
+        "id": snapshot.id,
+        "epoch": snapshot.epoch,
+        "shards": [
+            [s.url, s.path, s.size, s.mtime_ns, s.inode, s.device, s.nsamples, s.digest,
+             s.blocks.hex() if s.blocks is not None else None, s.block_size]
+            for s in snapshot.shards
+        ],
+    }
+
+
+def snapshot_from_doc(doc: object) -> Snapshot:
+    """Rebuilds a snapshot; ResumeError when the document is malformed or its id does not match."""
+    doc = _expect(doc, dict, "snapshot")
+    sid = _expect(doc.get("id"), str, "snapshot.id")
+    epoch = _expect(doc.get("epoch"), int, "snapshot.epoch")
+    rows = _expect(doc.get("shards"), list, "snapshot.shards")
+    shards = []
+    for i, row in enumerate(rows):
+        where = f"snapshot.shards[{i}]"
+        if not isinstance(row, (list, tuple)) or len(row) != 10:
+            raise ResumeError(f"{where}: expected a list of 10 values, got {row!r:.80}")
+        url, path, size, mtime_ns, inode, device, nsamples, digest, blocks, block_size = row
+        try:
+            shards.append(ShardInfo(
+                url=_expect(url, str, f"{where} url"), path=_expect(path, str, f"{where} path"),
+                size=_expect(size, int, f"{where} size"), mtime_ns=_expect(mtime_ns, int, f"{where} mtime_ns"),
+                inode=_expect(inode, int, f"{where} inode"), device=_expect(device, int, f"{where} device"),
+                nsamples=_expect(nsamples, int, f"{where} nsamples"),
+                digest=None if digest is None else _expect(digest, str, f"{where} digest"),
+                blocks=None if blocks is None else bytes.fromhex(_expect(blocks, str, f"{where} blocks")),
+                block_size=_expect(block_size, int, f"{where} block_size"),
+            ))
+        except ValueError as exn:
+            if isinstance(exn, ResumeError):
+                raise
+            raise ResumeError(f"{where}: {exn}") from exn
+    shards = tuple(shards)
+    if snapshot_id(shards) != sid:
+        raise ResumeError(f"snapshot.id {sid!r} does not match its shards (corrupted state?)")
+    return Snapshot(epoch, shards, sid)
+
+
+def _expect(value: object, kind: type, what: str):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ResumeError(f"{what}: expected {kind.__name__}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def identity(source: str, seed: int, shardshuffle: bool, partial: bool) -> dict:
+    """What a state must agree with to be loaded into a dataset."""
+    return {"source": source, "seed": seed, "shardshuffle": bool(shardshuffle), "partial": bool(partial)}
+
+
+def make_state(ident: dict, epoch: int | None, snapshot: dict | None, world_size: int, num_workers: int,
+               consumers: list[dict]) -> dict:
+    return {"format": FORMAT, "version": VERSION, **ident, "epoch": epoch, "snapshot": snapshot,
+            "world_size": world_size, "num_workers": num_workers, "consumers": consumers}
+
+
+def parse(state: object, ident: dict) -> ResumeState | None:
+    """Validates ``state`` against a dataset's identity; None for a state saved before any epoch."""
+    if not isinstance(state, dict):
+        raise ResumeError(f"expected a dict from RefreshingWebDataset.state_dict(), got {type(state).__name__}")
+    if state.get("format") != FORMAT:
+        raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
+    if state.get("version") != VERSION:
+        raise ResumeError(f"state version {state.get('version')!r} is not supported (this wdsrefresh reads {VERSION})")
+    for key, want in ident.items():
+        if state.get(key) != want:
+            raise ResumeError(
+                f"state was saved by another dataset: its {key} is {state.get(key)!r}, this dataset's is {want!r}"
+            )
+    if state.get("epoch") is None:
+        return None
+    epoch = _expect(state.get("epoch"), int, "epoch")
+    snapshot = snapshot_from_doc(state.get("snapshot"))
+    world_size = _expect(state.get("world_size"), int, "world_size")
+    num_workers = _expect(state.get("num_workers"), int, "num_workers")
+    if world_size < 1 or num_workers < 1:
+        raise ResumeError(f"world_size {world_size} and num_workers {num_workers} must be >= 1")
+    consumers = []
+    for i, doc in enumerate(_expect(state.get("consumers"), list, "consumers")):
+        consumers.append(_consumer(doc, f"consumers[{i}]", snapshot, world_size, num_workers))
+    seen: dict[tuple[int, int], ConsumerState] = {}
+    for c in consumers:
+        if seen.setdefault((c.rank, c.worker), c) != c:
+            raise ResumeError(f"consumers: two different positions for rank {c.rank} worker {c.worker}")
+    token = f"{epoch}:{snapshot.id}:{world_size}:{num_workers}"
+    return ResumeState(epoch, snapshot, world_size, num_workers, tuple(seen.values()), token)
+
+
+def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_workers: int) -> ConsumerState:
+    doc = _expect(doc, dict, where)
+    rank = _expect(doc.get("rank"), int, f"{where}.rank")
+    worker = _expect(doc.get("worker"), int, f"{where}.worker")
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ResumeError(f"{where}: rank {rank} worker {worker} outside {world_size} ranks x {num_workers} workers")
+    stats = _expect(doc.get("stats", {}), dict, f"{where}.stats")
+    counts = {k: _expect(stats.get(k, 0), int, f"{where}.stats.{k}") for k in _STATS_COUNTS}
+    urls = {k: _expect(stats.get(k, []), list, f"{where}.stats.{k}") for k in _STATS_URLS}
+    stats = counts | {k: [_expect(u, str, f"{where}.stats.{k}[]") for u in v] for k, v in urls.items()}
+    pieces = None
+    if doc.get("pieces") is not None:
+        pieces = []
+        for j, p in enumerate(_expect(doc["pieces"], list, f"{where}.pieces")):
+            if not (isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(v, int) for v in p)):
+                raise ResumeError(f"{where}.pieces[{j}]: expected [shard, start, stop], got {p!r:.60}")
+            shard, start, stop = p
+            if not (0 <= shard < len(snapshot.shards) and 0 <= start <= stop <= (snapshot.shards[shard].nsamples or 0)):
+                raise ResumeError(f"{where}.pieces[{j}]: {p} does not fit the snapshot")
+            pieces.append(Piece(shard, start, stop))
+        pieces = tuple(pieces)
+    piece = _expect(doc.get("piece"), int, f"{where}.piece")
+    offset = _expect(doc.get("offset"), int, f"{where}.offset")
+    if piece < 0 or offset < 0:
+        raise ResumeError(f"{where}: negative position piece {piece} offset {offset}")
+    return ConsumerState(rank, worker, piece, offset, stats, pieces)
+
+
+def merge(states: object) -> dict:
+    """One state holding every consumer found in ``states``.
+
+    ``states`` may be a dataset state, a StatefulDataLoader state (its per-worker dataset states
+    are found inside it), or a list of either (for instance one per rank). All must come from
+    the same epoch and snapshot. Load the result with ``ds.load_state_dict()`` before building a
+    new DataLoader, to resume with a different num_workers or world size.
+    """
+    found = list(_find(states))
+    if not found:
+        raise ResumeError("no wdsrefresh state found in the given object")
+    started = [s for s in found if s.get("epoch") is not None]
+    if not started:
+        return found[0]
+    first = started[0]
+    key = lambda s: (s.get("epoch"), (s.get("snapshot") or {}).get("id"), s.get("world_size"),  # noqa: E731
+                     s.get("num_workers"), s.get("source"), s.get("seed"))
+    consumers = []
+    for s in started:
+        if key(s) != key(first):
+            raise ResumeError(
+                f"states from different epochs or layouts cannot be merged: "
+                f"epoch/snapshot/world/workers {key(first)[:4]} vs {key(s)[:4]}"
+            )
+        consumers.extend(s.get("consumers") or [])
+    return {**first, "consumers": consumers}
+
+
+def _find(obj: object) -> Iterator[dict]:
+    if isinstance(obj, dict):
+        if obj.get("format") == FORMAT:
+            yield obj
+            return
+        for value in obj.values():
+            yield from _find(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _find(value)
+
+
+# ---------------------------------------------------------------------------- where to restart
+
+@dataclass(frozen=True)
+class Restart:
+    """What one new consumer reads of the interrupted epoch."""
+
+    assignment: Assignment
+    piece: int
+    offset: int
+    stats: dict
+    explicit: bool
+
+
+def remaining(pieces: tuple[Piece, ...], piece: int, offset: int) -> list[Piece]:
+    """The unread pieces after position (piece, offset)."""
+    out = []
+    if piece < len(pieces):
+        p = pieces[piece]
+        start = min(p.start + offset, p.stop)
+        if start < p.stop:
+            out.append(Piece(p.shard, start, p.stop))
+        out.extend(pieces[piece + 1:])
+    return out
+
+
+def _even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(total, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def _slice(pieces: Iterable[Piece], lo: int, hi: int) -> tuple[Piece, ...]:
+    """Positions [lo, hi) of the sequence formed by ``pieces``."""
+    out, pos = [], 0
+    for p in pieces:
+        a, b = max(lo, pos), min(hi, pos + p.count)
+        if b > a:
+            out.append(Piece(p.shard, p.start + a - pos, p.start + b - pos))
+        pos += p.count
+        if pos >= hi:
+            break
+    return tuple(out)
+
+
+def restart(state: ResumeState, assignment_of, *, rank: int, world_size: int, worker: int, num_workers: int,
+            partial: bool) -> Restart:
+    """Where consumer (rank, worker) of the new layout restarts the saved epoch.
+
+    ``assignment_of(rank, worker)`` is the saved layout's split for that consumer.
+    """
+    def pieces_of(c: ConsumerState) -> tuple[Piece, ...]:
+        if c.pieces is not None:
+            return c.pieces
+        return assignment_of(c.rank, c.worker).pieces
+
+    if (world_size, num_workers) == (state.world_size, state.num_workers):
+        mine = [c for c in state.consumers if (c.rank, c.worker) == (rank, worker)]
+        if not mine:
+            raise ResumeError(
+                f"state holds no position for rank {rank} worker {worker} "
+                f"(it has {sorted((c.rank, c.worker) for c in state.consumers)}); "
+                f"load this worker's own state, or merge() the states of all workers"
+            )
+        c = mine[0]
+        pieces = pieces_of(c)
+        if c.piece > len(pieces) or (c.piece < len(pieces) and c.offset > pieces[c.piece].count):
+            raise ResumeError(f"rank {rank} worker {worker}: position {c.piece}/{c.offset} beyond its assignment")
+        left_out = assignment_of(rank, worker).left_out if c.pieces is None else 0
+        return Restart(Assignment(rank, worker, pieces, left_out), c.piece, c.offset, c.stats, c.pieces is not None)
+
+    ranks = range(state.world_size) if world_size != state.world_size else [rank]
+    need = {(r, w) for r in ranks for w in range(state.num_workers)}
+    have = {(c.rank, c.worker): c for c in state.consumers}
+    missing = sorted(need - have.keys())
+    if missing:
+        raise ResumeError(
+            f"cannot redistribute from {state.world_size} ranks x {state.num_workers} workers to "
+            f"{world_size} x {num_workers}: the state lacks the positions of (rank, worker) {missing}; "
+            f"merge() the states of all of them"
+        )
+    unread: list[Piece] = []
+    for key in sorted(need):
+        c = have[key]
+        unread.extend(remaining(pieces_of(c), c.piece, c.offset))
+    total = sum(p.count for p in unread)
+    if world_size != state.world_size:
+        left_out = 0 if partial else total % world_size
+        if left_out:
+            log.warning("resume on %d ranks: %d of %d unread samples left out so ranks stay equal",
+                        world_size, left_out, total)
+        lo, hi = _even_ranges(total - left_out, world_size)[rank]
+    else:
+        left_out, lo, hi = 0, 0, total
+    a, b = _even_ranges(hi - lo, num_workers)[worker]
+    pieces = _slice(unread, lo + a, lo + b)
+    return Restart(Assignment(rank, worker, pieces, left_out), 0, 0, {}, True)
+
+
+def read_stats(doc: dict, cls: type):
+    """A ReadStats (``cls``) holding the counters saved in a consumer's state."""
+    kinds = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: set(v) if isinstance(v, list) else v for k, v in doc.items() if k in kinds})
+
+
+def restart_epoch(epochs, resume: ResumeState, force: bool) -> int:
+    """Makes ``resume.epoch`` the epoch every consumer iterates next; returns the control generation.
+
+    Call under ``epochs.lock()``. DataLoader workers each load their share of one checkpoint:
+    the first one sets the epoch (which restarts every worker's epoch counter), the others find
+    it done (recorded in ``resume.json`` in the state directory) and leave the counters alone.
+    """
+    control = epochs.control()
+    path = os.path.join(epochs.directory, MARK)
+    try:
+        with open(path, encoding="utf-8") as f:
+            mark = json.load(f)
+    except (FileNotFoundError, ValueError):
+        mark = {}
+    if (not force and mark.get("token") == resume.token and mark.get("generation") == control["generation"]
+            and control["epoch"] == resume.epoch):
+        return control["generation"]
+    epochs.set_control(resume.epoch, control["rank"], control["world_size"], bump=True)
+    generation = epochs.control()["generation"]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"token": resume.token, "generation": generation}, f)
+    os.replace(tmp, path)
+    return generation
