@@ -8,24 +8,27 @@ import torch
 import wdsrefresh as wr
 from shardutil import write_shard
 
-LOADERS = [(0, False), (2, False), (2, True)]
+LOADERS = [(0, False, None), (2, False, None), (2, True, None), (2, True, "spawn")]
 
 
 def keys_of(loader) -> list[str]:
     return [s["__key__"] for s in loader]
 
 
-def loader_for(ds, num_workers, persistent):
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=persistent)
+def loader_for(ds, num_workers, persistent, context=None):
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=persistent,
+                                       multiprocessing_context=context if num_workers else None)
 
 
-@pytest.mark.parametrize("num_workers,persistent", LOADERS)
+@pytest.mark.parametrize("num_workers,persistent,context", LOADERS)
 @pytest.mark.parametrize("call_set_epoch", [True, False])
-def test_added_shard_is_read_next_epoch_and_removed_one_is_not(shard_dir, num_workers, persistent, call_set_epoch):
+def test_added_shard_is_read_next_epoch_and_removed_one_is_not(
+    shard_dir, num_workers, persistent, context, call_set_epoch
+):
     write_shard(shard_dir, "a.tar", 10)
     write_shard(shard_dir, "b.tar", 7)
     ds = wr.RefreshingWebDataset(shard_dir)
-    loader = loader_for(ds, num_workers, persistent)
+    loader = loader_for(ds, num_workers, persistent, context)
 
     def epoch(e):
         if call_set_epoch:

@@ -42,12 +42,35 @@ def test_in_place_rewrite_during_epoch_is_detected_and_never_torn(shard_dir, ver
     got = [next(it)]
     with open(path, "r+b") as f:  # what `cp` or open("wb") does: same inode, new bytes
         f.write(versioned_shard(path, b"B"))
+    written_long_ago(path)  # the writer is done: reload may index the new content
     got.extend(it)
     assert [s["__key__"] for s in got] == [f"s/{i:06d}" for i in range(100)]
     assert_whole_versions(got)
     assert {bytes(s["cls"]) for s in got} == {b"A", b"B"}
     stats = ds.stats(0)
     assert stats.replaced == 1 and stats.yielded == 100
+
+
+def written_long_ago(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 5_000_000_000))
+
+
+def test_shard_still_being_rewritten_in_place_is_skipped_not_reloaded(shard_dir):
+    path = os.path.join(shard_dir, "v.tar")
+    with open(path, "wb") as f:
+        f.write(versioned_shard(path, b"A"))
+    ds = wr.RefreshingWebDataset(shard_dir, on_change="reload")
+    ds.set_epoch(0)
+    it = iter(loader(ds, num_workers=1))
+    got = [next(it)]
+    with open(path, "r+b") as f:  # written just now: its writer may not be done
+        f.write(versioned_shard(path, b"B")[: 5 << 20])
+    got.extend(it)
+    assert_whole_versions(got)
+    assert {bytes(s["cls"]) for s in got} == {b"A"}
+    stats = ds.stats(0)
+    assert stats.replaced == 1 and stats.yielded + stats.skipped == 100 and stats.skipped > 0
 
 
 def test_in_place_rewrite_with_skip_policy_counts_skipped(shard_dir):
@@ -183,3 +206,34 @@ def test_torture_writer_never_yields_duplicates_or_torn_samples(tmp_path, verify
     totals = torture.run(str(tmp_path), epochs=6, seed=1, verify=verify)
     assert totals["yielded"] > 0
     assert totals["duplicates"] == 0 and totals["torn"] == 0, totals
+
+
+def _manifest_with_digest(shard_dir, name, digest):
+    manifest = os.path.join(shard_dir, "index.json")
+    with open(manifest, "w") as f:
+        json.dump({"shardlist": [{"url": name, "nsamples": 5, "digest": digest}]}, f)
+    return manifest
+
+
+@pytest.mark.parametrize("algo", ["sha256", "md5"])
+@pytest.mark.parametrize("verify", ["inline", "strict"])
+def test_external_manifest_digests_are_checked(shard_dir, algo, verify):
+    import hashlib
+
+    path = write_shard(shard_dir, "a.tar", 5)
+    digest = f"{algo}:{hashlib.new(algo, open(path, 'rb').read()).hexdigest()}"
+    manifest = _manifest_with_digest(shard_dir, "a.tar", digest)
+    assert len(list(loader(wr.RefreshingWebDataset(manifest, verify=verify), num_workers=2))) == 5
+
+    wrong = f"{algo}:{hashlib.new(algo, b'other bytes').hexdigest()}"
+    manifest = _manifest_with_digest(shard_dir, "a.tar", wrong)
+    with pytest.raises(wr.ShardChangedError, match=f"a.tar.*{algo}"):
+        wr.RefreshingWebDataset(manifest, verify=verify).set_epoch(0)
+
+
+def test_empty_file_just_created_by_a_producer_is_pending_not_an_error(shard_dir):
+    write_shard(shard_dir, "a.tar", 2)
+    open(os.path.join(shard_dir, "b.tar"), "wb").close()
+    snap = wr.RefreshingWebDataset(shard_dir).set_epoch(0)
+    assert [os.path.basename(s.url) for s in snap.shards] == ["a.tar"]
+    assert [os.path.basename(p) for p in snap.pending] == ["b.tar"]

@@ -1,22 +1,38 @@
-"""wdsrefresh: a streaming WebDataset loader whose shards are re-resolved every epoch."""
+"""wdsrefresh: a streaming WebDataset loader whose shards are re-resolved every epoch.
 
-from .dataset import EpochStats, RefreshingWebDataset
-from .reading import ReadStats, ShardVanishedError
-from .snapshot import ShardInfo, Snapshot
-from .sources import NoShardsError, ShardSource, make_source
-from .tario import ShardChangedError, TarError
+Names are imported lazily, so the command-line tools (pack, ingest, verify, ls) do not pay
+for importing torch and webdataset.
+"""
 
-__all__ = [
-    "EpochStats",
-    "NoShardsError",
-    "ReadStats",
-    "RefreshingWebDataset",
-    "ShardChangedError",
-    "ShardInfo",
-    "ShardSource",
-    "ShardVanishedError",
-    "Snapshot",
-    "TarError",
-    "make_source",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "RefreshingWebDataset": "dataset",
+    "EpochStats": "dataset",
+    "ReadStats": "reading",
+    "ShardVanishedError": "reading",
+    "ShardInfo": "snapshot",
+    "Snapshot": "snapshot",
+    "NoShardsError": "sources",
+    "ShardSource": "sources",
+    "make_source": "sources",
+    "ShardChangedError": "tario",
+    "TarError": "tario",
+    "NotEnoughShardsError": "watch",
+    "StreamStats": "stream",
+    "resume": None,
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wdsrefresh' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = import_module(f".{name}" if module is None else f".{module}", __name__)
+    if module is not None:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value

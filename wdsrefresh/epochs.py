@@ -85,6 +85,10 @@ class EpochState:
         self.directory = directory or tempfile.mkdtemp(prefix="wdsrefresh-")
         os.makedirs(self.directory, exist_ok=True)
         self.owner_pid = os.getpid()
+        self._recent: dict[int, tuple[int, Snapshot]] = {}  # epoch -> (file inode, snapshot) seen here
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_recent": {}}
 
     def cleanup(self) -> None:
         if self.owned and os.getpid() == self.owner_pid:
@@ -119,9 +123,20 @@ class EpochState:
     def load(self, epoch: int) -> Snapshot | None:
         try:
             with open(self._snapshot_path(epoch), "rb") as f:
-                return pickle.load(f)
+                inode = os.fstat(f.fileno()).st_ino  # a re-published epoch is a new file
+                cached = self._recent.get(epoch)
+                if cached is not None and cached[0] == inode:
+                    return cached[1]
+                snapshot = pickle.load(f)
         except FileNotFoundError:
             return None
+        self._remember(inode, snapshot)
+        return snapshot
+
+    def _remember(self, inode: int, snapshot: Snapshot) -> None:
+        self._recent[snapshot.epoch] = (inode, snapshot)
+        for epoch in sorted(self._recent)[:-2]:
+            del self._recent[epoch]
 
     def latest(self, before: int | None = None) -> Snapshot | None:
         epochs = sorted(self._published_epochs(), reverse=True)
@@ -140,7 +155,9 @@ class EpochState:
         ]
 
     def publish(self, snapshot: Snapshot) -> None:
-        _write_atomic(self._snapshot_path(snapshot.epoch), pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL))
+        path = self._snapshot_path(snapshot.epoch)
+        _write_atomic(path, pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL))
+        self._remember(os.stat(path).st_ino, snapshot)
         for epoch in sorted(self._published_epochs())[:-KEEP_SNAPSHOTS]:
             if epoch < snapshot.epoch:
                 try:

@@ -89,14 +89,30 @@ class Snapshot:
         )
 
 
-def snapshot_id(shards: tuple[ShardInfo, ...]) -> str:
+def shard_key(s: ShardInfo) -> bytes:
+    """What a snapshot id hashes of one shard."""
+    return repr((s.url, s.path, s.size, s.mtime_ns, s.inode, s.nsamples, s.digest)).encode()
+
+
+def snapshot_id(shards: tuple[ShardInfo, ...], keys: list[bytes] | None = None) -> str:
+    """Names the content of ``shards``; ``keys``, if given, are their ``shard_key``s (precomputed)."""
     h = hashlib.sha256()
-    for s in shards:
-        h.update(repr((s.url, s.path, s.size, s.mtime_ns, s.inode, s.nsamples, s.digest)).encode())
+    h.update(b"".join(keys if keys is not None else map(shard_key, shards)))
     return h.hexdigest()[:16]
 
 
 Handler = Callable[[BaseException], bool]
+
+QUIET_NS = 1_000_000_000
+
+
+def quiet_since_written(st: os.stat_result) -> bool:
+    """Whether a file was last written at least QUIET_NS ago.
+
+    A shard rewritten in place keeps its size and end-of-archive marker throughout, so only
+    time tells that its writer is done; reading it earlier could index a mix of two versions.
+    """
+    return time.time_ns() - st.st_mtime_ns >= QUIET_NS
 
 
 class Resolver:
@@ -151,6 +167,10 @@ class Resolver:
         known = self.known.get(path)
         if known is not None and known.identity == identity and (known.digest or not self.with_digest):
             return known
+        if st.st_size == 0:  # just created by a producer writing in place
+            return None
+        if known is not None and known.inode == st.st_ino and not quiet_since_written(st):
+            return None  # being rewritten in place: wait until it holds still, or we index a torn file
         base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         if self._manifest_describes(cand, st.st_size):
             return replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globmod
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import braceexpand
 
 from . import manifest as manifestmod
+
+log = logging.getLogger("wdsrefresh")
 
 SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
 TEMPORARY_PATTERNS = (".*", "*.tmp", "*.part", "*~", "_tmp*", "*.partial")
@@ -62,6 +65,8 @@ class ShardSource:
 
 
 class DirectorySource(ShardSource):
+    """The shards in a directory; counts and digests come from its manifest.json when it has one."""
+
     def __init__(self, path: str, recursive: bool = False):
         self.path = os.fspath(path)
         self.recursive = recursive
@@ -77,7 +82,20 @@ class DirectorySource(ShardSource):
         else:
             with os.scandir(self.path) as entries:
                 names = [e.path for e in entries if not e.is_dir()]
-        return [Candidate(url=n, path=n) for n in sorted(names) if is_shard_name(n)]
+        known = self._manifest_entries()
+        return [_with_manifest(n, known.get(n)) for n in sorted(names) if is_shard_name(n)]
+
+    def _manifest_entries(self) -> dict[str, manifestmod.ManifestEntry]:
+        """What a manifest.json beside the shards (written by pack or ingest) says about them."""
+        path = os.path.join(self.path, manifestmod.DEFAULT_NAME)
+        try:
+            entries = manifestmod.load(path)
+        except FileNotFoundError:
+            return {}
+        except manifestmod.ManifestError as exn:
+            log.warning("%s; indexing the shards instead", exn)
+            return {}
+        return {os.path.join(self.path, e.url): e for e in entries if not os.path.isabs(e.url)}
 
     def describe(self) -> str:
         return f"directory {self.path!r}"
@@ -158,6 +176,13 @@ class ListSource(ShardSource):
 
     def describe(self) -> str:
         return "list [" + ", ".join(s.describe() for s in self.sources) + "]"
+
+
+def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None) -> Candidate:
+    if entry is None:
+        return Candidate(url=path, path=path)
+    return Candidate(url=path, path=path, nsamples=entry.nsamples, digest=entry.digest, blocks=entry.blocks,
+                     filesize=entry.filesize)
 
 
 def make_source(spec: object) -> ShardSource:
