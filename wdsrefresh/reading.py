@@ -23,7 +23,7 @@ log = logging.getLogger("wdsrefresh")
 
 VERIFY_MODES = ("off", "inline", "strict")
 CHANGE_POLICIES = ("reload", "skip", "raise")
-_RECENT = 64
+_RECENT = 16  # samples kept for padding; only under equalize (torch.distributed)
 
 
 @dataclass
@@ -85,7 +85,8 @@ def read_assignment(
     """
     cursor = cursor if cursor is not None else Cursor()
     stats.quota = assignment.quota
-    recent: deque[dict] = deque(maxlen=_RECENT)
+    # keeping samples alive costs the allocator fresh pages per payload: only when padding may need them
+    recent: deque[dict] = deque(maxlen=_RECENT if options.equalize else 0)
     try:
         pieces = assignment.pieces
         for index in range(cursor.piece, len(pieces)):

@@ -1,15 +1,26 @@
 """A fast streaming tar sample reader that replaces ``tarfile`` on the read path.
 
-A shard is read in fixed-size raw blocks (``digest.BLOCK_SIZE``). Each block is checked
-against the snapshot's block digest when it is read, before any member is cut from it, so
-every byte yielded was verified and no second read is needed. gzip shards are decompressed
-as a stream; their raw (compressed) blocks are checked the same way.
+Guarantees:
 
-Members are grouped into samples by webdataset's exact rules (``base_plus_ext``, lower-cased
-extensions, ``__meta__`` names skipped, non-regular members skipped). Samples can be
-skipped by index without copying their payloads, which is how a consumer starts inside a
-shard. A sample is yielded only once complete, so a read error never merges a partial sample
-into the next one.
+- Samples are grouped exactly as webdataset 1.0.2 groups them (``base_plus_ext`` keys,
+  lower-cased extensions, ``__meta__`` names and non-regular members skipped, one shard at a
+  time), with ``__key__``, ``__url__`` and ``__local_path__``.
+- Every byte a yielded sample depends on (its payloads and every header up to the one that
+  ends it) was hashed and compared with the snapshot's block digest before the sample is
+  yielded, from the very bytes the sample was cut from: no second read, no window in which
+  the file could change between the check and the use.
+- A read error never merges a partial sample into anything: samples are yielded complete.
+- Samples can be skipped by index without copying their payloads (the exact split).
+
+How it is fast: a local shard is read with ``os.pread`` in chunks that grow to 1 MiB while
+members are small, and large payloads are read straight into their own ``bytes`` (one copy,
+hashed while still in cache). Headers are parsed in place; the common member (ustar, regular,
+short name, no PAX path/size) takes one short path through a single loop. Bytes are hashed
+when consumed, so the part of a chunk a large payload makes unnecessary is never hashed. As
+the block digests cover 4 MiB blocks, samples are held until the blocks they depend on are
+complete and checked. gzip shards (``.tgz``, ``.tar.gz``) are decompressed as a stream; their
+raw blocks are checked as they are read, before decompression. Files are never mmap'ed: a
+file truncated under an mmap kills the process with SIGBUS.
 """
 
 from __future__ import annotations
@@ -17,17 +28,27 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .digest import BLOCK_SIZE, FileDigester, block_at, block_digest, new_hasher, split_digest
+import xxhash
+
+from .digest import BLOCK_SIZE, DEFAULT_ALGO, block_at, new_hasher, split_digest
 
 ZERO_BLOCK = bytes(512)
 _REGULAR = (b"0", b"\0", b"7")
 _OTHER_KNOWN = (b"1", b"2", b"3", b"4", b"5", b"6")
+_EXTENDED = (b"x", b"g", b"L", b"K")
 _GZIP_MAGIC = b"\x1f\x8b"
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_META_RE = re.compile(r"__[^/]*__($|/)")
+_KEY_RE_BYTES = re.compile(rb"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_META_RE_BYTES = re.compile(rb"__[^/]*__($|/)")
+_INF = float("inf")
+
+_FIRST_CHUNK = 64 << 10  # first read of a shard; doubles at each refill up to _MAX_CHUNK
+_MAX_CHUNK = 1 << 20
+_AFTER_LARGE_CHUNK = 8 << 10  # after a payload read on its own, the next one likely is too
+_DIRECT_MIN = 64 << 10  # payloads this large that run past the chunk are read on their own
 
 
 class TarError(ValueError):
@@ -64,102 +85,261 @@ class Expected:
     block_size: int = BLOCK_SIZE
 
 
-class _BlockCheck:
-    """Checks raw blocks against block digests, or a whole-file digest when that is all we have."""
+# --------------------------------------------------------------------------- raw bytes
 
-    def __init__(self, url: str, expected: Expected | None, digester: FileDigester | None = None):
+
+class _Checker:
+    """Hashes a file's raw bytes in order, each once, and checks or records the digests.
+
+    ``hashed`` is how far it has seen; ``verified`` how far the bytes are known good (infinite
+    when there is nothing to check block by block). ``sequential`` means every byte must be
+    seen (whole-file digest, or digests being recorded); otherwise whole blocks that nothing
+    is read from may be jumped over.
+    """
+
+    def __init__(self, url: str, expected: Expected | None = None, record: bool = False):
         self.url = url
-        self.digester = digester
         self.blocks = expected.blocks if expected else None
         self.block_size = expected.block_size if expected else BLOCK_SIZE
-        self.whole_algo = self.whole_hex = None
-        self.whole = None
-        if expected and expected.digest and not self.blocks:
+        self.whole = self.whole_algo = self.whole_hex = None
+        if record:
+            self.whole_algo = DEFAULT_ALGO
+            self.whole = new_hasher(DEFAULT_ALGO)
+        elif expected and expected.digest and not self.blocks:
             self.whole_algo, self.whole_hex = split_digest(expected.digest)
             self.whole = new_hasher(self.whole_algo)
-        self.next_index = 0
+        self.recorded: list[bytes] | None = [] if record else None
+        self.block_hasher = xxhash.xxh3_64() if (self.blocks is not None or record) else None
+        self.active = self.block_hasher is not None or self.whole is not None
+        self.sequential = self.whole is not None
+        self.hashed = 0
+        self.index = 0
+        self.block_end = self.block_size
+        self.verified = 0 if self.blocks is not None else _INF
 
-    @property
-    def sequential(self) -> bool:
-        return self.whole is not None
-
-    def check(self, index: int, data: bytes) -> None:
-        if self.digester is not None:
-            self.digester.update_block(data)
-        if self.blocks is not None:
-            want = block_at(self.blocks, index)
-            if block_digest(data) != want:
-                raise ShardChangedError(
-                    self.url, index * self.block_size,
-                    f"block {index} differs from the snapshot's digest (shard replaced or rewritten)",
-                )
-        elif self.whole is not None:
-            assert index == self.next_index, "whole-file digests need sequential reads"
+    def feed(self, data) -> None:
+        """Takes the bytes that follow ``hashed``; checks each block as it completes."""
+        n = len(data)
+        if not n:
+            return
+        if self.whole is not None:
             self.whole.update(data)
-        self.next_index = index + 1
+        if self.block_hasher is not None:
+            start, done = self.hashed, 0
+            while start + n - done >= self.block_end:
+                cut = self.block_end - start
+                self.block_hasher.update(memoryview(data)[done : done + cut])
+                done += cut
+                start += cut
+                self._close_block(self.block_end)
+            if done < n:
+                self.block_hasher.update(memoryview(data)[done:] if done else data)
+        self.hashed += n
 
-    def finish(self, offset: int) -> None:
-        if self.whole is not None and self.whole.hexdigest() != self.whole_hex:
+    def end_of_file(self) -> None:
+        """The file ends at ``hashed``: the last, short block is complete."""
+        if self.block_hasher is not None and self.hashed > self.block_end - self.block_size:
+            self._close_block(self.hashed)
+
+    def jump(self, offset: int) -> None:
+        """Skips to ``offset``, which lies in a later block than any byte hashed so far."""
+        index = offset // self.block_size
+        self.block_hasher.reset()
+        self.index = index
+        self.hashed = index * self.block_size
+        self.block_end = self.hashed + self.block_size
+
+    def _close_block(self, end: int) -> None:
+        digest = self.block_hasher.digest()
+        self.block_hasher.reset()
+        if self.recorded is not None:
+            self.recorded.append(digest)
+        elif digest != block_at(self.blocks, self.index):
             raise ShardChangedError(
-                self.url, offset, f"{self.whole_algo} digest differs from the snapshot's (shard replaced)"
+                self.url, self.index * self.block_size,
+                f"block {self.index} differs from the snapshot's digest (shard replaced or rewritten)",
+            )
+        else:
+            self.verified = end
+        self.index += 1
+        self.block_end += self.block_size
+
+    def check_whole(self) -> None:
+        if self.whole_hex is not None and self.whole.hexdigest() != self.whole_hex:
+            raise ShardChangedError(
+                self.url, self.hashed, f"{self.whole_algo} digest differs from the snapshot's (shard replaced)"
             )
 
+    @property
+    def digest(self) -> str:
+        return f"{self.whole_algo}:{self.whole.hexdigest()}"
 
-class _RawFile:
-    """A file's raw bytes, block by block, each block checked as it is read."""
 
-    def __init__(self, fd: int, url: str, check: _BlockCheck):
+class _LocalSource:
+    """An uncompressed local shard: chunks for headers and small payloads, large payloads alone.
+
+    The reader holds the current chunk ``buf`` whose first byte is at file offset ``base``;
+    positions inside it are relative. Each method takes the reader's (buf, base) and returns
+    the new ones. Bytes are fed to the checker only once the reader has consumed them, from
+    the object it consumed them from; unconsumed bytes of a chunk are dropped unhashed.
+    """
+
+    def __init__(self, fd: int, url: str, check: _Checker):
         self.fd = fd
         self.url = url
         self.check = check
-        self.block_size = check.block_size
-        self.index = 0
+        self.chunk = _FIRST_CHUNK
 
-    def next_chunk(self) -> bytes:
-        data = os.pread(self.fd, self.block_size, self.index * self.block_size)
-        if data:
-            self.check.check(self.index, data)
-            self.index += 1
-        return data
+    @property
+    def verified(self) -> float:
+        return self.check.verified
 
-    def seek(self, offset: int) -> int:
-        target = offset // self.block_size
-        if self.check.sequential:
-            while self.index < target and self.next_chunk():
-                pass
-        else:
-            self.index = target
-        return self.index * self.block_size
+    def _consume(self, buf: bytes, base: int, upto: int) -> None:
+        """Feeds the checker what the reader consumed of ``buf``, up to relative ``upto``."""
+        lo = self.check.hashed - base
+        hi = min(upto, len(buf))
+        if lo < hi:
+            self.check.feed(buf if lo == 0 and hi == len(buf) else memoryview(buf)[lo:hi])
 
-    def finish(self) -> None:
-        """Read what was not read yet when a whole-file digest must cover it; then compare."""
-        if self.check.sequential:
-            while self.next_chunk():
-                pass
-            self.check.finish(self.index * self.block_size)
+    def _advance(self, pos: int, hoff: int) -> None:
+        """Brings the checker to ``pos`` over bytes the reader skipped (not in any chunk)."""
+        check = self.check
+        if not check.sequential and check.hashed < pos:
+            if check.block_hasher is None:
+                check.hashed = pos
+                return
+            if pos >= check.block_end:
+                if check.hashed > check.block_end - check.block_size:
+                    self._read_feed(check.block_end, hoff)
+                if pos >= check.block_end:
+                    check.jump(pos)
+        self._read_feed(pos, hoff)
+
+    def _read_feed(self, pos: int, hoff: int) -> None:
+        check = self.check
+        while check.hashed < pos:
+            data = os.pread(self.fd, min(pos - check.hashed, BLOCK_SIZE), check.hashed)
+            if not data:
+                raise TarError(self.url, hoff, f"truncated member: the shard ends at byte {check.hashed}",
+                               truncated=True)
+            check.feed(data)
+
+    def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
+        """A chunk starting at ``base + p`` with at least ``need`` bytes (fewer only at the end)."""
+        pos = base + p
+        check = self.check
+        if check.active:
+            self._consume(buf, base, p)
+            if check.hashed < pos:
+                self._advance(pos, hoff)
+            elif check.hashed > pos:  # checked ahead (see settle): keep those very bytes
+                kept = buf[p:]
+                more = os.pread(self.fd, max(need, self.chunk), base + len(buf))
+                return kept + more, pos
+        size = max(need, self.chunk)
+        if self.chunk < _MAX_CHUNK:
+            self.chunk *= 2
+        return os.pread(self.fd, size, pos), pos
+
+    def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
+        """The payload at relative ``q`` that runs past the chunk: (payload, buf, base, p after it)."""
+        if size < _DIRECT_MIN:
+            buf, base = self.refill(buf, base, q, size, hoff)
+            if len(buf) < size:
+                raise _truncated(self.url, hoff, size, len(buf))
+            return buf[:size], buf, base, size + (-size & 511)
+        start = base + q
+        head = b""
+        check = self.check
+        if check.active:
+            self._consume(buf, base, q)
+            if check.hashed > start:
+                head = buf[q : check.hashed - base]
+        data = os.pread(self.fd, size - len(head), start + len(head))
+        if len(data) < size - len(head):
+            raise _truncated(self.url, hoff, size, len(head) + len(data))
+        if check.active:
+            check.feed(data)
+        self.chunk = _AFTER_LARGE_CHUNK
+        return (head + data if head else data), b"", start + size, -size & 511
+
+    def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
+        """Skips the payload at relative ``q`` that runs past the chunk: (buf, base, p after it)."""
+        end = base + q + size
+        if self.check.active:
+            self._consume(buf, base, q)
+            self._advance(end, hoff)
+        if os.fstat(self.fd).st_size < end:
+            raise TarError(self.url, hoff, f"truncated member: header declares {size} bytes past the end",
+                           truncated=True)
+        return b"", end, -size & 511
+
+    def settle(self, buf: bytes, base: int, p: int) -> bytes:
+        """Checks the block holding ``base + p - 1`` now, keeping the bytes read for it in ``buf``."""
+        check = self.check
+        pos = base + p
+        if check.verified >= pos:
+            return buf
+        self._consume(buf, base, p)
+        if check.hashed < pos:
+            self._advance(pos, base + p)
+        if check.verified >= pos:
+            return buf
+        want = check.block_end - check.hashed
+        extra = os.pread(self.fd, want, check.hashed)
+        start = check.hashed
+        check.feed(extra)
+        if len(extra) < want:
+            check.end_of_file()
+        return buf[: start - base] + extra
+
+    def finish(self, buf: bytes, base: int) -> None:
+        """Hashes the rest of the file when a whole-file digest needs it, and compares."""
+        check = self.check
+        if not check.sequential:
+            return
+        self._consume(buf, base, len(buf))
+        while data := os.pread(self.fd, BLOCK_SIZE, check.hashed):
+            check.feed(data)
+        check.end_of_file()
+        check.check_whole()
 
 
-class _GzipChunks:
-    """Decompressed chunks of a gzip stream (several members allowed) over a _RawFile."""
+class _GzipSource:
+    """A gzip-compressed shard (several gzip members allowed), decompressed as a stream.
 
+    Raw blocks are checked as they are read, before decompression, so every decompressed
+    byte is already verified. Offsets in errors are offsets in the decompressed tar.
+    """
+
+    verified = _INF
     _MAX_OUT = 4 * BLOCK_SIZE
 
-    def __init__(self, raw: _RawFile):
-        self.raw = raw
+    def __init__(self, fd: int, url: str, check: _Checker):
+        self.fd = fd
+        self.url = url
+        self.check = check
         self.dec = zlib.decompressobj(31)
         self.fresh = True  # between gzip members: trailing zero padding is allowed here
         self.pending = b""
         self.raw_offset = 0
 
-    def next_chunk(self) -> bytes:
+    def _raw(self) -> bytes:
+        data = os.pread(self.fd, self.check.block_size, self.raw_offset)
+        self.raw_offset += len(data)
+        self.check.feed(data)
+        if len(data) < self.check.block_size:  # the end of the file: the last block is complete
+            self.check.end_of_file()
+        return data
+
+    def _next(self) -> bytes:
         while True:
             if not self.pending:
-                self.pending = self.raw.next_chunk()
+                self.pending = self._raw()
                 if not self.pending:
                     if not self.fresh:
-                        raise TarError(self.raw.url, self.raw_offset, "gzip stream ends early", truncated=True)
+                        raise TarError(self.url, self.raw_offset, "gzip stream ends early", truncated=True)
                     return b""
-                self.raw_offset += len(self.pending)
             if self.fresh:
                 self.pending = self.pending.lstrip(b"\0")
                 if not self.pending:
@@ -168,7 +348,7 @@ class _GzipChunks:
             try:
                 out = self.dec.decompress(self.pending, self._MAX_OUT)
             except zlib.error as exn:
-                raise TarError(self.raw.url, self.raw_offset, f"bad gzip data: {exn}") from None
+                raise TarError(self.url, self.raw_offset, f"bad gzip data: {exn}") from None
             self.pending = self.dec.unconsumed_tail
             if self.dec.eof:
                 self.pending = self.dec.unused_data + self.pending
@@ -177,59 +357,53 @@ class _GzipChunks:
             if out:
                 return out
 
-
-class ByteStream:
-    """Sequential access to a tar stream: take n bytes (one copy) or skip them (no copy)."""
-
-    def __init__(self, next_chunk: Callable[[], bytes], seek: Callable[[int], int] | None, url: str):
-        self._next_chunk = next_chunk
-        self._seek = seek
-        self.url = url
-        self.buf = b""
-        self.buf_start = 0
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        start = self.pos - self.buf_start
-        end = start + n
-        if end <= len(self.buf):
-            self.pos += n
-            return self.buf[start:end]
-        return self._take_slow(n)
-
-    def _take_slow(self, n: int) -> bytes:
-        parts = []
-        have = 0
-        start = self.pos - self.buf_start
-        if 0 <= start < len(self.buf):
-            parts.append(self.buf[start:])
-            have = len(self.buf) - start
-        while have < n:
-            self.buf_start += len(self.buf)
-            self.buf = chunk = self._next_chunk()
-            if not chunk:
-                self.buf = b""
-                raise EOFError(have)
-            lo = self.pos + have - self.buf_start
-            piece = chunk[lo : lo + n - have]
-            parts.append(piece)
-            have += len(piece)
-        self.pos += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def skip(self, n: int) -> None:
-        target = self.pos + n
-        if target <= self.buf_start + len(self.buf):
-            self.pos = target
-        elif self._seek is not None:
-            self.buf = b""
-            self.buf_start = self._seek(target)
-            self.pos = target
+    def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
+        pos = base + p
+        if p <= len(buf):
+            parts, have, drop = [buf[p:]], len(buf) - p, 0
         else:
-            while n > 0:
-                step = min(n, BLOCK_SIZE)
-                self.take(step)
-                n -= step
+            parts, have, drop = [], 0, p - len(buf)
+        while have < need or drop:
+            chunk = self._next()
+            if not chunk:
+                if drop:
+                    raise TarError(self.url, hoff, "truncated member: the stream ends inside it", truncated=True)
+                break
+            if drop:
+                if drop >= len(chunk):
+                    drop -= len(chunk)
+                    continue
+                chunk, drop = chunk[drop:], 0
+            parts.append(chunk)
+            have += len(chunk)
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), pos
+
+    def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
+        buf, base = self.refill(buf, base, q, size, hoff)
+        if len(buf) < size:
+            raise _truncated(self.url, hoff, size, len(buf))
+        return buf[:size], buf, base, size + (-size & 511)
+
+    def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
+        buf, base = self.refill(buf, base, q + size, 0, hoff)
+        return buf, base, -size & 511
+
+    def settle(self, buf: bytes, base: int, p: int) -> bytes:
+        return buf
+
+    def finish(self, buf: bytes, base: int) -> None:
+        if self.check.sequential:
+            while self._raw():
+                pass
+            self.check.check_whole()
+
+
+def _truncated(url: str, hoff: int, size: int, have: int) -> TarError:
+    return TarError(url, hoff, f"truncated member: header declares {size} bytes, only {have} present",
+                    truncated=True)
+
+
+# --------------------------------------------------------------------------- headers and keys
 
 
 def _number(field: bytes) -> int:
@@ -239,8 +413,19 @@ def _number(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
-def _text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+def _octal(field: bytes, cache: dict[bytes, int]) -> int:
+    """An octal size field (NUL-terminated, so 11 digits); -1 if it is not one."""
+    try:
+        size = int(field, 8)
+    except ValueError:
+        return -1
+    if size >= 0 and len(cache) < 4096:
+        cache[field] = size
+    return size
+
+
+def _cstr(field: bytes) -> bytes:
+    return field.split(b"\0", 1)[0]
 
 
 def _checksum_ok(hdr: bytes) -> bool:
@@ -255,8 +440,8 @@ def _checksum_ok(hdr: bytes) -> bool:
     return stored == signed
 
 
-def _pax_records(data: bytes, url: str, offset: int) -> dict[str, str]:
-    records: dict[str, str] = {}
+def _pax_records(data: bytes, url: str, offset: int) -> dict[bytes, bytes]:
+    records: dict[bytes, bytes] = {}
     pos = 0
     while pos < len(data) and data[pos] != 0:
         space = data.find(b" ", pos)
@@ -264,120 +449,12 @@ def _pax_records(data: bytes, url: str, offset: int) -> dict[str, str]:
             length = int(data[pos:space])
         except ValueError:
             raise TarError(url, offset, "malformed PAX header record") from None
+        if length <= 0:
+            raise TarError(url, offset, "malformed PAX header record")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        records[key] = value
         pos += length
     return records
-
-
-class MemberWalker:
-    """Walks the headers of a tar stream; yields (name, size) of regular members.
-
-    The payload of a yielded member may be taken from ``stream`` before the next step;
-    otherwise it is skipped without being copied. ``end_of_archive`` tells whether the
-    end-of-archive marker was seen (a half-written shard has none).
-    """
-
-    def __init__(self, stream: ByteStream):
-        self.stream = stream
-        self.end_of_archive = False
-        self.header_offset = 0
-
-    def __iter__(self) -> Iterator[tuple[str, int]]:
-        stream, url = self.stream, self.stream.url
-        global_pax: dict[str, str] = {}
-        pax: dict[str, str] = {}
-        longname: str | None = None
-        while True:
-            self.header_offset = hoff = stream.pos
-            try:
-                hdr = stream.take(512)
-            except EOFError as eof:
-                if hoff == 0 and eof.args[0] == 0:
-                    raise TarError(url, 0, "empty file, not a tar archive") from None
-                if eof.args[0]:
-                    raise TarError(url, hoff, "truncated tar header", truncated=True) from None
-                return
-            if hdr == ZERO_BLOCK:
-                self.end_of_archive = True
-                return
-            if hdr[257:262] != b"ustar" and not _checksum_ok(hdr):
-                what = "not a tar archive" if hoff == 0 else "invalid tar header (bad checksum)"
-                raise TarError(url, hoff, what)
-            try:
-                size = _number(hdr[124:136])
-            except ValueError:
-                raise TarError(url, hoff, "invalid size field in tar header") from None
-            kind = hdr[156:157]
-            if kind in (b"x", b"g", b"L", b"K"):
-                data = self._take(size, hoff)
-                if kind == b"x":
-                    pax = _pax_records(data, url, hoff)
-                elif kind == b"g":
-                    global_pax.update(_pax_records(data, url, hoff))
-                elif kind == b"L":
-                    longname = _text(data)
-                self._skip_padding(size)
-                continue
-            name = _text(hdr[0:100])
-            if longname is not None:
-                name = longname
-            elif hdr[345:346] != b"\0" and kind not in (b"S",):
-                prefix = _text(hdr[345:500])
-                if prefix:
-                    name = prefix + "/" + name
-            if global_pax or pax:
-                merged = {**global_pax, **pax}
-                name = merged.get("path", name)
-                if "size" in merged:
-                    size = int(merged["size"])
-            pax, longname = {}, None
-            regular = kind in _REGULAR and not (kind == b"\0" and name.endswith("/"))
-            if regular:
-                data_offset = stream.pos
-                yield name, size
-                if stream.pos == data_offset:
-                    self._skip(size, hoff)
-                elif stream.pos != data_offset + size:
-                    raise RuntimeError("member payload must be taken whole or not at all")
-                self._skip_padding(size)
-            elif kind not in _OTHER_KNOWN:
-                if kind == b"S":
-                    raise TarError(url, hoff, f"sparse member {name!r} is not supported")
-                self._skip(size, hoff)
-                self._skip_padding(size)
-
-    def take_payload(self, size: int) -> bytes:
-        return self._take(size, self.header_offset)
-
-    def _take(self, size: int, hoff: int) -> bytes:
-        try:
-            return self.stream.take(size)
-        except EOFError as eof:
-            raise TarError(
-                self.stream.url, hoff,
-                f"truncated member: header declares {size} bytes, only {eof.args[0]} present",
-                truncated=True,
-            ) from None
-
-    def _skip(self, size: int, hoff: int) -> None:
-        if size:
-            try:
-                self.stream.skip(size - 1)
-                self.stream.take(1)
-            except EOFError:
-                raise TarError(
-                    self.stream.url, hoff, f"truncated member: header declares {size} bytes past the end",
-                    truncated=True,
-                ) from None
-
-    def _skip_padding(self, size: int) -> None:
-        pad = -size % 512
-        if pad:
-            try:
-                self.stream.skip(pad)
-            except EOFError:
-                pass
 
 
 def split_key(fname: str) -> tuple[str | None, str | None]:
@@ -389,80 +466,306 @@ def split_key(fname: str) -> tuple[str | None, str | None]:
     return (match.group(1), match.group(2)) if match else (None, None)
 
 
-def _is_meta(fname: str) -> bool:
-    if not fname.startswith("__"):
-        return False
-    return ("/" not in fname and fname.endswith("__")) or _META_RE.match(fname) is not None
+def _split_name(name: bytes) -> tuple[bytes | None, bytes]:
+    """``split_key`` plus webdataset's ``__meta__`` rules, on an undecoded name.
+
+    Splitting the UTF-8 bytes is the same as splitting the decoded text: '.' and '/' never
+    occur inside a multi-byte sequence, and surrogateescape maps other bytes one to one.
+    """
+    if name.startswith(b"__") and (
+        (b"/" not in name and name.endswith(b"__")) or _META_RE_BYTES.match(name) is not None
+    ):
+        return None, b""
+    if b"/" not in name:
+        key, dot, ext = name.partition(b".")
+        return (key, ext) if key and dot else (None, b"")
+    match = _KEY_RE_BYTES.match(name)
+    return (match.group(1), match.group(2)) if match else (None, b"")
 
 
-def _keyed_members(walker: MemberWalker) -> Iterator[tuple[str, str, int]]:
-    for fname, size in walker:
-        if _is_meta(fname):
-            continue
-        prefix, suffix = split_key(fname)
-        if prefix is None:
-            continue
-        yield prefix, suffix, size
+def _decode(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+# --------------------------------------------------------------------------- samples
+
+
+class _Held:
+    """Which held samples may go: (ready count, offset the reader had consumed) noted at reads."""
+
+    def __init__(self):
+        self.marks: list[tuple[int, int]] = []
+        self.released = 0
+
+    def note(self, ready: int, consumed: int) -> None:
+        self.marks.append((self.released + ready, consumed))
+
+    def release(self, verified: float) -> int:
+        """How many of the ready samples only depend on bytes before ``verified``."""
+        upto = self.released
+        while self.marks and self.marks[0][1] <= verified:
+            upto = self.marks.pop(0)[0]
+        count, self.released = upto - self.released, upto
+        return count
 
 
 class ShardReader:
     """Samples of one opened shard, by index: ``samples(start, stop)`` yields webdataset dicts."""
 
-    def __init__(self, stream: ByteStream, url: str, raw: _RawFile | None = None, local_path: str | None = None):
-        self.stream = stream
+    def __init__(self, source, url: str, local_path: str | None = None):
+        self.source = source
         self.url = url
         self.local_path = local_path or url
-        self.raw = raw
-        self.walker = MemberWalker(stream)
-        self._members = _keyed_members(self.walker)
-        self._pending: tuple[str, str, int] | None = None
+        self.buf = b""
+        self.base = 0
+        self.p = 0
         self.next_index = 0
+        self.end_of_archive = False
+        self.done = False
+        self.global_pax: dict[bytes, bytes] = {}
+        self.pending: tuple[bytes, int] | None = None  # the member a stop parsed, for the next call
+        self.hoff = 0  # offset of the first header of the member _header_slow returned
+        self._exts: dict[bytes, str] = {}  # extension as written -> sample key
+        self._sizes: dict[bytes, int] = {}  # size field -> size
 
     def samples(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         """Yields samples ``start <= i < stop`` (all remaining when stop is None), in order.
 
         Samples before ``start`` are skipped without copying payloads. Indexes must not go back.
+        A sample is yielded once the bytes it depends on were checked against the snapshot.
         """
         if start < self.next_index:
             raise ValueError(f"{self.url}: cannot go back from sample {self.next_index} to {start}")
-        sample: dict | None = None
-        key = None
+        if self.done:
+            return
+        if stop is None:
+            stop = 1 << 62
+        src, url, local_path, exts, sizes = self.source, self.url, self.local_path, self._exts, self._sizes
+        buf, base, p = self.buf, self.base, self.p
+        n = len(buf)
         index = self.next_index - 1
-        members = self._members
-        take = self.walker.take_payload
-        pending, self._pending = self._pending, None
-        while True:
-            if pending is not None:
-                prefix, suffix, size = pending
-                pending = None
-            else:
-                try:
-                    prefix, suffix, size = next(members)
-                except StopIteration:
-                    break
-            if prefix != key:
-                if sample is not None:
-                    yield sample
-                    sample = None
-                index += 1
-                key = prefix
-                if stop is not None and index >= stop:
-                    self._pending = (prefix, suffix, size)
-                    self.next_index = index
-                    return
-                if index >= start:
-                    sample = {"__key__": prefix, "__url__": self.url, "__local_path__": self.local_path}
-            if sample is not None:
-                suffix = suffix.lower()
-                if suffix in sample:
-                    raise TarError(
-                        self.url, self.walker.header_offset,
-                        f"duplicate file name in sample {prefix!r}: .{suffix}",
+        cur: bytes | None = None
+        sample: dict | None = None
+        # With block digests, complete samples wait in ``ready`` until the blocks they depend on
+        # are checked. ``held`` notes, at each read, (samples ready so far, offset read up to).
+        hold = src.verified != _INF
+        ready: list[dict] = []
+        held = _Held()
+        plain = not self.global_pax and self.pending is None  # the fast path applies
+        try:
+            while True:
+                if p + 512 > n and self.pending is None:
+                    if ready:
+                        held.note(len(ready), base + p)
+                    buf, base = src.refill(buf, base, p, 512, base + p)
+                    p, n = 0, len(buf)
+                    if ready and (k := held.release(src.verified)):
+                        yield from ready[:k]
+                        del ready[:k]
+                    if n < 512:
+                        self.buf, self.base, self.p = buf, base, p
+                        self._end_of_data()
+                        break
+                hoff = p  # where the member's headers start, relative to base
+                name = None
+                if plain and buf[p + 257 : p + 262] == b"ustar" and buf[p + 135] == 0:
+                    kind = buf[p + 156]
+                    field = buf[p + 124 : p + 135]
+                    try:
+                        size = sizes[field]
+                    except KeyError:
+                        size = _octal(field, sizes)
+                        if size < 0:
+                            kind = -1
+                    if kind == 48 and buf[p + 345] == 0 and (z := buf.find(b"\0", p, p + 100)) > p:
+                        # The common member: regular, with a short NUL-terminated name.
+                        name = buf[p:z]
+                        p += 512
+                    elif kind == 120 and p + 512 + size <= n:
+                        # A PAX header. webdataset's TarWriter writes one before every member for
+                        # its float mtime; when it sets neither path nor size it changes nothing.
+                        pax = buf[p + 512 : p + 512 + size]
+                        if b"path=" not in pax and b"size=" not in pax:
+                            p += 512 + ((size + 511) & -512)
+                            continue
+                if name is None:
+                    self.buf, self.base, self.p = buf, base, p
+                    member = self._header_slow()
+                    buf, base, p = self.buf, self.base, self.p
+                    hoff = self.hoff - base
+                    n = len(buf)
+                    plain = not self.global_pax
+                    if member is None:
+                        break
+                    name, size = member
+                # p is at the payload. Group by key as webdataset does.
+                if 47 in name or name[0] == 95:  # a '/' in it, or a leading '_'
+                    key, ext = _split_name(name)
+                else:
+                    key, dot, ext = name.partition(b".")
+                    if not dot or not key:
+                        key = None
+                if key is None:
+                    sample_for_member = None
+                elif key != cur:
+                    if sample is not None:
+                        if hold:
+                            ready.append(sample)
+                        else:
+                            yield sample
+                    index += 1
+                    if index >= stop:
+                        self.buf, self.base, self.p = buf, base, p
+                        self.pending, self.hoff = (name, size), base + hoff
+                        self.next_index = index
+                        break
+                    cur = key
+                    sample = sample_for_member = (
+                        {"__key__": key.decode("utf-8", "surrogateescape"), "__url__": url,
+                         "__local_path__": local_path}
+                        if index >= start else None
                     )
-                sample[suffix] = take(size)
-        if sample is not None:
-            yield sample
-        self.next_index = index + 1
+                else:
+                    sample_for_member = sample
+                end = p + size
+                if sample_for_member is None:  # not a sample's member, or a sample before start
+                    if end <= n:
+                        p += (size + 511) & -512
+                    else:
+                        buf, base, p = src.skip(buf, base, p, size, base + hoff)
+                        n = len(buf)
+                    continue
+                try:
+                    suffix = exts[ext]
+                except KeyError:
+                    suffix = _decode(ext).lower()
+                    if len(exts) < 4096:
+                        exts[ext] = suffix
+                if suffix in sample:
+                    raise TarError(url, base + hoff,
+                                   f"duplicate file name in sample {sample['__key__']!r}: .{suffix}")
+                if end <= n:
+                    sample[suffix] = buf[p:end]
+                    p += (size + 511) & -512
+                else:
+                    if ready:
+                        held.note(len(ready), base + p)
+                    sample[suffix], buf, base, p = src.take(buf, base, p, size, base + hoff)
+                    n = len(buf)
+                    if ready and (k := held.release(src.verified)):
+                        yield from ready[:k]
+                        del ready[:k]
+            if index < stop:
+                if sample is not None:
+                    ready.append(sample)
+                self.next_index = index + 1
+                self.done = True
+            if ready:
+                self.buf = src.settle(buf, base, p)
+                yield from ready
+        except TarError:
+            # What completed before the error is still yielded, once its blocks checked out.
+            if ready and (k := held.release(src.verified)):
+                yield from ready[:k]
+            raise
+
+    def _end_of_data(self) -> None:
+        """The data ran out where a header should be."""
+        have = len(self.buf)
+        pos = self.base + self.p
+        if have == 0 and pos == 0:
+            raise TarError(self.url, 0, "empty file, not a tar archive")
+        if have:
+            raise TarError(self.url, pos, "truncated tar header", truncated=True)
+
+    def _header_block(self) -> tuple[bytes | None, int]:
+        """The 512-byte header at the current position (None at the end of the data)."""
+        buf, p = self.buf, self.p
+        if p + 512 > len(buf):
+            buf, self.base = self.source.refill(buf, self.base, p, 512, self.base + p)
+            self.buf, self.p, p = buf, 0, 0
+            if len(buf) < 512:
+                self._end_of_data()
+                return None, self.base
+        self.p = p + 512
+        return buf[p : p + 512], self.base + p
+
+    def _data(self, size: int, hoff: int) -> bytes:
+        """The payload at the current position, and the position moved past its padding."""
+        buf, p = self.buf, self.p
+        if p + size <= len(buf):
+            self.p = p + ((size + 511) & -512)
+            return buf[p : p + size]
+        value, self.buf, self.base, self.p = self.source.take(buf, self.base, p, size, hoff)
+        return value
+
+    def _header_slow(self) -> tuple[bytes, int] | None:
+        """Every header the fast path does not take: extended headers, links, odd fields, the end.
+
+        Returns (name, size) of the next regular member with the position at its payload, or
+        None at the end of the archive or of the data.
+        """
+        if self.pending is not None:
+            member, self.pending = self.pending, None
+            return member
+        url = self.url
+        pax: dict[bytes, bytes] = {}
+        longname: bytes | None = None
+        first = True
+        while True:
+            hdr, hoff = self._header_block()
+            if first:
+                self.hoff, first = hoff, False
+            if hdr is None:
+                return None
+            if hdr == ZERO_BLOCK:
+                self.end_of_archive = True
+                return None
+            if hdr[257:262] != b"ustar" and not _checksum_ok(hdr):
+                what = "not a tar archive" if hoff == 0 else "invalid tar header (bad checksum)"
+                raise TarError(url, hoff, what)
+            try:
+                size = _number(hdr[124:136])
+            except ValueError:
+                raise TarError(url, hoff, "invalid size field in tar header") from None
+            if size < 0:
+                raise TarError(url, hoff, "negative size in tar header")
+            kind = hdr[156:157]
+            if kind in _EXTENDED:
+                data = self._data(size, hoff)
+                if kind == b"x":
+                    pax = _pax_records(data, url, hoff)
+                elif kind == b"g":
+                    self.global_pax.update(_pax_records(data, url, hoff))
+                elif kind == b"L":
+                    longname = _cstr(data)
+                continue
+            name = _cstr(hdr[0:100])
+            if longname is not None:
+                name = longname
+            elif hdr[345] != 0 and kind != b"S":
+                prefix = _cstr(hdr[345:500])
+                if prefix:
+                    name = prefix + b"/" + name
+            if self.global_pax or pax:
+                merged = {**self.global_pax, **pax}
+                name = merged.get(b"path", name)
+                if b"size" in merged:
+                    try:
+                        size = int(merged[b"size"])
+                    except ValueError:
+                        raise TarError(url, hoff, "invalid size in PAX header") from None
+            if kind in _REGULAR and not (kind == b"\0" and name.endswith(b"/")) and name:
+                return name, size
+            if kind == b"S":
+                raise TarError(url, hoff, f"sparse member {_decode(name)!r} is not supported")
+            if kind not in _OTHER_KNOWN and size:
+                buf, p = self.buf, self.p
+                if p + size <= len(buf):
+                    self.p = p + ((size + 511) & -512)
+                else:
+                    self.buf, self.base, self.p = self.source.skip(buf, self.base, p, size, hoff)
+            pax, longname, first = {}, None, True
 
     def count(self) -> int:
         """Walks the remaining headers and returns how many samples follow; copies no payload."""
@@ -473,29 +776,28 @@ class ShardReader:
 
     def finish(self) -> None:
         """Completes a whole-file digest check when one is pending (reads the rest if needed)."""
-        if self.raw is not None:
-            self.raw.finish()
+        self.source.finish(self.buf, self.base)
+
+
+def _source(fd: int, url: str, check: _Checker):
+    if os.pread(fd, 2, 0) == _GZIP_MAGIC:
+        return _GzipSource(fd, url, check)
+    return _LocalSource(fd, url, check)
 
 
 def open_shard(path: str, url: str | None = None, expected: Expected | None = None) -> tuple[ShardReader, int]:
     """Opens a local shard (tar or gzip-compressed tar) for reading.
 
     Returns the reader and the open file descriptor (the caller closes it). Raises
-    ShardChangedError when size, mtime or inode differ from ``expected``.
+    ShardChangedError when size, mtime or inode differ from ``expected``; with block digests
+    in ``expected``, no sample is yielded before the blocks it depends on match them.
     """
     url = url or path
     fd = os.open(path, os.O_RDONLY)
     try:
         if expected is not None:
             _check_identity(fd, url, expected)
-        raw = _RawFile(fd, url, _BlockCheck(url, expected))
-        head = os.pread(fd, 2, 0)
-        if head == _GZIP_MAGIC:
-            chunks = _GzipChunks(raw)
-            stream = ByteStream(chunks.next_chunk, None, url)
-        else:
-            stream = ByteStream(raw.next_chunk, raw.seek, url)
-        return ShardReader(stream, url, raw, local_path=path), fd
+        return ShardReader(_source(fd, url, _Checker(url, expected)), url, local_path=path), fd
     except BaseException:
         os.close(fd)
         raise
@@ -534,26 +836,21 @@ def index_shard(path: str, url: str | None = None, with_digest: bool = True) -> 
     Raises TarError for a shard that is not a tar at all or is corrupt before its end.
     """
     url = url or path
-    digester = FileDigester() if with_digest else None
+    check = _Checker(url, record=with_digest)
     fd = os.open(path, os.O_RDONLY)
     try:
-        raw = _RawFile(fd, url, _BlockCheck(url, None, digester))
-        if os.pread(fd, 2, 0) == _GZIP_MAGIC:
-            stream = ByteStream(_GzipChunks(raw).next_chunk, None, url)
-        else:
-            stream = ByteStream(raw.next_chunk, None, url)
-        reader = ShardReader(stream, url)
+        source = _source(fd, url, check)
+        reader = ShardReader(source, url)
         try:
             nsamples = reader.count()
         except TarError as exn:
             if exn.truncated:
                 return ShardIndex(reader.next_index, None, None, complete=False)
             raise
-        while raw.next_chunk():
-            pass
-        complete = reader.walker.end_of_archive
-        if digester is None:
+        complete = reader.end_of_archive
+        if not with_digest:
             return ShardIndex(nsamples, None, None, complete)
-        return ShardIndex(nsamples, digester.digest, digester.blocks, complete)
+        source.finish(reader.buf, reader.base)
+        return ShardIndex(nsamples, check.digest, b"".join(check.recorded), complete)
     finally:
         os.close(fd)
