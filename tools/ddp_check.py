@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -34,8 +35,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def writer(directory: str, stop, seed: int, keep: int = 20) -> None:
-    """Adds a shard of 1..50 samples every 50-200 ms and deletes the oldest beyond ``keep``."""
+def writer(directory: str, stop, seed: int, keep: int = 40, interval: float = 0.25) -> None:
+    """Adds a shard of 1..50 samples every ``interval`` s (on average) and deletes the oldest beyond ``keep``.
+
+    Deletions land mid-epoch now and then, so the counted skip-and-pad path is exercised too.
+    """
     rng = random.Random(seed)
     n = 0
     while not stop.is_set():
@@ -44,7 +48,7 @@ def writer(directory: str, stop, seed: int, keep: int = 20) -> None:
         names = sorted(f for f in os.listdir(directory) if f.startswith("w") and f.endswith(".tar"))
         for old in names[:-keep]:
             os.unlink(os.path.join(directory, old))
-        stop.wait(rng.uniform(0.05, 0.2))
+        stop.wait(rng.uniform(0.5, 1.5) * interval)
 
 
 def _keys(batch):
@@ -58,6 +62,7 @@ def rank_main(rank, world_size, port, directory, out, num_workers, persistent, e
     import wdsrefresh as wr
     from wdsrefresh.split import shard_order
 
+    logging.getLogger("wdsrefresh").setLevel(logging.ERROR)  # deletions are counted; their warnings would flood
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     ds = wr.RefreshingWebDataset(directory, seed=seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_keys, num_workers=num_workers,

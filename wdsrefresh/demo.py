@@ -1,5 +1,8 @@
 """``wdsrefresh demo``: a tiny training loop on a directory that grows between epochs.
 
+The loop a user runs: shards packed from raw files, training reading them, a producer
+dropping more files and packing them into the same directory, the next epoch reading them.
+
 Also holds the deterministic example-shard generator used by tools/make_example_shards.py.
 """
 
@@ -44,6 +47,19 @@ def write_example_shard(directory: str, index: int, per_shard: int = PER_SHARD, 
     return path
 
 
+def drop_raw_files(directory: str, index: int, per_shard: int = PER_SHARD, seed: int = 0) -> str:
+    """What a data pipeline drops: one file per sample field (``sampleN.input.npy``, ``sampleN.cls``)."""
+    centers = np.random.default_rng(1234).normal(0, 3.0, (NUM_CLASSES, DIM))
+    rng = np.random.default_rng(seed * 100003 + index)
+    raw = os.path.join(directory, f"raw-{index:06d}")
+    os.makedirs(raw)
+    for i in range(index * per_shard, (index + 1) * per_shard):
+        for ext, data in zip(("input.npy", "cls"), _sample(rng, centers)):
+            with open(os.path.join(raw, f"sample{i:07d}.{ext}"), "wb") as f:
+                f.write(data)
+    return raw
+
+
 def _find_example_shards(given: str | None) -> str | None:
     if given:
         return given
@@ -52,10 +68,6 @@ def _find_example_shards(given: str | None) -> str | None:
 
 
 def run(args) -> int:
-    import torch
-
-    import wdsrefresh as wr
-
     workdir = tempfile.mkdtemp(prefix="wdsrefresh-demo-")
     try:
         data = os.path.join(workdir, "shards")
@@ -66,23 +78,29 @@ def run(args) -> int:
             os.makedirs(data)
             for i in range(4):
                 write_example_shard(data, i)
-        next_index = 1 + max(int(p.stem.split("-")[-1]) for p in Path(data).glob("example-*.tar"))
         print(f"training on {data} (copied from {source or 'generated shards'}), "
               f"{args.workers} DataLoader workers")
-        torch.manual_seed(0)
-        model = torch.nn.Linear(DIM, NUM_CLASSES)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        ds = (
-            wr.RefreshingWebDataset(data, seed=0)
-            .shuffle(256)
-            .decode()
-            .to_tuple("input.npy", "cls")
-            .batched(32)
-        )
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers,
-                                             persistent_workers=args.workers > 0)
-        previous = None
-        for epoch in range(args.epochs):
+        _train(data, workdir, args.epochs, args.workers)
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _train(data: str, workdir: str, epochs: int, workers: int) -> None:
+    import torch
+
+    import wdsrefresh as wr
+    from wdsrefresh.pack import pack
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(DIM, NUM_CLASSES)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    ds = wr.RefreshingWebDataset(data, seed=0).shuffle(256).decode().to_tuple("input.npy", "cls").batched(32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    next_index = 1 + max(int(p.stem.split("-")[-1]) for p in Path(data).glob("example-*.tar"))
+    previous = None
+    try:
+        for epoch in range(epochs):
             start = time.time()
             snap = ds.set_epoch(epoch)
             added, removed = snap.diff(previous)
@@ -92,16 +110,14 @@ def run(args) -> int:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                seen += len(y)
-                total_loss += loss.item()
-                batches += 1
+                seen, total_loss, batches = seen + len(y), total_loss + loss.item(), batches + 1
             print(f"epoch {epoch}  snapshot {snap.id[:8]}  shards {len(snap.shards):2d} "
                   f"(+{len(added)} -{len(removed)})  samples {seen:5d}  "
                   f"loss {total_loss / max(batches, 1):.3f}  ({time.time() - start:.1f}s)")
             previous = snap
-            path = write_example_shard(data, next_index)
-            print(f"  producer: added {os.path.basename(path)}")
+            entries = pack([drop_raw_files(workdir, next_index)], data, prefix="example")
+            print(f"  producer: dropped {PER_SHARD} samples as files; pack published "
+                  f"{', '.join(e.url for e in entries)}")
             next_index += 1
-        return 0
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        ds.close()

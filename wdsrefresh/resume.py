@@ -56,7 +56,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .snapshot import ShardInfo, Snapshot, snapshot_id
-from .split import Assignment, Piece
+from .split import Assignment, Piece, even_ranges
 
 log = logging.getLogger("wdsrefresh")
 
@@ -291,16 +291,6 @@ def remaining(pieces: tuple[Piece, ...], piece: int, offset: int) -> list[Piece]
     return out
 
 
-def _even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
-    base, extra = divmod(total, parts)
-    ranges, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
 def _slice(pieces: Iterable[Piece], lo: int, hi: int) -> tuple[Piece, ...]:
     """Positions [lo, hi) of the sequence formed by ``pieces``."""
     out, pos = [], 0
@@ -360,10 +350,10 @@ def restart(state: ResumeState, assignment_of, *, rank: int, world_size: int, wo
         if left_out:
             log.warning("resume on %d ranks: %d of %d unread samples left out so ranks stay equal",
                         world_size, left_out, total)
-        lo, hi = _even_ranges(total - left_out, world_size)[rank]
+        lo, hi = even_ranges(total - left_out, world_size)[rank]
     else:
         left_out, lo, hi = 0, 0, total
-    a, b = _even_ranges(hi - lo, num_workers)[worker]
+    a, b = even_ranges(hi - lo, num_workers)[worker]
     pieces = _slice(unread, lo + a, lo + b)
     return Restart(Assignment(rank, worker, pieces, left_out), 0, 0, {}, True)
 

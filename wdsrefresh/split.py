@@ -59,7 +59,8 @@ def shard_order(snapshot: Snapshot, seed: int, epoch: int, shuffle: bool = True)
     return order
 
 
-def _even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+def even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering [0, total), sizes differing by at most one."""
     base, extra = divmod(total, parts)
     ranges, start = [], 0
     for i in range(parts):
@@ -88,8 +89,8 @@ def split(
     counts = [snapshot.shards[i].nsamples or 0 for i in order]
     total = sum(counts)
     left_out = 0 if partial else total % world_size
-    rank_start, rank_stop = _even_ranges(total - left_out, world_size)[rank]
-    lo, hi = _even_ranges(rank_stop - rank_start, num_workers)[worker]
+    rank_start, rank_stop = even_ranges(total - left_out, world_size)[rank]
+    lo, hi = even_ranges(rank_stop - rank_start, num_workers)[worker]
     return Assignment(rank, worker, _pieces(order, counts, rank_start + lo, rank_start + hi), left_out)
 
 

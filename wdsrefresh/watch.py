@@ -1,9 +1,10 @@
 """An index of a shard directory kept current from file events, so resolving costs O(changes).
 
 ``DirectoryIndex`` holds what a ``Resolver`` would find in a directory (ready shards with
-their counts and digests, pending shards, rejected files). A watchdog observer reports the
-files that were created, moved in or out, modified, closed after writing or deleted; a
-background thread re-indexes just those, with the resolver's own per-file logic
+their counts and digests, pending shards, rejected files). inotify, read directly (not through
+watchdog, whose event threads could not promise that an event queued before ``snapshot()``
+is seen by it), reports the files that were created, moved in or out, modified, closed after
+writing or deleted; a background thread re-indexes just those, with the resolver's own per-file logic
 (``Resolver._info``), so counts, digests and readiness agree with a rescan. A full rescan
 runs at start and periodically, healing events inotify lost (queue overflow).
 
@@ -11,7 +12,7 @@ Where inotify does not work (network file systems, exhausted inotify limits, or 
 with ``poll=``) the index polls instead: a background rescan every ``poll`` seconds, and a
 full rescan (stat of every file; indexing only what changed) when a snapshot is taken.
 
-Observers belong to the process that resolves snapshots: they are started lazily (never
+Watches belong to the process that resolves snapshots: they are started lazily (never
 at import), are not carried into forked children (their fds are closed there), and stop on
 ``close()``, on garbage collection, or at interpreter exit.
 """
