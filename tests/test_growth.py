@@ -79,3 +79,15 @@ def test_shard_order_differs_between_epochs_and_repeats_for_same_seed(shard_dir)
     assert order(0, 0) != order(0, 1)
     assert order(0, 1) != order(1, 1)
     assert sorted(order(0, 3)) == [f"s{i:02d}" for i in range(12)]
+
+
+def test_state_dir_from_an_earlier_job_hands_out_nothing_stale(shard_dir, tmp_path):
+    state = str(tmp_path / "state")
+    write_shard(shard_dir, "a.tar", 3)
+    first = wr.RefreshingWebDataset(shard_dir, state_dir=state)
+    for _ in range(3):
+        assert len(keys_of(first)) == 3
+    write_shard(shard_dir, "b.tar", 3)
+    second = wr.RefreshingWebDataset(shard_dir, state_dir=state)  # e.g. a restarted job
+    assert len(keys_of(second)) == 6
+    assert second.stats().epoch == 0

@@ -80,3 +80,24 @@ def test_samples_equal_webdatasets_on_third_party_shards(path):
         os.path.realpath(s.pop("__local_path__")) for s in expected
     ]
     assert actual == expected
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, watch):
+    from wdsrefresh.pack import pack
+
+    raw = os.path.join(shard_dir, "..", "raw")
+    os.makedirs(raw)
+    for i in range(6):
+        with open(os.path.join(raw, f"k{i}.txt"), "wb") as f:
+            f.write(b"x" * 10)
+    out = os.path.join(shard_dir, "packed")
+    pack([raw], out, maxcount=3)
+    manifest = os.path.join(out, "manifest.json")
+    doc = json.load(open(manifest))
+    doc["shardlist"][0]["nsamples"] = 2  # a count only the manifest says: proof it was not re-read
+    json.dump(doc, open(manifest, "w"))
+    snap = wr.RefreshingWebDataset(out, watch=watch).set_epoch(0)
+    by_name = {os.path.basename(s.url): s for s in snap.shards}
+    first = doc["shardlist"][0]
+    assert by_name[first["url"]].nsamples == 2 and by_name[first["url"]].digest == first["digest"]

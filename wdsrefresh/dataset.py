@@ -13,7 +13,7 @@ import webdataset as wds
 from webdataset.filters import _shuffle
 from webdataset.handlers import reraise_exception
 
-from .epochs import EpochState, broadcast_from_rank0, dist_info
+from .epochs import EpochState, broadcast_from_rank0, consumer_slot, dist_info, rank_and_world
 from . import resume as resuming
 from .reading import CHANGE_POLICIES, VERIFY_MODES, Cursor, ReadOptions, ReadStats, read_assignment
 from .snapshot import Resolver, Snapshot
@@ -69,13 +69,6 @@ class EpochStats:
     skipped: int
     padded: int
     consumers: int
-
-
-def _worker() -> tuple[int, int]:
-    import torch.utils.data
-
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 class EpochSource:
@@ -184,12 +177,9 @@ class EpochSource:
         return self._samples(plan.snapshot, plan.assignment, plan.consumer, plan)
 
     def _next_plan(self) -> _Plan:
-        worker, num_workers = _worker()
+        worker, num_workers = consumer_slot()
         epoch, control = self.state.next_epoch_for(worker, num_workers)
-        rank, world_size = control["rank"], control["world_size"]
-        live_rank, live_world = dist_info()
-        if live_world > 1:  # the main process itself is reading (num_workers=0)
-            rank, world_size = live_rank, live_world
+        rank, world_size = rank_and_world(control)
         resumed = self._resumed_plan(epoch, control["generation"], rank, world_size, worker, num_workers)
         if resumed is not None:
             return resumed

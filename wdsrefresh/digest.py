@@ -51,10 +51,6 @@ def block_digest(data: bytes) -> bytes:
     return xxhash.xxh3_64_digest(data)
 
 
-def block_count(size: int, block_size: int = BLOCK_SIZE) -> int:
-    return (size + block_size - 1) // block_size
-
-
 def block_at(blocks: bytes, index: int) -> bytes:
     start = index * _BLOCK_DIGEST_SIZE
     return blocks[start : start + _BLOCK_DIGEST_SIZE]

@@ -48,13 +48,33 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+class RankZeroError(RuntimeError):
+    """Rank 0 failed to resolve the epoch's snapshot; raised on the other ranks."""
+
+
 def broadcast_from_rank0(make: Callable[[], object]) -> object:
-    """``make()`` on rank 0, its result on every rank (main processes only)."""
+    """``make()`` on rank 0, its result on every rank (main processes only).
+
+    If ``make()`` raises on rank 0, every rank raises (rank 0 the original error, the others a
+    RankZeroError with its text) instead of waiting for a broadcast that never comes.
+    """
     import torch.distributed as dist
 
-    box = [make() if dist.get_rank() == 0 else None]
+    failure: BaseException | None = None
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, make())]
+        except Exception as exn:  # noqa: BLE001 - every rank must hear of any failure
+            failure = exn
+            box = [(False, f"{type(exn).__name__}: {exn}")]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    ok, value = box[0]
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise RankZeroError(f"rank 0 could not resolve the snapshot: {value}")
+    return value
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -77,13 +97,37 @@ def _read_json(path: str, default: dict) -> dict:
         return default
 
 
-class EpochState:
-    """The state directory shared by the main process and all its DataLoader workers."""
+def consumer_slot() -> tuple[int, int]:
+    """(worker id, number of workers) of this DataLoader worker; (0, 1) in the main process."""
+    import torch.utils.data
 
-    def __init__(self, directory: str | None = None):
-        self.owned = directory is None
-        self.directory = directory or tempfile.mkdtemp(prefix="wdsrefresh-")
-        os.makedirs(self.directory, exist_ok=True)
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def rank_and_world(control: dict) -> tuple[int, int]:
+    """This consumer's (rank, world_size): the main process's, as recorded in ``control``.
+
+    Workers cannot call torch.distributed; a main process reading itself (num_workers=0) asks it.
+    """
+    live_rank, live_world = dist_info()
+    if live_world > 1:
+        return live_rank, live_world
+    return control["rank"], control["world_size"]
+
+
+class EpochState:
+    """The state directory shared by the main process and all its DataLoader workers.
+
+    Each dataset gets a fresh private directory (inside ``parent`` when given, e.g. a local
+    disk), removed when the dataset is collected: a directory left by an earlier job or shared
+    with another rank would hand out its snapshots and epoch counters.
+    """
+
+    def __init__(self, parent: str | None = None):
+        if parent is not None:
+            os.makedirs(parent, exist_ok=True)
+        self.directory = tempfile.mkdtemp(prefix="wdsrefresh-", dir=parent)
         self.owner_pid = os.getpid()
         self._recent: dict[int, tuple[int, Snapshot]] = {}  # epoch -> (file inode, snapshot) seen here
 
@@ -91,7 +135,7 @@ class EpochState:
         return {**self.__dict__, "_recent": {}}
 
     def cleanup(self) -> None:
-        if self.owned and os.getpid() == self.owner_pid:
+        if os.getpid() == self.owner_pid:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def _path(self, name: str) -> str:

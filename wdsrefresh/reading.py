@@ -103,7 +103,10 @@ def read_assignment(
                 yield sample
         cursor.piece, cursor.offset, cursor.base = len(pieces), 0, stats.yielded
     except StopConsumer:
-        return
+        # the handler asked to stop: the rest is skipped, but ranks must still agree on counts
+        stats.skipped += sum(p.count for p in assignment.pieces[cursor.piece + 1:])
+        if not options.equalize:
+            return
     shortfall = assignment.quota - stats.yielded - stats.padded
     if shortfall > 0 and options.equalize:
         if not recent:
@@ -152,6 +155,10 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
             for sample in _read_verified(shard, expected, position, piece.stop, options.verify):
                 position += 1
                 yield sample
+            if position < piece.stop:  # the shard holds fewer samples than the snapshot counted
+                log.warning("%s: ends after %d samples, the snapshot counted %d; %d skipped",
+                            shard.url, position, piece.stop, piece.stop - position)
+                stats.skipped += piece.stop - position
             return
         except FileNotFoundError as exn:
             stats.deleted.add(shard.url)
@@ -172,9 +179,10 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
         except TarError as exn:
             stats.corrupt.add(shard.url)
-            if options.handler is None or not options.handler(exn):
-                if options.handler is None:
-                    raise
+            if options.handler is None:
+                raise
+            if not options.handler(exn):
+                stats.skipped += piece.stop - position
                 raise StopConsumer() from exn
         stats.skipped += piece.stop - position
         return

@@ -136,11 +136,11 @@ class Resolver:
         shards, rejected, pending = [], [], []
         for cand in candidates:
             try:
-                info = self._info(cand)
+                info = self.info(cand)
             except FileNotFoundError:
                 continue
             except (TarError, ShardChangedError, OSError) as exn:
-                self._reject(exn)
+                self.reject(exn)
                 rejected.append((cand.url, str(exn)))
                 continue
             if info is None:
@@ -155,12 +155,13 @@ class Resolver:
         ordered = tuple(shards)
         return Snapshot(epoch, ordered, snapshot_id(ordered), tuple(rejected), tuple(pending), time.time())
 
-    def _reject(self, exn: BaseException) -> None:
+    def reject(self, exn: BaseException) -> None:
+        """Raises ``exn`` unless the handler says to go on (then the file is left out)."""
         if self.handler is None or not self.handler(exn):
-            raise exn
+            raise exn.with_traceback(None)  # a watcher keeps the error: do not grow its traceback
         log.warning("shard left out of the snapshot: %s", exn)
 
-    def _info(self, cand: Candidate) -> ShardInfo | None:
+    def info(self, cand: Candidate) -> ShardInfo | None:
         st = os.stat(cand.path)
         path = os.path.realpath(cand.path)
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -59,9 +59,9 @@ class ShardSource:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def watch_root(self) -> str | None:
-        """The directory whose events can keep an index of this source current, if any."""
-        return None
+    def candidate(self, path: str) -> Candidate:
+        """The candidate for one file this source names (a watcher saw it change)."""
+        return Candidate(url=path, path=path)
 
 
 class DirectorySource(ShardSource):
@@ -70,6 +70,7 @@ class DirectorySource(ShardSource):
     def __init__(self, path: str, recursive: bool = False):
         self.path = os.fspath(path)
         self.recursive = recursive
+        self._manifest_cache: tuple[tuple | None, dict] = (None, {})
 
     def candidates(self) -> list[Candidate]:
         if not os.path.isdir(self.path):
@@ -85,23 +86,30 @@ class DirectorySource(ShardSource):
         known = self._manifest_entries()
         return [_with_manifest(n, known.get(n)) for n in sorted(names) if is_shard_name(n)]
 
+    def candidate(self, path: str) -> Candidate:
+        return _with_manifest(path, self._manifest_entries().get(path))
+
     def _manifest_entries(self) -> dict[str, manifestmod.ManifestEntry]:
         """What a manifest.json beside the shards (written by pack or ingest) says about them."""
         path = os.path.join(self.path, manifestmod.DEFAULT_NAME)
         try:
-            entries = manifestmod.load(path)
+            st = os.stat(path)
         except FileNotFoundError:
             return {}
-        except manifestmod.ManifestError as exn:
-            log.warning("%s; indexing the shards instead", exn)
-            return {}
-        return {os.path.join(self.path, e.url): e for e in entries if not os.path.isabs(e.url)}
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._manifest_cache[0] != key:
+            try:
+                entries = manifestmod.load(path)
+            except (OSError, manifestmod.ManifestError) as exn:
+                log.warning("%s; indexing the shards instead", exn)
+                entries = []
+            by_path = {os.path.join(self.path, e.url): e for e in entries if not os.path.isabs(e.url)}
+            self._manifest_cache = (key, by_path)
+        return self._manifest_cache[1]
 
     def describe(self) -> str:
         return f"directory {self.path!r}"
 
-    def watch_root(self) -> str | None:
-        return self.path
 
 
 class GlobSource(ShardSource):
@@ -154,8 +162,6 @@ class ManifestSource(ShardSource):
     def describe(self) -> str:
         return f"manifest {self.path!r}"
 
-    def watch_root(self) -> str | None:
-        return os.path.dirname(os.path.abspath(self.path))
 
 
 class ListSource(ShardSource):

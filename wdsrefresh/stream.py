@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .epochs import EpochState, _write_atomic, dist_info
+from .epochs import EpochState, _write_atomic, consumer_slot, dist_info, rank_and_world
 from .reading import ReadOptions, ReadStats, read_assignment
 from .snapshot import Resolver, ShardInfo, Snapshot, snapshot_id
 from .sources import Candidate, DirectorySource, NoShardsError, make_source
@@ -97,13 +97,6 @@ class StreamStats:
         return statistics.median(self.latencies) if self.latencies else None
 
 
-def _worker() -> tuple[int, int]:
-    import torch.utils.data
-
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
 class StreamSource:
     """The first pipeline stage of ``mode="stream"``: yields samples forever, shard by shard."""
 
@@ -153,12 +146,8 @@ class StreamSource:
 
     # each consumer
     def __call__(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
-        control = self.state.control()
-        rank, world_size = control["rank"], control["world_size"]
-        live_rank, live_world = dist_info()
-        if live_world > 1:
-            rank, world_size = live_rank, live_world
+        worker, num_workers = consumer_slot()
+        rank, world_size = rank_and_world(self.state.control())
         self.current = StreamConsumer(rank, world_size, worker, num_workers)
         return _Consumer(self, self.current).samples()
 
@@ -267,7 +256,7 @@ class _Consumer:
             self.waiting[url] = identity
             return None
         try:
-            info = self.resolver._info(Candidate(url=url, path=url))
+            info = self.resolver.info(self.stream.source.candidate(url))
         except FileNotFoundError:
             self.waiting.pop(url, None)
             return None

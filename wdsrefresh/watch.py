@@ -5,7 +5,7 @@ their counts and digests, pending shards, rejected files). inotify, read directl
 watchdog, whose event threads could not promise that an event queued before ``snapshot()``
 is seen by it), reports the files that were created, moved in or out, modified, closed after
 writing or deleted; a background thread re-indexes just those, with the resolver's own per-file logic
-(``Resolver._info``), so counts, digests and readiness agree with a rescan. A full rescan
+(``Resolver.info``), so counts, digests and readiness agree with a rescan. A full rescan
 runs at start and periodically, healing events inotify lost (queue overflow).
 
 Where inotify does not work (network file systems, exhausted inotify limits, or when asked
@@ -293,6 +293,7 @@ class DirectoryIndex:
         self.version = 0  # bumped on every change to what a snapshot would contain
         self._cached: tuple[int, tuple[ShardInfo, ...], str] | None = None
         self._indexing = threading.Lock()  # one indexer at a time
+        self._pump_lock = threading.Lock()  # one reader of the inotify queue at a time
         self._watched: dict[str, tuple[int, int] | None] = {}  # directory -> (device, inode) watched
         self._started = False
         self.last_rescan = 0.0
@@ -349,7 +350,13 @@ class DirectoryIndex:
         inotify = self._state.inotify
         if inotify is None:
             return 0
-        changes = inotify.read()
+        # read and enqueue under one lock: a snapshot's pump() must not slip between another
+        # thread's read and its enqueue, or it would see neither the events nor the dirty paths
+        with self._pump_lock:
+            changes = inotify.read()
+            return self._enqueue(changes)
+
+    def _enqueue(self, changes: list[Change]) -> int:
         n = 0
         with self._cond:
             for change in changes:
@@ -456,7 +463,7 @@ class DirectoryIndex:
         if old is not None and old.identity == identity and (old.info is not None or old.error is not None):
             return  # unchanged since it was indexed; pending files are looked at again
         try:
-            info = self.resolver._info(Candidate(url=url, path=url))
+            info = self.resolver.info(self.source.candidate(url))
         except FileNotFoundError:
             self._set(url, None)
             return
@@ -520,7 +527,7 @@ class DirectoryIndex:
             pending = tuple(sorted(self._pending))
             rejected = [(u, self._entries[u].error) for u in sorted(self._rejected)]
         for _url, exn in rejected:
-            self.resolver._reject(exn)
+            self.resolver.reject(exn)
         if not shards and not pending and not rejected:
             raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
         return Snapshot(epoch, shards, sid, tuple((u, str(e)) for u, e in rejected), pending, time.time())
