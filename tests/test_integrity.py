@@ -14,7 +14,7 @@ from shardutil import make_samples, tar_bytes, write_shard
 BIG = 100_000  # 100 KB payloads: a shard of 100 samples spans 3 blocks of 4 MiB
 
 
-def versioned_shard(path, version: bytes, n=100, size=BIG):
+def versioned_shard(version: bytes, n=100, size=BIG):
     """A shard whose every payload byte says which version it is (to spot torn samples)."""
     samples = [{"__key__": f"s/{i:06d}", "bin": version * size, "cls": version} for i in range(n)]
     return tar_bytes(samples)
@@ -31,62 +31,52 @@ def assert_whole_versions(samples):
         assert len(versions) == 1, f"{s['__key__']} mixes versions {versions}"
 
 
-@pytest.mark.parametrize("verify", ["inline", "strict"])
-def test_in_place_rewrite_during_epoch_is_detected_and_never_torn(shard_dir, verify):
-    path = os.path.join(shard_dir, "v.tar")
-    with open(path, "wb") as f:
-        f.write(versioned_shard(path, b"A"))
-    ds = wr.RefreshingWebDataset(shard_dir, verify=verify, on_change="reload")
-    ds.set_epoch(0)
-    it = iter(loader(ds, num_workers=1))
-    got = [next(it)]
-    with open(path, "r+b") as f:  # what `cp` or open("wb") does: same inode, new bytes
-        f.write(versioned_shard(path, b"B"))
-    written_long_ago(path)  # the writer is done: reload may index the new content
-    got.extend(it)
-    assert [s["__key__"] for s in got] == [f"s/{i:06d}" for i in range(100)]
-    assert_whole_versions(got)
-    assert {bytes(s["cls"]) for s in got} == {b"A", b"B"}
-    stats = ds.stats(0)
-    assert stats.replaced == 1 and stats.yielded == 100
-
-
 def written_long_ago(path):
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 5_000_000_000))
 
 
-def test_shard_still_being_rewritten_in_place_is_skipped_not_reloaded(shard_dir):
+def read_while_rewritten_in_place(shard_dir, new_content: bytes, writer_done: bool, **options):
+    """Reads an epoch of a 3-block shard, rewriting it in place (same inode) after the first sample.
+
+    ``writer_done`` backdates the rewrite, as if its writer had finished a while ago.
+    """
     path = os.path.join(shard_dir, "v.tar")
     with open(path, "wb") as f:
-        f.write(versioned_shard(path, b"A"))
-    ds = wr.RefreshingWebDataset(shard_dir, on_change="reload")
+        f.write(versioned_shard(b"A"))
+    ds = wr.RefreshingWebDataset(shard_dir, **options)
     ds.set_epoch(0)
     it = iter(loader(ds, num_workers=1))
     got = [next(it)]
-    with open(path, "r+b") as f:  # written just now: its writer may not be done
-        f.write(versioned_shard(path, b"B")[: 5 << 20])
+    with open(path, "r+b") as f:  # what `cp` or open("wb") does: same inode, new bytes
+        f.write(new_content)
+    if writer_done:
+        written_long_ago(path)
     got.extend(it)
     assert_whole_versions(got)
+    return got, ds.stats(0)
+
+
+@pytest.mark.parametrize("verify", ["inline", "strict"])
+def test_in_place_rewrite_during_epoch_is_detected_and_never_torn(shard_dir, verify):
+    got, stats = read_while_rewritten_in_place(shard_dir, versioned_shard(b"B"), writer_done=True,
+                                               verify=verify, on_change="reload")
+    assert [s["__key__"] for s in got] == [f"s/{i:06d}" for i in range(100)]
+    assert {bytes(s["cls"]) for s in got} == {b"A", b"B"}
+    assert stats.replaced == 1 and stats.yielded == 100
+
+
+def test_shard_still_being_rewritten_in_place_is_skipped_not_reloaded(shard_dir):
+    half_written = versioned_shard(b"B")[: 5 << 20]
+    got, stats = read_while_rewritten_in_place(shard_dir, half_written, writer_done=False, on_change="reload")
     assert {bytes(s["cls"]) for s in got} == {b"A"}
-    stats = ds.stats(0)
     assert stats.replaced == 1 and stats.yielded + stats.skipped == 100 and stats.skipped > 0
 
 
 def test_in_place_rewrite_with_skip_policy_counts_skipped(shard_dir):
-    path = os.path.join(shard_dir, "v.tar")
-    with open(path, "wb") as f:
-        f.write(versioned_shard(path, b"A"))
-    ds = wr.RefreshingWebDataset(shard_dir, on_change="skip")
-    ds.set_epoch(0)
-    it = iter(loader(ds, num_workers=1))
-    got = [next(it)]
-    with open(path, "r+b") as f:
-        f.write(versioned_shard(path, b"B"))
-    got.extend(it)
-    assert_whole_versions(got)
+    got, stats = read_while_rewritten_in_place(shard_dir, versioned_shard(b"B"), writer_done=True,
+                                               on_change="skip")
     assert {bytes(s["cls"]) for s in got} == {b"A"}
-    stats = ds.stats(0)
     assert stats.replaced == 1 and stats.yielded + stats.skipped == 100 and stats.skipped > 0
 
 
