@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -24,3 +25,12 @@ def procs():
         if p.is_alive() if hasattr(p, "is_alive") else p.poll() is None:
             p.kill()
         (p.join if hasattr(p, "join") else p.wait)(timeout=10)
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Polls ``condition`` until it holds; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)

@@ -11,20 +11,14 @@ import time
 
 import pytest
 
+from conftest import wait_for
+
 from wdsrefresh import manifest
 from wdsrefresh.ingest import IngestConfig, IngestError, Ingester, _journal_doc, ingest
 from wdsrefresh.tario import open_shard
 from wdsrefresh.verify import verify
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def drop(inbox, name, data):

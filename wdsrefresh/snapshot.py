@@ -134,6 +134,7 @@ class Resolver:
         if candidates is None:
             candidates = self.source.candidates()
         shards, rejected, pending = [], [], []
+        waiting: set[str] = set()
         for cand in candidates:
             try:
                 info = self.info(cand)
@@ -145,11 +146,13 @@ class Resolver:
                 continue
             if info is None:
                 pending.append(cand.url)
+                waiting.add(os.path.realpath(cand.path))
             else:
                 shards.append(info)
         if not shards and not pending and not rejected:
             raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
-        live = {s.path for s in shards}
+        # a pending file's last version stays known: it tells that the file is being rewritten
+        live = {s.path for s in shards} | waiting
         self.known = {p: s for p, s in self.known.items() if p in live}
         self.known.update((s.path, s) for s in shards)
         ordered = tuple(shards)

@@ -484,7 +484,8 @@ class DirectoryIndex:
                 if old.info is not None:
                     i = bisect.bisect_left(self._ready_urls, url)
                     del self._ready_urls[i], self._ready_infos[i], self._ready_keys[i]
-                    self.resolver.known.pop(old.info.path, None)
+                    if entry is None or entry.error is not None:  # a pending file's old version
+                        self.resolver.known.pop(old.info.path, None)  # tells it is being rewritten
             if entry is not None:
                 self._entries[url] = entry
                 if entry.info is not None:
