@@ -148,24 +148,28 @@ def _pad(recent: deque, shortfall: int, assignment: Assignment, stats: ReadStats
 
 def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
     expected = shard.expected(with_digest=options.verify != "off")
+    # the caller counts every sample it takes in stats.yielded: positions derive from it, so
+    # this generator adds no work per sample
+    base = stats.yielded - piece.start
     position = piece.start
     reloaded = False
     while position < piece.stop:
         try:
-            for sample in _read_verified(shard, expected, position, piece.stop, options.verify):
-                position += 1
-                yield sample
+            yield from _read_verified(shard, expected, position, piece.stop, options.verify)
+            position = stats.yielded - base
             if position < piece.stop:  # the shard holds fewer samples than the snapshot counted
                 log.warning("%s: ends after %d samples, the snapshot counted %d; %d skipped",
                             shard.url, position, piece.stop, piece.stop - position)
                 stats.skipped += piece.stop - position
             return
         except FileNotFoundError as exn:
+            position = stats.yielded - base
             stats.deleted.add(shard.url)
             if options.on_change == "raise":
                 raise ShardVanishedError(f"{shard.url}: deleted after the snapshot") from exn
             log.warning("%s: deleted after the snapshot; %d samples skipped", shard.url, piece.stop - position)
         except ShardChangedError as exn:
+            position = stats.yielded - base
             stats.replaced.add(shard.url)
             if options.on_change == "raise":
                 raise
@@ -178,6 +182,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
                     continue
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
         except TarError as exn:
+            position = stats.yielded - base
             stats.corrupt.add(shard.url)
             if options.handler is None:
                 raise
