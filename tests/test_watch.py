@@ -34,15 +34,20 @@ def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def ours() -> tuple[int, int]:
-    """Threads and inotify fds of wdsrefresh in this process (other tests' stragglers aside)."""
-    inotify = 0
+def inotify_fds() -> int:
+    """Open inotify instances in this process."""
+    count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            inotify += "inotify" in os.readlink(f"/proc/self/fd/{fd}")
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
         except OSError:
             pass
-    return sum(t.name.startswith("wdsrefresh") for t in threading.enumerate()), inotify
+    return count
+
+
+def ours() -> tuple[int, int]:
+    """Threads and inotify fds of wdsrefresh in this process (other tests' stragglers aside)."""
+    return sum(t.name.startswith("wdsrefresh") for t in threading.enumerate()), inotify_fds()
 
 
 def back_to(base_threads: int, base_fds: int) -> bool:
@@ -189,13 +194,8 @@ def test_empty_directory_without_min_shards_still_raises_no_shards(tmp_path):
     ds.close()
 
 
-def _inotify_fds(path: str) -> None:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += "inotify" in os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
+def _record_inotify_fds(path: str) -> None:
+    count = inotify_fds()  # before opening the probe file, whose own name says "inotify"
     with open(path, "a") as f:
         f.write(f"{count}\n")
 
@@ -209,7 +209,7 @@ def test_no_thread_or_fd_left_after_50_epochs_and_close(tmp_path):
 
     def epoch_loader(ds):
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
-                                           worker_init_fn=lambda _: _inotify_fds(probe))
+                                           worker_init_fn=lambda _: _record_inotify_fds(probe))
 
     warm = wr.RefreshingWebDataset(d, watch=False)  # let torch and multiprocessing start what they keep
     assert sum(1 for _ in epoch_loader(warm)) == 12
