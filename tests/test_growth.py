@@ -91,3 +91,15 @@ def test_state_dir_from_an_earlier_job_hands_out_nothing_stale(shard_dir, tmp_pa
     second = wr.RefreshingWebDataset(shard_dir, state_dir=state)  # e.g. a restarted job
     assert len(keys_of(second)) == 6
     assert second.stats().epoch == 0
+
+
+def test_long_runs_keep_a_bounded_state_directory(shard_dir):
+    write_shard(shard_dir, "a.tar", 2)
+    ds = wr.RefreshingWebDataset(shard_dir)
+    loader = loader_for(ds, 2, True)
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        assert len(keys_of(loader)) == 2
+    files = os.listdir(ds.epochs.state.directory)
+    assert len(files) < 20, sorted(files)
+    assert ds.stats(19).yielded == 2

@@ -204,10 +204,17 @@ class EpochState:
         self._remember(os.stat(path).st_ino, snapshot)
         for epoch in sorted(self._published_epochs())[:-KEEP_SNAPSHOTS]:
             if epoch < snapshot.epoch:
-                try:
-                    os.unlink(self._snapshot_path(epoch))
-                except FileNotFoundError:
-                    pass
+                self._forget(epoch)
+
+    def _forget(self, epoch: int) -> None:
+        """Removes an old epoch's snapshot and consumer stats, so long runs do not pile up files."""
+        stats_prefix = f"stats-{epoch:09d}-"
+        names = [n for n in os.listdir(self.directory) if n.startswith(stats_prefix)]
+        for path in [self._snapshot_path(epoch)] + [self._path(n) for n in names]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def get_or_resolve(self, epoch: int, resolve: Callable[[Snapshot | None], Snapshot]) -> Snapshot:
         """The published snapshot of ``epoch``; the first caller resolves and publishes it."""
