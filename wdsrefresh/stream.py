@@ -34,7 +34,7 @@ from typing import Any
 from .epochs import EpochState, _write_atomic, consumer_slot, dist_info, rank_and_world
 from .reading import ReadOptions, ReadStats, read_assignment
 from .snapshot import Resolver, ShardInfo, Snapshot, snapshot_id
-from .sources import Candidate, DirectorySource, NoShardsError, make_source
+from .sources import DirectorySource, NoShardsError, make_source
 from .split import Assignment, Piece
 from .tario import ShardChangedError, TarError
 from .watch import Inotify, is_candidate_path, poll_reason
