@@ -224,17 +224,23 @@ def _manifest_with_digest(shard_dir, name, digest):
     return manifest
 
 
-@pytest.mark.parametrize("algo", ["sha256", "md5"])
-@pytest.mark.parametrize("verify", ["inline", "strict"])
-def test_external_manifest_digests_are_checked(shard_dir, algo, verify):
+def _hexdigest(algo: str, data: bytes) -> str:
     import hashlib
 
+    import xxhash
+
+    return xxhash.xxh3_128(data).hexdigest() if algo == "xxh3_128" else hashlib.new(algo, data).hexdigest()
+
+
+@pytest.mark.parametrize("algo", ["sha256", "md5", "xxh3_128"])
+@pytest.mark.parametrize("verify", ["inline", "strict"])
+def test_manifest_whole_file_digests_are_checked(shard_dir, algo, verify):
     path = write_shard(shard_dir, "a.tar", 5)
-    digest = f"{algo}:{hashlib.new(algo, open(path, 'rb').read()).hexdigest()}"
+    digest = f"{algo}:{_hexdigest(algo, open(path, 'rb').read())}"
     manifest = _manifest_with_digest(shard_dir, "a.tar", digest)
     assert len(list(loader(wr.RefreshingWebDataset(manifest, verify=verify), num_workers=2))) == 5
 
-    wrong = f"{algo}:{hashlib.new(algo, b'other bytes').hexdigest()}"
+    wrong = f"{algo}:{_hexdigest(algo, b'other bytes')}"
     manifest = _manifest_with_digest(shard_dir, "a.tar", wrong)
     with pytest.raises(wr.ShardChangedError, match=f"a.tar.*{algo}"):
         wr.RefreshingWebDataset(manifest, verify=verify).set_epoch(0)

@@ -12,8 +12,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="train a tiny model on example shards while a producer adds shards between epochs",
         description="Copies example_shards/ into a temporary directory and trains a tiny model "
-        "with a DataLoader of 2 workers for several epochs, while a producer adds a new shard "
-        "between epochs. Prints one line per epoch.",
+        "with a DataLoader of 2 workers for several epochs; between epochs a producer drops raw "
+        "sample files and packs them into a new shard, which the next epoch reads. Prints one "
+        "line per epoch.",
     )
     p.add_argument("--shards", default=None, help="directory of example shards (default: the repository's example_shards/)")
     p.add_argument("--epochs", type=int, default=4, help="number of epochs (default: 4)")

@@ -75,12 +75,3 @@ class FileDigester:
     @property
     def blocks(self) -> bytes:
         return b"".join(self._blocks)
-
-
-def file_digest(path: str, algo: str = DEFAULT_ALGO) -> str:
-    """The whole-file digest ``algo:hex`` of ``path``, read in blocks."""
-    hasher = new_hasher(algo)
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(BLOCK_SIZE):
-            hasher.update(chunk)
-    return f"{algo}:{hasher.hexdigest()}"

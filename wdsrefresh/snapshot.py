@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from .digest import BLOCK_SIZE, file_digest, split_digest
+from .digest import BLOCK_SIZE, DEFAULT_ALGO, split_digest
 from .sources import SHARD_PATTERNS, Candidate, NoShardsError, ShardSource
 from .tario import Expected, ShardChangedError, TarError, index_shard
 
@@ -178,22 +178,17 @@ class Resolver:
         base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         if self._manifest_describes(cand, st.st_size):
             return replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks)
-        index = index_shard(path, cand.url, with_digest=self.with_digest)
+        algo = split_digest(cand.digest)[0] if cand.digest else DEFAULT_ALGO
+        index = index_shard(path, cand.url, with_digest=self.with_digest, algo=algo)
         after = os.stat(path)
         if not index.complete or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             log.debug("%s: not ready (still being written)", cand.url)
             return None
-        if cand.digest and self.with_digest and not cand.digest.startswith("xxh3_128:"):
-            _check_external_digest(cand, path)
+        if cand.digest and self.with_digest and index.digest != cand.digest.lower():
+            raise ShardChangedError(cand.url, 0, f"content differs from the manifest's {algo} digest")
         return replace(base, nsamples=index.nsamples, digest=index.digest, blocks=index.blocks)
 
     def _manifest_describes(self, cand: Candidate, size: int) -> bool:
         if cand.nsamples is None or (cand.filesize is not None and cand.filesize != size):
             return False
         return not self.with_digest or (cand.digest is not None and cand.blocks is not None)
-
-
-def _check_external_digest(cand: Candidate, path: str) -> None:
-    algo, _ = split_digest(cand.digest)
-    if file_digest(path, algo) != cand.digest.lower():
-        raise ShardChangedError(cand.url, 0, f"content differs from the manifest's {algo} digest")

@@ -97,14 +97,15 @@ class _Checker:
     is read from may be jumped over.
     """
 
-    def __init__(self, url: str, expected: Expected | None = None, record: bool = False):
+    def __init__(self, url: str, expected: Expected | None = None, record: bool = False,
+                 algo: str = DEFAULT_ALGO):
         self.url = url
         self.blocks = expected.blocks if expected else None
         self.block_size = expected.block_size if expected else BLOCK_SIZE
         self.whole = self.whole_algo = self.whole_hex = None
         if record:
-            self.whole_algo = DEFAULT_ALGO
-            self.whole = new_hasher(DEFAULT_ALGO)
+            self.whole_algo = algo
+            self.whole = new_hasher(algo)
         elif expected and expected.digest and not self.blocks:
             self.whole_algo, self.whole_hex = split_digest(expected.digest)
             self.whole = new_hasher(self.whole_algo)
@@ -828,15 +829,18 @@ class ShardIndex:
     complete: bool
 
 
-def index_shard(path: str, url: str | None = None, with_digest: bool = True) -> ShardIndex:
+def index_shard(path: str, url: str | None = None, with_digest: bool = True,
+                algo: str = DEFAULT_ALGO) -> ShardIndex:
     """Counts samples (headers only), and digests every raw block in the same single pass.
 
-    ``complete`` is False for a shard that ends before its end-of-archive marker or whose
-    last member runs past the end of the file: the mark of a shard still being written.
-    Raises TarError for a shard that is not a tar at all or is corrupt before its end.
+    The whole-file digest is computed with ``algo`` (e.g. to compare with a manifest's sha256);
+    block digests are always xxh3_64. ``complete`` is False for a shard that ends before its
+    end-of-archive marker or whose last member runs past the end of the file: the mark of a
+    shard still being written. Raises TarError for a shard that is not a tar at all or is
+    corrupt before its end.
     """
     url = url or path
-    check = _Checker(url, record=with_digest)
+    check = _Checker(url, record=with_digest, algo=algo)
     fd = os.open(path, os.O_RDONLY)
     try:
         source = _source(fd, url, check)
