@@ -77,7 +77,8 @@ def broadcast_from_rank0(make: Callable[[], object]) -> object:
     return value
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
+    """Readers of ``path`` see the old or the new bytes, never a part (no fsync: state is per run)."""
     fd, tmp = tempfile.mkstemp(prefix="_tmp.", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
@@ -149,7 +150,7 @@ class EpochState:
         current = self.control()
         generation = current["generation"] + (1 if bump else 0)
         doc = {"epoch": epoch, "generation": generation, "rank": rank, "world_size": world_size}
-        _write_atomic(self._path("control.json"), json.dumps(doc).encode())
+        write_atomic(self._path("control.json"), json.dumps(doc).encode())
 
     def next_epoch_for(self, worker: int, num_workers: int) -> tuple[int, dict]:
         """The epoch worker slot ``worker`` iterates now, and advances its counter."""
@@ -157,7 +158,7 @@ class EpochState:
         path = self._path(f"consumer-{num_workers}-{worker}.json")
         mine = _read_json(path, {"generation": -1, "iterations": 0})
         iterations = mine["iterations"] + 1 if mine["generation"] == control["generation"] else 0
-        _write_atomic(path, json.dumps({"generation": control["generation"], "iterations": iterations}).encode())
+        write_atomic(path, json.dumps({"generation": control["generation"], "iterations": iterations}).encode())
         return control["epoch"] + iterations, control
 
     # snapshots: published once per epoch
@@ -200,7 +201,7 @@ class EpochState:
 
     def publish(self, snapshot: Snapshot) -> None:
         path = self._snapshot_path(snapshot.epoch)
-        _write_atomic(path, pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL))
+        write_atomic(path, pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL))
         self._remember(os.stat(path).st_ino, snapshot)
         for epoch in sorted(self._published_epochs())[:-KEEP_SNAPSHOTS]:
             if epoch < snapshot.epoch:
@@ -241,7 +242,7 @@ class EpochState:
     def write_stats(self, epoch: int, rank: int, worker: int, stats: dict) -> None:
         """Records a consumer's counters; a no-op once the dataset (and its directory) is gone."""
         if os.path.isdir(self.directory):
-            _write_atomic(self._path(f"stats-{epoch:09d}-{rank}-{worker}.json"), json.dumps(stats).encode())
+            write_atomic(self._path(f"stats-{epoch:09d}-{rank}-{worker}.json"), json.dumps(stats).encode())
 
     def read_stats(self, epoch: int) -> list[dict]:
         prefix = f"stats-{epoch:09d}-"

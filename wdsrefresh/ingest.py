@@ -41,7 +41,7 @@ from .manifest import ManifestEntry
 from .pack import (
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample,
     add_to_manifest, check_name, current_entries, next_number, out_lock, plan_shards,
-    rename_durably, shard_name, write_shard,
+    rename_without_replacing, shard_name, write_shard,
 )
 from .tario import split_key
 from .tarwriter import TarWriteError
@@ -323,7 +323,7 @@ class Ingester:
             entry = written.entry(name)
             journal = os.path.join(self.journal_dir, name + ".json")
             manifestmod.write_json_atomic(journal, _journal_doc(entry, tmp_name, inputs))
-            rename_durably(written.tmp_path, os.path.join(self.out, name))
+            rename_without_replacing(written.tmp_path, os.path.join(self.out, name))
             manifestmod.fsync_dir(self.out)
             add_to_manifest(self.out, entries, [entry])
             self._remove_inputs(inputs)

@@ -321,7 +321,7 @@ def next_number(out: str, prefix: str, entries: Iterable[ManifestEntry] = ()) ->
     return max(numbers, default=-1) + 1
 
 
-def rename_durably(tmp_path: str, final_path: str) -> None:
+def rename_without_replacing(tmp_path: str, final_path: str) -> None:
     """Renames without ever replacing an existing file."""
     if os.path.lexists(final_path):
         raise FileExistsError(f"{final_path}: already exists; refusing to replace a published shard")
@@ -342,7 +342,7 @@ def publish(out: str, written: Sequence[WrittenShard], prefix: str) -> list[Mani
         new = []
         for i, shard in enumerate(written):
             name = shard_name(prefix, first + i)
-            rename_durably(shard.tmp_path, os.path.join(out, name))
+            rename_without_replacing(shard.tmp_path, os.path.join(out, name))
             new.append(shard.entry(name))
         manifestmod.fsync_dir(out)
         add_to_manifest(out, entries, new)

@@ -175,7 +175,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
                 raise
             if options.on_change == "reload" and not reloaded:
                 reloaded = True
-                fresh = _reindex(shard)
+                fresh = _reindex(shard, with_digest=options.verify != "off")
                 if fresh is not None:
                     log.warning("%s; reading its current content", exn)
                     expected = fresh
@@ -193,13 +193,13 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
         return
 
 
-def _reindex(shard: ShardInfo) -> Expected | None:
+def _reindex(shard: ShardInfo, with_digest: bool) -> Expected | None:
     """What the shard's current content is, if it is a complete tar that holds still."""
     try:
         before = os.stat(shard.path)
         if before.st_ino == shard.inode and not quiet_since_written(before):
             return None  # rewritten in place just now: its writer may not be done
-        index = index_shard(shard.path, shard.url)
+        index = index_shard(shard.path, shard.url, with_digest=with_digest)
         after = os.stat(shard.path)
     except (OSError, TarError):
         return None

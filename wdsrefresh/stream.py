@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .epochs import EpochState, _write_atomic, consumer_slot, dist_info, rank_and_world
+from .epochs import EpochState, write_atomic, consumer_slot, dist_info, rank_and_world
 from .reading import ReadOptions, ReadStats, read_assignment
 from .snapshot import Resolver, ShardInfo, Snapshot, snapshot_id
 from .sources import DirectorySource, NoShardsError, make_source
@@ -125,7 +125,7 @@ class StreamSource:
         """Ends the stream: every consumer stops after the shard it is reading."""
         path = os.path.join(self.state.directory, _CONTROL, _STOP)
         if os.path.isdir(os.path.dirname(path)):
-            _write_atomic(path, b"stop\n")
+            write_atomic(path, b"stop\n")
 
     def stats(self) -> StreamStats:
         """Totals over this node's consumers, from what each wrote after its latest shard."""
@@ -305,6 +305,6 @@ class _Consumer:
         }
         name = f"stream-stats-{self.who.rank}-{self.who.worker}.json"
         try:
-            _write_atomic(os.path.join(self.stream.state.directory, name), json.dumps(record).encode())
+            write_atomic(os.path.join(self.stream.state.directory, name), json.dumps(record).encode())
         except OSError:  # the state directory is gone: the dataset was closed
             pass
