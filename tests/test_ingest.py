@@ -13,10 +13,10 @@ import pytest
 
 from conftest import wait_for
 
-from wdsrefresh import manifest
-from wdsrefresh.ingest import IngestConfig, IngestError, Ingester, _journal_doc, ingest
-from wdsrefresh.tario import open_shard
-from wdsrefresh.verify import verify
+from wdsrefresh.format import manifest
+from wdsrefresh.write.ingest import IngestConfig, IngestError, Ingester, _journal_doc, ingest
+from wdsrefresh.format.tario import open_shard
+from wdsrefresh.write.verify import verify
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
 

@@ -11,9 +11,9 @@ import webdataset as wds
 
 import wdsrefresh as wr
 from shardutil import write_shard
-from wdsrefresh import manifest
-from wdsrefresh.pack import PackError, group_samples, pack
-from wdsrefresh.tario import index_shard
+from wdsrefresh.format import manifest
+from wdsrefresh.write.pack import PackError, group_samples, pack
+from wdsrefresh.format.tario import index_shard
 
 LONG = "d" * 60 + "/" + "n" * 70  # a member name over 100 bytes needs a GNU long-name record
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]

@@ -84,7 +84,7 @@ def test_samples_equal_webdatasets_on_third_party_shards(path):
 
 @pytest.mark.parametrize("watch", [True, False])
 def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, watch):
-    from wdsrefresh.pack import pack
+    from wdsrefresh.write.pack import pack
 
     raw = os.path.join(shard_dir, "..", "raw")
     os.makedirs(raw)

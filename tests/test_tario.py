@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from wdsrefresh.digest import BLOCK_SIZE
-from wdsrefresh.tario import Expected, ShardChangedError, TarError, index_shard, open_shard
+from wdsrefresh.format.digest import BLOCK_SIZE
+from wdsrefresh.format.tario import Expected, ShardChangedError, TarError, index_shard, open_shard
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared/testdata/webdataset"
 MTIME = 1_700_000_000
@@ -437,7 +437,7 @@ def test_changed_identity_raises_shard_changed_at_open(tmp_path):
 
 
 def test_index_digests_match_the_digest_module(tmp_path):
-    from wdsrefresh.digest import FileDigester
+    from wdsrefresh.format.digest import FileDigester
 
     path, _ = _three_block_shard(tmp_path)
     digester = FileDigester()

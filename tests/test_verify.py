@@ -8,8 +8,8 @@ import pytest
 
 from shardutil import write_shard
 from wdsrefresh.cli import main
-from wdsrefresh.pack import pack
-from wdsrefresh.verify import listing, verify
+from wdsrefresh.write.pack import pack
+from wdsrefresh.write.verify import listing, verify
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
 

@@ -174,7 +174,7 @@ class ReaderAlone:
     checked against the block digests (verify inline), samples dropped as they come."""
 
     def __init__(self, urls: list[str]):
-        from wdsrefresh.tario import Expected, index_shard, open_shard
+        from wdsrefresh.format.tario import Expected, index_shard, open_shard
 
         self.open_shard = open_shard
         self.shards = []

@@ -42,7 +42,7 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_pack(args: argparse.Namespace) -> int:
-    from .pack import PackError, pack
+    from .write.pack import PackError, pack
 
     try:
         entries = pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
@@ -75,8 +75,8 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 def _run_ingest(args: argparse.Namespace) -> int:
     import signal
 
-    from .ingest import IngestConfig, IngestError, Ingester
-    from .pack import parse_size
+    from .write.ingest import IngestConfig, IngestError, Ingester
+    from .write.pack import parse_size
 
     try:
         config = IngestConfig(args.inbox, args.out, maxcount=args.maxcount, maxsize=parse_size(args.maxsize),
@@ -115,7 +115,7 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .write.verify import verify
 
     try:
         problems = verify(args.target)
@@ -151,7 +151,7 @@ def _age(seconds: float | None) -> str:
 
 
 def _run_ls(args: argparse.Namespace) -> int:
-    from .verify import listing
+    from .write.verify import listing
 
     try:
         rows = listing(args.target)

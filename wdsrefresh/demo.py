@@ -90,7 +90,7 @@ def _train(data: str, workdir: str, epochs: int, workers: int) -> None:
     import torch
 
     import wdsrefresh as wr
-    from wdsrefresh.pack import pack
+    from wdsrefresh.write.pack import pack
 
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, NUM_CLASSES)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from .snapshot import ShardInfo, Snapshot, quiet_since_written
 from .split import Assignment, Piece
-from .tario import Expected, ShardChangedError, TarError, index_shard, open_shard
+from .format.tario import Expected, ShardChangedError, TarError, index_shard, open_shard
 
 log = logging.getLogger("wdsrefresh")
 

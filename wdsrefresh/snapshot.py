@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from .digest import BLOCK_SIZE, DEFAULT_ALGO, split_digest
-from .sources import SHARD_PATTERNS, Candidate, NoShardsError, ShardSource
-from .tario import Expected, ShardChangedError, TarError, index_shard
+from .format.digest import BLOCK_SIZE, DEFAULT_ALGO, split_digest
+from .format.names import SHARD_PATTERNS
+from .sources import Candidate, NoShardsError, ShardSource
+from .format.tario import Expected, ShardChangedError, TarError, index_shard
 
 log = logging.getLogger("wdsrefresh")
 

@@ -6,7 +6,6 @@ snapshot's job. Listing order is sorted, so a snapshot's order is deterministic.
 
 from __future__ import annotations
 
-import fnmatch
 import glob as globmod
 import logging
 import os
@@ -15,12 +14,11 @@ from dataclasses import dataclass
 
 import braceexpand
 
-from . import manifest as manifestmod
+from .format import manifest as manifestmod
+from .format.names import SHARD_PATTERNS, is_shard_name, is_temporary
 
 log = logging.getLogger("wdsrefresh")
 
-SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
-TEMPORARY_PATTERNS = (".*", "*.tmp", "*.part", "*~", "_tmp*", "*.partial")
 
 
 class NoShardsError(FileNotFoundError):
@@ -37,17 +35,6 @@ class Candidate:
     digest: str | None = None
     blocks: bytes | None = None
     filesize: int | None = None
-
-
-def is_temporary(name: str) -> bool:
-    """Hidden files and the usual names of files still being written."""
-    base = os.path.basename(name)
-    return any(fnmatch.fnmatchcase(base, pattern) for pattern in TEMPORARY_PATTERNS)
-
-
-def is_shard_name(name: str) -> bool:
-    base = os.path.basename(name)
-    return not is_temporary(base) and any(fnmatch.fnmatchcase(base, p) for p in SHARD_PATTERNS)
 
 
 class ShardSource:

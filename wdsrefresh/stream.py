@@ -36,7 +36,7 @@ from .reading import ReadOptions, ReadStats, read_assignment
 from .snapshot import Resolver, ShardInfo, Snapshot, snapshot_id
 from .sources import DirectorySource, NoShardsError, make_source
 from .split import Assignment, Piece
-from .tario import ShardChangedError, TarError
+from .format.tario import ShardChangedError, TarError
 from .watch import Inotify, is_candidate_path, poll_reason
 
 log = logging.getLogger("wdsrefresh")

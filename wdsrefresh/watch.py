@@ -33,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .snapshot import Handler, Resolver, ShardInfo, Snapshot, shard_key, snapshot_id
-from .sources import SHARD_PATTERNS, DirectorySource, NoShardsError, ShardSource, is_shard_name, is_temporary
-from .tario import ShardChangedError, TarError
+from .format.names import SHARD_PATTERNS, is_shard_name, is_temporary
+from .sources import DirectorySource, NoShardsError, ShardSource
+from .format.tario import ShardChangedError, TarError
 
 log = logging.getLogger("wdsrefresh")
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .atomic import write_atomic
 
 KIND = "wids-shard-index-v1"
 DEFAULT_NAME = "manifest.json"  # what pack and ingest write next to the shards
@@ -82,26 +83,4 @@ def save(path: str, entries: Iterable[ManifestEntry], name: str | None = None) -
 
 def write_json_atomic(path: str, doc: object, indent: int | None = None) -> None:
     """Writes ``doc`` as JSON to ``path`` durably: readers see the old or the new file, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="_tmp.", suffix=".json", dir=directory)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the manifest from jobs run as other users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: str) -> None:
-    """Makes a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, json.dumps(doc, indent=indent).encode(), durable=True)

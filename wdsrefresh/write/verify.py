@@ -11,12 +11,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import manifest as manifestmod
-from .digest import BLOCK_SIZE, DEFAULT_ALGO, split_digest
-from .manifest import ManifestEntry
-from .pack import MANIFEST_NAME
-from .sources import is_shard_name
-from .tario import TarError, index_shard
+from ..format import manifest as manifestmod
+from ..format.digest import BLOCK_SIZE, DEFAULT_ALGO, split_digest
+from ..format.manifest import DEFAULT_NAME as MANIFEST_NAME
+from ..format.manifest import ManifestEntry
+from ..format.names import is_shard_name
+from ..format.tario import TarError, index_shard
 
 
 @dataclass(frozen=True)

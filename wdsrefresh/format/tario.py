@@ -40,7 +40,6 @@ _REGULAR = (b"0", b"\0", b"7")
 _OTHER_KNOWN = (b"1", b"2", b"3", b"4", b"5", b"6")
 _EXTENDED = (b"x", b"g", b"L", b"K")
 _GZIP_MAGIC = b"\x1f\x8b"
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _KEY_RE_BYTES = re.compile(rb"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE_BYTES = re.compile(rb"__[^/]*__($|/)")
 _INF = float("inf")
@@ -456,15 +455,6 @@ def _pax_records(data: bytes, url: str, offset: int) -> dict[bytes, bytes]:
         records[key] = value
         pos += length
     return records
-
-
-def split_key(fname: str) -> tuple[str | None, str | None]:
-    """webdataset's ``base_plus_ext``: ``"dir/a.b.c"`` -> ``("dir/a", "b.c")``."""
-    if "/" not in fname:
-        dot = fname.find(".")
-        return (fname[:dot], fname[dot + 1 :]) if dot > 0 else (None, None)
-    match = _KEY_RE.match(fname)
-    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 def _split_name(name: bytes) -> tuple[bytes | None, bytes]:

@@ -36,15 +36,16 @@ from dataclasses import dataclass, field
 import xxhash
 from watchdog.events import FileSystemEventHandler
 
-from . import manifest as manifestmod
-from .manifest import ManifestEntry
+from ..format import manifest as manifestmod
+from ..format.atomic import fsync_dir
+from ..format.manifest import ManifestEntry
+from ..format.names import split_key
+from ..format.tarwriter import TarWriteError
 from .pack import (
-    DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample,
-    add_to_manifest, check_name, current_entries, next_number, out_lock, plan_shards,
-    rename_without_replacing, shard_name, write_shard,
+    DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_name,
+    plan_shards, write_shard,
 )
-from .tario import split_key
-from .tarwriter import TarWriteError
+from .publish import add_to_manifest, current_entries, next_number, out_lock, rename_without_replacing, shard_name
 
 log = logging.getLogger("wdsrefresh")
 
@@ -225,7 +226,7 @@ class Ingester:
                 else:
                     log.info("recovery: rolling back unpublished %s", doc["shard"])
                 os.unlink(path)
-                manifestmod.fsync_dir(self.journal_dir)
+                fsync_dir(self.journal_dir)
             self._sweep_temporaries()
 
     def _sweep_temporaries(self) -> None:
@@ -324,7 +325,7 @@ class Ingester:
             journal = os.path.join(self.journal_dir, name + ".json")
             manifestmod.write_json_atomic(journal, _journal_doc(entry, tmp_name, inputs))
             rename_without_replacing(written.tmp_path, os.path.join(self.out, name))
-            manifestmod.fsync_dir(self.out)
+            fsync_dir(self.out)
             add_to_manifest(self.out, entries, [entry])
             self._remove_inputs(inputs)
             os.unlink(journal)
@@ -347,7 +348,7 @@ class Ingester:
                 os.unlink(ident["path"])
             dirs.add(os.path.dirname(ident["path"]))
         for d in dirs:
-            manifestmod.fsync_dir(d)
+            fsync_dir(d)
 
     # ---- loops ---------------------------------------------------------------------------
 

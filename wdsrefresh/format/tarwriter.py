@@ -4,7 +4,7 @@ Every member gets the same fixed metadata (mode 0644, uid/gid 0, no user names, 
 integer mtime), so the bytes of a shard are a pure function of its member names and
 contents in the order added. Names longer than 100 bytes get a GNU long-name ('L') record,
 sizes of 8 GiB and more use GNU base-256 numbers; GNU tar, Python's tarfile, webdataset and
-``wdsrefresh.tario`` all read both.
+``wdsrefresh.format.tario`` all read both.
 
 The writer digests the bytes as it writes them (``digest.FileDigester`` over aligned
 ``BLOCK_SIZE`` blocks), so a shard's whole-file and block digests cost no second read.
