@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/wdsrefresh demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) tools/bench.py

@@ -7,6 +7,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 TESTDATA = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "testdata", "webdataset"))
+# webdataset's own test shards (see shared/testdata/webdataset/README.md); tests fail, never skip, without them
+THIRD_PARTY_SHARDS = ("compressed.tar", "mpdata.tar", "sample.tgz", "tendata.tar", "testgz.tar")
+
+
+def third_party_shard(name: str) -> str:
+    """The path of one of webdataset's test shards; fails the test when ../shared is missing."""
+    path = os.path.join(TESTDATA, name)
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: the differential tests need ../shared/testdata/webdataset beside the repo")
+    return path
 
 
 @pytest.fixture

@@ -100,6 +100,6 @@ def test_long_runs_keep_a_bounded_state_directory(shard_dir):
     for epoch in range(20):
         ds.set_epoch(epoch)
         assert len(keys_of(loader)) == 2
-    files = os.listdir(ds.epochs.state.directory)
+    files = os.listdir(ds.state_directory)
     assert len(files) < 20, sorted(files)
     assert ds.stats(19).yielded == 2

@@ -1,4 +1,4 @@
-"""Invariants 4 and 5: replaced, deleted, truncated, half-written and corrupt shards."""
+"""No torn samples, content-checked: replaced, deleted, truncated, half-written and corrupt shards."""
 
 import io
 import json

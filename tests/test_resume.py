@@ -16,6 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import wdsrefresh as wr
 from wdsrefresh.resume import ResumeError, merge, restart, parse
+from wdsrefresh.slot import Slot
 from wdsrefresh.split import split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -158,7 +159,7 @@ def test_redistribution_to_another_world_size_is_exact(shard_dir):
     consumers, read = [], collections.Counter()
     for r in range(old_world):
         for w in range(old_workers):
-            a = split(snap, seed=0, epoch=2, rank=r, world_size=old_world, worker=w, num_workers=old_workers)
+            a = split(snap, seed=0, epoch=2, slot=Slot(r, old_world, w, old_workers))
             piece = min(w, len(a.pieces) - 1)
             offset = a.pieces[piece].count // 2
             consumers.append({"rank": r, "worker": w, "piece": piece, "offset": offset})
@@ -166,18 +167,18 @@ def test_redistribution_to_another_world_size_is_exact(shard_dir):
                 read.update((p.shard, i) for i in range(p.start, p.stop))
             read.update((a.pieces[piece].shard, i) for i in range(a.pieces[piece].start, a.pieces[piece].start + offset))
     from wdsrefresh.resume import make_state, snapshot_doc
-    state = parse(make_state(ds.epochs.identity(), 2, snapshot_doc(snap), old_world, old_workers, consumers),
-                  ds.epochs.identity())
+    fingerprint = ds.sample_source.fingerprint()
+    state = parse(make_state(fingerprint, 2, snapshot_doc(snap), old_world, old_workers, consumers), fingerprint)
 
-    def old(r, w):
-        return split(snap, seed=0, epoch=2, rank=r, world_size=old_world, worker=w, num_workers=old_workers)
+    def old(slot):
+        return split(snap, seed=0, epoch=2, slot=slot)
 
     new = collections.Counter()
     per_rank = []
     for r in range(3):
         n = 0
         for w in range(2):
-            a = restart(state, old, rank=r, world_size=3, worker=w, num_workers=2, partial=False).assignment
+            a = restart(state, old, Slot(r, 3, w, 2), partial=False).assignment
             new.update((p.shard, i) for p in a.pieces for i in range(p.start, p.stop))
             n += a.quota
         per_rank.append(n)

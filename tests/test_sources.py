@@ -1,6 +1,5 @@
 """Where shards come from: directories, globs, brace patterns, manifests, lists; clear errors."""
 
-import glob
 import json
 import os
 
@@ -9,7 +8,7 @@ import webdataset as wds
 from webdataset.handlers import warn_and_continue
 
 import wdsrefresh as wr
-from conftest import TESTDATA
+from conftest import THIRD_PARTY_SHARDS, third_party_shard
 from shardutil import write_shard
 
 
@@ -70,8 +69,9 @@ def test_corrupt_file_error_names_the_shard_or_goes_through_the_handler(shard_di
     assert len(list(ds)) == 3
 
 
-@pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(TESTDATA, "*")) if not p.endswith(".md")))
-def test_samples_equal_webdatasets_on_third_party_shards(path):
+@pytest.mark.parametrize("name", THIRD_PARTY_SHARDS)
+def test_samples_equal_webdatasets_on_third_party_shards(name):
+    path = third_party_shard(name)
     expected = list(wds.WebDataset(path, shardshuffle=False))
     actual = list(wr.RefreshingWebDataset(path, shardshuffle=False))
     assert [s["__key__"] for s in actual] == [s["__key__"] for s in expected]

@@ -20,7 +20,7 @@ import webdataset as wds
 from wdsrefresh.format.digest import BLOCK_SIZE
 from wdsrefresh.format.tario import Expected, ShardChangedError, TarError, index_shard, open_shard
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared/testdata/webdataset"
+from conftest import THIRD_PARTY_SHARDS, third_party_shard  # noqa: E402
 MTIME = 1_700_000_000
 
 
@@ -93,12 +93,9 @@ def plain_members(n: int, sizes=(0, 1, 511, 512, 513, 1024)) -> list:
 # --------------------------------------------------------------------------- webdataset's own shards
 
 
-@pytest.mark.parametrize("name", ["compressed.tar", "mpdata.tar", "sample.tgz", "tendata.tar", "testgz.tar"])
+@pytest.mark.parametrize("name", THIRD_PARTY_SHARDS)
 def test_samples_match_webdataset_on_its_own_test_shards(name):
-    path = TESTDATA / name
-    if not path.exists():
-        pytest.skip(f"{TESTDATA} not present")
-    assert_same_as_webdataset(path)
+    assert_same_as_webdataset(Path(third_party_shard(name)))
 
 
 # --------------------------------------------------------------------------- generated shards

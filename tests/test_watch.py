@@ -12,9 +12,10 @@ import torch.utils.data
 import webdataset as wds
 
 import wdsrefresh as wr
-from wdsrefresh.snapshot import Resolver
+from wdsrefresh.index import DirectoryIndex, NotEnoughShardsError
+from wdsrefresh.inotify import Inotify
+from wdsrefresh.resolver import Resolver
 from wdsrefresh.sources import DirectorySource
-from wdsrefresh.watch import DirectoryIndex, Inotify, NotEnoughShardsError
 
 from conftest import wait_for
 from shardutil import tar_bytes, make_samples, write_shard
@@ -93,7 +94,7 @@ def test_shard_renamed_in_just_before_set_epoch_is_in_that_epoch(tmp_path):
             path = write_shard(d, f"a-{epoch:03d}.tar", 1)
             snap = ds.set_epoch(epoch)
             assert path in snap.urls and len(snap.shards) == epoch + 1
-        assert ds.epochs.index() is not None and not ds.epochs.index().polling
+        assert ds.watching == "inotify"
     finally:
         ds.close()
 
@@ -112,14 +113,18 @@ def test_new_shards_are_indexed_in_the_background_before_the_epoch(tmp_path):
         assert len(snap.shards) == 11 and all(s.digest for s in snap.shards)
 
 
+class DeafInotify(Inotify):
+    """A real inotify queue that lost every event: it watches nothing."""
+
+    def add(self, directory: str) -> None:
+        pass
+
+
 def test_missed_events_are_healed_by_the_periodic_rescan(tmp_path):
     d = str(tmp_path)
     write_shard(d, "a.tar", 2)
-    index = DirectoryIndex(DirectorySource(d), rescan_interval=0.3).start()
+    index = DirectoryIndex(DirectorySource(d), rescan_interval=0.3, backend=DeafInotify).start()
     try:
-        deaf = Inotify()  # stands in for an inotify queue that lost every event
-        index._state.inotify, live = deaf, index._state.inotify
-        live.close()
         for i in range(3):
             write_shard(d, f"b{i}.tar", 2)
         wait_for(lambda: index.counts()[0] == 4, what="the periodic rescan")
@@ -130,13 +135,13 @@ def test_missed_events_are_healed_by_the_periodic_rescan(tmp_path):
 def test_polling_fallback_when_forced(tmp_path):
     d = str(tmp_path)
     write_shard(d, "a.tar", 2)
+    with DirectoryIndex(DirectorySource(d), poll=0.1) as index:
+        assert index.polling and index.watcher is None
+        write_shard(d, "b.tar", 2)
+        wait_for(lambda: index.counts()[0] == 2, what="the poller")  # indexed before any snapshot
     ds = wr.RefreshingWebDataset(d, watch=True, poll=0.1)
     try:
-        assert len(ds.set_epoch(0).shards) == 1
-        index = ds.epochs.index()
-        assert index.polling and index._state.inotify is None
-        write_shard(d, "b.tar", 2)
-        wait_for(lambda: index.counts()[0] == 2, what="the poller")  # indexed before any set_epoch
+        assert len(ds.set_epoch(0).shards) == 2 and ds.watching == "poll"
         write_shard(d, "c.tar", 2)
         snap = ds.set_epoch(1)  # polling: the snapshot is as fresh as a rescan
         assert snap.id == rescan(d, 1).id and len(snap.shards) == 3
@@ -240,3 +245,30 @@ def test_no_thread_or_fd_left_after_50_epochs_and_close(tmp_path):
     del ds
     gc.collect()
     wait_for(lambda: back_to(base_threads, base_fds), what="threads and fds back after gc")
+
+
+def test_watchdog_backend_sees_every_shard_renamed_in_before_set_epoch(tmp_path):
+    """The backend used where inotify is missing (macOS, Windows), forced here on Linux."""
+    d = str(tmp_path)
+    write_shard(d, "a-000.tar", 1)
+    ds = wr.RefreshingWebDataset(d, watch="watchdog")
+    try:
+        for epoch in range(1, 15):
+            path = write_shard(d, f"a-{epoch:03d}.tar", 1)
+            if epoch % 5 == 0:
+                os.unlink(os.path.join(d, f"a-{epoch - 1:03d}.tar"))
+            snap = ds.set_epoch(epoch)
+            assert path in snap.urls and snap.id == rescan(d, epoch).id
+        assert ds.watching == "watchdog"
+        assert sum(1 for _ in ds) == len(snap.shards)
+    finally:
+        ds.close()
+
+
+def test_watchdog_backend_indexes_new_shards_in_the_background(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "a.tar", 2)
+    with DirectoryIndex(DirectorySource(d), backend="watchdog") as index:
+        for i in range(5):
+            write_shard(d, f"b{i}.tar", 2)
+        wait_for(lambda: index.counts() == (6, 0, 0), what="the background indexer, woken by watchdog events")

@@ -27,9 +27,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import wdsrefresh as wr  # noqa: E402
-from wdsrefresh.snapshot import Resolver  # noqa: E402
+from wdsrefresh.resolver import Resolver  # noqa: E402
 from wdsrefresh.sources import DirectorySource  # noqa: E402
-from wdsrefresh.watch import DirectoryIndex  # noqa: E402
+from wdsrefresh.index import DirectoryIndex  # noqa: E402
 
 
 def tiny_tar(key: str) -> bytes:

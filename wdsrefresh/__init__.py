@@ -8,7 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "RefreshingWebDataset": "dataset",
-    "EpochStats": "dataset",
+    "EpochStats": "epoch_source",
     "ReadStats": "reading",
     "ShardVanishedError": "reading",
     "ShardInfo": "snapshot",
@@ -18,7 +18,7 @@ _EXPORTS = {
     "make_source": "sources",
     "ShardChangedError": "format.tario",
     "TarError": "format.tario",
-    "NotEnoughShardsError": "watch",
+    "NotEnoughShardsError": "index",
     "StreamStats": "stream",
     "resume": None,
 }

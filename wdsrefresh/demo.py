@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .format.atomic import write_atomic
+
 NUM_CLASSES = 4
 DIM = 16
 PER_SHARD = 128
@@ -36,14 +38,14 @@ def write_example_shard(directory: str, index: int, per_shard: int = PER_SHARD, 
     centers = np.random.default_rng(1234).normal(0, 3.0, (NUM_CLASSES, DIM))
     rng = np.random.default_rng(seed * 100003 + index)
     path = os.path.join(directory, f"example-{index:06d}.tar")
-    tmp = os.path.join(directory, f"_tmp.example-{index:06d}.tar")
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for i in range(index * per_shard, (index + 1) * per_shard):
             for ext, data in zip(("input.npy", "cls"), _sample(rng, centers)):
                 info = tarfile.TarInfo(f"sample{i:07d}.{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o444
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
     return path
 
 

@@ -15,9 +15,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from .snapshot import ShardInfo, Snapshot, quiet_since_written
+from .format.tario import Expected, ShardChangedError, TarError, open_shard
+from .probe import Ready, probe
+from .snapshot import ShardInfo, Snapshot
+from .sources import Candidate
 from .split import Assignment, Piece
-from .format.tario import Expected, ShardChangedError, TarError, index_shard, open_shard
 
 log = logging.getLogger("wdsrefresh")
 
@@ -114,6 +116,17 @@ def read_assignment(
         yield from _pad(recent, shortfall, assignment, stats)
 
 
+def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
+    """Yields every sample of one shard under the policies, counting in ``stats`` (stream mode)."""
+    stats.quota += shard.nsamples or 0
+    try:
+        for sample in _read_piece(shard, Piece(0, 0, shard.nsamples or 0), options, stats):
+            stats.yielded += 1
+            yield sample
+    except StopConsumer:
+        return
+
+
 def _any_samples(snapshot: Snapshot, options: ReadOptions) -> Iterator[dict]:
     """Up to _RECENT samples from whichever shards of the snapshot can still be read."""
     found = 0
@@ -132,12 +145,12 @@ def _any_samples(snapshot: Snapshot, options: ReadOptions) -> Iterator[dict]:
 def _pad(recent: deque, shortfall: int, assignment: Assignment, stats: ReadStats) -> Iterator[dict]:
     if not recent:
         raise RuntimeError(
-            f"rank {assignment.rank} worker {assignment.worker}: every shard of the snapshot vanished or "
+            f"rank {assignment.slot.rank} worker {assignment.slot.worker}: every shard of the snapshot vanished or "
             f"changed before it was read; it cannot yield its {shortfall} samples to keep ranks equal"
         )
     log.warning(
         "rank %d worker %d: repeating %d samples to keep ranks equal after shards changed",
-        assignment.rank, assignment.worker, shortfall,
+        assignment.slot.rank, assignment.slot.worker, shortfall,
     )
     for i in range(shortfall):
         sample = dict(recent[i % len(recent)])
@@ -194,20 +207,12 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
 
 
 def _reindex(shard: ShardInfo, with_digest: bool) -> Expected | None:
-    """What the shard's current content is, if it is a complete tar that holds still."""
-    try:
-        before = os.stat(shard.path)
-        if before.st_ino == shard.inode and not quiet_since_written(before):
-            return None  # rewritten in place just now: its writer may not be done
-        index = index_shard(shard.path, shard.url, with_digest=with_digest)
-        after = os.stat(shard.path)
-    except (OSError, TarError):
+    """What the shard's current content is, if it is ready by the one readiness rule (probe.py)."""
+    outcome = probe(Candidate(shard.url, shard.path), {shard.path: shard}, with_digest=with_digest)
+    if not isinstance(outcome, Ready):
         return None
-    if not index.complete or (before.st_ino, before.st_size, before.st_mtime_ns) != (
-        after.st_ino, after.st_size, after.st_mtime_ns,
-    ):
-        return None
-    return Expected(after.st_size, after.st_mtime_ns, after.st_ino, index.digest, index.blocks)
+    info = outcome.info
+    return Expected(info.size, info.mtime_ns, info.inode, info.digest, info.blocks)
 
 
 def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, verify: str) -> Iterator[dict]:

@@ -49,14 +49,13 @@ What is guaranteed when a state is loaded:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from .slot import Slot
 from .snapshot import ShardInfo, Snapshot, snapshot_id
-from .split import Assignment, Piece, even_ranges
+from .split import Assignment, Piece, slot_range
 
 log = logging.getLogger("wdsrefresh")
 
@@ -64,7 +63,6 @@ FORMAT = "wdsrefresh.resume"
 VERSION = 1
 _STATS_COUNTS = ("yielded", "quota", "skipped", "padded")
 _STATS_URLS = ("replaced", "deleted", "corrupt")
-MARK = "resume.json"
 
 
 class ResumeError(ValueError):
@@ -72,7 +70,7 @@ class ResumeError(ValueError):
 
 
 @dataclass(frozen=True)
-class ConsumerState:
+class SavedPosition:
     """Where one consumer (rank, worker) was in its assignment of the saved epoch."""
 
     rank: int
@@ -98,7 +96,7 @@ class ResumeState:
     snapshot: Snapshot
     world_size: int
     num_workers: int
-    consumers: tuple[ConsumerState, ...]
+    consumers: tuple[SavedPosition, ...]
     token: str
 
 
@@ -155,26 +153,26 @@ def _expect(value: object, kind: type, what: str):
     return value
 
 
-def identity(source: str, seed: int, shardshuffle: bool, partial: bool) -> dict:
+def fingerprint(source: str, seed: int, shardshuffle: bool, partial: bool) -> dict:
     """What a state must agree with to be loaded into a dataset."""
     return {"source": source, "seed": seed, "shardshuffle": bool(shardshuffle), "partial": bool(partial)}
 
 
-def make_state(ident: dict, epoch: int | None, snapshot: dict | None, world_size: int, num_workers: int,
+def make_state(fingerprint: dict, epoch: int | None, snapshot: dict | None, world_size: int, num_workers: int,
                consumers: list[dict]) -> dict:
-    return {"format": FORMAT, "version": VERSION, **ident, "epoch": epoch, "snapshot": snapshot,
+    return {"format": FORMAT, "version": VERSION, **fingerprint, "epoch": epoch, "snapshot": snapshot,
             "world_size": world_size, "num_workers": num_workers, "consumers": consumers}
 
 
-def parse(state: object, ident: dict) -> ResumeState | None:
-    """Validates ``state`` against a dataset's identity; None for a state saved before any epoch."""
+def parse(state: object, fingerprint: dict) -> ResumeState | None:
+    """Validates ``state`` against a dataset's fingerprint; None for a state saved before any epoch."""
     if not isinstance(state, dict):
         raise ResumeError(f"expected a dict from RefreshingWebDataset.state_dict(), got {type(state).__name__}")
     if state.get("format") != FORMAT:
         raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
     if state.get("version") != VERSION:
         raise ResumeError(f"state version {state.get('version')!r} is not supported (this wdsrefresh reads {VERSION})")
-    for key, want in ident.items():
+    for key, want in fingerprint.items():
         if state.get(key) != want:
             raise ResumeError(
                 f"state was saved by another dataset: its {key} is {state.get(key)!r}, this dataset's is {want!r}"
@@ -190,7 +188,7 @@ def parse(state: object, ident: dict) -> ResumeState | None:
     consumers = []
     for i, doc in enumerate(_expect(state.get("consumers"), list, "consumers")):
         consumers.append(_consumer(doc, f"consumers[{i}]", snapshot, world_size, num_workers))
-    seen: dict[tuple[int, int], ConsumerState] = {}
+    seen: dict[tuple[int, int], SavedPosition] = {}
     for c in consumers:
         if seen.setdefault((c.rank, c.worker), c) != c:
             raise ResumeError(f"consumers: two different positions for rank {c.rank} worker {c.worker}")
@@ -198,7 +196,7 @@ def parse(state: object, ident: dict) -> ResumeState | None:
     return ResumeState(epoch, snapshot, world_size, num_workers, tuple(seen.values()), token)
 
 
-def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_workers: int) -> ConsumerState:
+def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_workers: int) -> SavedPosition:
     doc = _expect(doc, dict, where)
     rank = _expect(doc.get("rank"), int, f"{where}.rank")
     worker = _expect(doc.get("worker"), int, f"{where}.worker")
@@ -223,7 +221,7 @@ def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_
     offset = _expect(doc.get("offset"), int, f"{where}.offset")
     if piece < 0 or offset < 0:
         raise ResumeError(f"{where}: negative position piece {piece} offset {offset}")
-    return ConsumerState(rank, worker, piece, offset, stats, pieces)
+    return SavedPosition(rank, worker, piece, offset, stats, pieces)
 
 
 def merge(states: object) -> dict:
@@ -304,40 +302,26 @@ def _slice(pieces: Iterable[Piece], lo: int, hi: int) -> tuple[Piece, ...]:
     return tuple(out)
 
 
-def restart(state: ResumeState, assignment_of, *, rank: int, world_size: int, worker: int, num_workers: int,
-            partial: bool) -> Restart:
-    """Where consumer (rank, worker) of the new layout restarts the saved epoch.
+def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool) -> Restart:
+    """Where ``slot`` of the new layout restarts the saved epoch.
 
-    ``assignment_of(rank, worker)`` is the saved layout's split for that consumer.
+    ``assignment_of(saved_slot)`` is the saved layout's split for that slot.
     """
-    def pieces_of(c: ConsumerState) -> tuple[Piece, ...]:
+    def pieces_of(c: SavedPosition) -> tuple[Piece, ...]:
         if c.pieces is not None:
             return c.pieces
-        return assignment_of(c.rank, c.worker).pieces
+        return assignment_of(Slot(c.rank, state.world_size, c.worker, state.num_workers)).pieces
 
-    if (world_size, num_workers) == (state.world_size, state.num_workers):
-        mine = [c for c in state.consumers if (c.rank, c.worker) == (rank, worker)]
-        if not mine:
-            raise ResumeError(
-                f"state holds no position for rank {rank} worker {worker} "
-                f"(it has {sorted((c.rank, c.worker) for c in state.consumers)}); "
-                f"load this worker's own state, or merge() the states of all workers"
-            )
-        c = mine[0]
-        pieces = pieces_of(c)
-        if c.piece > len(pieces) or (c.piece < len(pieces) and c.offset > pieces[c.piece].count):
-            raise ResumeError(f"rank {rank} worker {worker}: position {c.piece}/{c.offset} beyond its assignment")
-        left_out = assignment_of(rank, worker).left_out if c.pieces is None else 0
-        return Restart(Assignment(rank, worker, pieces, left_out), c.piece, c.offset, c.stats, c.pieces is not None)
-
-    ranks = range(state.world_size) if world_size != state.world_size else [rank]
+    if (slot.world_size, slot.num_workers) == (state.world_size, state.num_workers):
+        return _restart_in_place(state, slot, pieces_of, assignment_of)
+    ranks = range(state.world_size) if slot.world_size != state.world_size else [slot.rank]
     need = {(r, w) for r in ranks for w in range(state.num_workers)}
     have = {(c.rank, c.worker): c for c in state.consumers}
     missing = sorted(need - have.keys())
     if missing:
         raise ResumeError(
             f"cannot redistribute from {state.world_size} ranks x {state.num_workers} workers to "
-            f"{world_size} x {num_workers}: the state lacks the positions of (rank, worker) {missing}; "
+            f"{slot.world_size} x {slot.num_workers}: the state lacks the positions of (rank, worker) {missing}; "
             f"merge() the states of all of them"
         )
     unread: list[Piece] = []
@@ -345,46 +329,36 @@ def restart(state: ResumeState, assignment_of, *, rank: int, world_size: int, wo
         c = have[key]
         unread.extend(remaining(pieces_of(c), c.piece, c.offset))
     total = sum(p.count for p in unread)
-    if world_size != state.world_size:
-        left_out = 0 if partial else total % world_size
+    if slot.world_size != state.world_size:
+        left_out = 0 if partial else total % slot.world_size
         if left_out:
             log.warning("resume on %d ranks: %d of %d unread samples left out so ranks stay equal",
-                        world_size, left_out, total)
-        lo, hi = even_ranges(total - left_out, world_size)[rank]
-    else:
-        left_out, lo, hi = 0, 0, total
-    a, b = even_ranges(hi - lo, num_workers)[worker]
-    pieces = _slice(unread, lo + a, lo + b)
-    return Restart(Assignment(rank, worker, pieces, left_out), 0, 0, {}, True)
+                        slot.world_size, left_out, total)
+        lo, hi = slot_range(total - left_out, slot)
+    else:  # the rank's own unread samples, among its new workers
+        left_out = 0
+        lo, hi = slot_range(total, Slot(0, 1, slot.worker, slot.num_workers))
+    return Restart(Assignment(slot, _slice(unread, lo, hi), left_out), 0, 0, {}, True)
+
+
+def _restart_in_place(state: ResumeState, slot: Slot, pieces_of, assignment_of) -> Restart:
+    """Same layout: the slot continues its own assignment where it was saved."""
+    mine = [c for c in state.consumers if (c.rank, c.worker) == (slot.rank, slot.worker)]
+    if not mine:
+        raise ResumeError(
+            f"state holds no position for rank {slot.rank} worker {slot.worker} "
+            f"(it has {sorted((c.rank, c.worker) for c in state.consumers)}); "
+            f"load this worker's own state, or merge() the states of all workers"
+        )
+    c = mine[0]
+    pieces = pieces_of(c)
+    if c.piece > len(pieces) or (c.piece < len(pieces) and c.offset > pieces[c.piece].count):
+        raise ResumeError(f"rank {slot.rank} worker {slot.worker}: position {c.piece}/{c.offset} beyond its assignment")
+    left_out = assignment_of(slot).left_out if c.pieces is None else 0
+    return Restart(Assignment(slot, pieces, left_out), c.piece, c.offset, c.stats, c.pieces is not None)
 
 
 def read_stats(doc: dict, cls: type):
     """A ReadStats (``cls``) holding the counters saved in a consumer's state."""
     kinds = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: set(v) if isinstance(v, list) else v for k, v in doc.items() if k in kinds})
-
-
-def restart_epoch(epochs, resume: ResumeState, force: bool) -> int:
-    """Makes ``resume.epoch`` the epoch every consumer iterates next; returns the control generation.
-
-    Call under ``epochs.lock()``. DataLoader workers each load their share of one checkpoint:
-    the first one sets the epoch (which restarts every worker's epoch counter), the others find
-    it done (recorded in ``resume.json`` in the state directory) and leave the counters alone.
-    """
-    control = epochs.control()
-    path = os.path.join(epochs.directory, MARK)
-    try:
-        with open(path, encoding="utf-8") as f:
-            mark = json.load(f)
-    except (FileNotFoundError, ValueError):
-        mark = {}
-    if (not force and mark.get("token") == resume.token and mark.get("generation") == control["generation"]
-            and control["epoch"] == resume.epoch):
-        return control["generation"]
-    epochs.set_control(resume.epoch, control["rank"], control["world_size"], bump=True)
-    generation = epochs.control()["generation"]
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"token": resume.token, "generation": generation}, f)
-    os.replace(tmp, path)
-    return generation

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import braceexpand
 
 from .format import manifest as manifestmod
-from .format.names import SHARD_PATTERNS, is_shard_name, is_temporary
+from .format.names import is_shard_name, is_temporary
 
 log = logging.getLogger("wdsrefresh")
 
@@ -76,6 +76,16 @@ class DirectorySource(ShardSource):
     def candidate(self, path: str) -> Candidate:
         return _with_manifest(path, self._manifest_entries().get(path))
 
+    def would_list(self, path: str) -> bool:
+        """Whether ``candidates()`` would name ``path`` (by name only: the file may not exist)."""
+        rel = os.path.relpath(path, self.path)
+        if rel.startswith(".."):
+            return False
+        parts = rel.split(os.sep)
+        if not self.recursive and len(parts) != 1:
+            return False
+        return is_shard_name(parts[-1]) and not any(is_temporary(p) for p in parts[:-1])
+
     def _manifest_entries(self) -> dict[str, manifestmod.ManifestEntry]:
         """What a manifest.json beside the shards (written by pack or ingest) says about them."""
         path = os.path.join(self.path, manifestmod.DEFAULT_NAME)
@@ -96,7 +106,6 @@ class DirectorySource(ShardSource):
 
     def describe(self) -> str:
         return f"directory {self.path!r}"
-
 
 
 class GlobSource(ShardSource):
@@ -148,7 +157,6 @@ class ManifestSource(ShardSource):
 
     def describe(self) -> str:
         return f"manifest {self.path!r}"
-
 
 
 class ListSource(ShardSource):

@@ -15,6 +15,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from .slot import Slot
 from .snapshot import Snapshot
 
 
@@ -33,10 +34,9 @@ class Piece:
 
 @dataclass(frozen=True)
 class Assignment:
-    """What one consumer (rank, worker) reads in one epoch."""
+    """What one consumer reads in one epoch."""
 
-    rank: int
-    worker: int
+    slot: Slot
     pieces: tuple[Piece, ...]
     left_out: int
 
@@ -75,23 +75,24 @@ def split(
     *,
     seed: int,
     epoch: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
+    slot: Slot,
     shuffle: bool = True,
     partial: bool = False,
 ) -> Assignment:
-    """The pieces consumer (rank, worker) reads in ``epoch``; see the module docstring."""
-    if not (0 <= rank < world_size and 0 <= worker < num_workers):
-        raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+    """The pieces ``slot`` reads in ``epoch``; see the module docstring."""
     order = shard_order(snapshot, seed, epoch, shuffle)
     counts = [snapshot.shards[i].nsamples or 0 for i in order]
     total = sum(counts)
-    left_out = 0 if partial else total % world_size
-    rank_start, rank_stop = even_ranges(total - left_out, world_size)[rank]
-    lo, hi = even_ranges(rank_stop - rank_start, num_workers)[worker]
-    return Assignment(rank, worker, _pieces(order, counts, rank_start + lo, rank_start + hi), left_out)
+    left_out = 0 if partial else total % slot.world_size
+    lo, hi = slot_range(total - left_out, slot)
+    return Assignment(slot, _pieces(order, counts, lo, hi), left_out)
+
+
+def slot_range(total: int, slot: Slot) -> tuple[int, int]:
+    """The positions [lo, hi) of ``total`` that ``slot`` reads: equal per rank, then per worker."""
+    rank_start, rank_stop = even_ranges(total, slot.world_size)[slot.rank]
+    lo, hi = even_ranges(rank_stop - rank_start, slot.num_workers)[slot.worker]
+    return rank_start + lo, rank_start + hi
 
 
 def _pieces(order: list[int], counts: list[int], start: int, stop: int) -> tuple[Piece, ...]:

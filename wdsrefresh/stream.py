@@ -20,7 +20,6 @@ in-order loader waits on a worker with nothing new while another worker's sample
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import select
@@ -31,13 +30,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .epochs import EpochState, write_atomic, consumer_slot, dist_info, rank_and_world
-from .reading import ReadOptions, ReadStats, read_assignment
-from .snapshot import Resolver, ShardInfo, Snapshot, snapshot_id
+from .format.atomic import write_atomic
+from .inotify import Change
+from .probe import Ready, Rejected
+from .reading import ReadOptions, ReadStats, read_shard
+from .resolver import Resolver
+from .sample_source import Consumer
+from .slot import Slot, current_slot, dist_info
+from .snapshot import FileId, ShardInfo, Snapshot
 from .sources import DirectorySource, NoShardsError, make_source
-from .split import Assignment, Piece
-from .format.tario import ShardChangedError, TarError
-from .watch import Inotify, is_candidate_path, poll_reason
+from .statedir import StateDirectory
+from .watch import Watcher, poll_interval, watch_or_poll
 
 log = logging.getLogger("wdsrefresh")
 
@@ -56,26 +59,6 @@ def owner(name: str, consumers: int) -> int:
         if h > best:
             best, winner = h, c
     return winner
-
-
-@dataclass(frozen=True)
-class StreamConsumer:
-    """Who is reading in stream mode (duck-types dataset.Consumer for the shuffle stage)."""
-
-    rank: int
-    world_size: int
-    worker: int
-    num_workers: int
-    epoch: int = 0
-    snapshot_id: str = "stream"
-
-    @property
-    def index(self) -> int:
-        return self.rank * self.num_workers + self.worker
-
-    @property
-    def count(self) -> int:
-        return self.world_size * self.num_workers
 
 
 @dataclass(frozen=True)
@@ -107,36 +90,36 @@ class StreamSource:
             raise ValueError(f'mode="stream" reads a directory, not {self.source.describe()}')
         self.options = replace(options, equalize=False)
         self.seed = seed
-        self.polling = bool(poll)
-        self.poll_interval = (DEFAULT_STREAM_POLL if poll is True else float(poll)) if poll else DEFAULT_STREAM_POLL
+        self.poll = poll
+        self.poll_interval = poll_interval(poll, DEFAULT_STREAM_POLL)
         self.rescan_interval = rescan_interval
-        self.state = EpochState(state_dir)
-        os.makedirs(os.path.join(self.state.directory, _CONTROL), exist_ok=True)
+        self.statedir = StateDirectory(state_dir)
+        os.makedirs(self.statedir.path(_CONTROL), exist_ok=True)
         rank, world_size = dist_info()
-        self.state.set_control(0, rank, world_size, bump=False)
-        self.current: StreamConsumer | None = None
-        weakref.finalize(self, self.state.cleanup)
+        self.statedir.set_control(0, rank, world_size, bump=False)
+        self.current: Consumer | None = None
+        weakref.finalize(self, self.statedir.cleanup)
 
     # main process
     def set_epoch(self, epoch: int) -> Snapshot:
         raise RuntimeError('mode="stream" has no epochs: consumers read shards as they land')
 
+    def snapshot(self, epoch: int | None = None) -> Snapshot | None:
+        return None  # a stream has no snapshots
+
+    watching = None  # each consumer watches the directory itself
+
     def close(self) -> None:
         """Ends the stream: every consumer stops after the shard it is reading."""
-        path = os.path.join(self.state.directory, _CONTROL, _STOP)
+        path = os.path.join(self.statedir.path(_CONTROL), _STOP)
         if os.path.isdir(os.path.dirname(path)):
             write_atomic(path, b"stop\n")
 
-    def stats(self) -> StreamStats:
-        """Totals over this node's consumers, from what each wrote after its latest shard."""
-        records = []
-        for name in sorted(os.listdir(self.state.directory)):
-            if name.startswith("stream-stats-") and name.endswith(".json"):
-                try:
-                    with open(os.path.join(self.state.directory, name), encoding="utf-8") as f:
-                        records.append(json.load(f))
-                except (FileNotFoundError, ValueError):
-                    continue
+    def stats(self, epoch: int | None = None) -> StreamStats:
+        """Totals over this rank's consumers, from what each wrote after its latest shard."""
+        names = sorted(n for n in os.listdir(self.statedir.directory)
+                       if n.startswith("stream-stats-") and n.endswith(".json"))
+        records = [r for r in (self.statedir.read_json(n, {}) for n in names) if r]
         total = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
         return StreamStats(
             consumers=len(records), shards=total("shards"), samples=total("samples"), pending=total("pending"),
@@ -144,26 +127,34 @@ class StreamSource:
             corrupt=total("corrupt"), latencies=tuple(x for r in records for x in r.get("latencies", ())),
         )
 
+    def state_dict(self) -> dict:
+        raise NotImplementedError('state_dict(): mode="stream" has no checkpoint yet; use mode="epoch"')
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError('load_state_dict(): mode="stream" has no checkpoint yet; use mode="epoch"')
+
     # each consumer
+    def prepare(self) -> None:
+        pass
+
     def __call__(self) -> Iterator[dict]:
-        worker, num_workers = consumer_slot()
-        rank, world_size = rank_and_world(self.state.control())
-        self.current = StreamConsumer(rank, world_size, worker, num_workers)
-        return _Consumer(self, self.current).samples()
+        control = self.statedir.control()
+        slot = current_slot(control["rank"], control["world_size"])
+        self.current = Consumer(slot, 0, "stream")
+        return _StreamLoop(self, slot).samples()
 
 
-class _Consumer:
+class _StreamLoop:
     """One consumer's loop: look at new or changed names, read its ready shards, sleep."""
 
-    def __init__(self, stream: StreamSource, who: StreamConsumer):
+    def __init__(self, stream: StreamSource, slot: Slot):
         self.stream = stream
-        self.who = who
-        self.root = stream.source.path
-        self.recursive = stream.source.recursive
-        self.control = os.path.join(stream.state.directory, _CONTROL)
+        self.slot = slot
+        self.source: DirectorySource = stream.source
+        self.control = stream.statedir.path(_CONTROL)
         self.resolver = Resolver(stream.source, with_digest=stream.options.verify != "off")
         self.done: set[str] = set()
-        self.waiting: dict[str, tuple] = {}  # mine, not ready (or rejected): url -> identity when looked at
+        self.waiting: dict[str, FileId] = {}  # mine, not ready (or rejected): url -> version looked at
         self.rejected: set[str] = set()
         self.totals: dict[str, int | set] = {}  # ReadStats summed over shards (counts, or sets of urls)
         self.shards = 0
@@ -173,39 +164,25 @@ class _Consumer:
         return not os.path.isdir(self.control) or os.path.exists(os.path.join(self.control, _STOP))
 
     def samples(self) -> Iterator[dict]:
-        inotify = None
-        polling = self.stream.polling
-        if not polling:
-            reason = poll_reason(self.root)
-            if reason is None:
-                try:
-                    inotify = Inotify()
-                    inotify.add(self.root)
-                    inotify.add(self.control)
-                except OSError as exn:
-                    reason = f"inotify is unavailable ({exn})"
-                    if inotify is not None:
-                        inotify.close()
-                        inotify = None
-            if reason is not None:
-                log.warning("stream consumer %d: polling every %.1f s: %s", self.who.index,
-                            self.stream.poll_interval, reason)
-                polling = True
+        watcher, _reason = watch_or_poll(self.source.path, poll=self.stream.poll,
+                                         what=f"stream consumer {self.slot.index}")
+        if watcher is not None:
+            watcher.add(self.control)
         next_listing = 0.0
         try:
             while not self.stopped():
                 now = time.monotonic()
-                if polling or inotify is None or now >= next_listing:
-                    if inotify is not None:
-                        inotify.read()  # the listing below covers them
+                if watcher is None or now >= next_listing:
+                    if watcher is not None:
+                        watcher.read()  # the listing below covers them
                     look = self._listing()
                     next_listing = now + self.stream.rescan_interval
                 else:
-                    changes = inotify.read()
+                    changes = watcher.read()
                     if any(c.path is None for c in changes):
                         next_listing = 0.0
                         continue
-                    look = {c.path for c in changes if c.settled and c.path.startswith(self.root)}
+                    look = self._settled_shards(changes)
                     look.update(self.waiting)
                 for url in sorted(look):
                     if self.stopped():
@@ -214,31 +191,34 @@ class _Consumer:
                     if shard is not None:
                         yield from self._read(*shard)
                         self._write_stats()
-                self._sleep(inotify, polling, next_listing)
+                self._sleep(watcher, next_listing)
         finally:
-            if inotify is not None:
-                inotify.close()
+            if watcher is not None:
+                watcher.close()
             self._write_stats()
+
+    def _settled_shards(self, changes: list[Change]) -> set[str]:
+        return {c.path for c in changes if c.settled and c.path.startswith(self.source.path)}
 
     def _listing(self) -> set[str]:
         try:
-            return {c.url for c in self.stream.source.candidates()}
+            return {c.url for c in self.source.candidates()}
         except NoShardsError:
             return set()
 
-    def _sleep(self, inotify: Inotify | None, polling: bool, next_listing: float) -> None:
-        if polling or inotify is None:
+    def _sleep(self, watcher: Watcher | None, next_listing: float) -> None:
+        if watcher is None:
             time.sleep(self.stream.poll_interval)
             return
         timeout = max(0.0, next_listing - time.monotonic())
         if self.waiting:  # shards being written in place send no event once done: look again soon
             timeout = min(timeout, 1.0)
-        select.select([inotify.fd], [], [], timeout)
+        select.select([watcher.fileno()], [], [], timeout)
 
     def _mine(self, url: str) -> bool:
-        if url in self.done or not is_candidate_path(self.root, url, self.recursive):
+        if url in self.done or not self.source.would_list(url):
             return False
-        return owner(os.path.relpath(url, self.root), self.who.count) == self.who.index
+        return owner(os.path.relpath(url, self.source.path), self.slot.count) == self.slot.index
 
     def _ready(self, url: str) -> tuple[ShardInfo, float] | None:
         """The shard at ``url`` and its arrival time, if it is this consumer's, unread, and ready."""
@@ -249,40 +229,34 @@ class _Consumer:
         except FileNotFoundError:
             self.waiting.pop(url, None)
             return None
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if self.waiting.get(url) == identity:
-            return None  # looked at in this state already
-        if st.st_size == 0:  # just created by a producer writing in place: not a (corrupt) shard yet
-            self.waiting[url] = identity
-            return None
-        try:
-            info = self.resolver.info(self.stream.source.candidate(url))
-        except FileNotFoundError:
+        if self.waiting.get(url) == FileId.of(st):
+            return None  # looked at in this version already
+        outcome = self.resolver.probe(self.source.candidate(url), st=st)
+        if outcome is None:
             self.waiting.pop(url, None)
             return None
-        except (TarError, ShardChangedError, OSError) as exn:
-            self.waiting[url] = identity
-            self.rejected.add(url)
-            handler = self.stream.options.handler
-            if handler is None or not handler(exn):
-                raise
-            log.warning("stream: shard left out: %s", exn)
-            return None
-        if info is None:
-            self.waiting[url] = identity
+        if not isinstance(outcome, Ready):
+            self.waiting[url] = FileId.of(st)
+            if isinstance(outcome, Rejected):
+                self._reject(url, outcome.error)
             return None
         self.waiting.pop(url, None)
         self.rejected.discard(url)
         self.done.add(url)
         self.resolver.known.clear()  # read once; nothing to reuse
-        return info, st.st_ctime
+        return outcome.info, st.st_ctime
+
+    def _reject(self, url: str, error: BaseException) -> None:
+        self.rejected.add(url)
+        handler = self.stream.options.handler
+        if handler is None or not handler(error):
+            raise error
+        log.warning("stream: shard left out: %s", error)
 
     def _read(self, info: ShardInfo, arrival: float) -> Iterator[dict]:
-        snapshot = Snapshot(0, (info,), snapshot_id((info,)), (), (), time.time())
-        assignment = Assignment(self.who.rank, self.who.worker, (Piece(0, 0, info.nsamples or 0),), 0)
         stats = ReadStats()
         first = True
-        for sample in read_assignment(snapshot, assignment, self.stream.options, stats):
+        for sample in read_shard(info, self.stream.options, stats):
             if first:
                 first = False
                 self.latencies.append(max(0.0, time.time() - arrival))
@@ -298,13 +272,12 @@ class _Consumer:
     def _write_stats(self) -> None:
         count = lambda key: len(v) if isinstance(v := self.totals.get(key, 0), set) else v  # noqa: E731
         record = {
-            "rank": self.who.rank, "worker": self.who.worker, "shards": self.shards,
+            "rank": self.slot.rank, "worker": self.slot.worker, "shards": self.shards,
             "samples": count("yielded"), "pending": len(self.waiting) - len(self.rejected),
             "rejected": len(self.rejected), "replaced": count("replaced"), "deleted": count("deleted"),
             "corrupt": count("corrupt"), "latencies": [round(x, 6) for x in self.latencies],
         }
-        name = f"stream-stats-{self.who.rank}-{self.who.worker}.json"
         try:
-            write_atomic(os.path.join(self.stream.state.directory, name), json.dumps(record).encode())
+            self.stream.statedir.write_json(f"stream-stats-{self.slot.rank}-{self.slot.worker}.json", record)
         except OSError:  # the state directory is gone: the dataset was closed
             pass

@@ -28,13 +28,13 @@ import fcntl
 import json
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
-from watchdog.events import FileSystemEventHandler
 
 from ..format import manifest as manifestmod
 from ..format.atomic import fsync_dir
@@ -45,6 +45,7 @@ from .pack import (
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_name,
     plan_shards, write_shard,
 )
+from ..watch import Change, new_watcher
 from .publish import add_to_manifest, current_entries, next_number, out_lock, rename_without_replacing, shard_name
 
 log = logging.getLogger("wdsrefresh")
@@ -166,7 +167,7 @@ class Ingester:
         self.state = os.path.join(self.out, STATE_DIR)
         self.journal_dir = os.path.join(self.state, f"ingest-{self.tag}")
         self.tracker = _Tracker(config.settle)
-        self.wake = threading.Event()
+        self._wake_r, self._wake_w = _nonblocking_pipe()  # stop() wakes the loop, even from a signal handler
         self._counter = 0
         self._lock_fd: int | None = None
         self._oldest_ready: float | None = None
@@ -193,6 +194,10 @@ class Ingester:
         self.recover()
 
     def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -207,7 +212,10 @@ class Ingester:
     def stop(self) -> None:
         """Makes ``run_forever`` publish what is complete and return (safe from a signal handler)."""
         self.stopping.set()
-        self.wake.set()
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
 
     def recover(self) -> None:
         """Finishes each journaled publication whose shard was renamed; rolls back the others."""
@@ -391,49 +399,51 @@ class Ingester:
 
     def run_forever(self) -> None:
         """Watches the inbox until ``stop()``; publishes as samples become complete."""
-        from watchdog.observers import Observer
-
-        observer = Observer()
-        observer.schedule(_Handler(self), self.inbox, recursive=True)
-        observer.start()
+        watcher = new_watcher("watchdog", recursive=True)  # watchdog watches subdirectories itself
+        watcher.add(self.inbox)
         self.watching.set()
         log.info("watching %s; publishing into %s", self.inbox, self.out)
         try:
             while not self.stopping.is_set():
+                self._track(watcher.read())
                 later = self.step(final=False)
                 deadlines = [self.cfg.poll]
                 if later is not None:
                     deadlines.append(later - time.monotonic())
                 if self._oldest_ready is not None:
                     deadlines.append(self._oldest_ready + self.cfg.flush - time.monotonic())
-                self.wake.wait(max(0.01, min(deadlines)))
-                self.wake.clear()
+                self._wait([watcher.fileno(), self._wake_r], max(0.01, min(deadlines)))
             self.step(final=True)
         finally:
             self.watching.clear()
-            observer.stop()
-            observer.join()
+            watcher.close()
 
-
-class _Handler(FileSystemEventHandler):
-    """watchdog events: tracks files open for writing and wakes the ingest loop."""
-
-    def __init__(self, ingester: Ingester):
-        super().__init__()
-        self.ingester = ingester
-
-    def dispatch(self, event) -> None:
-        kind = event.event_type
-        if kind in ("opened", "closed_no_write") or event.is_directory:
-            return
-        tracker = self.ingester.tracker
+    def _track(self, changes: list[Change]) -> None:
+        """Marks files open for writing (a write, or an empty file created) until their close."""
+        tracker = self.tracker
         with tracker.lock:
-            if kind == "modified" or (kind == "created" and _empty(event.src_path)):
-                tracker.writing.add(event.src_path)
-            elif kind in ("closed", "deleted", "moved"):
-                tracker.writing.discard(event.src_path)
-                tracker.writing.discard(getattr(event, "dest_path", ""))
-        self.ingester.wake.set()
+            for change in changes:
+                if change.path is None:
+                    continue
+                if change.kind == "modified" or (change.kind == "created" and _empty(change.path)):
+                    tracker.writing.add(change.path)
+                elif change.kind in ("closed", "deleted", "moved_from", "moved_to"):
+                    tracker.writing.discard(change.path)
+
+    def _wait(self, fds: list[int], timeout: float) -> None:
+        ready, _, _ = select.select(fds, [], [], timeout)
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
 
 
 def _empty(path: str) -> bool:

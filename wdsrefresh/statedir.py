@@ -1,28 +1,28 @@
-"""How one snapshot per epoch reaches every DataLoader worker and every rank.
+"""The state directory: how one snapshot per epoch reaches every DataLoader worker.
 
 DataLoader copies the dataset into each worker (once for persistent workers, at every
 ``iter(loader)`` otherwise), so nothing set on the main process's object later reaches a
-persistent worker. What every consumer shares instead is a small *state directory*, created
-by the main process when the dataset is built, before any worker starts:
+persistent worker. What every consumer shares instead is a small directory, created by the
+main process when the dataset is built, before any worker starts:
 
 - ``control.json``: the epoch last set by ``set_epoch``, a generation counter, rank and world size.
 - ``snapshot-<epoch>.pkl``: the published snapshot of each epoch, written once (under a lock,
   temporary name then rename) and only read afterwards.
-- ``consumer-<num_workers>-<worker>.json``: how many epochs this worker slot has iterated
+- ``counter-<num_workers>-<worker>.json``: how many epochs this worker slot has iterated
   since the last ``set_epoch``, so iteration without ``set_epoch`` advances the epoch in
   every kind of worker (a DataLoader worker calls ``iter(dataset)`` once per epoch).
-- ``stats-<epoch>-<worker>.json``: what each consumer read, for ``stats()``.
+- ``stats-<epoch>-<rank>-<worker>.json``: what each consumer read, for ``stats()``.
+- ``resume.json``: which loaded checkpoint last restarted the epoch counters.
 
 Under torch.distributed, ``set_epoch`` runs in each rank's main process: rank 0 resolves the
 snapshot and broadcasts it, and every rank publishes the same snapshot into its own state
-directory. Workers never list the directory on their own when a snapshot is published.
+directory. Workers never list the shard directory on their own when a snapshot is published.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import pickle
 import shutil
@@ -30,95 +30,22 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from .format.atomic import write_atomic
 from .snapshot import Snapshot
 
-log = logging.getLogger("wdsrefresh")
-
 KEEP_SNAPSHOTS = 4
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of torch.distributed in this process, (0, 1) without it."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class RankZeroError(RuntimeError):
-    """Rank 0 failed to resolve the epoch's snapshot; raised on the other ranks."""
-
-
-def broadcast_from_rank0(make: Callable[[], object]) -> object:
-    """``make()`` on rank 0, its result on every rank (main processes only).
-
-    If ``make()`` raises on rank 0, every rank raises (rank 0 the original error, the others a
-    RankZeroError with its text) instead of waiting for a broadcast that never comes.
-    """
-    import torch.distributed as dist
-
-    failure: BaseException | None = None
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [(True, make())]
-        except Exception as exn:  # noqa: BLE001 - every rank must hear of any failure
-            failure = exn
-            box = [(False, f"{type(exn).__name__}: {exn}")]
-    dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if failure is not None:
-        raise failure
-    if not ok:
-        raise RankZeroError(f"rank 0 could not resolve the snapshot: {value}")
-    return value
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Readers of ``path`` see the old or the new bytes, never a part (no fsync: state is per run)."""
-    fd, tmp = tempfile.mkstemp(prefix="_tmp.", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_json(path: str, default: dict) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return default
 
 
-def consumer_slot() -> tuple[int, int]:
-    """(worker id, number of workers) of this DataLoader worker; (0, 1) in the main process."""
-    import torch.utils.data
-
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def rank_and_world(control: dict) -> tuple[int, int]:
-    """This consumer's (rank, world_size): the main process's, as recorded in ``control``.
-
-    Workers cannot call torch.distributed; a main process reading itself (num_workers=0) asks it.
-    """
-    live_rank, live_world = dist_info()
-    if live_world > 1:
-        return live_rank, live_world
-    return control["rank"], control["world_size"]
-
-
-class EpochState:
-    """The state directory shared by the main process and all its DataLoader workers.
+class StateDirectory:
+    """The directory shared by the main process and all its DataLoader workers.
 
     Each dataset gets a fresh private directory (inside ``parent`` when given, e.g. a local
     disk), removed when the dataset is collected: a directory left by an earlier job or shared
@@ -139,31 +66,53 @@ class EpochState:
         if os.getpid() == self.owner_pid:
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _path(self, name: str) -> str:
+    def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
+
+    def write_json(self, name: str, doc: dict) -> None:
+        write_atomic(self.path(name), json.dumps(doc).encode())
+
+    def read_json(self, name: str, default: dict) -> dict:
+        return _read_json(self.path(name), default)
 
     # control: written by the main process
     def control(self) -> dict:
-        return _read_json(self._path("control.json"), {"epoch": 0, "generation": 0, "rank": 0, "world_size": 1})
+        return self.read_json("control.json", {"epoch": 0, "generation": 0, "rank": 0, "world_size": 1})
 
     def set_control(self, epoch: int, rank: int, world_size: int, bump: bool = True) -> None:
-        current = self.control()
-        generation = current["generation"] + (1 if bump else 0)
-        doc = {"epoch": epoch, "generation": generation, "rank": rank, "world_size": world_size}
-        write_atomic(self._path("control.json"), json.dumps(doc).encode())
+        generation = self.control()["generation"] + (1 if bump else 0)
+        self.write_json("control.json", {"epoch": epoch, "generation": generation, "rank": rank,
+                                         "world_size": world_size})
 
     def next_epoch_for(self, worker: int, num_workers: int) -> tuple[int, dict]:
         """The epoch worker slot ``worker`` iterates now, and advances its counter."""
         control = self.control()
-        path = self._path(f"consumer-{num_workers}-{worker}.json")
-        mine = _read_json(path, {"generation": -1, "iterations": 0})
+        name = f"counter-{num_workers}-{worker}.json"
+        mine = self.read_json(name, {"generation": -1, "iterations": 0})
         iterations = mine["iterations"] + 1 if mine["generation"] == control["generation"] else 0
-        write_atomic(path, json.dumps({"generation": control["generation"], "iterations": iterations}).encode())
+        self.write_json(name, {"generation": control["generation"], "iterations": iterations})
         return control["epoch"] + iterations, control
+
+    def restart_at(self, epoch: int, token: str, force: bool) -> int:
+        """Makes ``epoch`` the one every consumer iterates next, once per loaded checkpoint
+        ``token`` (unless ``force``); returns the control generation. Call under ``lock()``.
+
+        Every DataLoader worker loads its share of one checkpoint: the first one sets the epoch
+        (restarting every worker's epoch counter), the others find it done and leave the counters.
+        """
+        control = self.control()
+        mark = self.read_json("resume.json", {})
+        if (not force and mark.get("token") == token and mark.get("generation") == control["generation"]
+                and control["epoch"] == epoch):
+            return control["generation"]
+        self.set_control(epoch, control["rank"], control["world_size"], bump=True)
+        generation = self.control()["generation"]
+        self.write_json("resume.json", {"token": token, "generation": generation})
+        return generation
 
     # snapshots: published once per epoch
     def _snapshot_path(self, epoch: int) -> str:
-        return self._path(f"snapshot-{epoch:09d}.pkl")
+        return self.path(f"snapshot-{epoch:09d}.pkl")
 
     def load(self, epoch: int) -> Snapshot | None:
         try:
@@ -184,8 +133,7 @@ class EpochState:
             del self._recent[epoch]
 
     def latest(self, before: int | None = None) -> Snapshot | None:
-        epochs = sorted(self._published_epochs(), reverse=True)
-        for epoch in epochs:
+        for epoch in sorted(self._published_epochs(), reverse=True):
             if before is None or epoch < before:
                 snap = self.load(epoch)
                 if snap is not None:
@@ -211,7 +159,7 @@ class EpochState:
         """Removes an old epoch's snapshot and consumer stats, so long runs do not pile up files."""
         stats_prefix = f"stats-{epoch:09d}-"
         names = [n for n in os.listdir(self.directory) if n.startswith(stats_prefix)]
-        for path in [self._snapshot_path(epoch)] + [self._path(n) for n in names]:
+        for path in [self._snapshot_path(epoch)] + [self.path(n) for n in names]:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -231,7 +179,7 @@ class EpochState:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        with open(self._path("lock"), "a+") as f:
+        with open(self.path("lock"), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -242,12 +190,9 @@ class EpochState:
     def write_stats(self, epoch: int, rank: int, worker: int, stats: dict) -> None:
         """Records a consumer's counters; a no-op once the dataset (and its directory) is gone."""
         if os.path.isdir(self.directory):
-            write_atomic(self._path(f"stats-{epoch:09d}-{rank}-{worker}.json"), json.dumps(stats).encode())
+            self.write_json(f"stats-{epoch:09d}-{rank}-{worker}.json", stats)
 
     def read_stats(self, epoch: int) -> list[dict]:
         prefix = f"stats-{epoch:09d}-"
-        out = []
-        for name in sorted(os.listdir(self.directory)):
-            if name.startswith(prefix) and name.endswith(".json"):
-                out.append(_read_json(self._path(name), {}))
-        return out
+        names = sorted(n for n in os.listdir(self.directory) if n.startswith(prefix) and n.endswith(".json"))
+        return [self.read_json(n, {}) for n in names]

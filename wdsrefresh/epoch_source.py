@@ -1,0 +1,296 @@
+"""EpochSource: the first stage of ``mode="epoch"``: each iteration, this consumer's share of an epoch.
+
+In the main process ``set_epoch`` resolves the epoch's snapshot (rank 0 resolves and
+broadcasts under torch.distributed) and publishes it in the state directory. In each
+consumer, an iteration loads the published snapshot of its epoch, computes its share with
+the exact split and reads it. Checkpoints (``state_dict``) record the consumer's position;
+the format and its guarantees are in resume.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import resume as resuming
+from .index import DirectoryIndex, resolve_waiting
+from .reading import Cursor, ReadOptions, ReadStats, read_assignment
+from .resolver import Resolver
+from .sample_source import Consumer
+from .slot import Slot, broadcast_from_rank0, current_slot, dist_info
+from .snapshot import Snapshot
+from .sources import DirectorySource, ShardSource, make_source
+from .split import Assignment, split
+from .statedir import StateDirectory
+from .watch import poll_interval
+
+log = logging.getLogger("wdsrefresh")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch read, on this rank: from the snapshot and from its consumers' counters.
+
+    ``added``, ``removed``, ``replaced``, ``deleted`` and ``corrupt`` count shards; the
+    others count samples.
+    """
+
+    epoch: int
+    snapshot_id: str
+    shards: int
+    samples: int
+    added: int
+    removed: int
+    left_out: int
+    yielded: int
+    replaced: int
+    deleted: int
+    corrupt: int
+    skipped: int
+    padded: int
+    consumers: int
+
+
+@dataclass
+class _Iteration:
+    """One consumer's iteration: fixed when its iterator is created, current while it runs."""
+
+    consumer: Consumer
+    snapshot: Snapshot
+    assignment: Assignment
+    stats: ReadStats
+    cursor: Cursor
+    explicit: bool = False  # pieces redistributed at a resume, not the split's own
+
+
+@dataclass(frozen=True)
+class _LoadedState:
+    """A checkpoint loaded into this consumer, waiting for the iteration that resumes it."""
+
+    resume: resuming.ResumeState
+    generation: int
+    state: dict
+
+
+class EpochSource:
+    """The first pipeline stage of ``mode="epoch"``; see the module docstring."""
+
+    def __init__(self, source: Any, *, shardshuffle: bool, seed: int, options: ReadOptions,
+                 partial: bool, state_dir: str | None, watch: bool | str = False, poll: bool | float = False,
+                 min_shards: int = 0, timeout: float | None = None):
+        self.source: ShardSource = make_source(source)
+        self.shardshuffle = bool(shardshuffle)
+        self.seed = seed
+        self.options = options
+        self.partial = partial
+        self.statedir = StateDirectory(state_dir)
+        rank, world_size = dist_info()
+        self.statedir.set_control(0, rank, world_size, bump=False)
+        self.current: Consumer | None = None
+        self._resolver: Resolver | None = None
+        self._next: _Iteration | None = None  # prepared when an iterator is made
+        self._live: _Iteration | None = None  # running
+        self._loaded: _LoadedState | None = None
+        self._loads = 0
+        self._snapshot_doc: dict | None = None
+        # watch: a DirectoryIndex in this process only (never in DataLoader workers), made lazily
+        self.watch, self.poll, self.min_shards, self.timeout = watch, poll, min_shards, timeout
+        self._index: DirectoryIndex | None = None
+        self._owner_pid = os.getpid()
+        weakref.finalize(self, self.statedir.cleanup)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_resolver"] = state["_index"] = None
+        state["_next"] = state["_live"] = state["_snapshot_doc"] = None
+        return state
+
+    # resolving, in the main process
+    def _resolve(self, epoch: int, previous: Snapshot | None = None) -> Snapshot:
+        index = self._watched_index()
+        if index is not None:
+            once = lambda: index.snapshot(epoch)  # noqa: E731
+        else:
+            resolver = self._rescanner()
+            resolver.remember(previous)
+            once = lambda: resolver.resolve(epoch)  # noqa: E731
+        snapshot = resolve_waiting(once, describe=self.source.describe(), min_shards=self.min_shards,
+                                   timeout=self.timeout, index=index, poll=poll_interval(self.poll, 1.0))
+        log.info("%s", snapshot.describe(previous))
+        return snapshot
+
+    def _rescanner(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = Resolver(self.source, with_digest=self.options.verify != "off",
+                                      handler=self.options.handler)
+        return self._resolver
+
+    def _watched_index(self) -> DirectoryIndex | None:
+        """The watched index of the source, in the process that built the dataset (None elsewhere)."""
+        if not self.watch or os.getpid() != self._owner_pid or not isinstance(self.source, DirectorySource):
+            return None
+        if self._index is None:
+            backend = self.watch if isinstance(self.watch, str) else "auto"
+            self._index = DirectoryIndex(self.source, with_digest=self.options.verify != "off",
+                                         handler=self.options.handler, poll=self.poll, backend=backend)
+        return self._index
+
+    @property
+    def watching(self) -> str | None:
+        """How this process keeps its index of the directory current: "inotify", "watchdog",
+        "poll"; None when it rescans at each epoch (or no epoch was resolved yet)."""
+        if self._index is None:
+            return None
+        return "poll" if self._index.watcher is None else self._index.watcher.name
+
+    def close(self) -> None:
+        """Stops the directory watcher this process started, if any."""
+        index, self._index = self._index, None
+        if index is not None and os.getpid() == self._owner_pid:
+            index.close()
+
+    def set_epoch(self, epoch: int) -> Snapshot:
+        if self._loaded is not None and self._loaded.resume.epoch == epoch:
+            return self._publish_resumed(self._loaded.resume, self._loaded.state, force=True)
+        rank, world_size = dist_info()
+        previous = self.statedir.latest(before=epoch)
+        if world_size > 1:
+            snapshot = broadcast_from_rank0(lambda: self._resolve(epoch, previous))
+        else:
+            snapshot = self._resolve(epoch, previous)
+        with self.statedir.lock():
+            self.statedir.publish(snapshot)
+            self.statedir.set_control(epoch, rank, world_size)
+        return snapshot
+
+    def snapshot(self, epoch: int | None = None) -> Snapshot | None:
+        """The published snapshot of ``epoch`` (default: the latest)."""
+        return self.statedir.latest() if epoch is None else self.statedir.load(epoch)
+
+    def stats(self, epoch: int | None = None) -> EpochStats:
+        """Per-epoch statistics on this rank (default: the latest published epoch)."""
+        snap = self.snapshot(epoch)
+        if snap is None:
+            raise LookupError(f"no snapshot published for epoch {epoch}")
+        added, removed = snap.diff(self.statedir.latest(before=snap.epoch))
+        records = self.statedir.read_stats(snap.epoch)
+        total = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
+        shards = lambda key: len(set().union(*(r.get(key, ()) for r in records)))  # noqa: E731
+        left_out = max((r.get("left_out", 0) for r in records), default=0)
+        return EpochStats(
+            epoch=snap.epoch, snapshot_id=snap.id, shards=len(snap.shards), samples=snap.nsamples,
+            added=len(added), removed=len(removed), left_out=left_out, yielded=total("yielded"),
+            replaced=shards("replaced"), deleted=shards("deleted"), corrupt=shards("corrupt"),
+            skipped=total("skipped"), padded=total("padded"), consumers=len(records),
+        )
+
+    # iterating, in each consumer
+    def prepare(self) -> None:
+        """Fixes this consumer's next iteration (epoch, snapshot, share) when its iterator is made."""
+        self._next = self._next_iteration()
+
+    def __call__(self):
+        it, self._next = self._next, None
+        if it is None:
+            it = self._next_iteration()
+        self._live = it
+        self.current = it.consumer
+        return self._samples(it)
+
+    def _snapshot_for(self, epoch: int, world_size: int) -> Snapshot:
+        snapshot = self.statedir.load(epoch)
+        if snapshot is not None:
+            return snapshot
+        if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(
+                f"no snapshot published for epoch {epoch}: under torch.distributed call "
+                f"ds.set_epoch(epoch) in every rank before each epoch, so all ranks read the same shards"
+            )
+        return self.statedir.get_or_resolve(epoch, lambda previous: self._resolve(epoch, previous))
+
+    def _next_iteration(self) -> _Iteration:
+        control = self.statedir.control()
+        slot = current_slot(control["rank"], control["world_size"])
+        epoch, control = self.statedir.next_epoch_for(slot.worker, slot.num_workers)
+        resumed = self._resumed_iteration(epoch, control["generation"], slot)
+        if resumed is not None:
+            return resumed
+        snapshot = self._snapshot_for(epoch, slot.world_size)
+        assignment = split(snapshot, seed=self.seed, epoch=epoch, slot=slot, shuffle=self.shardshuffle,
+                           partial=self.partial)
+        return _Iteration(Consumer(slot, epoch, snapshot.id), snapshot, assignment, ReadStats(), Cursor())
+
+    def _samples(self, it: _Iteration):
+        slot = it.consumer.slot
+        # padding keeps ranks equal; a single rank has nothing to keep equal with
+        options = replace(self.options, equalize=self.options.equalize and slot.world_size > 1)
+        try:
+            yield from read_assignment(it.snapshot, it.assignment, options, it.stats, it.cursor)
+        finally:
+            record = it.stats.as_dict() | {"left_out": it.assignment.left_out, "rank": slot.rank,
+                                           "worker": slot.worker}
+            self.statedir.write_stats(it.consumer.epoch, slot.rank, slot.worker, record)
+            log.debug("epoch %d rank %d worker %d: %s", it.consumer.epoch, slot.rank, slot.worker, record)
+
+    # checkpoint and resume (the format and its guarantees: resume.py)
+    def fingerprint(self) -> dict:
+        return resuming.fingerprint(self.source.describe(), self.seed, self.shardshuffle, self.partial)
+
+    def state_dict(self) -> dict:
+        """This consumer's position in its epoch, as plain values (see resume.py)."""
+        if self._next is None and self._live is None and self._loaded is not None:
+            return self._loaded.state
+        it = self._next or self._live
+        if it is None:
+            return resuming.make_state(self.fingerprint(), None, None, 1, 1, [])
+        slot = it.consumer.slot
+        if self._snapshot_doc is None or self._snapshot_doc["id"] != it.snapshot.id:
+            self._snapshot_doc = resuming.snapshot_doc(it.snapshot)
+        piece, offset = it.cursor.position(it.stats)
+        position = resuming.SavedPosition(
+            slot.rank, slot.worker, piece, offset, it.stats.as_dict(),
+            it.assignment.pieces if it.explicit else None,
+        )
+        return resuming.make_state(self.fingerprint(), it.consumer.epoch, self._snapshot_doc, slot.world_size,
+                                   slot.num_workers, [position.as_dict()])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Makes the next iteration resume the saved epoch where ``state`` left it."""
+        resume = resuming.parse(state, self.fingerprint())
+        self._next = self._live = None
+        if resume is None:
+            self._loaded = None
+            return
+        self._publish_resumed(resume, state, force=self._loads > 0)
+        self._loads += 1
+
+    def _publish_resumed(self, resume: resuming.ResumeState, state: dict, force: bool) -> Snapshot:
+        """Publishes the saved snapshot as its epoch's and makes that epoch the next one iterated."""
+        snapshot = replace(resume.snapshot, epoch=resume.epoch)
+        with self.statedir.lock():
+            published = self.statedir.load(resume.epoch)
+            if published is None or published.id != snapshot.id:
+                self.statedir.publish(snapshot)
+            generation = self.statedir.restart_at(resume.epoch, resume.token, force)
+        self._loaded = _LoadedState(resume, generation, state)
+        return snapshot
+
+    def _resumed_iteration(self, epoch: int, generation: int, slot: Slot) -> _Iteration | None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is None or loaded.generation != generation or loaded.resume.epoch != epoch:
+            return None
+        resume = loaded.resume
+
+        def assignment_of(saved: Slot) -> Assignment:
+            return split(resume.snapshot, seed=self.seed, epoch=epoch, slot=saved, shuffle=self.shardshuffle,
+                         partial=self.partial)
+
+        start = resuming.restart(resume, assignment_of, slot, partial=self.partial)
+        stats = resuming.read_stats(start.stats, ReadStats)
+        log.info("epoch %d rank %d worker %d: resuming at piece %d, sample %d of %d pieces", epoch, slot.rank,
+                 slot.worker, start.piece, start.offset, len(start.assignment.pieces))
+        return _Iteration(Consumer(slot, epoch, resume.snapshot.id), resume.snapshot, start.assignment, stats,
+                          Cursor(start.piece, start.offset), start.explicit)
