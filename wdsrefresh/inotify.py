@@ -5,8 +5,6 @@ threads before a handler sees it, so a resolve could never tell whether it has s
 event queued before it began. Reading the inotify fd without blocking lets a snapshot drain
 the kernel queue itself: a shard renamed into the directory before ``set_epoch`` is called is
 in that epoch's snapshot, always.
-
-The fds of a process's watches are closed in a forked child (its threads are gone there).
 """
 
 from __future__ import annotations
@@ -15,8 +13,9 @@ import os
 import struct
 import sys
 import threading
-import weakref
 from dataclasses import dataclass
+
+from . import forksafe
 
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -28,9 +27,6 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
 _EVENT = struct.Struct("iIII")
 _KINDS = ((IN_MODIFY, "modified"), (IN_CLOSE_WRITE, "closed"), (IN_CREATE, "created"), (IN_DELETE, "deleted"),
           (IN_MOVED_FROM, "moved_from"), (IN_MOVED_TO, "moved_to"), (IN_ATTRIB, "attrib"))
-
-_LIVE: weakref.WeakSet = weakref.WeakSet()
-
 
 @dataclass(frozen=True)
 class Change:
@@ -73,7 +69,7 @@ class Inotify:
         self.pid = os.getpid()
         self.dirs: dict[int, str] = {}
         self._lock = threading.Lock()
-        _LIVE.add(self)
+        forksafe.track(self)
 
     def fileno(self) -> int:
         return self.fd
@@ -130,21 +126,9 @@ class Inotify:
             fd, self.fd = self.fd, -1
         if fd >= 0 and os.getpid() == self.pid:
             os.close(fd)
-        _LIVE.discard(self)
+        forksafe.untrack(self)
 
-
-def _close_inherited() -> None:
-    """In a forked child: close the inotify fds the parent's watchers hold (their threads are gone)."""
-    for ino in list(_LIVE):
-        fd, ino.fd = ino.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        ino._lock = threading.Lock()
-    _LIVE.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited)
+    def drop_in_child(self) -> None:
+        fd, self.fd = self.fd, -1
+        forksafe.close_quietly(fd)
+        self._lock = threading.Lock()

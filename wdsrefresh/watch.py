@@ -19,11 +19,11 @@ import logging
 import os
 import sys
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from . import forksafe
 from .inotify import Change, Inotify
 
 log = logging.getLogger("wdsrefresh")
@@ -35,9 +35,6 @@ NETWORK_FS = frozenset({
     "gpfs", "beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs",
     "fuse.cephfs", "fuse.rclone", "fuse.mountpoint-s3", "fuse.goofys", "wekafs",
 })
-
-_LIVE: weakref.WeakSet = weakref.WeakSet()
-
 
 class Watcher(Protocol):
     name: str
@@ -125,7 +122,7 @@ class WatchdogWatcher:
         os.set_blocking(self._wake_w, False)
         self._started = False
         self._lock = threading.Lock()
-        _LIVE.add(self)
+        forksafe.track(self)
 
     def fileno(self) -> int:
         return self._wake_r
@@ -169,7 +166,14 @@ class WatchdogWatcher:
             self._observer.join()
         for fd in fds:
             os.close(fd)
-        _LIVE.discard(self)
+        forksafe.untrack(self)
+
+    def drop_in_child(self) -> None:
+        """The observer's threads are gone in a forked child; drop the pipe."""
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            forksafe.close_quietly(fd)
+        self._lock = threading.Lock()
 
 
 class _Forward:
@@ -193,21 +197,3 @@ class _Forward:
             self.watcher.push(Change(os.fsdecode(event.dest_path), "moved_to"))
         else:
             self.watcher.push(Change(os.fsdecode(event.src_path), kind))
-
-
-def _close_inherited() -> None:
-    """In a forked child: the observer's threads are gone; drop the pipe fds."""
-    for watcher in list(_LIVE):
-        fds, watcher._wake_r, watcher._wake_w = (watcher._wake_r, watcher._wake_w), -1, -1
-        for fd in fds:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        watcher._lock = threading.Lock()
-    _LIVE.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited)
