@@ -71,13 +71,20 @@ class DirectorySource(ShardSource):
             with os.scandir(self.path) as entries:
                 names = [e.path for e in entries if not e.is_dir()]
         known = self._manifest_entries()
-        return [_with_manifest(n, known.get(n)) for n in sorted(names) if is_shard_name(n)]
+        return [_with_manifest(n, known.get(os.path.normpath(n))) for n in sorted(names) if is_shard_name(n)]
 
     def candidate(self, path: str) -> Candidate:
-        return _with_manifest(path, self._manifest_entries().get(path))
+        return _with_manifest(path, self._manifest_entries().get(os.path.normpath(path)))
 
     def _manifest_entries(self) -> dict[str, manifestmod.ManifestEntry]:
-        """What a manifest.json beside the shards (written by pack or ingest) says about them."""
+        """What a manifest.json beside the shards (written by pack or ingest) says about them.
+
+        The manifest only saves reading the shards, so a bad one never stops a training job:
+        an invalid entry (or one file listed twice) is ignored with a warning, once per
+        version of the manifest file, and its shard is indexed from the file; so is a shard
+        whose entry has no ``filesize`` (nothing ties such an entry to the file's current
+        version). A manifest unreadable as a whole is ignored the same way.
+        """
         path = os.path.join(self.path, manifestmod.DEFAULT_NAME)
         try:
             st = os.stat(path)
@@ -86,11 +93,16 @@ class DirectorySource(ShardSource):
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._manifest_cache[0] != key:
             try:
-                entries = manifestmod.load(path)
+                entries, errors = manifestmod.read(path, contained=True)
             except (OSError, manifestmod.ManifestError) as exn:
                 log.warning("%s; indexing the shards instead", exn)
-                entries = []
-            by_path = {os.path.join(self.path, e.url): e for e in entries if not os.path.isabs(e.url)}
+                entries, errors = [], []
+            for exn in errors:
+                log.warning("%s; entry ignored, the shard is indexed from its file instead", exn)
+            unsized = sum(e.filesize is None for e in entries)
+            if unsized:
+                log.info("%s: %d entries without filesize; their shards are indexed from the files", path, unsized)
+            by_path = {os.path.normpath(os.path.join(self.path, e.url)): e for e in entries if e.filesize is not None}
             self._manifest_cache = (key, by_path)
         return self._manifest_cache[1]
 
@@ -126,7 +138,11 @@ class BraceSource(ShardSource):
 
 
 class ManifestSource(ShardSource):
-    """A wids shard index v1 JSON file; relative urls resolve against its directory."""
+    """A wids shard index v1 JSON file; relative urls resolve against its directory.
+
+    The manifest was asked for by name, so an invalid entry raises ManifestError (naming the
+    file, the entry and the field) rather than being read around. Urls may be absolute paths.
+    """
 
     def __init__(self, path: str):
         self.path = os.fspath(path)

@@ -1,0 +1,161 @@
+"""Manifest entries are checked before anything they say is used.
+
+A directory's own manifest only saves reading the shards: a bad entry is ignored with a
+warning and its shard indexed from the file, so counts always come from real files. A
+manifest given as the source raises ManifestError naming the file, the entry and the field.
+"""
+
+import json
+import logging
+import os
+
+import pytest
+
+import wdsrefresh as wr
+from shardutil import write_shard
+from wdsrefresh.format import manifest
+from wdsrefresh.format.manifest import ManifestError
+from wdsrefresh.format.tario import index_shard
+
+
+def entry_json(directory, name, **fields):
+    """What pack would write for ``name`` (count, size, digests), with ``fields`` replaced."""
+    path = os.path.join(directory, name)
+    index = index_shard(path)
+    st = os.stat(path)
+    entry = {"url": name, "nsamples": index.nsamples, "filesize": st.st_size,
+             "digest": index.digest, "blocks": index.blocks.hex()}
+    entry.update(fields)
+    return entry
+
+
+def write_manifest(path, shardlist, **top):
+    with open(path, "w") as f:
+        json.dump({"__kind__": "wids-shard-index-v1", "wids_version": 1, **top, "shardlist": shardlist}, f)
+    return path
+
+
+def by_name(snapshot):
+    return {os.path.basename(s.url): s for s in snapshot.shards}
+
+
+def warnings_about(caplog, text):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+# ---- a directory's own manifest: bad entries are ignored, the files are indexed ------------
+
+
+def test_directory_manifest_entry_without_filesize_never_drops_samples(shard_dir):
+    write_shard(shard_dir, "a.tar", 3)
+    write_manifest(os.path.join(shard_dir, "manifest.json"), [{"url": "a.tar", "nsamples": 1}])
+    # verify="off" trusted such an entry blindly: 2 of the 3 samples were silently never read
+    ds = wr.RefreshingWebDataset(shard_dir, verify="off", watch=False, shardshuffle=False)
+    assert by_name(ds.set_epoch(0))["a.tar"].nsamples == 3
+    assert [s["__key__"] for s in ds] == [f"a/{i:06d}" for i in range(3)]
+
+
+BAD_ENTRIES = {
+    "negative count": ({"nsamples": -4}, "nsamples: expected a non-negative integer, got -4"),
+    "absurd count": ({"nsamples": 10**12}, "nsamples: 1000000000000 samples cannot fit in 10240 bytes"),
+    "count as string": ({"nsamples": "12"}, "nsamples: expected a non-negative integer, got '12'"),
+    "count as bool": ({"nsamples": True}, "nsamples: expected a non-negative integer, got True"),
+    "negative size": ({"filesize": -1}, "filesize: expected a non-negative integer, got -1"),
+    "digest not hex": ({"digest": "xxh3_128:" + "zz" * 16}, "digest: expected 32 hex digits after 'xxh3_128:'"),
+    "digest too short": ({"digest": "xxh3_128:abcd"}, "digest: expected 32 hex digits after 'xxh3_128:'"),
+    "digest unknown algo": ({"digest": "crc32:00000000"}, "digest: unsupported digest algorithm 'crc32'"),
+    "digest without algo": ({"digest": "ab" * 16}, "digest: expected 'algo:hex'"),
+    "blocks not hex": ({"blocks": "zz" * 8}, "blocks: expected hex digits, 16 per block"),
+    "blocks cut": ({"blocks": "ab" * 7 + "a"}, "blocks: expected hex digits, 16 per block"),
+    "blocks for another size": ({"blocks": "ab" * 16}, "blocks: 2 block digests for 10240 bytes, expected 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_bad_directory_manifest_entry_is_ignored_with_a_warning_and_the_file_indexed(shard_dir, caplog, case):
+    fields, problem = BAD_ENTRIES[case]
+    write_shard(shard_dir, "a.tar", 3)
+    write_shard(shard_dir, "b.tar", 4)
+    path = write_manifest(os.path.join(shard_dir, "manifest.json"), [
+        entry_json(shard_dir, "a.tar", **fields),
+        entry_json(shard_dir, "b.tar", nsamples=2),  # a count only the manifest says: proof it is still used
+    ])
+    ds = wr.RefreshingWebDataset(shard_dir, watch=False, shardshuffle=False)
+    shards = by_name(ds.set_epoch(0))
+    assert (shards["a.tar"].nsamples, shards["b.tar"].nsamples) == (3, 2)
+    assert [s["__key__"] for s in ds if s["__key__"].startswith("a/")] == [f"a/{i:06d}" for i in range(3)]
+    [warning] = warnings_about(caplog, "shardlist[0]")
+    assert warning.startswith(f"{path}: shardlist[0] ('a.tar'): {problem}")
+
+
+@pytest.mark.parametrize("url", ["../escape.tar", "sub/../../escape.tar", "/abs/a.tar", "https://host/a.tar", ""])
+def test_directory_manifest_urls_must_stay_inside_the_directory(tmp_path, caplog, url):
+    root = tmp_path / "shards"
+    root.mkdir()
+    write_shard(str(root), "a.tar", 3)
+    write_shard(str(tmp_path), "escape.tar", 5)
+    path = write_manifest(str(root / "manifest.json"), [{"url": url, "nsamples": 1, "filesize": 10240}])
+    assert by_name(wr.RefreshingWebDataset(str(root), watch=False).set_epoch(0))["a.tar"].nsamples == 3
+    [warning] = warnings_about(caplog, "shardlist[0]")
+    where = f"shardlist[0] ({url!r})" if url else "shardlist[0]"
+    expected = "url: expected a non-empty string" if not url else "url: expected a relative path inside the manifest's directory"
+    assert warning.startswith(f"{path}: {where}: {expected}")
+
+
+def test_file_listed_twice_in_directory_manifest_uses_neither_entry(shard_dir, caplog):
+    write_shard(shard_dir, "a.tar", 3)
+    path = write_manifest(os.path.join(shard_dir, "manifest.json"), [
+        entry_json(shard_dir, "a.tar"), entry_json(shard_dir, "./a.tar", url="./a.tar", nsamples=1)])
+    ds = wr.RefreshingWebDataset(shard_dir, watch=False, shardshuffle=False)
+    assert by_name(ds.set_epoch(0))["a.tar"].nsamples == 3
+    assert len(list(ds)) == 3
+    [warning] = warnings_about(caplog, "shardlist[1]")
+    assert warning.startswith(f"{path}: shardlist[1] ('./a.tar'): url: names the same file as shardlist[0]")
+
+
+def test_bad_entry_is_warned_about_once_per_manifest_version(shard_dir, caplog):
+    write_shard(shard_dir, "a.tar", 3)
+    path = os.path.join(shard_dir, "manifest.json")
+    write_manifest(path, [entry_json(shard_dir, "a.tar", nsamples=-4)])
+    ds = wr.RefreshingWebDataset(shard_dir, watch=False)
+    for epoch in range(3):
+        assert ds.set_epoch(epoch).nsamples == 3
+    assert len(warnings_about(caplog, "nsamples: expected")) == 1
+    write_manifest(path, [entry_json(shard_dir, "a.tar", nsamples=-5)], name="a new version of the file")
+    ds.set_epoch(3)
+    assert len(warnings_about(caplog, "nsamples: expected")) == 2
+
+
+# ---- a manifest given as the source: bad entries raise ---------------------------------------
+
+
+def test_manifest_source_raises_naming_manifest_entry_and_field(shard_dir):
+    for i in range(4):
+        write_shard(shard_dir, f"shard-{i:06d}.tar", 2)
+    entries = [entry_json(shard_dir, f"shard-{i:06d}.tar") for i in range(4)]
+    entries[3]["nsamples"] = "12"
+    path = write_manifest(os.path.join(shard_dir, "index.json"), entries)
+    with pytest.raises(ManifestError) as info:
+        wr.RefreshingWebDataset(path).set_epoch(0)
+    assert str(info.value) == f"{path}: shardlist[3] ('shard-000003.tar'): nsamples: expected a non-negative integer, got '12'"
+
+
+def test_manifest_source_listing_a_file_twice_raises_instead_of_yielding_it_twice(shard_dir):
+    write_shard(shard_dir, "a.tar", 3)
+    path = write_manifest(os.path.join(shard_dir, "index.json"), [
+        {"url": "a.tar", "nsamples": 3}, {"url": os.path.join(shard_dir, "a.tar"), "nsamples": 3}])
+    with pytest.raises(ManifestError, match=r"shardlist\[1\] .*: url: names the same file as shardlist\[0\]"):
+        wr.RefreshingWebDataset(path).set_epoch(0)
+
+
+def test_manifest_source_may_list_absolute_paths_and_urls(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_shard(str(elsewhere), "a.tar", 3)
+    path = write_manifest(str(tmp_path / "index.json"), [
+        {"url": str(elsewhere / "a.tar"), "nsamples": 3}, {"url": "https://host/b.tar", "nsamples": 2}])
+    assert [e.url for e in manifest.load(path)] == [str(elsewhere / "a.tar"), "https://host/b.tar"]
+    entries, errors = manifest.read(path, contained=True)  # what a directory's own manifest may not list
+    assert entries == [] and [str(e).split(": ", 1)[1].split(" inside")[0] for e in errors] == [
+        f"shardlist[0] ({str(elsewhere / 'a.tar')!r}): url: expected a relative path",
+        "shardlist[1] ('https://host/b.tar'): url: expected a relative path"]
