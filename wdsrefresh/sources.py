@@ -35,6 +35,7 @@ class Candidate:
     digest: str | None = None
     blocks: bytes | None = None
     filesize: int | None = None
+    mtime_ns: int | None = None  # with filesize: the file version the manifest describes
 
 
 class ShardSource:
@@ -158,6 +159,7 @@ class ManifestSource(ShardSource):
                 digest=e.digest,
                 blocks=e.blocks,
                 filesize=e.filesize,
+                mtime_ns=e.mtime_ns,
             )
             for e in entries
         ]
@@ -191,7 +193,7 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None) -> Candid
     if entry is None:
         return Candidate(url=path, path=path)
     return Candidate(url=path, path=path, nsamples=entry.nsamples, digest=entry.digest, blocks=entry.blocks,
-                     filesize=entry.filesize)
+                     filesize=entry.filesize, mtime_ns=entry.mtime_ns)
 
 
 def make_source(spec: object) -> ShardSource:

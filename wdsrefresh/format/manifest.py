@@ -1,10 +1,18 @@
-"""The manifest file: a wids shard index v1, plus a digest (and block digests) per shard.
+"""The manifest file: a wids shard index v1, plus identity and digests per shard.
 
     {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": ...,
      "shardlist": [{"url": "shard-000000.tar", "nsamples": 1000, "filesize": 123,
+                    "mtime_ns": 1700000000123456789,
                     "digest": "xxh3_128:...", "blocks": "hex of 8-byte block digests"}]}
 
 Readers of plain wids manifests ignore the extra keys; manifests without them are accepted.
+
+An entry describes one version of one file: ``filesize`` and ``mtime_ns`` are what the file
+had when it was indexed (never its inode, so copies made with ``cp -p`` or ``rsync -t``
+stay valid). Such copies keep the modification time only to the precision of the target
+file system and of the tool (1 s or 2 s on some file systems, whole seconds with older
+rsync); a copy whose ``mtime_ns`` differs is not wrong, its entries simply no longer apply
+and readers index the file again.
 
 Every entry is checked when the manifest is read (``read``/``load``): types and ranges,
 digest syntax, block digests consistent with the size, a sample count that fits in the
@@ -46,10 +54,11 @@ class ManifestEntry:
     filesize: int | None = None
     digest: str | None = None
     blocks: bytes | None = None
+    mtime_ns: int | None = None
 
     def to_json(self) -> dict:
         out: dict = {"url": self.url}
-        for key in ("nsamples", "filesize", "digest"):
+        for key in ("nsamples", "filesize", "mtime_ns", "digest"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.blocks is not None:
@@ -154,12 +163,15 @@ def _entry(item: object, contained: bool) -> ManifestEntry:
     url = _url(item.get("url"), contained)
     nsamples = _count(item, "nsamples")
     filesize = _count(item, "filesize")
+    mtime_ns = item.get("mtime_ns")
+    if mtime_ns is not None and not _is_int(mtime_ns):
+        raise _BadField("mtime_ns", f"expected an integer (nanoseconds), got {mtime_ns!r}")
     digest = _digest(item.get("digest"))
     blocks = _blocks(item.get("blocks"), filesize)
     if nsamples is not None and filesize is not None and nsamples > _max_samples(url, filesize):
         raise _BadField("nsamples", f"{nsamples} samples cannot fit in {filesize} bytes "
                         f"(a sample takes at least one {_TAR_BLOCK}-byte tar header)")
-    return ManifestEntry(url, nsamples, filesize, digest, blocks)
+    return ManifestEntry(url, nsamples, filesize, digest, blocks, mtime_ns)
 
 
 def _url(url: object, contained: bool) -> str:
