@@ -195,3 +195,34 @@ def test_mtime_ns_round_trips_through_save_and_load(tmp_path):
     manifest.save(path, [entry])
     assert json.load(open(path))["shardlist"][0]["mtime_ns"] == 1700000000123456789
     assert manifest.load(path) == [entry]
+
+
+# ---- the manifest format carries a version --------------------------------------------------
+
+
+def test_saved_manifest_carries_its_format_version(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    manifest.save(path, [manifest.ManifestEntry("a.tar", 1)])
+    assert json.load(open(path))["wdsrefresh_version"] == manifest.VERSION == 1
+
+
+def test_manifest_without_version_is_read_and_newer_version_refused(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    write_manifest(path, [{"url": "a.tar", "nsamples": 1}])  # plain wids, or written before versions
+    assert manifest.load(path) == [manifest.ManifestEntry("a.tar", 1)]
+    write_manifest(path, [{"url": "a.tar", "nsamples": 1}], wdsrefresh_version=2)
+    with pytest.raises(ManifestError) as info:
+        manifest.load(path)
+    assert str(info.value).startswith(f"{path}: written in manifest format version 2 by a newer wdsrefresh; "
+                                      "this wdsrefresh reads versions up to 1")
+    write_manifest(path, [], wdsrefresh_version="1")
+    with pytest.raises(ManifestError, match="wdsrefresh_version: expected a positive integer, got '1'"):
+        manifest.load(path)
+
+
+def test_directory_manifest_of_a_newer_version_is_ignored_and_the_shards_indexed(shard_dir, caplog):
+    write_shard(shard_dir, "a.tar", 3)
+    write_manifest(os.path.join(shard_dir, "manifest.json"), [entry_json(shard_dir, "a.tar", nsamples=2)],
+                   wdsrefresh_version=2)
+    assert by_name(wr.RefreshingWebDataset(shard_dir, watch=False).set_epoch(0))["a.tar"].nsamples == 3
+    assert warnings_about(caplog, "manifest format version 2")

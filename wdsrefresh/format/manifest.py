@@ -1,11 +1,14 @@
 """The manifest file: a wids shard index v1, plus identity and digests per shard.
 
-    {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": ...,
+    {"__kind__": "wids-shard-index-v1", "wids_version": 1, "wdsrefresh_version": 1, "name": ...,
      "shardlist": [{"url": "shard-000000.tar", "nsamples": 1000, "filesize": 123,
                     "mtime_ns": 1700000000123456789,
                     "digest": "xxh3_128:...", "blocks": "hex of 8-byte block digests"}]}
 
-Readers of plain wids manifests ignore the extra keys; manifests without them are accepted.
+Readers of plain wids manifests ignore the extra keys; manifests without them (plain wids
+manifests, and ones written before ``wdsrefresh_version`` existed) are accepted. A manifest
+written by a newer wdsrefresh (a higher ``wdsrefresh_version``) is refused: its fields may
+mean something this version does not know.
 
 An entry describes one version of one file: ``filesize`` and ``mtime_ns`` are what the file
 had when it was indexed (never its inode, so copies made with ``cp -p`` or ``rsync -t``
@@ -34,6 +37,8 @@ from .digest import BLOCK_SIZE, new_hasher
 
 KIND = "wids-shard-index-v1"
 DEFAULT_NAME = "manifest.json"  # what pack and ingest write next to the shards
+VERSION_KEY = "wdsrefresh_version"
+VERSION = 1  # the manifest format this module writes, and the newest it reads
 
 _TAR_BLOCK = 512  # a sample takes at least one tar header
 _MAX_DEFLATE_RATIO = 1032  # deflate never expands its input more than this on decompression
@@ -77,8 +82,8 @@ def read(path: str, *, contained: bool = False) -> tuple[list[ManifestEntry], li
     Invalid entries are left out. When one file is listed twice, every entry for it is left
     out (an error names each repeat and the first listing). With ``contained`` (a directory's
     own manifest), urls must be relative paths that stay inside the manifest's directory.
-    Raises ManifestError when the file as a whole cannot be read (not JSON, no shard list);
-    OSError when it cannot be opened.
+    Raises ManifestError when the file as a whole cannot be read (not JSON, no shard list,
+    written by a newer wdsrefresh); OSError when it cannot be opened.
     """
     doc = _document(path)
     base = os.path.dirname(os.path.abspath(path))
@@ -121,6 +126,7 @@ def save(path: str, entries: Iterable[ManifestEntry], name: str | None = None) -
     doc = {
         "__kind__": KIND,
         "wids_version": 1,
+        VERSION_KEY: VERSION,
         "name": name or os.path.basename(os.path.dirname(os.path.abspath(path))),
         "shardlist": [e.to_json() for e in entries],
     }
@@ -144,6 +150,14 @@ def _document(path: str) -> dict:
     shardlist = doc.get("shardlist") if isinstance(doc, dict) else None
     if not isinstance(shardlist, list):
         raise ManifestError(f"{path}: no 'shardlist' list (expected a {KIND} manifest)")
+    version = doc.get(VERSION_KEY)
+    if version is not None:
+        if not _is_int(version) or version < 1:
+            raise ManifestError(f"{path}: {VERSION_KEY}: expected a positive integer, got {version!r}")
+        if version > VERSION:
+            raise ManifestError(
+                f"{path}: written in manifest format version {version} by a newer wdsrefresh; "
+                f"this wdsrefresh reads versions up to {VERSION} (upgrade wdsrefresh)")
     return doc
 
 
