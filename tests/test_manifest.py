@@ -1,4 +1,4 @@
-"""Manifest entries are checked, and apply only to the file version they describe.
+"""Manifest entries are checked, apply only to the file version they describe, and can be rebuilt.
 
 A directory's own manifest only saves reading the shards: a bad entry is ignored with a
 warning and its shard indexed from the file, so counts always come from real files. A
@@ -14,6 +14,7 @@ import pytest
 
 import wdsrefresh as wr
 from shardutil import write_shard
+from wdsrefresh import cli
 from wdsrefresh.format import manifest
 from wdsrefresh.format.manifest import ManifestError
 from wdsrefresh.format.tario import index_shard
@@ -226,3 +227,57 @@ def test_directory_manifest_of_a_newer_version_is_ignored_and_the_shards_indexed
                    wdsrefresh_version=2)
     assert by_name(wr.RefreshingWebDataset(shard_dir, watch=False).set_epoch(0))["a.tar"].nsamples == 3
     assert warnings_about(caplog, "manifest format version 2")
+
+
+# ---- wdsrefresh index ------------------------------------------------------------------------
+
+
+def packed(tmp_path, nfiles=8, maxcount=3):
+    from wdsrefresh.write.pack import pack
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(nfiles):
+        (raw / f"k{i}.txt").write_bytes(b"x" * (10 + i))
+        (raw / f"k{i}.cls").write_bytes(str(i).encode())
+    out = str(tmp_path / "out")
+    pack([str(raw)], out, maxcount=maxcount)
+    return out
+
+
+def test_index_rebuilds_the_manifest_pack_wrote(tmp_path, capsys):
+    out = packed(tmp_path)
+    path = os.path.join(out, "manifest.json")
+    written = manifest.load(path)
+    os.unlink(path)
+    assert cli.main(["index", out]) == 0
+    assert "indexed 3 shards (8 samples)" in capsys.readouterr().out
+    rebuilt = manifest.load(path)
+    for e in rebuilt:
+        assert e.mtime_ns == os.stat(os.path.join(out, e.url)).st_mtime_ns
+    without_mtime = sorted((e.url, e.nsamples, e.filesize, e.digest, e.blocks) for e in rebuilt)
+    assert without_mtime == sorted((e.url, e.nsamples, e.filesize, e.digest, e.blocks) for e in written)
+    assert json.load(open(path))["wdsrefresh_version"] == manifest.VERSION
+
+
+def test_index_leaves_out_corrupt_and_incomplete_shards_and_exits_1(tmp_path, capsys, caplog):
+    out = packed(tmp_path)
+    with open(os.path.join(out, "bad.tar"), "wb") as f:
+        f.write(b"this is not a tar file at all" * 40)
+    whole = open(os.path.join(out, "shard-000000.tar"), "rb").read()
+    with open(os.path.join(out, "cut.tar"), "wb") as f:
+        f.write(whole[:1536])  # first header and data only: no end-of-archive marker
+    assert cli.main(["index", out]) == 1
+    printed = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.split() and line.split()[0].endswith(".tar")}
+    assert "not a readable tar" in lines["bad.tar"] and "incomplete" in lines["cut.tar"]
+    assert "left out 2 shards" in printed
+    urls = [e.url for e in manifest.load(os.path.join(out, "manifest.json"))]
+    assert urls == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert warnings_about(caplog, "bad.tar") and warnings_about(caplog, "cut.tar")
+
+
+def test_index_of_a_directory_without_shards_fails_and_writes_nothing(tmp_path, capsys):
+    assert cli.main(["index", str(tmp_path)]) == 1
+    assert "no shard files" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "manifest.json")

@@ -15,7 +15,7 @@ had when it was indexed (never its inode, so copies made with ``cp -p`` or ``rsy
 stay valid). Such copies keep the modification time only to the precision of the target
 file system and of the tool (1 s or 2 s on some file systems, whole seconds with older
 rsync); a copy whose ``mtime_ns`` differs is not wrong, its entries simply no longer apply
-and readers index the file again.
+and readers index the file again (``wdsrefresh index`` rewrites them).
 
 Every entry is checked when the manifest is read (``read``/``load``): types and ranges,
 digest syntax, block digests consistent with the size, a sample count that fits in the
@@ -157,7 +157,8 @@ def _document(path: str) -> dict:
         if version > VERSION:
             raise ManifestError(
                 f"{path}: written in manifest format version {version} by a newer wdsrefresh; "
-                f"this wdsrefresh reads versions up to {VERSION} (upgrade wdsrefresh)")
+                f"this wdsrefresh reads versions up to {VERSION} (upgrade wdsrefresh, or rebuild "
+                "the manifest with 'wdsrefresh index')")
     return doc
 
 
