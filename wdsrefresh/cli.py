@@ -175,6 +175,41 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_ls)
 
 
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from .write.index import index_directory
+
+        try:
+            result = index_directory(args.dir)
+        except (OSError, ValueError) as exn:
+            return _fail("index", exn)
+        print(f"indexed {len(result.entries)} shards ({sum(e.nsamples or 0 for e in result.entries)} samples) "
+              f"into {result.manifest}")
+        if not result.skipped:
+            return 0
+        print(f"left out {len(result.skipped)} shards:")
+        _print_table(["SHARD", "REASON"], [[s.shard, s.reason] for s in result.skipped])
+        return 1
+
+    p = sub.add_parser(
+        "index",
+        help="rebuild DIR/manifest.json from the shards in DIR",
+        description="Reads every shard file in DIR (*.tar, *.tar.gz, *.tgz; temporary and hidden "
+        "names are ignored) once and rewrites DIR/manifest.json from what it finds: sample count, "
+        "size, modification time (mtime_ns) and digests of each shard. Use it after copying a "
+        "dataset, after a manifest was damaged or lost, or to list shards written by other tools. "
+        "A shard that changes while it is read, is incomplete (still being written, or truncated) "
+        "or is not a readable tar is left out of the manifest and listed with the reason; the exit "
+        "status is then 1 (readers still index such files themselves). The manifest is replaced "
+        "atomically, under the same directory lock as pack and ingest. An entry applies only while "
+        "its shard keeps the recorded size and mtime_ns: copies made with 'cp -p' or 'rsync -t' "
+        "keep both (to the time precision of the target file system); after any other copy, run "
+        "index again.",
+    )
+    p.add_argument("dir", metavar="DIR", help="shard directory")
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wdsrefresh",
@@ -186,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_verify(sub)
     _add_ls(sub)
+    _add_index(sub)
     _add_demo(sub)
     return parser
 

@@ -35,6 +35,7 @@ class Candidate:
     digest: str | None = None
     blocks: bytes | None = None
     filesize: int | None = None
+    mtime_ns: int | None = None  # with filesize: the file version the manifest describes
 
 
 class ShardSource:
@@ -71,10 +72,10 @@ class DirectorySource(ShardSource):
             with os.scandir(self.path) as entries:
                 names = [e.path for e in entries if not e.is_dir()]
         known = self._manifest_entries()
-        return [_with_manifest(n, known.get(n)) for n in sorted(names) if is_shard_name(n)]
+        return [_with_manifest(n, known.get(os.path.normpath(n))) for n in sorted(names) if is_shard_name(n)]
 
     def candidate(self, path: str) -> Candidate:
-        return _with_manifest(path, self._manifest_entries().get(path))
+        return _with_manifest(path, self._manifest_entries().get(os.path.normpath(path)))
 
     def would_list(self, path: str) -> bool:
         """Whether ``candidates()`` would name ``path`` (by name only: the file may not exist)."""
@@ -87,7 +88,14 @@ class DirectorySource(ShardSource):
         return is_shard_name(parts[-1]) and not any(is_temporary(p) for p in parts[:-1])
 
     def _manifest_entries(self) -> dict[str, manifestmod.ManifestEntry]:
-        """What a manifest.json beside the shards (written by pack or ingest) says about them."""
+        """What a manifest.json beside the shards (written by pack or ingest) says about them.
+
+        The manifest only saves reading the shards, so a bad one never stops a training job:
+        an invalid entry (or one file listed twice) is ignored with a warning, once per
+        version of the manifest file, and its shard is indexed from the file; so is a shard
+        whose entry has no ``filesize`` (nothing ties such an entry to the file's current
+        version). A manifest unreadable as a whole is ignored the same way.
+        """
         path = os.path.join(self.path, manifestmod.DEFAULT_NAME)
         try:
             st = os.stat(path)
@@ -96,11 +104,16 @@ class DirectorySource(ShardSource):
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._manifest_cache[0] != key:
             try:
-                entries = manifestmod.load(path)
+                entries, errors = manifestmod.read(path, contained=True)
             except (OSError, manifestmod.ManifestError) as exn:
                 log.warning("%s; indexing the shards instead", exn)
-                entries = []
-            by_path = {os.path.join(self.path, e.url): e for e in entries if not os.path.isabs(e.url)}
+                entries, errors = [], []
+            for exn in errors:
+                log.warning("%s; entry ignored, the shard is indexed from its file instead", exn)
+            unsized = sum(e.filesize is None for e in entries)
+            if unsized:
+                log.info("%s: %d entries without filesize; their shards are indexed from the files", path, unsized)
+            by_path = {os.path.normpath(os.path.join(self.path, e.url)): e for e in entries if e.filesize is not None}
             self._manifest_cache = (key, by_path)
         return self._manifest_cache[1]
 
@@ -135,7 +148,11 @@ class BraceSource(ShardSource):
 
 
 class ManifestSource(ShardSource):
-    """A wids shard index v1 JSON file; relative urls resolve against its directory."""
+    """A wids shard index v1 JSON file; relative urls resolve against its directory.
+
+    The manifest was asked for by name, so an invalid entry raises ManifestError (naming the
+    file, the entry and the field) rather than being read around. Urls may be absolute paths.
+    """
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -151,6 +168,7 @@ class ManifestSource(ShardSource):
                 digest=e.digest,
                 blocks=e.blocks,
                 filesize=e.filesize,
+                mtime_ns=e.mtime_ns,
             )
             for e in entries
         ]
@@ -183,7 +201,7 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None) -> Candid
     if entry is None:
         return Candidate(url=path, path=path)
     return Candidate(url=path, path=path, nsamples=entry.nsamples, digest=entry.digest, blocks=entry.blocks,
-                     filesize=entry.filesize)
+                     filesize=entry.filesize, mtime_ns=entry.mtime_ns)
 
 
 def make_source(spec: object) -> ShardSource:
