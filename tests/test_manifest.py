@@ -167,7 +167,6 @@ def test_manifest_source_may_list_absolute_paths_and_urls(tmp_path):
 # ---- an entry applies only to the file version it describes ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs Resolver._manifest_describes to compare mtime_ns (issue 12, snapshot.py)")
 def test_entry_for_a_file_replaced_by_one_of_same_size_and_other_mtime_is_not_used(shard_dir):
     path = write_shard(shard_dir, "a.tar", 3, prefix="old")
     write_manifest(os.path.join(shard_dir, "manifest.json"), [entry_json(shard_dir, "a.tar")])

@@ -81,14 +81,16 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], *, with_digest: bool 
     if old is not None and old.inode == st.st_ino and not quiet_since_written(st):
         return Pending(file_id, "rewritten in place moments ago")
     base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-    if _manifest_describes(cand, st.st_size, with_digest):
+    describes = _manifest_describes(cand, st)
+    if describes and cand.nsamples is not None and (not with_digest or (cand.digest and cand.blocks is not None)):
         return Ready(replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks))
-    return _indexed(cand, base, with_digest)
+    return _indexed(cand, base, with_digest, cand.digest if describes else None)
 
 
-def _indexed(cand: Candidate, base: ShardInfo, with_digest: bool) -> Outcome:
-    """Reads the file once (count and digests); ready only if complete and unchanged meanwhile."""
-    algo = split_digest(cand.digest)[0] if cand.digest else DEFAULT_ALGO
+def _indexed(cand: Candidate, base: ShardInfo, with_digest: bool, expected_digest: str | None) -> Outcome:
+    """Reads the file once (count and digests); ready only if complete and unchanged meanwhile.
+    ``expected_digest`` is a manifest's whole-file digest for this version of the file."""
+    algo = split_digest(expected_digest)[0] if expected_digest else DEFAULT_ALGO
     try:
         index = index_shard(base.path, cand.url, with_digest=with_digest, algo=algo)
         after = os.stat(base.path)
@@ -99,13 +101,16 @@ def _indexed(cand: Candidate, base: ShardInfo, with_digest: bool) -> Outcome:
     if not index.complete or FileId.of(after) != base.file_id:
         log.debug("%s: not ready (still being written)", cand.url)
         return Pending(base.file_id, "incomplete (still being written)")
-    if cand.digest and with_digest and index.digest != cand.digest.lower():
+    if expected_digest and with_digest and index.digest != expected_digest.lower():
         error = ShardChangedError(cand.url, 0, f"content differs from the manifest's {algo} digest")
         return Rejected(base.file_id, error)
     return Ready(replace(base, nsamples=index.nsamples, digest=index.digest, blocks=index.blocks))
 
 
-def _manifest_describes(cand: Candidate, size: int, with_digest: bool) -> bool:
-    if cand.nsamples is None or (cand.filesize is not None and cand.filesize != size):
+def _manifest_describes(cand: Candidate, st: os.stat_result) -> bool:
+    """Whether a manifest entry is about this version of the file: the same size and, when the
+    entry records one, the same mtime_ns. An entry about another version (the file was replaced
+    since) says nothing about this one: neither its count nor its digests are used."""
+    if cand.filesize is not None and cand.filesize != st.st_size:
         return False
-    return not with_digest or (cand.digest is not None and cand.blocks is not None)
+    return cand.mtime_ns is None or cand.mtime_ns == st.st_mtime_ns
