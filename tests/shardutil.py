@@ -31,10 +31,18 @@ def make_samples(prefix: str, n: int, size: int = 64) -> list[dict[str, bytes]]:
 
 
 def write_shard(directory: str, name: str, n: int, size: int = 64, prefix: str | None = None) -> str:
-    """Publishes a shard the safe way (temporary name, then rename); returns its path."""
+    """Publishes a shard the safe way (temporary name, then rename); returns its path.
+
+    The rename is what tells a reader the shard is complete: a watcher sees it. A reader that
+    finds the file without seeing the rename (its first scan, or a rescan) knows it from the
+    ctime, which a rename sets, being later than the mtime of the last write; timestamps are
+    coarse, so the writer here dates its last write a second back, as a slower writer's is.
+    """
     path = os.path.join(directory, name)
     tmp = os.path.join(directory, f"_tmp.{name}")
     with open(tmp, "wb") as f:
         f.write(tar_bytes(make_samples(prefix or name.split(".")[0], n, size)))
+    written = os.stat(tmp).st_mtime_ns - 1_000_000_000
+    os.utime(tmp, ns=(written, written))
     os.replace(tmp, path)
     return path

@@ -32,8 +32,9 @@ def assert_whole_versions(samples):
 
 
 def written_long_ago(path):
+    """Dates the file's last write a minute back: longer ago than the default settle time."""
     st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 5_000_000_000))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 60_000_000_000))
 
 
 def read_while_rewritten_in_place(shard_dir, new_content: bytes, writer_done: bool, **options):
@@ -44,6 +45,7 @@ def read_while_rewritten_in_place(shard_dir, new_content: bytes, writer_done: bo
     path = os.path.join(shard_dir, "v.tar")
     with open(path, "wb") as f:
         f.write(versioned_shard(b"A"))
+    written_long_ago(path)
     ds = wr.RefreshingWebDataset(shard_dir, **options)
     ds.set_epoch(0)
     it = iter(loader(ds, num_workers=1))
@@ -85,10 +87,7 @@ def test_shard_replaced_by_rename_after_snapshot(shard_dir, on_change, expect_ne
     write_shard(shard_dir, "a.tar", 5)
     ds = wr.RefreshingWebDataset(shard_dir, on_change=on_change)
     ds.set_epoch(0)
-    tmp = os.path.join(shard_dir, "_tmp.a.tar")
-    with open(tmp, "wb") as f:
-        f.write(tar_bytes(make_samples("new", 5)))
-    os.replace(tmp, os.path.join(shard_dir, "a.tar"))
+    write_shard(shard_dir, "a.tar", 5, prefix="new")
     keys = sorted(s["__key__"] for s in loader(ds, num_workers=2))
     assert keys == ([f"new/{i:06d}" for i in range(5)] if expect_new else [])
     stats = ds.stats(0)
@@ -101,10 +100,7 @@ def test_reload_of_a_shard_whose_sample_count_changed_counts_every_sample(shard_
     write_shard(shard_dir, "b.tar", 4)
     ds = wr.RefreshingWebDataset(shard_dir, on_change="reload", shardshuffle=False)
     ds.set_epoch(0)
-    tmp = os.path.join(shard_dir, "_tmp.a.tar")
-    with open(tmp, "wb") as f:
-        f.write(tar_bytes(make_samples("new", new_count)))
-    os.replace(tmp, os.path.join(shard_dir, "a.tar"))
+    write_shard(shard_dir, "a.tar", new_count, prefix="new")
     keys = sorted(s["__key__"] for s in loader(ds, num_workers=2))
     # the snapshot's share of a.tar is 5 samples: read from the new content, the rest counted
     assert keys == sorted([f"new/{i:06d}" for i in range(min(5, new_count))] + [f"b/{i:06d}" for i in range(4)])
@@ -171,7 +167,9 @@ def test_half_written_shard_is_not_read_until_complete(shard_dir):
     assert len(list(loader(ds, num_workers=2))) == 3
     with open(path, "ab") as f:
         f.write(data[len(data) // 2 :])
-    ds.set_epoch(1)
+    assert [os.path.basename(p) for p in ds.set_epoch(1).pending] == ["late.tar"]  # written in place: settling
+    written_long_ago(path)
+    ds.set_epoch(2)
     assert len(list(loader(ds, num_workers=2))) == 23
 
 
@@ -243,7 +241,9 @@ def test_manifest_whole_file_digests_are_checked(shard_dir, algo, verify):
     wrong = f"{algo}:{_hexdigest(algo, b'other bytes')}"
     manifest = _manifest_with_digest(shard_dir, "a.tar", wrong)
     with pytest.raises(wr.ShardChangedError, match=f"a.tar.*{algo}"):
-        wr.RefreshingWebDataset(manifest, verify=verify).set_epoch(0)
+        wr.RefreshingWebDataset(manifest, verify=verify, on_invalid="raise").set_epoch(0)
+    [(url, reason)] = wr.RefreshingWebDataset(manifest, verify=verify).set_epoch(0).rejected
+    assert url == "a.tar" and algo in reason
 
 
 def test_empty_file_just_created_by_a_producer_is_pending_not_an_error(shard_dir):

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import webdataset as wds
-from webdataset.handlers import warn_and_continue
 
 import wdsrefresh as wr
 from conftest import THIRD_PARTY_SHARDS, third_party_shard
@@ -57,16 +56,21 @@ def test_source_matching_nothing_names_the_source(tmp_path):
         wr.RefreshingWebDataset(str(tmp_path / "nowhere" / "*.tar")).set_epoch(0)
 
 
-def test_corrupt_file_error_names_the_shard_or_goes_through_the_handler(shard_dir):
+def test_junk_file_is_rejected_with_one_warning_naming_it_or_raises_under_on_invalid(shard_dir, caplog):
     write_shard(shard_dir, "good.tar", 3)
-    with open(os.path.join(shard_dir, "bad.tar"), "wb") as f:
+    bad = os.path.join(shard_dir, "bad.tar")
+    with open(bad, "wb") as f:
         f.write(b"this is not a tar file at all" * 40)
+    os.utime(bad, (1_600_000_000, 1_600_000_000))  # dropped a while ago: no writer is still at it
     with pytest.raises(wr.TarError, match="bad.tar"):
-        wr.RefreshingWebDataset(shard_dir).set_epoch(0)
-    ds = wr.RefreshingWebDataset(shard_dir, handler=warn_and_continue)
-    snap = ds.set_epoch(0)
-    assert [os.path.basename(u) for u, _ in snap.rejected] == ["bad.tar"]
-    assert len(list(ds)) == 3
+        wr.RefreshingWebDataset(shard_dir, on_invalid="raise").set_epoch(0)
+    ds = wr.RefreshingWebDataset(shard_dir)  # a live job goes on without it
+    for epoch in range(3):
+        snap = ds.set_epoch(epoch)
+        assert [os.path.basename(u) for u, _ in snap.rejected] == ["bad.tar"]
+        assert len(list(ds)) == 3
+    assert len([r for r in caplog.records if "bad.tar" in r.getMessage() and r.levelname == "WARNING"]) == 1
+    ds.close()
 
 
 @pytest.mark.parametrize("name", THIRD_PARTY_SHARDS)

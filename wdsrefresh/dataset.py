@@ -10,7 +10,9 @@ import webdataset as wds
 from webdataset.handlers import reraise_exception
 
 from .epoch_source import EpochSource, EpochStats
+from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
+from .resolver import INVALID_POLICIES
 from .sample_source import SampleSource
 from .shuffle import EpochShuffle
 from .snapshot import Snapshot
@@ -49,22 +51,28 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         min_shards: int = 0,
         timeout: float | None = None,
         poll: bool | float = False,
+        settle: float = DEFAULT_SETTLE,
+        on_invalid: str = "warn",
     ):
         _check_choice("verify", verify, VERIFY_MODES)
         _check_choice("on_change", on_change, CHANGE_POLICIES)
         _check_choice("mode", mode, MODES)
         if not isinstance(watch, bool):
             _check_choice("watch", watch, BACKENDS)
-        options = ReadOptions(verify=verify, on_change=on_change, handler=handler, equalize=equalize)
+        _check_choice("on_invalid", on_invalid, INVALID_POLICIES)
+        if settle < 0:
+            raise ValueError(f"settle={settle!r}: expected seconds >= 0")
+        options = ReadOptions(verify=verify, on_change=on_change, handler=handler, equalize=equalize, settle=settle)
         self.sample_source: SampleSource
         if mode == "stream":
             from .stream import StreamSource
 
-            self.sample_source = StreamSource(source, options=options, state_dir=state_dir, poll=poll, seed=seed)
+            self.sample_source = StreamSource(source, options=options, state_dir=state_dir, poll=poll, seed=seed,
+                                              equal_ranks=equalize)
         else:
             self.sample_source = EpochSource(source, shardshuffle=shardshuffle, seed=seed, options=options,
                                              partial=partial, state_dir=state_dir, watch=watch, poll=poll,
-                                             min_shards=min_shards, timeout=timeout)
+                                             min_shards=min_shards, timeout=timeout, on_invalid=on_invalid)
         super().__init__(self.sample_source)
 
     def close(self) -> None:

@@ -80,12 +80,13 @@ class EpochSource:
 
     def __init__(self, source: Any, *, shardshuffle: bool, seed: int, options: ReadOptions,
                  partial: bool, state_dir: str | None, watch: bool | str = False, poll: bool | float = False,
-                 min_shards: int = 0, timeout: float | None = None):
+                 min_shards: int = 0, timeout: float | None = None, on_invalid: str = "warn"):
         self.source: ShardSource = make_source(source)
         self.shardshuffle = bool(shardshuffle)
         self.seed = seed
         self.options = options
         self.partial = partial
+        self.on_invalid = on_invalid
         self.statedir = StateDirectory(state_dir)
         rank, world_size = dist_info()
         self.statedir.set_control(0, rank, world_size, bump=False)
@@ -124,8 +125,7 @@ class EpochSource:
 
     def _rescanner(self) -> Resolver:
         if self._resolver is None:
-            self._resolver = Resolver(self.source, with_digest=self.options.verify != "off",
-                                      handler=self.options.handler)
+            self._resolver = Resolver(self.source, self.options.readiness, self.on_invalid)
         return self._resolver
 
     def _watched_index(self) -> DirectoryIndex | None:
@@ -134,8 +134,8 @@ class EpochSource:
             return None
         if self._index is None:
             backend = self.watch if isinstance(self.watch, str) else "auto"
-            self._index = DirectoryIndex(self.source, with_digest=self.options.verify != "off",
-                                         handler=self.options.handler, poll=self.poll, backend=backend)
+            self._index = DirectoryIndex(self.source, rules=self.options.readiness, on_invalid=self.on_invalid,
+                                         poll=self.poll, backend=backend)
         return self._index
 
     @property

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from .format.names import SHARD_PATTERNS, is_temporary
 from .inotify import Change
-from .probe import Ready, Rejected
-from .resolver import Handler, Resolver
+from .probe import Readiness, Ready, Rejected
+from .resolver import Resolver
 from .snapshot import FileId, ShardInfo, Snapshot, shard_key, snapshot_id
 from .sources import DirectorySource, NoShardsError
 from .watch import Watcher, new_watcher, poll_interval, watch_or_poll
@@ -100,8 +100,8 @@ class DirectoryIndex:
         self,
         source: DirectorySource,
         *,
-        with_digest: bool = True,
-        handler: Handler | None = None,
+        rules: Readiness = Readiness(),
+        on_invalid: str = "warn",
         poll: bool | float = False,
         backend: str | Callable[[], Watcher] = "auto",
         rescan_interval: float = DEFAULT_RESCAN,
@@ -110,7 +110,7 @@ class DirectoryIndex:
             raise TypeError(f"a DirectoryIndex watches a directory, not {source.describe()}")
         self.source = source
         self.root = source.path
-        self.resolver = Resolver(source, with_digest=with_digest, handler=handler)
+        self.resolver = Resolver(source, rules, on_invalid)
         self.poll_interval = poll_interval(poll, DEFAULT_POLL)
         self.rescan_interval = rescan_interval
         self.poll = poll
@@ -127,6 +127,7 @@ class DirectoryIndex:
         self._ready_keys: list[bytes] = []
         self._dirty: set[str] = set()  # settled changes: index in the background
         self._changing: set[str] = set()  # writes under way: look again at the next snapshot
+        self._renamed: set[str] = set()  # renamed into place, not written since: ready when complete
         self._rescan_wanted = False
         self.version = 0  # bumped on every change to what a snapshot would contain
         self._cached: tuple[int, tuple[ShardInfo, ...], str] | None = None
@@ -202,6 +203,10 @@ class DirectoryIndex:
                     self._rescan_wanted = True
                 elif self.source.would_list(change.path):
                     (self._dirty if change.settled else self._changing).add(change.path)
+                    if change.kind == "moved_to":
+                        self._renamed.add(change.path)
+                    elif change.kind in ("modified", "created", "closed", "deleted", "moved_from"):
+                        self._renamed.discard(change.path)
                 else:
                     continue
                 n += 1
@@ -290,7 +295,9 @@ class DirectoryIndex:
             old = self._entries.get(url)
         if st is not None and old is not None and old.file_id == file_id and (old.info or old.error):
             return
-        outcome = self.resolver.probe(self.source.candidate(url), st=st)
+        with self._cond:
+            renamed = url in self._renamed
+        outcome = self.resolver.probe(self.source.candidate(url), st=st, renamed=renamed)
         if outcome is None:
             self._set(url, None)
         elif isinstance(outcome, Ready):
@@ -306,6 +313,8 @@ class DirectoryIndex:
             if old is not None and entry is not None and old.info is not None and old.info is entry.info:
                 self._entries[url] = entry
                 return
+            if entry is None:
+                self._renamed.discard(url)
             if old is not None:
                 self._pending.discard(url)
                 self._rejected.discard(url)
@@ -353,12 +362,12 @@ class DirectoryIndex:
                 self._cached = (self.version, shards, snapshot_id(shards, keys=self._ready_keys))
             _, shards, sid = self._cached
             pending = tuple(sorted(self._pending))
-            rejected = [(u, self._entries[u].error) for u in sorted(self._rejected)]
-        for _url, exn in rejected:
-            self.resolver.reject(exn)
+            rejected = [(u, self._entries[u]) for u in sorted(self._rejected)]
+        for url, entry in rejected:
+            self.resolver.reject(url, Rejected(entry.file_id, entry.error))
         if not shards and not pending and not rejected:
             raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
-        return Snapshot(epoch, shards, sid, tuple((u, str(e)) for u, e in rejected), pending)
+        return Snapshot(epoch, shards, sid, tuple((u, str(e.error)) for u, e in rejected), pending)
 
     def counts(self) -> tuple[int, int, int]:
         """(ready, pending, rejected) files as of now."""

@@ -1,10 +1,17 @@
 """The one readiness rule of the read path: is this file a shard ready to read?
 
-``probe`` answers for one file: ``Ready`` (a complete tar that held still while it was
-indexed, with its count and digests), ``Pending`` (still being written: empty, incomplete,
-or rewritten in place moments ago), ``Rejected`` (not a shard that can be read), or None
-(there is no such regular file). The resolver, the directory index, stream mode and the
-reader's reload all ask it, so they cannot disagree about a file.
+``probe`` answers for one file: ``Ready`` (a complete tar, with its count and digests),
+``Pending`` (still being written), ``Rejected`` (not a shard that can be read), or None (there
+is no such regular file). The resolver, the directory index, stream mode and the reader's
+reload all ask it, so they cannot disagree about a file. The rule:
+
+- A file renamed into place (a watcher saw the rename, or its ctime is later than its mtime)
+  or described by a manifest entry that matches it is ready as soon as it is a complete tar.
+- A file written in place is ready only once it is a complete tar AND it has not been written
+  for ``settle`` seconds: its bytes alone cannot tell a finished file from one whose writer
+  preallocated it (a zero-filled tail looks like an end-of-archive marker) or rewrites it.
+- A file that is not a complete tar is pending while it may still be written, and rejected as
+  truncated once renamed or quiet for ``settle`` seconds; a file that is no tar is rejected.
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ from .sources import Candidate
 
 log = logging.getLogger("wdsrefresh")
 
-QUIET_NS = 1_000_000_000
+DEFAULT_SETTLE = 10.0
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The parameters of the rule: whether digests are computed, and the settle time."""
+
+    with_digest: bool = True
+    settle: float = DEFAULT_SETTLE
 
 
 @dataclass(frozen=True)
@@ -50,19 +65,27 @@ class Rejected:
 Outcome = Ready | Pending | Rejected | None
 
 
-def quiet_since_written(st: os.stat_result) -> bool:
-    """Whether a file was last written at least QUIET_NS ago.
-
-    A shard rewritten in place keeps its size and end-of-archive marker throughout, so only
-    time tells that its writer is done; reading it earlier could index a mix of two versions.
-    """
-    return time.time_ns() - st.st_mtime_ns >= QUIET_NS
+class TruncatedShard(TarError):
+    """A file that ends before its end-of-archive marker and is no longer being written."""
 
 
-def probe(cand: Candidate, known: Mapping[str, ShardInfo], *, with_digest: bool = True,
-          st: os.stat_result | None = None) -> Outcome:
+def quiet_for(st: os.stat_result, seconds: float) -> bool:
+    """Whether the file was last written at least ``seconds`` ago."""
+    return time.time_ns() - st.st_mtime_ns >= seconds * 1e9
+
+
+def _changed_after_last_write(st: os.stat_result) -> bool:
+    """ctime later than mtime: the file was renamed, or its times set (cp -p, rsync -t), after
+    its last write; writers do that when they are done. Timestamps are coarse (a few ms), so a
+    rename right after the last write often leaves them equal: then only events or time tell."""
+    return st.st_ctime_ns > st.st_mtime_ns
+
+
+def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Readiness(), *,
+          st: os.stat_result | None = None, renamed: bool = False) -> Outcome:
     """What ``cand`` is now. ``known`` maps real paths to what was found before (reused while
-    the file is unchanged); ``st`` is a stat of ``cand.path`` the caller already took."""
+    the file is unchanged); ``st`` is a stat of ``cand.path`` the caller already took;
+    ``renamed`` says a watcher saw the file renamed into place, with no write since."""
     try:
         st = st if st is not None else os.stat(cand.path)
     except FileNotFoundError:
@@ -74,17 +97,20 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], *, with_digest: bool 
     path = os.path.realpath(cand.path)
     file_id = FileId.of(st)
     old = known.get(path)
-    if old is not None and old.file_id == file_id and (old.digest or not with_digest):
+    if old is not None and old.file_id == file_id and (old.digest or not rules.with_digest):
         return Ready(old)
     if st.st_size == 0:
         return Pending(file_id, "empty (just created)")
-    if old is not None and old.inode == st.st_ino and not quiet_since_written(st):
-        return Pending(file_id, "rewritten in place moments ago")
-    base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, name=cand.name)
     describes = _manifest_describes(cand, st)
-    if describes and cand.nsamples is not None and (not with_digest or (cand.digest and cand.blocks is not None)):
+    if describes and cand.nsamples is not None and (
+            not rules.with_digest or (cand.digest and cand.blocks is not None)):
         return Ready(replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks))
-    return _indexed(cand, base, with_digest, cand.digest if describes else None)
+    settled = (renamed or describes and cand.filesize is not None or _changed_after_last_write(st)
+               or quiet_for(st, rules.settle))
+    if not settled:
+        return Pending(file_id, f"written in place; ready once it has not changed for {rules.settle:g} s")
+    return _indexed(cand, base, rules.with_digest, cand.digest if describes else None)
 
 
 def _indexed(cand: Candidate, base: ShardInfo, with_digest: bool, expected_digest: str | None) -> Outcome:
@@ -98,9 +124,11 @@ def _indexed(cand: Candidate, base: ShardInfo, with_digest: bool, expected_diges
         return None
     except (TarError, OSError) as exn:
         return Rejected(base.file_id, exn)
-    if not index.complete or FileId.of(after) != base.file_id:
-        log.debug("%s: not ready (still being written)", cand.url)
-        return Pending(base.file_id, "incomplete (still being written)")
+    if FileId.of(after) != base.file_id:
+        return Pending(base.file_id, "changed while it was indexed")
+    if not index.complete:
+        return Rejected(base.file_id, TruncatedShard(cand.url, index.end, "ends before its end-of-archive "
+                                                     "marker, and is no longer being written"))
     if expected_digest and with_digest and index.digest != expected_digest.lower():
         error = ShardChangedError(cand.url, 0, f"content differs from the manifest's {algo} digest")
         return Rejected(base.file_id, error)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from .format.tario import Expected, ShardChangedError, TarError, open_shard
-from .probe import Ready, probe
+from .probe import DEFAULT_SETTLE, Readiness, Ready, probe
 from .snapshot import ShardInfo, Snapshot
 from .sources import Candidate
 from .split import Assignment, Piece
@@ -58,6 +58,11 @@ class ReadOptions:
     on_change: str = "reload"
     handler: Callable[[BaseException], bool] | None = None
     equalize: bool = True
+    settle: float = DEFAULT_SETTLE
+
+    @property
+    def readiness(self) -> Readiness:
+        return Readiness(with_digest=self.verify != "off", settle=self.settle)
 
 
 @dataclass
@@ -161,17 +166,17 @@ def _pad(recent: deque, shortfall: int, assignment: Assignment, stats: ReadStats
 
 def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
     expected = shard.expected(with_digest=options.verify != "off")
+    count: int | None = shard.nsamples  # what the snapshot's version of the shard holds
     # the caller counts every sample it takes in stats.yielded: positions derive from it, so
     # this generator adds no work per sample
     base = stats.yielded - piece.start
     position = piece.start
-    reloaded = False
     while position < piece.stop:
         try:
-            yield from _read_verified(shard, expected, position, piece.stop, options.verify)
+            yield from _read_verified(shard, expected, position, piece.stop, options.verify, count)
             position = stats.yielded - base
-            if position < piece.stop:  # the shard holds fewer samples than the snapshot counted
-                log.warning("%s: ends after %d samples, the snapshot counted %d; %d skipped",
+            if position < piece.stop:  # a reloaded shard holds fewer samples than the snapshot counted
+                log.warning("%s: its current content ends after %d samples, the snapshot counted %d; %d skipped",
                             shard.url, position, piece.stop, piece.stop - position)
                 stats.skipped += piece.stop - position
             return
@@ -183,39 +188,72 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
             log.warning("%s: deleted after the snapshot; %d samples skipped", shard.url, piece.stop - position)
         except ShardChangedError as exn:
             position = stats.yielded - base
+            if _same_file(shard.path, expected):  # the content changed, the file did not: corruption
+                _corrupt(_digest_mismatch(shard, exn), shard, piece.stop - position, options, stats)
+                return
             stats.replaced.add(shard.url)
             if options.on_change == "raise":
                 raise
-            if options.on_change == "reload" and not reloaded:
-                reloaded = True
-                fresh = _reindex(shard, with_digest=options.verify != "off")
-                if fresh is not None:
-                    log.warning("%s; reading its current content", exn)
-                    expected = fresh
-                    continue
+            fresh = _reindex(shard, options) if options.on_change == "reload" and count is not None else None
+            if fresh is not None:
+                log.warning("%s; reading its current content", exn)
+                expected, count = fresh, None
+                continue
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
         except TarError as exn:
             position = stats.yielded - base
-            stats.corrupt.add(shard.url)
-            if options.handler is None:
-                raise
-            if not options.handler(exn):
-                stats.skipped += piece.stop - position
-                raise StopConsumer() from exn
+            _corrupt(exn, shard, piece.stop - position, options, stats)
+            return
         stats.skipped += piece.stop - position
         return
 
 
-def _reindex(shard: ShardInfo, with_digest: bool) -> Expected | None:
+class DigestMismatch(TarError):
+    """A shard's bytes differ from its digests while its size, mtime and inode did not change:
+    corruption (bit rot, or a rewrite that restored the mtime), never read as a replacement."""
+
+
+class CountMismatch(TarError):
+    """A shard holds another number of samples than its snapshot entry (manifest or index) counts."""
+
+
+def _digest_mismatch(shard: ShardInfo, exn: ShardChangedError) -> DigestMismatch:
+    block = exn.offset // shard.block_size
+    return DigestMismatch(shard.url, exn.offset, f"block {block} differs from its digest while the file's size, "
+                                                 f"mtime and inode are unchanged: the shard is corrupt")
+
+
+def _same_file(path: str, expected: Expected) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns, st.st_ino) == (expected.size, expected.mtime_ns, expected.inode or st.st_ino)
+
+
+def _corrupt(exn: TarError, shard: ShardInfo, unread: int, options: ReadOptions, stats: ReadStats) -> None:
+    """Counts a corrupt shard and asks the handler: re-raise, go on (the rest is skipped), or stop."""
+    stats.corrupt.add(shard.url)
+    if options.handler is None:
+        raise exn
+    stats.skipped += unread
+    if not options.handler(exn):
+        raise StopConsumer() from exn
+
+
+def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
     """What the shard's current content is, if it is ready by the one readiness rule (probe.py)."""
-    outcome = probe(Candidate(shard.url, shard.path), {shard.path: shard}, with_digest=with_digest)
+    outcome = probe(Candidate(shard.url, shard.path, name=shard.name), {shard.path: shard}, options.readiness)
     if not isinstance(outcome, Ready):
         return None
     info = outcome.info
     return Expected(info.size, info.mtime_ns, info.inode, info.digest, info.blocks)
 
 
-def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, verify: str) -> Iterator[dict]:
+def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, verify: str,
+                   count: int | None = None) -> Iterator[dict]:
+    """Samples ``start <= i < stop`` of the shard as ``expected``; with ``count`` (the samples the
+    snapshot's version holds), a shard that holds fewer or more raises CountMismatch."""
     reader, fd = open_shard(shard.path, shard.url, expected)
     try:
         hold_back = verify == "strict" and expected.blocks is None and expected.digest is not None
@@ -227,5 +265,9 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
         else:
             yield from samples
             reader.finish()
+        if count is not None and (reader.next_index < stop or (stop == count and not reader.done)):
+            found = "more" if reader.next_index >= stop else str(reader.next_index)
+            raise CountMismatch(shard.url, reader.base + reader.p,
+                                f"holds {found} samples, its snapshot entry counts {count}")
     finally:
         os.close(fd)

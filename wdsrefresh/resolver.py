@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 from .format.names import SHARD_PATTERNS
-from .probe import Pending, Ready, Rejected, probe
-from .snapshot import ShardInfo, Snapshot, snapshot_id
+from .probe import Outcome, Pending, Readiness, Ready, Rejected, probe
+from .snapshot import FileId, ShardInfo, Snapshot, snapshot_id
 from .sources import Candidate, NoShardsError, ShardSource
 
 log = logging.getLogger("wdsrefresh")
 
-Handler = Callable[[BaseException], bool]
+INVALID_POLICIES = ("warn", "raise")
 
 
 class Resolver:
-    """Turns a source into snapshots, reusing what it knows of files whose FileId is unchanged."""
+    """Turns a source into snapshots, reusing what it knows of files whose FileId is unchanged.
 
-    def __init__(self, source: ShardSource, with_digest: bool = True, handler: Handler | None = None):
+    Files that cannot be read as shards are left out of the snapshot and listed in its
+    ``rejected``, with a WARNING once per file version (``on_invalid="warn"``), or raise
+    (``on_invalid="raise"``); a rejected file is looked at again when it changes.
+    """
+
+    def __init__(self, source: ShardSource, rules: Readiness = Readiness(), on_invalid: str = "warn"):
         self.source = source
-        self.with_digest = with_digest
-        self.handler = handler
+        self.rules = rules
+        self.on_invalid = on_invalid
         self.known: dict[str, ShardInfo] = {}
+        self._warned: set[tuple[str, FileId | None]] = set()
 
     def remember(self, snapshot: Snapshot | None) -> None:
         if snapshot is not None:
             for shard in snapshot.shards:
                 self.known.setdefault(shard.path, shard)
 
-    def probe(self, cand: Candidate, st=None):
-        return probe(cand, self.known, with_digest=self.with_digest, st=st)
+    def probe(self, cand: Candidate, st=None, renamed: bool = False) -> Outcome:
+        return probe(cand, self.known, self.rules, st=st, renamed=renamed)
 
     def resolve(self, epoch: int, candidates: list[Candidate] | None = None) -> Snapshot:
         """The snapshot for ``epoch``; raises NoShardsError when the source names no shard."""
@@ -42,7 +47,7 @@ class Resolver:
         for cand in candidates:
             outcome = self.probe(cand)
             if isinstance(outcome, Rejected):
-                self.reject(outcome.error)
+                self.reject(cand.url, outcome)
                 rejected.append((cand.url, str(outcome.error)))
             elif isinstance(outcome, Pending):
                 pending.append(cand.url)
@@ -61,8 +66,16 @@ class Resolver:
         self.known = {p: s for p, s in self.known.items() if p in live}
         self.known.update((s.path, s) for s in shards)
 
-    def reject(self, exn: BaseException) -> None:
-        """Raises ``exn`` unless the handler says to go on (then the file is left out)."""
-        if self.handler is None or not self.handler(exn):
-            raise exn.with_traceback(None)  # a watcher keeps the error: do not grow its traceback
-        log.warning("shard left out of the snapshot: %s", exn)
+    def reject(self, url: str, outcome: Rejected) -> None:
+        """Raises the file's error under ``on_invalid="raise"``; else warns, once per file version."""
+        if self.on_invalid == "raise":
+            raise outcome.error.with_traceback(None)  # an index keeps the error: do not grow its traceback
+        key = (url, outcome.file_id)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("left out of the snapshot: %s", _naming(url, outcome.error))
+
+
+def _naming(url: str, error: BaseException) -> str:
+    text = str(error)
+    return text if url in text else f"{url}: {text}"

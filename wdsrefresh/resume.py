@@ -5,12 +5,12 @@ snapshot. The split is a pure function of (snapshot, seed, epoch, world size, wo
 consumer's position is small: the piece it is in and how many of that piece's samples it has
 passed. ``RefreshingWebDataset.state_dict()`` returns it as a plain dict of plain values::
 
-    {"format": "wdsrefresh.resume", "version": 1,
+    {"format": "wdsrefresh.resume", "version": 2,
      "source": "directory '/data/shards'", "seed": 0, "shardshuffle": True, "partial": False,
      "epoch": 3,
      "snapshot": {"id": ..., "epoch": 3,
                   "shards": [[url, path, size, mtime_ns, inode, device, nsamples, digest,
-                              blocks_hex, block_size], ...]},
+                              blocks_hex, block_size, name], ...]},
      "world_size": 1, "num_workers": 2,
      "consumers": [{"rank": 0, "worker": 1, "piece": 4, "offset": 17,
                     "stats": {"yielded": ..., "padded": ..., ...},
@@ -60,7 +60,7 @@ from .split import Assignment, Piece, slot_range
 log = logging.getLogger("wdsrefresh")
 
 FORMAT = "wdsrefresh.resume"
-VERSION = 1
+VERSION = 2  # 2: shards carry their name below the source root; snapshot ids hash names, not paths
 _STATS_COUNTS = ("yielded", "quota", "skipped", "padded")
 _STATS_URLS = ("replaced", "deleted", "corrupt")
 
@@ -109,7 +109,7 @@ def snapshot_doc(snapshot: Snapshot) -> dict:
         "epoch": snapshot.epoch,
         "shards": [
             [s.url, s.path, s.size, s.mtime_ns, s.inode, s.device, s.nsamples, s.digest,
-             s.blocks.hex() if s.blocks is not None else None, s.block_size]
+             s.blocks.hex() if s.blocks is not None else None, s.block_size, s.name]
             for s in snapshot.shards
         ],
     }
@@ -124,9 +124,9 @@ def snapshot_from_doc(doc: object) -> Snapshot:
     shards = []
     for i, row in enumerate(rows):
         where = f"snapshot.shards[{i}]"
-        if not isinstance(row, (list, tuple)) or len(row) != 10:
-            raise ResumeError(f"{where}: expected a list of 10 values, got {row!r:.80}")
-        url, path, size, mtime_ns, inode, device, nsamples, digest, blocks, block_size = row
+        if not isinstance(row, (list, tuple)) or len(row) != 11:
+            raise ResumeError(f"{where}: expected a list of 11 values, got {row!r:.80}")
+        url, path, size, mtime_ns, inode, device, nsamples, digest, blocks, block_size, name = row
         try:
             shards.append(ShardInfo(
                 url=_expect(url, str, f"{where} url"), path=_expect(path, str, f"{where} path"),
@@ -136,6 +136,7 @@ def snapshot_from_doc(doc: object) -> Snapshot:
                 digest=None if digest is None else _expect(digest, str, f"{where} digest"),
                 blocks=None if blocks is None else bytes.fromhex(_expect(blocks, str, f"{where} blocks")),
                 block_size=_expect(block_size, int, f"{where} block_size"),
+                name=_expect(name, str, f"{where} name"),
             ))
         except ValueError as exn:
             if isinstance(exn, ResumeError):
@@ -171,7 +172,9 @@ def parse(state: object, fingerprint: dict) -> ResumeState | None:
     if state.get("format") != FORMAT:
         raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
     if state.get("version") != VERSION:
-        raise ResumeError(f"state version {state.get('version')!r} is not supported (this wdsrefresh reads {VERSION})")
+        raise ResumeError(
+            f"state version {state.get('version')!r} is not supported: this wdsrefresh reads version {VERSION} "
+            f"(version 1 states, of wdsrefresh 0.1, name snapshots by path; start that epoch afresh)")
     for key, want in fingerprint.items():
         if state.get(key) != want:
             raise ResumeError(

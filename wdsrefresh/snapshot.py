@@ -42,6 +42,7 @@ class ShardInfo:
     digest: str | None = None
     blocks: bytes | None = field(default=None, repr=False)
     block_size: int = BLOCK_SIZE
+    name: str = ""  # relative to the source's root: the same wherever the data is copied
 
     @property
     def file_id(self) -> FileId:
@@ -94,8 +95,10 @@ class Snapshot:
 
 
 def shard_key(s: ShardInfo) -> bytes:
-    """What a snapshot id hashes of one shard."""
-    return repr((s.url, s.path, s.size, s.mtime_ns, s.inode, s.nsamples, s.digest)).encode()
+    """What a snapshot id hashes of one shard: its name below the source's root, size, count and
+    content digest; never where the data lies (path, inode, mtime), so a copy of the data on
+    another disk or node has the same ids and, with the same seed, the same shuffle."""
+    return repr((s.name or os.path.basename(s.url), s.size, s.nsamples, s.digest)).encode()
 
 
 def snapshot_id(shards: tuple[ShardInfo, ...], keys: list[bytes] | None = None) -> str:

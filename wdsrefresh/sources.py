@@ -36,6 +36,7 @@ class Candidate:
     blocks: bytes | None = None
     filesize: int | None = None
     mtime_ns: int | None = None  # with filesize: the file version the manifest describes
+    name: str = ""  # below the source's root (a directory's relative path, a manifest's url)
 
 
 class ShardSource:
@@ -49,7 +50,7 @@ class ShardSource:
 
     def candidate(self, path: str) -> Candidate:
         """The candidate for one file this source names (a watcher saw it change)."""
-        return Candidate(url=path, path=path)
+        return _named(path)
 
 
 class DirectorySource(ShardSource):
@@ -72,10 +73,13 @@ class DirectorySource(ShardSource):
             with os.scandir(self.path) as entries:
                 names = [e.path for e in entries if not e.is_dir()]
         known = self._manifest_entries()
-        return [_with_manifest(n, known.get(os.path.normpath(n))) for n in sorted(names) if is_shard_name(n)]
+        return [self._candidate(n, known) for n in sorted(names) if is_shard_name(n)]
 
     def candidate(self, path: str) -> Candidate:
-        return _with_manifest(path, self._manifest_entries().get(os.path.normpath(path)))
+        return self._candidate(path, self._manifest_entries())
+
+    def _candidate(self, path: str, known: dict) -> Candidate:
+        return _with_manifest(path, known.get(os.path.normpath(path)), os.path.relpath(path, self.path))
 
     def would_list(self, path: str) -> bool:
         """Whether ``candidates()`` would name ``path`` (by name only: the file may not exist)."""
@@ -127,7 +131,7 @@ class GlobSource(ShardSource):
 
     def candidates(self) -> list[Candidate]:
         names = globmod.glob(self.pattern, recursive=True)
-        return [Candidate(url=n, path=n) for n in sorted(names) if not is_temporary(n) and os.path.isfile(n)]
+        return [_named(n) for n in sorted(names) if not is_temporary(n) and os.path.isfile(n)]
 
     def describe(self) -> str:
         return f"glob {self.pattern!r}"
@@ -141,7 +145,7 @@ class BraceSource(ShardSource):
 
     def candidates(self) -> list[Candidate]:
         names = list(braceexpand.braceexpand(self.pattern))
-        return [Candidate(url=n, path=n) for n in names if os.path.isfile(n)]
+        return [_named(n) for n in names if os.path.isfile(n)]
 
     def describe(self) -> str:
         return f"brace pattern {self.pattern!r}"
@@ -169,6 +173,7 @@ class ManifestSource(ShardSource):
                 blocks=e.blocks,
                 filesize=e.filesize,
                 mtime_ns=e.mtime_ns,
+                name=e.url,
             )
             for e in entries
         ]
@@ -197,11 +202,16 @@ class ListSource(ShardSource):
         return "list [" + ", ".join(s.describe() for s in self.sources) + "]"
 
 
-def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None) -> Candidate:
+def _named(path: str) -> Candidate:
+    """A file named on its own (glob, brace pattern, list): its name is its base name."""
+    return Candidate(url=path, path=path, name=os.path.basename(path))
+
+
+def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str) -> Candidate:
     if entry is None:
-        return Candidate(url=path, path=path)
+        return Candidate(url=path, path=path, name=name)
     return Candidate(url=path, path=path, nsamples=entry.nsamples, digest=entry.digest, blocks=entry.blocks,
-                     filesize=entry.filesize, mtime_ns=entry.mtime_ns)
+                     filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name)
 
 
 def make_source(spec: object) -> ShardSource:

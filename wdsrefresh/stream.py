@@ -32,7 +32,7 @@ from typing import Any
 
 from .format.atomic import write_atomic
 from .inotify import Change
-from .probe import Ready, Rejected
+from .probe import Pending, Rejected
 from .reading import ReadOptions, ReadStats, read_shard
 from .resolver import Resolver
 from .sample_source import Consumer
@@ -84,7 +84,8 @@ class StreamSource:
     """The first pipeline stage of ``mode="stream"``: yields samples forever, shard by shard."""
 
     def __init__(self, source: Any, *, options: ReadOptions, state_dir: str | None = None,
-                 poll: bool | float = False, seed: int = 0, rescan_interval: float = DEFAULT_STREAM_RESCAN):
+                 poll: bool | float = False, seed: int = 0, rescan_interval: float = DEFAULT_STREAM_RESCAN,
+                 equal_ranks: bool = True):
         self.source = make_source(source)
         if not isinstance(self.source, DirectorySource):
             raise ValueError(f'mode="stream" reads a directory, not {self.source.describe()}')
@@ -96,6 +97,13 @@ class StreamSource:
         self.statedir = StateDirectory(state_dir)
         os.makedirs(self.statedir.path(_CONTROL), exist_ok=True)
         rank, world_size = dist_info()
+        if world_size > 1 and equal_ranks:
+            self.statedir.cleanup()
+            raise ValueError(
+                f'mode="stream" under torch.distributed ({world_size} ranks): each rank reads the shards that land '
+                f"for it, so ranks get unequal numbers of samples and a DDP step would hang at the end. "
+                f"Wrap the training loop in torch.distributed.algorithms.Join and pass equalize=False to say so, "
+                f'or use mode="epoch" (equal per rank)')
         self.statedir.set_control(0, rank, world_size, bump=False)
         self.current: Consumer | None = None
         weakref.finalize(self, self.statedir.cleanup)
@@ -152,9 +160,11 @@ class _StreamLoop:
         self.slot = slot
         self.source: DirectorySource = stream.source
         self.control = stream.statedir.path(_CONTROL)
-        self.resolver = Resolver(stream.source, with_digest=stream.options.verify != "off")
+        self.resolver = Resolver(stream.source, stream.options.readiness)
         self.done: set[str] = set()
-        self.waiting: dict[str, FileId] = {}  # mine, not ready (or rejected): url -> version looked at
+        # mine, not ready (or rejected): url -> (version looked at, when to look again if unchanged)
+        self.waiting: dict[str, tuple[FileId, float]] = {}
+        self.renamed: set[str] = set()  # renamed into place, not written since
         self.rejected: set[str] = set()
         self.totals: dict[str, int | set] = {}  # ReadStats summed over shards (counts, or sets of urls)
         self.shards = 0
@@ -198,7 +208,13 @@ class _StreamLoop:
             self._write_stats()
 
     def _settled_shards(self, changes: list[Change]) -> set[str]:
-        return {c.path for c in changes if c.settled and c.path.startswith(self.source.path)}
+        mine = [c for c in changes if c.path.startswith(self.source.path)]
+        for c in mine:
+            if c.kind == "moved_to":
+                self.renamed.add(c.path)
+            elif c.kind != "attrib":
+                self.renamed.discard(c.path)
+        return {c.path for c in mine if c.settled}
 
     def _listing(self) -> set[str]:
         try:
@@ -229,19 +245,23 @@ class _StreamLoop:
         except FileNotFoundError:
             self.waiting.pop(url, None)
             return None
-        if self.waiting.get(url) == FileId.of(st):
-            return None  # looked at in this version already
-        outcome = self.resolver.probe(self.source.candidate(url), st=st)
+        looked = self.waiting.get(url)
+        if looked is not None and looked[0] == FileId.of(st) and time.time() < looked[1]:
+            return None  # looked at in this version already, and it cannot have settled since
+        outcome = self.resolver.probe(self.source.candidate(url), st=st, renamed=url in self.renamed)
         if outcome is None:
             self.waiting.pop(url, None)
             return None
-        if not isinstance(outcome, Ready):
-            self.waiting[url] = FileId.of(st)
-            if isinstance(outcome, Rejected):
-                self._reject(url, outcome.error)
+        if isinstance(outcome, Rejected):
+            self.waiting[url] = (FileId.of(st), float("inf"))
+            self._reject(url, outcome.error)
+            return None
+        if isinstance(outcome, Pending):
+            self.waiting[url] = (FileId.of(st), st.st_mtime_ns / 1e9 + self.stream.options.settle)
             return None
         self.waiting.pop(url, None)
         self.rejected.discard(url)
+        self.renamed.discard(url)
         self.done.add(url)
         self.resolver.known.clear()  # read once; nothing to reuse
         return outcome.info, st.st_ctime

@@ -817,6 +817,7 @@ class ShardIndex:
     digest: str | None
     blocks: bytes | None
     complete: bool
+    end: int = 0  # where an incomplete shard's tar data ends (an uncompressed offset for gzip)
 
 
 def index_shard(path: str, url: str | None = None, with_digest: bool = True,
@@ -839,9 +840,11 @@ def index_shard(path: str, url: str | None = None, with_digest: bool = True,
             nsamples = reader.count()
         except TarError as exn:
             if exn.truncated:
-                return ShardIndex(reader.next_index, None, None, complete=False)
+                return ShardIndex(reader.next_index, None, None, complete=False, end=exn.offset)
             raise
         complete = reader.end_of_archive
+        if not complete:
+            return ShardIndex(nsamples, None, None, complete, end=reader.base + reader.p)
         if not with_digest:
             return ShardIndex(nsamples, None, None, complete)
         source.finish(reader.buf, reader.base)
