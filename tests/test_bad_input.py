@@ -190,3 +190,29 @@ def test_stream_mode_under_ddp_refuses_at_start_naming_join(tmp_path, procs):
     for r in range(2):
         text = (tmp_path / f"rank{r}.txt").read_text()
         assert "Join" in text and "equalize=False" in text and 'mode="epoch"' in text
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 256 KiB tmpfs (the tests run as root, as CI does), unmounted afterwards."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_state_directory_error_names_the_file(tmp_path, tiny_filesystem):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i in range(3):
+        write_shard(str(d), f"s{i}.tar", 2)
+    ds = wr.RefreshingWebDataset(str(d), state_dir=str(tiny_filesystem), watch=False)
+    fd = os.open(tiny_filesystem / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    with pytest.raises(OSError, match="No space left") as err:
+        ds.set_epoch(0)
+    assert ds.state_directory in str(err.value)
