@@ -33,6 +33,16 @@ def _fail(command: str, exn: BaseException) -> int:
     return 1
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed)")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most (default: 10000)")
@@ -42,14 +52,24 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_pack(args: argparse.Namespace) -> int:
-    from .write.pack import PackError, pack
+    import time
 
+    from .write.pack import PackError, run_pack
+
+    start = time.monotonic()
     try:
-        entries = pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
-                       prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks)
+        report = run_pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
+                          prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks)
     except (PackError, OSError, ValueError) as exn:
         return _fail("pack", exn)
-    print(f"packed {sum(e.nsamples or 0 for e in entries)} samples into {len(entries)} shards in {args.out}")
+    seconds = time.monotonic() - start
+    if report.committed_before:
+        print(f"nothing to do: these inputs were packed into {args.out} before "
+              f"({report.nsamples} samples in {len(report.entries)} shards)")
+        return 0
+    earlier = f"; {report.earlier} of them written by an earlier, interrupted run" if report.earlier else ""
+    print(f"packed {report.nsamples} samples into {len(report.entries)} shards in {args.out}: "
+          f"{report.nbytes / 1e6:.1f} MB in {seconds:.1f} s{earlier}")
     return 0
 
 
@@ -59,15 +79,20 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="pack files into tar shards and update the manifest",
         description="Packs the files under each SRC into new tar shards in OUT. Files are grouped "
         "into samples by webdataset's rule (dir/a.jpg and dir/a.cls are sample dir/a). Shards are "
-        "named PREFIX-NNNNNN.tar, numbered after the highest shard already in OUT, written under "
-        "a hidden temporary name, fsynced and renamed; OUT/manifest.json (wids shard index v1 "
-        "plus digests) is then updated atomically. All inputs are checked first: unreadable files, "
+        "named PREFIX-NNNNNN.tar, numbered after the highest shard already in OUT (or reserved by a "
+        "pack still running there), each written under a hidden temporary name, fsynced and renamed, "
+        "its manifest entry saved in OUT/manifest.d/; at the end OUT/manifest.json (wids shard index "
+        "v1 plus digests) is updated atomically. All inputs are checked first: unreadable files, "
         "names without an extension, symlinks leading outside SRC, duplicate keys and an empty "
-        "SRC are errors, and nothing is published. Hidden files are skipped.",
+        "SRC are errors, and nothing is written. Hidden files are skipped. Interrupted (killed, out "
+        "of space), the same command run again finishes the same pack without packing any input "
+        "twice; run once more after it finished, it does nothing. A progress bar shows on a "
+        "terminal; a summary line is printed at the end.",
     )
     p.add_argument("src", nargs="+", metavar="SRC", help="directory (names relative to it) or file (its base name)")
     _add_shard_options(p)
-    p.add_argument("--jobs", type=int, default=1, help="shards written in parallel (default: 1)")
+    p.add_argument("--jobs", type=_at_least_one, default=1, help="shards written in parallel, each in its own "
+                   "process (default: %(default)s)")
     p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks even when they lead outside SRC")
     p.set_defaults(run=_run_pack)
 

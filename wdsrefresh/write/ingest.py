@@ -218,8 +218,7 @@ class Ingester:
                     os.unlink(path)
                     continue
                 doc = _load_journal(path)
-                tmp = os.path.join(self.out, doc["tmp"])
-                if not os.path.exists(tmp) and os.path.exists(os.path.join(self.out, doc["shard"])):
+                if _renamed(os.path.join(self.out, doc["tmp"]), os.path.join(self.out, doc["shard"])):
                     log.info("recovery: completing publication of %s", doc["shard"])
                     add_to_manifest(self.out, current_entries(self.out), [_entry_from(doc)])
                     self._remove_inputs(doc["inputs"])
@@ -320,7 +319,7 @@ class Ingester:
         inputs = [_as_dict(i) for i in written.inputs + tuple(markers)]
         with out_lock(self.out):
             entries = current_entries(self.out)
-            name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, entries))
+            name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, [e.url for e in entries]))
             entry = written.entry(name)
             journal = os.path.join(self.journal_dir, name + ".json")
             manifestmod.write_json_atomic(journal, _journal_doc(entry, tmp_name, inputs))
@@ -441,6 +440,19 @@ def _empty(path: str) -> bool:
         return os.stat(path).st_size == 0
     except FileNotFoundError:
         return False
+
+
+def _renamed(tmp: str, shard: str) -> bool:
+    """Whether a journaled shard reached its name: gone from ``tmp`` (renamed), or linked to
+    ``shard`` and not yet unlinked (see ``rename_without_replacing``)."""
+    try:
+        st = os.stat(shard)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.path.samestat(os.stat(tmp), st)
+    except FileNotFoundError:
+        return True
 
 
 def _as_dict(i: InputId) -> dict:
