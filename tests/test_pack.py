@@ -229,6 +229,29 @@ def test_cli_pack_prints_summary_and_help_explains(tree, tmp_path):
     assert "--maxsize" in help_text and "key" in help_text
 
 
+def test_prefix_that_is_not_a_plain_name_is_refused_before_anything_is_written(tree, tmp_path):
+    src, _ = tree
+    out = tmp_path / "deep" / "out"
+    r = subprocess.run(CLI + ["pack", src, "-o", str(out), "--prefix", "../escaped"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "prefix '../escaped' is not a plain name" in r.stderr
+    for prefix in ("/abs/shard", "sub/dir", ".hidden", "", "a b"):
+        with pytest.raises(PackError, match=f"prefix {re.escape(repr(prefix))} is not a plain name"):
+            pack([src], str(out), prefix=prefix)
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # nothing written, in OUT or beside it
+    pack([src], str(out), prefix="v2.train_part-A")
+    assert shard_files(str(out))[0] == "v2.train_part-A-000000.tar"
+
+
+def test_output_url_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path):
+    src, _ = tree
+    r = subprocess.run(CLI + ["pack", src, "-o", "s3://bucket/shards"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "s3://bucket/shards: remote locations are not supported yet" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_jobs_below_one_is_refused(tree, tmp_path):
     src, _ = tree
     out = tmp_path / "out"

@@ -44,11 +44,13 @@ def _at_least_one(text: str) -> int:
 
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed; "
+                   "a local path)")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most (default: 10000)")
     p.add_argument("--maxsize", default="1GB", help="bytes per shard at most, e.g. 500MB, 1GiB (default: 1GB); "
                    "a bigger sample gets a shard of its own, with a warning")
-    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default: shard)")
+    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar; a plain name of "
+                   "letters, digits, '-', '_' and '.', not starting with '.' (default: shard)")
 
 
 def _run_pack(args: argparse.Namespace) -> int:

@@ -60,6 +60,8 @@ DEFAULT_PREFIX = "shard"
 DEFAULT_MAXCOUNT = 10_000
 DEFAULT_MAXSIZE = 1_000_000_000
 PLAN_VERSION = 1
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -120,6 +122,19 @@ def parse_size(text: str | int) -> int:
     if not match or unit not in _UNITS:
         raise ValueError(f"cannot read size {text!r} (examples: 1GB, 500MB, 64MiB, 1000)")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def check_prefix(prefix: str) -> None:
+    """Raises PackError unless ``prefix`` is a plain name, so shards stay inside OUT."""
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise PackError(f"prefix {prefix!r} is not a plain name: use letters, digits, '-', '_' and '.', "
+                        "not starting with '.' (shards are named PREFIX-NNNNNN.tar inside the output directory)")
+
+
+def check_local(path: str) -> None:
+    """Raises PackError for a URL (``scheme://...``): only local directories are written."""
+    if _URL_RE.match(path):
+        raise PackError(f"{path}: remote locations are not supported yet; give a local directory")
 
 
 # ---- collecting inputs -------------------------------------------------------------------
@@ -555,6 +570,8 @@ def run_pack(
     call does nothing (see the module docstring). ``jobs`` shards are written at once, each
     in its own process.
     """
+    check_prefix(prefix)
+    check_local(out)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1 (got {jobs})")
     maxsize = parse_size(maxsize)
