@@ -51,8 +51,14 @@ def inbox_files(inbox):
     return sorted(os.path.relpath(os.path.join(r, f), inbox) for r, _, fs in os.walk(inbox) for f in fs)
 
 
+def inputs_left(inbox):
+    """Files an ingest would take (while one runs, its hidden lock file is in the inbox too)."""
+    return [n for n in inbox_files(inbox) if not os.path.basename(n).startswith(".")]
+
+
 def config(tmp_path, **kw):
     kw.setdefault("settle", 0.1)
+    os.makedirs(tmp_path / "inbox", exist_ok=True)
     return IngestConfig(str(tmp_path / "inbox"), str(tmp_path / "out"), **kw)
 
 
@@ -93,7 +99,6 @@ def test_require_done_takes_only_marked_samples(tmp_path):
 
 def test_file_open_for_writing_waits_until_closed(tmp_path):
     cfg = config(tmp_path, settle=0.05, flush=0.05, maxcount=100)
-    os.makedirs(cfg.inbox)
     ingester = Ingester(cfg)
     ingester.open()
     loop = threading.Thread(target=ingester.run_forever, daemon=True)
@@ -109,7 +114,7 @@ def test_file_open_for_writing_waits_until_closed(tmp_path):
             wait_for(lambda: os.path.exists(os.path.join(cfg.out, "manifest.json")), 10, "a shard")
             assert set(published_members(cfg.out)) == {"quick.txt"}  # flushed alone; slow.bin is open
             f.write(b"second half")
-        wait_for(lambda: inbox_files(cfg.inbox) == [], 10, "slow.bin to be taken")
+        wait_for(lambda: inputs_left(cfg.inbox) == [], 10, "slow.bin to be taken")
     finally:
         ingester.stop()
         loop.join(timeout=10)
@@ -137,6 +142,48 @@ def test_second_ingest_on_same_inbox_is_refused(tmp_path):
             Ingester(config(tmp_path)).open()
     finally:
         first.close()
+
+
+def test_second_ingest_on_same_inbox_is_refused_whatever_its_output(tmp_path):
+    first = Ingester(config(tmp_path))
+    first.open()
+    try:
+        other = IngestConfig(first.cfg.inbox, str(tmp_path / "elsewhere"), settle=0.1)
+        with pytest.raises(IngestError, match="another ingest is already running on .*wdsrefresh-ingest.lock"):
+            Ingester(other).open()
+    finally:
+        first.close()
+    assert inbox_files(first.cfg.inbox) == []  # the lock file goes with the ingest that held it
+    with Ingester(other):
+        pass
+
+
+def snapshot(root):
+    return sorted((os.path.relpath(os.path.join(r, n), root)) for r, ds, fs in os.walk(root) for n in ds + fs)
+
+
+@pytest.mark.parametrize("layout", ["out is inbox", "out inside inbox", "inbox inside out", "archive inside inbox"])
+def test_overlapping_inbox_output_and_archive_are_refused_before_anything_changes(tmp_path, layout):
+    inbox = tmp_path / ("out/inbox" if layout == "inbox inside out" else "inbox")
+    out = {"out is inbox": inbox, "out inside inbox": inbox / "shards"}.get(layout, tmp_path / "out")
+    archive = str(inbox / "done") if layout == "archive inside inbox" else None
+    drop(str(inbox), "a.txt", b"data")
+    before = snapshot(tmp_path)
+    with pytest.raises(IngestError, match="overlap"):
+        Ingester(IngestConfig(str(inbox), str(out), archive=archive, settle=0.1)).open()
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_refuses_output_inside_inbox_and_missing_inbox(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    r = subprocess.run(CLI + ["ingest", str(inbox), "-o", str(inbox / "out"), "--once"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and f"output directory {inbox / 'out'} and inbox {inbox} overlap" in r.stderr
+    missing = tmp_path / "typo"
+    with pytest.raises(IngestError, match=f"inbox {missing}: no such directory"):
+        Ingester(IngestConfig(str(missing), str(tmp_path / "out"))).open()
+    assert sorted(os.listdir(tmp_path)) == ["inbox"]  # neither the inbox nor OUT was created
 
 
 def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
@@ -178,6 +225,7 @@ def test_recovery_rolls_back_a_publication_not_yet_renamed(tmp_path):
 
 def test_cli_watches_until_sigterm_then_exits_cleanly(tmp_path, procs):
     inbox, out = str(tmp_path / "inbox"), str(tmp_path / "out")
+    os.makedirs(inbox)
     err = str(tmp_path / "ingest.log")
     with open(err, "w") as f:
         proc = subprocess.Popen(CLI + ["-v", "ingest", inbox, "-o", out, "--settle", "0.05", "--flush", "0.05"],
@@ -185,10 +233,11 @@ def test_cli_watches_until_sigterm_then_exits_cleanly(tmp_path, procs):
     procs.append(proc)
     wait_for(lambda: "watching" in open(err).read() or proc.poll() is not None, 60, "ingest to start")
     drop(inbox, "a.txt", b"hello")
-    wait_for(lambda: inbox_files(inbox) == [], 30, "a.txt to be published")
+    wait_for(lambda: inputs_left(inbox) == [], 30, "a.txt to be published")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, open(err).read()
     assert published_members(out) == {"a.txt": 1}
+    assert inbox_files(inbox) == []  # the inbox lock is released and removed
 
 
 DROPPER = r"""

@@ -127,9 +127,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "is removed, not packed), or else when all its files were closed after writing and stayed "
         "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
         "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
-        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/).",
+        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). One ingest at a "
+        "time per inbox: it holds INBOX/.wdsrefresh-ingest.lock while it runs.",
     )
-    p.add_argument("inbox", metavar="INBOX", help="directory producers drop files into")
+    p.add_argument("inbox", metavar="INBOX", help="directory producers drop files into (must exist; "
+                   "neither OUT nor --archive may be inside it, or contain it)")
     _add_shard_options(p)
     p.add_argument("--once", action="store_true", help="publish what is complete now (waiting for files "
                    "still settling), then exit")
