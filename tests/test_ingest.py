@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_for
 
 from wdsrefresh.format import manifest
-from wdsrefresh.write.ingest import IngestConfig, IngestError, Ingester, _journal_doc, ingest
+from wdsrefresh.write.ingest import IngestConfig, IngestError, Ingester, _journal_doc
 from wdsrefresh.format.tario import open_shard
 from wdsrefresh.write.verify import verify
 
@@ -62,6 +62,11 @@ def config(tmp_path, **kw):
     return IngestConfig(str(tmp_path / "inbox"), str(tmp_path / "out"), **kw)
 
 
+def ingest_once(cfg):
+    with Ingester(cfg) as ingester:
+        ingester.run_once()
+
+
 def test_once_publishes_every_complete_sample_then_empties_inbox(tmp_path):
     cfg = config(tmp_path, maxcount=5)
     expected = set()
@@ -71,7 +76,7 @@ def test_once_publishes_every_complete_sample_then_empties_inbox(tmp_path):
     for name in ("m.jpg", "m.cls", "m.done", "sub/n.bin", "sub/n.done"):
         drop(cfg.inbox, name, b"x")
     expected |= {"m.jpg", "m.cls", "sub/n.bin"}
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     members = published_members(cfg.out)
     assert set(members) == expected and set(members.values()) == {1}
     assert inbox_files(cfg.inbox) == []
@@ -83,7 +88,7 @@ def test_archive_receives_every_input_including_markers(tmp_path):
     cfg = config(tmp_path, archive=archive)
     for name in ("a.txt", "b.jpg", "b.done"):
         drop(cfg.inbox, name, b"data")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert set(published_members(cfg.out)) == {"a.txt", "b.jpg"}
     assert inbox_files(cfg.inbox) == [] and inbox_files(archive) == ["a.txt", "b.done", "b.jpg"]
 
@@ -92,7 +97,7 @@ def test_require_done_takes_only_marked_samples(tmp_path):
     cfg = config(tmp_path, require_done=True)
     for name in ("a.txt", "b.txt", "b.done"):
         drop(cfg.inbox, name, b"data")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert set(published_members(cfg.out)) == {"b.txt"}
     assert inbox_files(cfg.inbox) == ["a.txt"]
 
@@ -128,9 +133,9 @@ def test_file_open_for_writing_waits_until_closed(tmp_path):
 def test_marker_arriving_after_its_sample_was_taken_is_removed(tmp_path):
     cfg = config(tmp_path)
     drop(cfg.inbox, "a.txt", b"data")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     drop(cfg.inbox, "a.done", b"")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert published_members(cfg.out) == {"a.txt": 1} and inbox_files(cfg.inbox) == []
 
 
@@ -190,7 +195,7 @@ def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
     cfg = config(tmp_path)
     drop(cfg.inbox, "a.txt", b"version 1")
     st = os.stat(os.path.join(cfg.inbox, "a.txt"))
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     drop(cfg.inbox, "a.txt", b"version 2, a new input")
     # the journal of a publication that crashed before removing its input (version 1)
     ingester = Ingester(cfg)
@@ -200,7 +205,7 @@ def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
     os.makedirs(ingester.journal_dir, exist_ok=True)
     manifest.write_json_atomic(os.path.join(ingester.journal_dir, entry.url + ".json"),
                                _journal_doc(entry, ".gone.tmp", inputs))
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert published_members(cfg.out) == {"a.txt": 2}  # version 1 once, version 2 once
     assert os.listdir(ingester.journal_dir) == []
 

@@ -264,6 +264,19 @@ def test_jobs_below_one_is_refused(tree, tmp_path):
     assert not out.exists()
 
 
+def test_help_shows_the_defaults_the_code_uses():
+    from wdsrefresh.write.ingest import IngestConfig
+    from wdsrefresh.write.pack import DEFAULT_MAXCOUNT, DEFAULT_PREFIX
+
+    help_text = " ".join(subprocess.run(CLI + ["pack", "--help"], capture_output=True, text=True,
+                                        timeout=60).stdout.split())
+    assert f"(default: {DEFAULT_MAXCOUNT})" in help_text and f"(default: {DEFAULT_PREFIX})" in help_text
+    assert "(default: 1GB)" in help_text
+    help_text = " ".join(subprocess.run(CLI + ["ingest", "--help"], capture_output=True, text=True,
+                                        timeout=60).stdout.split())
+    assert f"(default: {IngestConfig.settle})" in help_text and f"(default: {IngestConfig.flush})" in help_text
+
+
 def test_running_a_finished_pack_again_does_nothing(tree, tmp_path):
     src, expected = tree
     out = str(tmp_path / "out")

@@ -44,13 +44,16 @@ def _at_least_one(text: str) -> int:
 
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
+    from .write.pack import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, format_size
+
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed; "
                    "a local path)")
-    p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most (default: 10000)")
-    p.add_argument("--maxsize", default="1GB", help="bytes per shard at most, e.g. 500MB, 1GiB (default: 1GB); "
-                   "a bigger sample gets a shard of its own, with a warning")
-    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar; a plain name of "
-                   "letters, digits, '-', '_' and '.', not starting with '.' (default: shard)")
+    p.add_argument("--maxcount", type=_at_least_one, default=DEFAULT_MAXCOUNT,
+                   help="samples per shard at most (default: %(default)s)")
+    p.add_argument("--maxsize", default=format_size(DEFAULT_MAXSIZE), help="bytes per shard at most, e.g. "
+                   "500MB, 1GiB (default: %(default)s); a bigger sample gets a shard of its own, with a warning")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="shard names are PREFIX-NNNNNN.tar; a plain name of "
+                   "letters, digits, '-', '_' and '.', not starting with '.' (default: %(default)s)")
 
 
 def _run_pack(args: argparse.Namespace) -> int:
@@ -118,6 +121,8 @@ def _run_ingest(args: argparse.Namespace) -> int:
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    from .write.ingest import IngestConfig
+
     p = sub.add_parser(
         "ingest",
         help="turn files dropped into an inbox directory into published shards",
@@ -135,9 +140,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     _add_shard_options(p)
     p.add_argument("--once", action="store_true", help="publish what is complete now (waiting for files "
                    "still settling), then exit")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged (default: 2)")
-    p.add_argument("--flush", type=float, default=30.0, help="publish a partial shard when its oldest sample "
-                   "has waited this many seconds (default: 30)")
+    p.add_argument("--settle", type=float, default=IngestConfig.settle,
+                   help="seconds a file must stay unchanged (default: %(default)s)")
+    p.add_argument("--flush", type=float, default=IngestConfig.flush, help="publish a partial shard when its "
+                   "oldest sample has waited this many seconds (default: %(default)s)")
     p.add_argument("--archive", metavar="DIR", help="move inputs here instead of deleting them (same file system)")
     p.add_argument("--require-done", action="store_true", help="take only samples that have a KEY.done marker")
     p.set_defaults(run=_run_ingest)

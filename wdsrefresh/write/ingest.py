@@ -536,12 +536,3 @@ def _free_name(path: str) -> str:
         candidate = f"{path}.{n}"
     return candidate
 
-
-def ingest(config: IngestConfig, once: bool = False) -> None:
-    """Publishes what is complete and returns (``once``), or watches the inbox until
-    interrupted. Raises IngestError when another ingest owns the inbox."""
-    with Ingester(config) as ingester:
-        if once:
-            ingester.run_once()
-        else:
-            ingester.run_forever()

@@ -124,6 +124,14 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def format_size(size: int) -> str:
+    """``10**9`` -> ``"1GB"``: the shortest text ``parse_size`` reads back as ``size``."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
 def check_prefix(prefix: str) -> None:
     """Raises PackError unless ``prefix`` is a plain name, so shards stay inside OUT."""
     if not _PREFIX_RE.fullmatch(prefix):
