@@ -150,29 +150,31 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .write.verify import verify
+    from .write.verify import check
 
     try:
-        problems = verify(args.target)
+        report = check(args.target)
     except (OSError, ValueError) as exn:
         return _fail("verify", exn)
-    if not problems:
-        print(f"{args.target}: all shards verified")
-        return 0
-    _print_table(["SHARD", "PROBLEM", "DETAIL"], [[p.shard, p.kind, p.detail] for p in problems])
-    return 1
+    if report.problems:
+        _print_table(["SHARD", "PROBLEM", "DETAIL"], [[p.shard, p.kind, p.detail] for p in report.problems])
+    verdict = f"{len(report.problems)} problem{'s' * (len(report.problems) != 1)}" if report.problems else "verified"
+    print(f"{args.target}: {verdict}: {report.summary()}")
+    return 1 if report.problems else 0
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="re-hash every shard and check it against the manifest",
-        description="Reads every shard of OUT (or of MANIFEST) once: checks size, whole-file and "
-        "block digests, sample count and tar structure against the manifest, and reports shard "
-        "files the manifest does not list. Prints a table of problems and exits with status 1 "
-        "when there are any, 0 otherwise.",
+        description="Reads every shard of OUT (or of MANIFEST, or the one SHARD) once: checks size, "
+        "whole-file and block digests, sample count and tar structure against the manifest (shards "
+        "of a pack not yet committed: against their entries in OUT/manifest.d/), and reports shard "
+        "files the manifest does not list. Without a manifest, a walk of each shard's tar structure "
+        "is the check. Prints a table of problems, then a line saying what was checked and what was "
+        "not; exits with status 1 when there is any problem (no shard at all is one), 0 otherwise.",
     )
-    p.add_argument("target", metavar="OUT|MANIFEST", help="shard directory or manifest file")
+    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file")
     p.set_defaults(run=_run_verify)
 
 
@@ -192,7 +194,10 @@ def _run_ls(args: argparse.Namespace) -> int:
         rows = listing(args.target)
     except (OSError, ValueError) as exn:
         return _fail("ls", exn)
-    table = [[r.shard + ("" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
+    if not rows:
+        print(f"{args.target}: no shards")
+        return 0
+    table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
               "-" if r.size is None else str(r.size), (r.digest or "-")[:25], _age(r.age)] for r in rows]
     _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
     return 0
@@ -202,11 +207,12 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ls",
         help="list shards with samples, size, digest and age",
-        description="Lists the shards of OUT (or of MANIFEST): sample count and digest from the "
-        "manifest, size and age (time since last modification) from the file system. Shards "
-        "not in the manifest are marked (unlisted) and counted by reading their headers.",
+        description="Lists the shards of OUT (or of MANIFEST, or the one SHARD): sample count and "
+        "digest from the manifest, size and age (time since last modification) from the file system. "
+        "Shards of a pack not yet committed (listed in OUT/manifest.d/) are marked (uncommitted); "
+        "shards in neither are marked (unlisted) and counted by reading their headers.",
     )
-    p.add_argument("target", metavar="OUT|MANIFEST", help="shard directory or manifest file")
+    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file")
     p.set_defaults(run=_run_ls)
 
 
