@@ -321,3 +321,33 @@ def test_output_bytes_are_unchanged_from_earlier_versions(tmp_path):
         with open(os.path.join(out, name), "rb") as f:
             found[name] = hashlib.sha256(f.read()).hexdigest()
     assert found == GOLDEN
+
+
+def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    src, expected = tree
+    out = str(tmp_path / "out")
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, like a terminal
+    try:
+        r = subprocess.run(CLI + ["pack", src, "-o", out], stdout=subprocess.PIPE, stderr=terminal, text=True,
+                           timeout=60)
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+    assert r.returncode == 0
+    assert b"pack: 100%" in shown
+    assert r.stdout.startswith(f"packed {len(expected)} samples into 1 shards in {out}: ")

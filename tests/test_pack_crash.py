@@ -16,7 +16,7 @@ from conftest import wait_for
 
 from wdsrefresh.format import manifest
 from wdsrefresh.format.tario import open_shard
-from wdsrefresh.write.pack import pack
+from wdsrefresh.write.pack import PackError, pack
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
 PAGE = 4096
@@ -202,3 +202,29 @@ def test_out_of_space_at_every_step_then_rerun_packs_every_input_once(tmp_path, 
         assert digests(out) == expected
         subprocess.run(["rm", "-rf", os.path.dirname(out)], check=True)
     assert outcomes["fits"] >= 1 and outcomes["out of space"] >= 20, outcomes
+
+
+def test_shard_renamed_before_its_fragment_is_indexed_not_rewritten_and_must_be_the_planned_one(
+        inputs, tmp_path, procs):
+    from shardutil import write_shard
+
+    src, keys, reference = inputs
+    out = str(tmp_path / "out")
+    kill_when_half_done(src, out, procs)
+    fragments = os.path.join(out, "manifest.d")
+    last = sorted(os.listdir(fragments))[-1]
+    os.unlink(os.path.join(fragments, last))  # the state a kill between rename and fragment leaves
+    shard = os.path.join(out, f"shard-{int(last[-10:-5]):06d}.tar")
+    with open(shard, "rb") as f:
+        planned = f.read()
+    os.replace(write_shard(str(tmp_path), "other.tar", 1), shard)  # something else under the reserved name
+    with pytest.raises(PackError, match=f"{shard}: reserved for 1 samples .* but holds something else"):
+        pack([src], out, maxcount=1)
+    with open(shard + ".restore", "wb") as f:
+        f.write(planned)
+    os.replace(shard + ".restore", shard)
+    inode = os.stat(shard).st_ino
+    pack([src], out, maxcount=1)
+    assert os.stat(shard).st_ino == inode  # indexed, not written again
+    assert_packed_exactly_once(out, keys)
+    assert digests(out) == reference
