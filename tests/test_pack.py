@@ -12,6 +12,7 @@ import webdataset as wds
 
 import wdsrefresh as wr
 from shardutil import write_shard
+from wdsrefresh.cli import main
 from wdsrefresh.format import manifest
 from wdsrefresh.write.pack import PackError, group_samples, pack
 from wdsrefresh.format.tario import index_shard
@@ -244,48 +245,52 @@ def test_prefix_that_is_not_a_plain_name_is_refused_before_anything_is_written(t
     assert shard_files(str(out))[0] == "v2.train_part-A-000000.tar"
 
 
-def test_output_url_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path):
+def test_output_url_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path, monkeypatch, capsys):
     src, _ = tree
-    r = subprocess.run(CLI + ["pack", src, "-o", "s3://bucket/shards"], capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path)
-    assert r.returncode == 1 and "s3://bucket/shards: remote locations are not supported yet" in r.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["pack", src, "-o", "s3://bucket/shards"]) == 1
+    assert "s3://bucket/shards: remote locations are not supported yet" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
-def test_jobs_below_one_is_refused(tree, tmp_path):
+def test_jobs_below_one_is_refused(tree, tmp_path, capsys):
     src, _ = tree
     out = tmp_path / "out"
-    r = subprocess.run(CLI + ["pack", src, "-o", str(out), "--jobs", "0"], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 2 and "--jobs: must be at least 1, got 0" in r.stderr and not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["pack", src, "-o", str(out), "--jobs", "0"])
+    assert exit_.value.code == 2 and "--jobs: must be at least 1, got 0" in capsys.readouterr().err
     for jobs in (0, -2):
         with pytest.raises(ValueError, match=f"jobs must be at least 1 \\(got {jobs}\\)"):
             pack([src], str(out), jobs=jobs)
     assert not out.exists()
 
 
-def test_help_shows_the_defaults_the_code_uses():
+def help_text(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults_the_code_uses(capsys):
     from wdsrefresh.write.ingest import IngestConfig
     from wdsrefresh.write.pack import DEFAULT_MAXCOUNT, DEFAULT_PREFIX
 
-    help_text = " ".join(subprocess.run(CLI + ["pack", "--help"], capture_output=True, text=True,
-                                        timeout=60).stdout.split())
-    assert f"(default: {DEFAULT_MAXCOUNT})" in help_text and f"(default: {DEFAULT_PREFIX})" in help_text
-    assert "(default: 1GB)" in help_text
-    help_text = " ".join(subprocess.run(CLI + ["ingest", "--help"], capture_output=True, text=True,
-                                        timeout=60).stdout.split())
-    assert f"(default: {IngestConfig.settle})" in help_text and f"(default: {IngestConfig.flush})" in help_text
+    text = help_text("pack", capsys)
+    assert f"(default: {DEFAULT_MAXCOUNT})" in text and f"(default: {DEFAULT_PREFIX})" in text
+    assert "(default: 1GB)" in text
+    text = help_text("ingest", capsys)
+    assert f"(default: {IngestConfig.settle})" in text and f"(default: {IngestConfig.flush})" in text
 
 
-def test_running_a_finished_pack_again_does_nothing(tree, tmp_path):
+def test_running_a_finished_pack_again_does_nothing(tree, tmp_path, capsys, caplog):
     src, expected = tree
     out = str(tmp_path / "out")
     first = pack([src], out, maxcount=7)
-    again = subprocess.run(CLI + ["pack", src, "-o", out, "--maxcount", "7"], capture_output=True, text=True,
-                           timeout=60)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout == f"nothing to do: these inputs were packed into {out} before ({len(expected)} samples in 4 shards)\n"
-    assert "remove" in again.stderr and "done-" in again.stderr  # says how to pack them again
+    with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
+        assert main(["pack", src, "-o", out, "--maxcount", "7"]) == 0
+    assert capsys.readouterr().out == (f"nothing to do: these inputs were packed into {out} before "
+                                       f"({len(expected)} samples in 4 shards)\n")
+    assert "To pack them again, remove" in caplog.text and "done-" in caplog.text
     assert shard_files(out) == [e.url for e in first] == [e.url for e in manifest.load(os.path.join(out, "manifest.json"))]
 
 
