@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_for
 
 from wdsrefresh.format import manifest
-from wdsrefresh.write.ingest import IngestConfig, IngestError, Ingester, _journal_doc, ingest
+from wdsrefresh.write.ingest import IngestConfig, IngestError, Ingester, _journal_doc
 from wdsrefresh.format.tario import open_shard
 from wdsrefresh.write.verify import verify
 
@@ -51,9 +51,20 @@ def inbox_files(inbox):
     return sorted(os.path.relpath(os.path.join(r, f), inbox) for r, _, fs in os.walk(inbox) for f in fs)
 
 
+def inputs_left(inbox):
+    """Files an ingest would take (while one runs, its hidden lock file is in the inbox too)."""
+    return [n for n in inbox_files(inbox) if not os.path.basename(n).startswith(".")]
+
+
 def config(tmp_path, **kw):
     kw.setdefault("settle", 0.1)
+    os.makedirs(tmp_path / "inbox", exist_ok=True)
     return IngestConfig(str(tmp_path / "inbox"), str(tmp_path / "out"), **kw)
+
+
+def ingest_once(cfg):
+    with Ingester(cfg) as ingester:
+        ingester.run_once()
 
 
 def test_once_publishes_every_complete_sample_then_empties_inbox(tmp_path):
@@ -65,7 +76,7 @@ def test_once_publishes_every_complete_sample_then_empties_inbox(tmp_path):
     for name in ("m.jpg", "m.cls", "m.done", "sub/n.bin", "sub/n.done"):
         drop(cfg.inbox, name, b"x")
     expected |= {"m.jpg", "m.cls", "sub/n.bin"}
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     members = published_members(cfg.out)
     assert set(members) == expected and set(members.values()) == {1}
     assert inbox_files(cfg.inbox) == []
@@ -77,7 +88,7 @@ def test_archive_receives_every_input_including_markers(tmp_path):
     cfg = config(tmp_path, archive=archive)
     for name in ("a.txt", "b.jpg", "b.done"):
         drop(cfg.inbox, name, b"data")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert set(published_members(cfg.out)) == {"a.txt", "b.jpg"}
     assert inbox_files(cfg.inbox) == [] and inbox_files(archive) == ["a.txt", "b.done", "b.jpg"]
 
@@ -86,14 +97,13 @@ def test_require_done_takes_only_marked_samples(tmp_path):
     cfg = config(tmp_path, require_done=True)
     for name in ("a.txt", "b.txt", "b.done"):
         drop(cfg.inbox, name, b"data")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert set(published_members(cfg.out)) == {"b.txt"}
     assert inbox_files(cfg.inbox) == ["a.txt"]
 
 
 def test_file_open_for_writing_waits_until_closed(tmp_path):
     cfg = config(tmp_path, settle=0.05, flush=0.05, maxcount=100)
-    os.makedirs(cfg.inbox)
     ingester = Ingester(cfg)
     ingester.open()
     loop = threading.Thread(target=ingester.run_forever, daemon=True)
@@ -109,7 +119,7 @@ def test_file_open_for_writing_waits_until_closed(tmp_path):
             wait_for(lambda: os.path.exists(os.path.join(cfg.out, "manifest.json")), 10, "a shard")
             assert set(published_members(cfg.out)) == {"quick.txt"}  # flushed alone; slow.bin is open
             f.write(b"second half")
-        wait_for(lambda: inbox_files(cfg.inbox) == [], 10, "slow.bin to be taken")
+        wait_for(lambda: inputs_left(cfg.inbox) == [], 10, "slow.bin to be taken")
     finally:
         ingester.stop()
         loop.join(timeout=10)
@@ -123,9 +133,9 @@ def test_file_open_for_writing_waits_until_closed(tmp_path):
 def test_marker_arriving_after_its_sample_was_taken_is_removed(tmp_path):
     cfg = config(tmp_path)
     drop(cfg.inbox, "a.txt", b"data")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     drop(cfg.inbox, "a.done", b"")
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert published_members(cfg.out) == {"a.txt": 1} and inbox_files(cfg.inbox) == []
 
 
@@ -139,11 +149,53 @@ def test_second_ingest_on_same_inbox_is_refused(tmp_path):
         first.close()
 
 
+def test_second_ingest_on_same_inbox_is_refused_whatever_its_output(tmp_path):
+    first = Ingester(config(tmp_path))
+    first.open()
+    try:
+        other = IngestConfig(first.cfg.inbox, str(tmp_path / "elsewhere"), settle=0.1)
+        with pytest.raises(IngestError, match="another ingest is already running on .*wdsrefresh-ingest.lock"):
+            Ingester(other).open()
+    finally:
+        first.close()
+    assert inbox_files(first.cfg.inbox) == []  # the lock file goes with the ingest that held it
+    with Ingester(other):
+        pass
+
+
+def snapshot(root):
+    return sorted((os.path.relpath(os.path.join(r, n), root)) for r, ds, fs in os.walk(root) for n in ds + fs)
+
+
+@pytest.mark.parametrize("layout", ["out is inbox", "out inside inbox", "inbox inside out", "archive inside inbox"])
+def test_overlapping_inbox_output_and_archive_are_refused_before_anything_changes(tmp_path, layout):
+    inbox = tmp_path / ("out/inbox" if layout == "inbox inside out" else "inbox")
+    out = {"out is inbox": inbox, "out inside inbox": inbox / "shards"}.get(layout, tmp_path / "out")
+    archive = str(inbox / "done") if layout == "archive inside inbox" else None
+    drop(str(inbox), "a.txt", b"data")
+    before = snapshot(tmp_path)
+    with pytest.raises(IngestError, match="overlap"):
+        Ingester(IngestConfig(str(inbox), str(out), archive=archive, settle=0.1)).open()
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_refuses_output_inside_inbox_and_missing_inbox(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    r = subprocess.run(CLI + ["ingest", str(inbox), "-o", str(inbox / "out"), "--once"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and f"output directory {inbox / 'out'} and inbox {inbox} overlap" in r.stderr
+    missing = tmp_path / "typo"
+    with pytest.raises(IngestError, match=f"inbox {missing}: no such directory"):
+        Ingester(IngestConfig(str(missing), str(tmp_path / "out"))).open()
+    assert sorted(os.listdir(tmp_path)) == ["inbox"]  # neither the inbox nor OUT was created
+
+
 def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
     cfg = config(tmp_path)
     drop(cfg.inbox, "a.txt", b"version 1")
     st = os.stat(os.path.join(cfg.inbox, "a.txt"))
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     drop(cfg.inbox, "a.txt", b"version 2, a new input")
     # the journal of a publication that crashed before removing its input (version 1)
     ingester = Ingester(cfg)
@@ -153,7 +205,7 @@ def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
     os.makedirs(ingester.journal_dir, exist_ok=True)
     manifest.write_json_atomic(os.path.join(ingester.journal_dir, entry.url + ".json"),
                                _journal_doc(entry, ".gone.tmp", inputs))
-    ingest(cfg, once=True)
+    ingest_once(cfg)
     assert published_members(cfg.out) == {"a.txt": 2}  # version 1 once, version 2 once
     assert os.listdir(ingester.journal_dir) == []
 
@@ -178,6 +230,7 @@ def test_recovery_rolls_back_a_publication_not_yet_renamed(tmp_path):
 
 def test_cli_watches_until_sigterm_then_exits_cleanly(tmp_path, procs):
     inbox, out = str(tmp_path / "inbox"), str(tmp_path / "out")
+    os.makedirs(inbox)
     err = str(tmp_path / "ingest.log")
     with open(err, "w") as f:
         proc = subprocess.Popen(CLI + ["-v", "ingest", inbox, "-o", out, "--settle", "0.05", "--flush", "0.05"],
@@ -185,10 +238,11 @@ def test_cli_watches_until_sigterm_then_exits_cleanly(tmp_path, procs):
     procs.append(proc)
     wait_for(lambda: "watching" in open(err).read() or proc.poll() is not None, 60, "ingest to start")
     drop(inbox, "a.txt", b"hello")
-    wait_for(lambda: inbox_files(inbox) == [], 30, "a.txt to be published")
+    wait_for(lambda: inputs_left(inbox) == [], 30, "a.txt to be published")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, open(err).read()
     assert published_members(out) == {"a.txt": 1}
+    assert inbox_files(inbox) == []  # the inbox lock is released and removed
 
 
 DROPPER = r"""

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -11,6 +12,7 @@ import webdataset as wds
 
 import wdsrefresh as wr
 from shardutil import write_shard
+from wdsrefresh.cli import main
 from wdsrefresh.format import manifest
 from wdsrefresh.write.pack import PackError, group_samples, pack
 from wdsrefresh.format.tario import index_shard
@@ -103,7 +105,7 @@ def test_same_tree_packs_to_same_bytes(tree, tmp_path):
     src, _ = tree
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     pack([src], a, maxcount=7)
-    pack([src], b, maxcount=7, jobs=3)
+    pack([src], b, maxcount=7, jobs=2)
     for name in shard_files(a):
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read()
@@ -124,11 +126,13 @@ def test_manifest_counts_and_digests_are_exact(tree, tmp_path):
 
 def test_numbering_continues_after_highest_existing_shard(tree, tmp_path):
     src, _ = tree
+    more = tmp_path / "more"
+    make_tree(str(more), n=30)
     out = str(tmp_path / "out")
     os.makedirs(out)
     write_shard(out, "shard-000007.tar", 3)
     pack([src], out, maxcount=20)
-    pack([src], out, maxcount=20)
+    pack([str(more)], out, maxcount=20)
     assert shard_files(out) == ["shard-000007.tar"] + [f"shard-{i:06d}.tar" for i in range(8, 12)]
     urls = [e.url for e in manifest.load(os.path.join(out, "manifest.json"))]
     assert urls == shard_files(out)
@@ -218,8 +222,137 @@ def test_cli_pack_prints_summary_and_help_explains(tree, tmp_path):
     r = subprocess.run(CLI + ["pack", src, "-o", out, "--maxcount", "10", "--prefix", "part"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"packed {len(expected)} samples into 3 shards in {out}"
+    assert re.fullmatch(rf"packed {len(expected)} samples into 3 shards in {out}: 5\.\d MB in \d+\.\d s\n",
+                        r.stdout), r.stdout
     assert shard_files(out) == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
     assert r.stderr == ""  # no progress bar when stderr is not a terminal
     help_text = subprocess.run(CLI + ["pack", "--help"], capture_output=True, text=True, timeout=60).stdout
     assert "--maxsize" in help_text and "key" in help_text
+
+
+def test_prefix_that_is_not_a_plain_name_is_refused_before_anything_is_written(tree, tmp_path):
+    src, _ = tree
+    out = tmp_path / "deep" / "out"
+    r = subprocess.run(CLI + ["pack", src, "-o", str(out), "--prefix", "../escaped"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "prefix '../escaped' is not a plain name" in r.stderr
+    for prefix in ("/abs/shard", "sub/dir", ".hidden", "", "a b"):
+        with pytest.raises(PackError, match=f"prefix {re.escape(repr(prefix))} is not a plain name"):
+            pack([src], str(out), prefix=prefix)
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # nothing written, in OUT or beside it
+    pack([src], str(out), prefix="v2.train_part-A")
+    assert shard_files(str(out))[0] == "v2.train_part-A-000000.tar"
+
+
+def test_output_url_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path, monkeypatch, capsys):
+    src, _ = tree
+    monkeypatch.chdir(tmp_path)
+    assert main(["pack", src, "-o", "s3://bucket/shards"]) == 1
+    assert "s3://bucket/shards: remote locations are not supported yet" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_jobs_below_one_is_refused(tree, tmp_path, capsys):
+    src, _ = tree
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["pack", src, "-o", str(out), "--jobs", "0"])
+    assert exit_.value.code == 2 and "--jobs: must be at least 1, got 0" in capsys.readouterr().err
+    for jobs in (0, -2):
+        with pytest.raises(ValueError, match=f"jobs must be at least 1 \\(got {jobs}\\)"):
+            pack([src], str(out), jobs=jobs)
+    assert not out.exists()
+
+
+def help_text(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_defaults_the_code_uses(capsys):
+    from wdsrefresh.write.ingest import IngestConfig
+    from wdsrefresh.write.pack import DEFAULT_MAXCOUNT, DEFAULT_PREFIX
+
+    text = help_text("pack", capsys)
+    assert f"(default: {DEFAULT_MAXCOUNT})" in text and f"(default: {DEFAULT_PREFIX})" in text
+    assert "(default: 1GB)" in text
+    text = help_text("ingest", capsys)
+    assert f"(default: {IngestConfig.settle})" in text and f"(default: {IngestConfig.flush})" in text
+
+
+def test_running_a_finished_pack_again_does_nothing(tree, tmp_path, capsys, caplog):
+    src, expected = tree
+    out = str(tmp_path / "out")
+    first = pack([src], out, maxcount=7)
+    with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
+        assert main(["pack", src, "-o", out, "--maxcount", "7"]) == 0
+    assert capsys.readouterr().out == (f"nothing to do: these inputs were packed into {out} before "
+                                       f"({len(expected)} samples in 4 shards)\n")
+    assert "To pack them again, remove" in caplog.text and "done-" in caplog.text
+    assert shard_files(out) == [e.url for e in first] == [e.url for e in manifest.load(os.path.join(out, "manifest.json"))]
+
+
+# sha256 of each file packed from golden_tree(): the bytes `pack` wrote before the plan/task/commit
+# rewrite; the same inputs must keep packing to the same bytes
+GOLDEN = {
+    "shard-000000.tar": "a600dfd1797a3a3ea59eb0fbd3ba0b36cdf42326e615b90610fca0b178f9af1c",
+    "shard-000001.tar": "9bd491140ea0c34888a3ed92c447335b176373df12b7831f89754972af9cdc4f",
+    "shard-000002.tar": "199696d3e58f3df547049ae5a888771724622426f7ce6fed08845a220cc54706",
+}
+
+
+def golden_tree(src):
+    for i in range(12):
+        key = f"{'sub/' if i % 3 else ''}s{i:04d}"
+        for ext, data in {"jpg": bytes(range(256)) * (i + 1), "cls": str(i).encode(),
+                          "seg.png": bytes([i]) * (700 * i)}.items():
+            path = os.path.join(src, f"{key}.{ext}")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+
+
+def test_output_bytes_are_unchanged_from_earlier_versions(tmp_path):
+    import hashlib
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    golden_tree(src)
+    pack([src], out, maxcount=5)  # and so with --jobs: test_same_tree_packs_to_same_bytes
+    found = {}
+    shards = (n for n in os.listdir(out) if n.endswith(".tar"))  # the manifest's format has its own version
+    for name in sorted(shards):
+        with open(os.path.join(out, name), "rb") as f:
+            found[name] = hashlib.sha256(f.read()).hexdigest()
+    assert found == GOLDEN
+
+
+def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    src, expected = tree
+    out = str(tmp_path / "out")
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, like a terminal
+    try:
+        r = subprocess.run(CLI + ["pack", src, "-o", out], stdout=subprocess.PIPE, stderr=terminal, text=True,
+                           timeout=60)
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+    assert r.returncode == 0
+    assert b"pack: 100%" in shown
+    assert r.stdout.startswith(f"packed {len(expected)} samples into 1 shards in {out}: ")

@@ -33,23 +33,48 @@ def _fail(command: str, exn: BaseException) -> int:
     return 1
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed)")
-    p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard at most (default: 10000)")
-    p.add_argument("--maxsize", default="1GB", help="bytes per shard at most, e.g. 500MB, 1GiB (default: 1GB); "
-                   "a bigger sample gets a shard of its own, with a warning")
-    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default: shard)")
+    from .write.pack import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, format_size
+
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed; "
+                   "a local path)")
+    p.add_argument("--maxcount", type=_at_least_one, default=DEFAULT_MAXCOUNT,
+                   help="samples per shard at most (default: %(default)s)")
+    p.add_argument("--maxsize", default=format_size(DEFAULT_MAXSIZE), help="bytes per shard at most, e.g. "
+                   "500MB, 1GiB (default: %(default)s); a bigger sample gets a shard of its own, with a warning")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="shard names are PREFIX-NNNNNN.tar; a plain name of "
+                   "letters, digits, '-', '_' and '.', not starting with '.' (default: %(default)s)")
 
 
 def _run_pack(args: argparse.Namespace) -> int:
-    from .write.pack import PackError, pack
+    import time
 
+    from .write.pack import PackError, run_pack
+
+    start = time.monotonic()
     try:
-        entries = pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
-                       prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks)
+        report = run_pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
+                          prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks)
     except (PackError, OSError, ValueError) as exn:
         return _fail("pack", exn)
-    print(f"packed {sum(e.nsamples or 0 for e in entries)} samples into {len(entries)} shards in {args.out}")
+    seconds = time.monotonic() - start
+    if report.committed_before:
+        print(f"nothing to do: these inputs were packed into {args.out} before "
+              f"({report.nsamples} samples in {len(report.entries)} shards)")
+        return 0
+    earlier = f"; {report.earlier} of them written by an earlier, interrupted run" if report.earlier else ""
+    print(f"packed {report.nsamples} samples into {len(report.entries)} shards in {args.out}: "
+          f"{report.nbytes / 1e6:.1f} MB in {seconds:.1f} s{earlier}")
     return 0
 
 
@@ -59,15 +84,20 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="pack files into tar shards and update the manifest",
         description="Packs the files under each SRC into new tar shards in OUT. Files are grouped "
         "into samples by webdataset's rule (dir/a.jpg and dir/a.cls are sample dir/a). Shards are "
-        "named PREFIX-NNNNNN.tar, numbered after the highest shard already in OUT, written under "
-        "a hidden temporary name, fsynced and renamed; OUT/manifest.json (wids shard index v1 "
-        "plus digests) is then updated atomically. All inputs are checked first: unreadable files, "
+        "named PREFIX-NNNNNN.tar, numbered after the highest shard already in OUT (or reserved by a "
+        "pack still running there), each written under a hidden temporary name, fsynced and renamed, "
+        "its manifest entry saved in OUT/manifest.d/; at the end OUT/manifest.json (wids shard index "
+        "v1 plus digests) is updated atomically. All inputs are checked first: unreadable files, "
         "names without an extension, symlinks leading outside SRC, duplicate keys and an empty "
-        "SRC are errors, and nothing is published. Hidden files are skipped.",
+        "SRC are errors, and nothing is written. Hidden files are skipped. Interrupted (killed, out "
+        "of space), the same command run again finishes the same pack without packing any input "
+        "twice; run once more after it finished, it does nothing. A progress bar shows on a "
+        "terminal; a summary line is printed at the end.",
     )
     p.add_argument("src", nargs="+", metavar="SRC", help="directory (names relative to it) or file (its base name)")
     _add_shard_options(p)
-    p.add_argument("--jobs", type=int, default=1, help="shards written in parallel (default: 1)")
+    p.add_argument("--jobs", type=_at_least_one, default=1, help="shards written in parallel, each in its own "
+                   "process (default: %(default)s)")
     p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks even when they lead outside SRC")
     p.set_defaults(run=_run_pack)
 
@@ -91,6 +121,8 @@ def _run_ingest(args: argparse.Namespace) -> int:
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    from .write.ingest import IngestConfig
+
     p = sub.add_parser(
         "ingest",
         help="turn files dropped into an inbox directory into published shards",
@@ -100,44 +132,49 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "is removed, not packed), or else when all its files were closed after writing and stayed "
         "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
         "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
-        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/).",
+        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). One ingest at a "
+        "time per inbox: it holds INBOX/.wdsrefresh-ingest.lock while it runs.",
     )
-    p.add_argument("inbox", metavar="INBOX", help="directory producers drop files into")
+    p.add_argument("inbox", metavar="INBOX", help="directory producers drop files into (must exist; "
+                   "neither OUT nor --archive may be inside it, or contain it)")
     _add_shard_options(p)
     p.add_argument("--once", action="store_true", help="publish what is complete now (waiting for files "
                    "still settling), then exit")
-    p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged (default: 2)")
-    p.add_argument("--flush", type=float, default=30.0, help="publish a partial shard when its oldest sample "
-                   "has waited this many seconds (default: 30)")
+    p.add_argument("--settle", type=float, default=IngestConfig.settle,
+                   help="seconds a file must stay unchanged (default: %(default)s)")
+    p.add_argument("--flush", type=float, default=IngestConfig.flush, help="publish a partial shard when its "
+                   "oldest sample has waited this many seconds (default: %(default)s)")
     p.add_argument("--archive", metavar="DIR", help="move inputs here instead of deleting them (same file system)")
     p.add_argument("--require-done", action="store_true", help="take only samples that have a KEY.done marker")
     p.set_defaults(run=_run_ingest)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .write.verify import verify
+    from .write.verify import check
 
     try:
-        problems = verify(args.target)
+        report = check(args.target)
     except (OSError, ValueError) as exn:
         return _fail("verify", exn)
-    if not problems:
-        print(f"{args.target}: all shards verified")
-        return 0
-    _print_table(["SHARD", "PROBLEM", "DETAIL"], [[p.shard, p.kind, p.detail] for p in problems])
-    return 1
+    if report.problems:
+        _print_table(["SHARD", "PROBLEM", "DETAIL"], [[p.shard, p.kind, p.detail] for p in report.problems])
+    verdict = f"{len(report.problems)} problem{'s' * (len(report.problems) != 1)}" if report.problems else "verified"
+    print(f"{args.target}: {verdict}: {report.summary()}")
+    return 1 if report.problems else 0
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="re-hash every shard and check it against the manifest",
-        description="Reads every shard of OUT (or of MANIFEST) once: checks size, whole-file and "
-        "block digests, sample count and tar structure against the manifest, and reports shard "
-        "files the manifest does not list. Prints a table of problems and exits with status 1 "
-        "when there are any, 0 otherwise.",
+        description="Reads every shard of OUT (or of MANIFEST, or the one SHARD) once: checks size, "
+        "whole-file and block digests, sample count and tar structure against the manifest (shards "
+        "of a pack not yet committed: against their entries in OUT/manifest.d/), and reports shard "
+        "files the manifest does not list. Without a manifest, a walk of each shard's tar structure "
+        "is the check. Prints a table of problems, then a line saying what was checked and what was "
+        "not; exits with status 1 when there is any problem (no shard at all is one), 0 otherwise.",
     )
-    p.add_argument("target", metavar="OUT|MANIFEST", help="shard directory or manifest file")
+    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file")
     p.set_defaults(run=_run_verify)
 
 
@@ -157,7 +194,10 @@ def _run_ls(args: argparse.Namespace) -> int:
         rows = listing(args.target)
     except (OSError, ValueError) as exn:
         return _fail("ls", exn)
-    table = [[r.shard + ("" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
+    if not rows:
+        print(f"{args.target}: no shards")
+        return 0
+    table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
               "-" if r.size is None else str(r.size), (r.digest or "-")[:25], _age(r.age)] for r in rows]
     _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
     return 0
@@ -167,11 +207,12 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ls",
         help="list shards with samples, size, digest and age",
-        description="Lists the shards of OUT (or of MANIFEST): sample count and digest from the "
-        "manifest, size and age (time since last modification) from the file system. Shards "
-        "not in the manifest are marked (unlisted) and counted by reading their headers.",
+        description="Lists the shards of OUT (or of MANIFEST, or the one SHARD): sample count and "
+        "digest from the manifest, size and age (time since last modification) from the file system. "
+        "Shards of a pack not yet committed (listed in OUT/manifest.d/) are marked (uncommitted); "
+        "shards in neither are marked (unlisted) and counted by reading their headers.",
     )
-    p.add_argument("target", metavar="OUT|MANIFEST", help="shard directory or manifest file")
+    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file")
     p.set_defaults(run=_run_ls)
 
 

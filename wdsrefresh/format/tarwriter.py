@@ -150,11 +150,6 @@ class TarWriter:
     def size(self) -> int:
         return self.sink.size
 
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.sink.write(member_headers(name, len(data), self.mtime))
-        self.sink.write(data)
-        self.sink.write(bytes(-len(data) % RECORD))
-
     def add_file(self, name: str, path: str, size: int) -> tuple[int, int, int]:
         """Adds the file at ``path`` as ``name``; it must hold exactly ``size`` bytes.
 

@@ -20,6 +20,10 @@ restart first completes or rolls back the journaled step. So after kill -9 at an
 a restart, every input is in exactly one published shard, or still in the inbox.
 Input files are identified by (inode, size, mtime): a file re-created or rewritten under the
 same name after it was packed is a new input, never removed by mistake.
+
+One ingest at a time owns an inbox: it holds ``INBOX/.wdsrefresh-ingest.lock`` (a hidden
+name, never packed), whatever its output directory. The inbox must exist; OUT and the
+archive may be neither the inbox nor inside it, nor contain it.
 """
 
 from __future__ import annotations
@@ -37,20 +41,22 @@ from dataclasses import dataclass, field
 import xxhash
 
 from ..format import manifest as manifestmod
-from ..format.atomic import fsync_dir
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
 from ..format.tarwriter import TarWriteError
-from .pack import (
-    DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_name,
-    plan_shards, write_shard,
-)
 from ..watch import Change, new_watcher
-from .publish import add_to_manifest, current_entries, next_number, out_lock, rename_without_replacing, shard_name
+from .pack import (
+    DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_local, check_name,
+    check_prefix, paths_overlap, plan_shards, write_shard,
+)
+from .publish import (
+    PRIVATE_DIR, add_to_manifest, current_entries, fsync_dir_named, next_number, out_lock, rename_without_replacing,
+    shard_name,
+)
 
 log = logging.getLogger("wdsrefresh")
 
-STATE_DIR = ".wdsrefresh"
+INBOX_LOCK_NAME = ".wdsrefresh-ingest.lock"
 MARKER_EXT = "done"
 JOURNAL_VERSION = 1
 
@@ -164,8 +170,8 @@ class Ingester:
         self.inbox = os.path.abspath(config.inbox)
         self.out = os.path.abspath(config.out)
         self.tag = xxhash.xxh3_64_hexdigest(os.path.realpath(self.inbox).encode())
-        self.state = os.path.join(self.out, STATE_DIR)
-        self.journal_dir = os.path.join(self.state, f"ingest-{self.tag}")
+        self.private_dir = os.path.join(self.out, PRIVATE_DIR)
+        self.journal_dir = os.path.join(self.private_dir, f"ingest-{self.tag}")
         self.tracker = _Tracker(config.settle)
         self._wake_r, self._wake_w = _nonblocking_pipe()  # stop() wakes the loop, even from a signal handler
         self._counter = 0
@@ -177,28 +183,75 @@ class Ingester:
     # ---- start-up: exclusive ownership of the inbox, recovery ----------------------------
 
     def open(self) -> None:
-        """Takes the inbox lock, then completes or rolls back any journaled publication."""
-        for d in (self.inbox, self.out, self.journal_dir):
-            os.makedirs(d, exist_ok=True)
-        if self.cfg.archive:
-            os.makedirs(self.cfg.archive, exist_ok=True)
-            if os.stat(self.cfg.archive).st_dev != os.stat(self.inbox).st_dev:
-                raise IngestError(f"archive {self.cfg.archive} must be on the same file system as {self.inbox}")
-        fd = os.open(os.path.join(self.state, f"ingest-{self.tag}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        """Checks the directories, takes the inbox lock, then completes or rolls back any
+        journaled publication. Raises IngestError (naming the directory) before changing
+        anything when the inbox is missing or overlaps OUT or the archive."""
+        self._check_directories()
+        self._lock_inbox()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise IngestError(f"another ingest is already running on {self.inbox}") from None
-        self._lock_fd = fd
-        self.recover()
+            for d in (self.out, self.journal_dir):
+                os.makedirs(d, exist_ok=True)
+            if self.cfg.archive:
+                os.makedirs(self.cfg.archive, exist_ok=True)
+                if os.stat(self.cfg.archive).st_dev != os.stat(self.inbox).st_dev:
+                    raise IngestError(f"archive {self.cfg.archive} must be on the same file system as {self.inbox}")
+            self.recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_directories(self) -> None:
+        for path in (self.cfg.inbox, self.cfg.out, self.cfg.archive or ""):
+            try:
+                check_local(path)
+            except PackError as exn:
+                raise IngestError(str(exn)) from None
+        try:
+            check_prefix(self.cfg.prefix)
+        except PackError as exn:
+            raise IngestError(str(exn)) from None
+        if not os.path.isdir(self.inbox):
+            what = "not a directory" if os.path.exists(self.inbox) else "no such directory"
+            raise IngestError(f"inbox {self.cfg.inbox}: {what} (create it first; ingest does not)")
+        inbox = os.path.realpath(self.inbox)
+        for role, path in (("output directory", self.cfg.out), ("archive", self.cfg.archive)):
+            if path and paths_overlap(inbox, os.path.realpath(path)):
+                raise IngestError(f"{role} {path} and inbox {self.cfg.inbox} overlap (one is, or is inside, the "
+                                  f"other): ingest would take its own files as inputs")
+        if self.cfg.archive and paths_overlap(os.path.realpath(self.cfg.archive), os.path.realpath(self.out)):
+            raise IngestError(f"archive {self.cfg.archive} and output directory {self.cfg.out} overlap: "
+                              "archived inputs would sit among the shards")
+
+    def _lock_inbox(self) -> None:
+        """Takes ``INBOX/.wdsrefresh-ingest.lock`` (removed again by ``close``)."""
+        path = os.path.join(self.inbox, INBOX_LOCK_NAME)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise IngestError(f"another ingest is already running on {self.inbox} (it holds {path})") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)  # the holder removed it while we opened it: lock the new one
 
     def close(self) -> None:
+        """Releases the inbox (removing its lock file)."""
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
         if self._lock_fd is not None:
+            try:
+                os.unlink(os.path.join(self.inbox, INBOX_LOCK_NAME))
+            except FileNotFoundError:
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -226,15 +279,14 @@ class Ingester:
                     os.unlink(path)
                     continue
                 doc = _load_journal(path)
-                tmp = os.path.join(self.out, doc["tmp"])
-                if not os.path.exists(tmp) and os.path.exists(os.path.join(self.out, doc["shard"])):
+                if _renamed(os.path.join(self.out, doc["tmp"]), os.path.join(self.out, doc["shard"])):
                     log.info("recovery: completing publication of %s", doc["shard"])
                     add_to_manifest(self.out, current_entries(self.out), [_entry_from(doc)])
                     self._remove_inputs(doc["inputs"])
                 else:
                     log.info("recovery: rolling back unpublished %s", doc["shard"])
                 os.unlink(path)
-                fsync_dir(self.journal_dir)
+                fsync_dir_named(self.journal_dir)
             self._sweep_temporaries()
 
     def _sweep_temporaries(self) -> None:
@@ -328,12 +380,12 @@ class Ingester:
         inputs = [_as_dict(i) for i in written.inputs + tuple(markers)]
         with out_lock(self.out):
             entries = current_entries(self.out)
-            name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, entries))
+            name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, [e.url for e in entries]))
             entry = written.entry(name)
             journal = os.path.join(self.journal_dir, name + ".json")
             manifestmod.write_json_atomic(journal, _journal_doc(entry, tmp_name, inputs))
             rename_without_replacing(written.tmp_path, os.path.join(self.out, name))
-            fsync_dir(self.out)
+            fsync_dir_named(self.out)
             add_to_manifest(self.out, entries, [entry])
             self._remove_inputs(inputs)
             os.unlink(journal)
@@ -356,7 +408,7 @@ class Ingester:
                 os.unlink(ident["path"])
             dirs.add(os.path.dirname(ident["path"]))
         for d in dirs:
-            fsync_dir(d)
+            fsync_dir_named(d)
 
     # ---- loops ---------------------------------------------------------------------------
 
@@ -453,6 +505,19 @@ def _empty(path: str) -> bool:
         return False
 
 
+def _renamed(tmp: str, shard: str) -> bool:
+    """Whether a journaled shard reached its name: gone from ``tmp`` (renamed), or linked to
+    ``shard`` and not yet unlinked (see ``rename_without_replacing``)."""
+    try:
+        st = os.stat(shard)
+    except FileNotFoundError:
+        return False
+    try:
+        return os.path.samestat(os.stat(tmp), st)
+    except FileNotFoundError:
+        return True
+
+
 def _as_dict(i: InputId) -> dict:
     return {"path": i.path, "ino": i.ino, "size": i.size, "mtime_ns": i.mtime_ns}
 
@@ -481,12 +546,3 @@ def _free_name(path: str) -> str:
         candidate = f"{path}.{n}"
     return candidate
 
-
-def ingest(config: IngestConfig, once: bool = False) -> None:
-    """Publishes what is complete and returns (``once``), or watches the inbox until
-    interrupted. Raises IngestError when another ingest owns the inbox."""
-    with Ingester(config) as ingester:
-        if once:
-            ingester.run_once()
-        else:
-            ingester.run_forever()

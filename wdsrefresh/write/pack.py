@@ -1,42 +1,67 @@
-"""Packing files into tar shards: grouping into samples, shard planning, atomic publishing.
+"""Packing files into tar shards: grouping into samples, planning, idempotent tasks, a commit.
 
 Files are grouped into samples by webdataset's key rule (``names.split_key``: ``dir/a.b.c``
 is extension ``b.c`` of sample ``dir/a``). Samples are written in key order, members of a
 sample in extension order, with ``tarwriter``'s fixed metadata, so the same tree always
 packs to the same bytes.
 
+A pack runs in three steps (the files are described in ``publish.py``):
+- **plan**: the inputs are listed, checked and split into tasks (a task is the samples of
+  one shard). The plan reserves the shard names after the highest number existing or
+  reserved in ``OUT`` by writing ``OUT/.wdsrefresh/plans/plan-<hash>.json`` with an
+  exclusive create; the hash covers the inputs (names, sizes, mtimes, sources) and the
+  options, so rerunning the same pack finds the same plan and the same names;
+- **tasks**: each writes its shard under a hidden temporary name, fsyncs it, renames it to
+  its reserved name, then writes its manifest fragment ``OUT/manifest.d/part-*.json``. A
+  task whose fragment (or manifest entry) exists is done; a task killed part-way leaves only
+  hidden temporary files, or a complete shard that its rerun indexes instead of rewriting;
+- **commit**: the fragments are merged into ``OUT/manifest.json`` (atomically) and removed;
+  the plan is renamed ``done-<hash>.json``, so running the same pack again finds it done
+  and does nothing (a kill can land after the commit, before the command returns).
+
 Guarantees of ``pack``:
 - every input is checked (names, symlinks, readability, duplicate keys) before any shard is
-  written; on any error nothing is published;
-- each shard is written under a hidden temporary name, fsynced, then renamed to
-  ``PREFIX-NNNNNN.tar``, numbered after the highest shard already in the output directory;
-- the manifest (``manifest.json`` in the output directory) is rewritten atomically once,
-  after all shards are durable, with exact sample counts, sizes and digests.
-Publishing (``publish.py``) holds an exclusive lock on the output directory, so packs and
-ingests into the same directory never take the same shard number.
+  written; on any such error nothing is written;
+- killed or failing at any moment (out of space included), the same command run again
+  finishes the same plan, or finds it finished: every input ends in exactly one shard, every
+  shard is listed once;
+- numbering never collides with another pack or ingest into the same directory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import re
+import signal
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
+from ..format.tario import TarError, index_shard
 from ..format.tarwriter import TarWriter, archive_overhead, member_size
-from .publish import publish
+from .publish import (
+    commit, create_plan, done_path, fragment_path, fsync_dir_named, load_fragment, load_plan, manifest_entries, named,
+    next_number, out_lock, plan_path, plan_paths, rename_without_replacing, shard_name, sweep_plan_temporaries,
+    sweep_task_temporaries, write_fragment,
+)
 
 log = logging.getLogger("wdsrefresh")
 
 DEFAULT_PREFIX = "shard"
 DEFAULT_MAXCOUNT = 10_000
 DEFAULT_MAXSIZE = 1_000_000_000
+PLAN_VERSION = 1
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -50,6 +75,7 @@ class Member:
     name: str
     path: str
     size: int
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,27 @@ def parse_size(text: str | int) -> int:
     if not match or unit not in _UNITS:
         raise ValueError(f"cannot read size {text!r} (examples: 1GB, 500MB, 64MiB, 1000)")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    """``10**9`` -> ``"1GB"``: the shortest text ``parse_size`` reads back as ``size``."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if size and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+def check_prefix(prefix: str) -> None:
+    """Raises PackError unless ``prefix`` is a plain name, so shards stay inside OUT."""
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise PackError(f"prefix {prefix!r} is not a plain name: use letters, digits, '-', '_' and '.', "
+                        "not starting with '.' (shards are named PREFIX-NNNNNN.tar inside the output directory)")
+
+
+def check_local(path: str) -> None:
+    """Raises PackError for a URL (``scheme://...``): only local directories are written."""
+    if _URL_RE.match(path):
+        raise PackError(f"{path}: remote locations are not supported yet; give a local directory")
 
 
 # ---- collecting inputs -------------------------------------------------------------------
@@ -161,8 +208,8 @@ def walk_tree(root: str, follow_symlinks: bool = False) -> Iterator[tuple[str, s
                 raise PackError(f"{entry.path}: not a regular file or directory")
 
 
-def _stat_readable(path: str) -> int:
-    """The size of a regular file that can be opened for reading; PackError otherwise."""
+def _stat_readable(path: str) -> os.stat_result:
+    """The stat of a regular file that can be opened for reading; PackError otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exn:
@@ -173,7 +220,7 @@ def _stat_readable(path: str) -> int:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
         raise PackError(f"{path}: not a regular file")
-    return st.st_size
+    return st
 
 
 def group_samples(files: Iterable[tuple[str, str, str]]) -> list[Sample]:
@@ -196,7 +243,8 @@ def group_samples(files: Iterable[tuple[str, str, str]]) -> list[Sample]:
         other = members.get(ext.lower())
         if other is not None:
             raise PackError(f"{path}: duplicate key {key!r}: {other.path} is the same member .{ext.lower()}")
-        members[ext.lower()] = Member(name, path, _stat_readable(path))
+        st = _stat_readable(path)
+        members[ext.lower()] = Member(name, path, st.st_size, st.st_mtime_ns)
     return [
         Sample(key, tuple(sorted(members.values(), key=lambda m: m.name)))
         for key, members in sorted(by_key.items())
@@ -222,7 +270,7 @@ def collect(sources: Sequence[str], follow_symlinks: bool = False) -> list[Sampl
     return samples
 
 
-# ---- planning and writing shards ---------------------------------------------------------
+# ---- splitting into shards and writing one ------------------------------------------------
 
 
 def plan_shards(samples: Sequence[Sample], maxcount: int, maxsize: int) -> list[list[Sample]]:
@@ -249,7 +297,8 @@ def plan_shards(samples: Sequence[Sample], maxcount: int, maxsize: int) -> list[
 
 
 def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[int], None] | None = None) -> WrittenShard:
-    """Writes ``samples`` to the new file ``tmp_path`` and fsyncs it; removes it on error."""
+    """Writes ``samples`` to the new file ``tmp_path`` and fsyncs it; removes it on error.
+    OS errors name ``tmp_path`` (or the input file that failed)."""
     inputs = []
     try:
         with open(tmp_path, "xb") as f:
@@ -262,8 +311,10 @@ def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[in
             writer.close()
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exn:
         _unlink_quietly(tmp_path)
+        if isinstance(exn, OSError):
+            raise named(exn, tmp_path) from None
         raise
     assert writer.digest is not None and writer.blocks is not None
     return WrittenShard(tmp_path, len(samples), writer.size, writer.digest, writer.blocks, tuple(inputs))
@@ -276,10 +327,283 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+# ---- plan, tasks, commit ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """The samples of one shard, and the name reserved for it."""
+
+    index: int
+    shard: str
+    samples: tuple[Sample, ...]
+
+    @property
+    def size(self) -> int:
+        """The exact size of the shard in bytes."""
+        return sum(s.tar_size for s in self.samples) + archive_overhead()
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(m.size for s in self.samples for m in s.members)
+
+
+@dataclass(frozen=True)
+class Plan:
+    out: str
+    hash: str
+    path: str
+    tasks: tuple[Task, ...]
+    committed: bool = False  # done before: nothing to do
+
+    def unfinished(self) -> list[Task]:
+        """Tasks with neither a fragment nor an entry in the committed manifest."""
+        committed = {e.url for e in manifest_entries(self.out)}
+        return [t for t in self.tasks
+                if t.shard not in committed and not os.path.exists(fragment_path(self.out, self.hash, t.index))]
+
+
+def plan_hash(sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str, maxcount: int,
+              maxsize: int) -> str:
+    """What identifies a pack: its sources, its inputs (names, sizes, mtimes) and options."""
+    h = hashlib.sha256()
+    head = {"version": PLAN_VERSION, "sources": _real_sources(sources), "prefix": prefix,
+            "maxcount": maxcount, "maxsize": maxsize}
+    h.update(json.dumps(head, sort_keys=True).encode() + b"\n")
+    for i, group in enumerate(groups):
+        for sample in group:
+            row = [i, sample.key, [[m.name, m.size, m.mtime_ns] for m in sample.members]]
+            h.update(json.dumps(row).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _real_sources(sources: Sequence[str]) -> list[str]:
+    return sorted({os.path.realpath(s) for s in sources})
+
+
+def paths_overlap(a: str, b: str) -> bool:
+    """Whether real paths ``a`` and ``b`` are the same or one lies inside the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+@contextmanager
+def open_plan(out: str, sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str,
+              maxcount: int, maxsize: int) -> Iterator[Plan]:
+    """The plan for these inputs: found in ``out`` (committed, or unfinished by an earlier
+    run) or made now, reserving its shard names. Held exclusively until the block ends.
+
+    Raises PackError when another process is running this plan, or when an unfinished plan
+    of overlapping sources exists with other inputs (packing now would pack some twice).
+    """
+    digest = plan_hash(sources, groups, prefix, maxcount, maxsize)
+    path, done = plan_path(out, digest), done_path(out, digest)
+    fd = None
+    with out_lock(out):
+        sweep_plan_temporaries(out)
+        if os.path.exists(done):
+            path, names = done, _planned_names(done, len(groups))
+        else:
+            if os.path.exists(path):
+                names = _planned_names(path, len(groups))
+            else:
+                _refuse_overlapping_plans(out, sources)
+                first = next_number(out, prefix)
+                names = [shard_name(prefix, first + i) for i in range(len(groups))]
+                create_plan(out, digest, _plan_doc(digest, sources, groups, names, prefix, maxcount, maxsize))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PackError(f"{out}: another pack of the same inputs is running (plan {path})") from None
+    try:
+        tasks = tuple(Task(i, name, tuple(group)) for i, (name, group) in enumerate(zip(names, groups)))
+        yield Plan(out, digest, path, tasks, committed=fd is None)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _planned_names(path: str, ntasks: int) -> list[str]:
+    names = [t["shard"] for t in load_plan(path)["tasks"]]
+    if len(names) != ntasks:
+        raise PackError(f"{path}: plan has {len(names)} shards, these inputs make {ntasks}; "
+                        "the plan is damaged: remove it to abandon that pack")
+    return names
+
+
+def _plan_doc(digest: str, sources: Sequence[str], groups: Sequence[Sequence[Sample]], names: Sequence[str],
+              prefix: str, maxcount: int, maxsize: int) -> dict:
+    tasks = [Task(i, name, tuple(group)) for i, (name, group) in enumerate(zip(names, groups))]
+    return {
+        "version": PLAN_VERSION,
+        "hash": digest,
+        "sources": _real_sources(sources),
+        "prefix": prefix,
+        "maxcount": maxcount,
+        "maxsize": maxsize,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tasks": [{"shard": t.shard, "nsamples": len(t.samples), "filesize": t.size,
+                   "first_key": t.samples[0].key, "last_key": t.samples[-1].key} for t in tasks],
+    }
+
+
+def _refuse_overlapping_plans(out: str, sources: Sequence[str]) -> None:
+    mine = _real_sources(sources)
+    for other in plan_paths(out).values():
+        try:
+            theirs = load_plan(other).get("sources", [])
+        except FileNotFoundError:
+            continue
+        if any(paths_overlap(a, b) for a in mine for b in theirs):
+            raise PackError(
+                f"{out}: an unfinished pack of {', '.join(theirs)} is there (plan {other}), made from other "
+                "inputs or options than these: packing now would pack its finished shards' inputs again. "
+                "Rerun it with the inputs and options it was made with to finish it, or remove the plan "
+                "file to abandon it (the shards it finished stay and are listed by the next pack)")
+
+
+def run_task(out: str, digest: str, task: Task, progress: Callable[[int], None] | None = None) -> ManifestEntry:
+    """Publishes the task's shard under its reserved name, then its fragment; returns its
+    entry. Idempotent: a finished task is not redone, a shard already renamed into place is
+    indexed (after checking it is the planned one) instead of being written again."""
+    fragment = fragment_path(out, digest, task.index)
+    if os.path.exists(fragment):
+        return load_fragment(fragment)[1][0]
+    final = os.path.join(out, task.shard)
+    entry = None
+    if not os.path.lexists(final):
+        tmp = os.path.join(out, f".pack-{digest[:16]}-{task.index:05d}.{os.getpid()}.tar.tmp")
+        written = write_shard(task.samples, tmp, progress)
+        try:
+            rename_without_replacing(tmp, final)
+            entry = written.entry(task.shard)
+        except FileExistsError:  # published meanwhile by a worker of a killed run of this plan
+            _unlink_quietly(tmp)
+        fsync_dir_named(out)
+    if entry is None:
+        entry = _existing_entry(final, task)
+    write_fragment(out, digest, task.index, [entry])
+    return entry
+
+
+def _existing_entry(path: str, task: Task) -> ManifestEntry:
+    """The entry of a shard found under a task's reserved name, if it is the planned one."""
+    try:
+        index = index_shard(path, url=task.shard)
+    except TarError as exn:
+        index, why = None, str(exn)
+    size = os.path.getsize(path)
+    if index is not None:
+        why = f"{index.nsamples} samples, {size} bytes{'' if index.complete else ', incomplete'}"
+        if index.complete and index.nsamples == len(task.samples) and size == task.size:
+            return ManifestEntry(task.shard, index.nsamples, size, index.digest, index.blocks)
+    raise PackError(f"{path}: reserved for {len(task.samples)} samples in {task.size} bytes by this pack's "
+                    f"plan, but holds something else ({why}); not listing it")
+
+
 def _progress_bar(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=not sys.stderr.isatty())
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a pack killed with -9 leaves no worker writing behind it (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _run_tasks(plan: Plan, todo: Sequence[Task], jobs: int) -> None:
+    with _progress_bar(sum(t.input_bytes for t in todo)) as bar:
+        if jobs == 1 or len(todo) < 2:
+            for task in todo:
+                run_task(plan.out, plan.hash, task, bar.update)
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(run_task, plan.out, plan.hash, task): task for task in todo}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for future in done:
+                        future.result()
+                        bar.update(futures[future].input_bytes)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # finished tasks keep their fragments
+                raise
+
+
+@dataclass(frozen=True)
+class PackReport:
+    """What ``run_pack`` did."""
+
+    entries: list[ManifestEntry]  # every shard of the pack, as listed in the manifest
+    written: int  # shards written by this call
+    earlier: int  # shards an earlier, interrupted run of the same pack had written
+    committed_before: bool  # the same pack was done already: nothing was written
+    plan: str  # the plan file
+
+    @property
+    def nsamples(self) -> int:
+        return sum(e.nsamples or 0 for e in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.filesize or 0 for e in self.entries)
+
+
+def run_pack(
+    sources: Sequence[str],
+    out: str,
+    maxcount: int = DEFAULT_MAXCOUNT,
+    maxsize: int | str = DEFAULT_MAXSIZE,
+    prefix: str = DEFAULT_PREFIX,
+    jobs: int = 1,
+    follow_symlinks: bool = False,
+) -> PackReport:
+    """Packs the files under ``sources`` into new shards in ``out``; says what it did.
+
+    Bad input or options raise PackError (or ValueError) before anything is written. After a
+    failure or a kill, the same call finishes the same pack; once it is finished, the same
+    call does nothing (see the module docstring). ``jobs`` shards are written at once, each
+    in its own process.
+    """
+    check_prefix(prefix)
+    check_local(out)
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1 (got {jobs})")
+    maxsize = parse_size(maxsize)
+    samples = collect(sources, follow_symlinks)
+    groups = plan_shards(samples, maxcount, maxsize)
+    os.makedirs(out, exist_ok=True)
+    with open_plan(out, sources, groups, prefix, maxcount, maxsize) as plan:
+        if plan.committed:
+            by_url = {e.url: e for e in manifest_entries(out)}
+            entries = [by_url[t.shard] for t in plan.tasks if t.shard in by_url]
+            log.warning("%s: these inputs were packed there before (%s to %s); nothing to do. To pack them "
+                        "again, remove %s", out, plan.tasks[0].shard, plan.tasks[-1].shard, plan.path)
+            return PackReport(entries, 0, 0, True, plan.path)
+        sweep_task_temporaries(out, plan.hash)
+        todo = plan.unfinished()
+        if len(todo) < len(plan.tasks):
+            log.warning("%s: finishing an unfinished pack of the same inputs: %d of %d shards were written "
+                        "before (plan %s)", out, len(plan.tasks) - len(todo), len(plan.tasks), plan.path)
+        _run_tasks(plan, todo, jobs)
+        entries = commit(out, plan.hash)
+    if [e.url for e in entries] != [t.shard for t in plan.tasks]:
+        raise RuntimeError(f"{out}: committed {len(entries)} of the plan's {len(plan.tasks)} shards")
+    log.info("packed %d samples into %d shards in %s", len(samples), len(entries), out)
+    return PackReport(entries, len(todo), len(plan.tasks) - len(todo), False, done_path(out, plan.hash))
 
 
 def pack(
@@ -291,32 +615,6 @@ def pack(
     jobs: int = 1,
     follow_symlinks: bool = False,
 ) -> list[ManifestEntry]:
-    """Packs the files under ``sources`` into new shards in ``out``; returns their entries.
-
-    All or nothing: any bad input raises PackError before a shard is published, and a
-    failure while writing removes the temporary files. See the module docstring.
-    """
-    samples = collect(sources, follow_symlinks)
-    shards = plan_shards(samples, maxcount, parse_size(maxsize))
-    os.makedirs(out, exist_ok=True)
-    total = sum(m.size for s in samples for m in s.members)
-    tmp = [os.path.join(out, f".pack-{os.getpid()}-{i:06d}.tar.tmp") for i in range(len(shards))]
-    with _progress_bar(total) as bar, ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = [pool.submit(write_shard, s, t, bar.update) for s, t in zip(shards, tmp)]
-        try:
-            written = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            pool.shutdown(wait=True)
-            for path in tmp:
-                _unlink_quietly(path)
-            raise
-    try:
-        entries = publish(out, written, prefix)
-    except BaseException:
-        for path in tmp:
-            _unlink_quietly(path)
-        raise
-    log.info("packed %d samples into %d shards in %s", len(samples), len(entries), out)
-    return entries
+    """Packs the files under ``sources`` into new shards in ``out``; returns the entries of
+    the pack's shards. ``run_pack`` (which this calls) says more."""
+    return run_pack(sources, out, maxcount, maxsize, prefix, jobs, follow_symlinks).entries

@@ -2,7 +2,9 @@
 
 ``verify`` reads every shard once: it re-hashes it (whole-file and block digests), counts
 its samples and walks its tar structure, and compares all of that with the manifest. It
-reports problems; it never changes a file.
+reports problems; it never changes a file. Without a manifest, the walk of every shard's
+tar structure is the check. Shards of a pack not yet committed are checked against their
+entries in ``manifest.d/`` (see ``publish.py``).
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from ..format import manifest as manifestmod
 from ..format.digest import BLOCK_SIZE, DEFAULT_ALGO, split_digest
 from ..format.manifest import DEFAULT_NAME as MANIFEST_NAME
 from ..format.manifest import ManifestEntry
-from ..format.names import is_shard_name
+from ..format.names import SHARD_PATTERNS, is_shard_name
 from ..format.tario import TarError, index_shard
+from .publish import fragment_entries, reserved_names
 
 
 @dataclass(frozen=True)
 class Problem:
     shard: str
-    kind: str  # missing | size | tar | truncated | digest | blocks | nsamples | unlisted
+    kind: str  # missing | size | tar | truncated | digest | blocks | nsamples | unlisted | empty
     detail: str
 
 
@@ -33,25 +36,94 @@ class Listing:
     size: int | None
     digest: str | None
     age: float | None  # seconds since the last modification
-    listed: bool  # named in the manifest
+    listed: bool  # named in the manifest (or in manifest.d/ when ``pending``)
+    pending: bool = False  # named only in manifest.d/: a pack not yet committed
+
+
+@dataclass(frozen=True)
+class Report:
+    """What ``check`` looked at and what it found."""
+
+    target: str
+    manifest: str | None  # the manifest compared with, if any
+    shards: int  # shards checked
+    samples: int  # samples counted in them
+    undigested: int  # shards whose manifest entry has no digest (digests not compared)
+    pending: int  # shards of a pack not committed yet (checked against their manifest.d/ entries)
+    problems: list[Problem]
+
+    def summary(self) -> str:
+        """One line: what was checked, and what was not."""
+        text = f"{self.shards} shard{'s' * (self.shards != 1)}, {self.samples} samples: "
+        if self.manifest is None:
+            text += "tar structure walked and samples counted; no manifest, so sizes, digests and counts not compared"
+        else:
+            text += f"size, digests, sample count and tar structure checked against {self.manifest}"
+            if self.undigested:
+                text += f"; {self.undigested} without a digest in it, so their digests not compared"
+        if self.pending:
+            text += (f"; {self.pending} of a pack not committed yet (rerun it), checked against their entries "
+                     "in manifest.d/")
+        return text
+
+
+@dataclass(frozen=True)
+class _Target:
+    directory: str
+    manifest: str | None
+    shard: str | None  # a single shard file given as the target
 
 
 def resolve(target: str) -> tuple[str, str | None]:
-    """``(directory, manifest path or None)`` for a directory or a manifest file."""
+    """``(directory, manifest path or None)`` for a directory, a manifest or a shard file."""
+    t = _resolve(target)
+    return t.directory, t.manifest
+
+
+def _resolve(target: str) -> _Target:
     if os.path.isdir(target):
         path = os.path.join(target, MANIFEST_NAME)
-        return target, path if os.path.exists(path) else None
+        return _Target(target, path if os.path.exists(path) else None, None)
     if os.path.isfile(target):
-        return os.path.dirname(os.path.abspath(target)), target
-    raise FileNotFoundError(f"{target}: no such directory or manifest")
+        directory = os.path.dirname(os.path.abspath(target))
+        if is_shard_name(target):
+            beside = os.path.join(directory, MANIFEST_NAME)
+            return _Target(directory, beside if os.path.exists(beside) else None, os.path.basename(target))
+        return _Target(directory, target, None)
+    raise FileNotFoundError(f"{target}: no such directory, manifest or shard")
 
 
-def _entries(directory: str, manifest: str | None) -> tuple[list[ManifestEntry], list[str]]:
-    """Manifest entries plus the shard files in ``directory`` the manifest does not list."""
-    entries = manifestmod.load(manifest) if manifest else []
+def _load_manifest(path: str) -> list[ManifestEntry]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read(1 << 16)
+    except UnicodeDecodeError:
+        raise manifestmod.ManifestError(
+            f"{path}: not a manifest (not UTF-8 JSON text), nor a shard (names: {', '.join(SHARD_PATTERNS)})") from None
+    return manifestmod.load(path)
+
+
+def _entries(t: _Target) -> tuple[list[ManifestEntry], set[str], list[str]]:
+    """Entries to check (the manifest's, then those of a pack not committed yet: from
+    manifest.d/, or only a url for a shard renamed into place before its fragment was
+    written), the urls of the latter, and the shard files in the directory none lists."""
+    entries = _load_manifest(t.manifest) if t.manifest else []
     listed = {os.path.normpath(e.url) for e in entries}
-    names = sorted(n for n in os.listdir(directory) if is_shard_name(n) and n not in listed)
-    return entries, [n for n in names if os.path.isfile(os.path.join(directory, n))]
+    pending = set()
+    if t.manifest is None or os.path.basename(t.manifest) == MANIFEST_NAME:
+        found = fragment_entries(t.directory)
+        reserved = reserved_names(t.directory)
+        found += [ManifestEntry(n) for n in sorted(reserved) if os.path.isfile(os.path.join(t.directory, n))]
+        for e in found:
+            if os.path.normpath(e.url) not in listed:
+                listed.add(os.path.normpath(e.url))
+                pending.add(e.url)
+                entries.append(e)
+    if t.shard is not None:
+        entries = [e for e in entries if os.path.normpath(e.url) == t.shard]
+        return entries, pending, [] if entries else [t.shard]
+    names = sorted(n for n in os.listdir(t.directory) if is_shard_name(n) and n not in listed)
+    return entries, pending, [n for n in names if os.path.isfile(os.path.join(t.directory, n))]
 
 
 def _path(directory: str, url: str) -> str:
@@ -61,9 +133,14 @@ def _path(directory: str, url: str) -> str:
 def check_shard(path: str, entry: ManifestEntry) -> list[Problem]:
     """Problems of one shard against its manifest entry (an entry with only a url checks
     that the shard exists and is a complete tar)."""
+    return _check_shard(path, entry)[0]
+
+
+def _check_shard(path: str, entry: ManifestEntry) -> tuple[list[Problem], int]:
+    """Problems, and the number of samples counted."""
     url = entry.url
     if not os.path.isfile(path):
-        return [Problem(url, "missing", f"{path} does not exist")]
+        return [Problem(url, "missing", f"{path} does not exist")], 0
     problems = []
     size = os.path.getsize(path)
     if entry.filesize is not None and size != entry.filesize:
@@ -72,14 +149,14 @@ def check_shard(path: str, entry: ManifestEntry) -> list[Problem]:
     try:
         index = index_shard(path, url=url, algo=algo)
     except TarError as exn:
-        return problems + [Problem(url, "tar", str(exn))]
+        return problems + [Problem(url, "tar", str(exn))], 0
     if not index.complete:
         problems.append(Problem(url, "truncated", f"ends before its end-of-archive marker ({size} bytes)"))
     if index.digest is not None:
         problems += _digest_problems(entry, index.digest, index.blocks)
     if entry.nsamples is not None and index.complete and index.nsamples != entry.nsamples:
         problems.append(Problem(url, "nsamples", f"{index.nsamples} samples, manifest says {entry.nsamples}"))
-    return problems
+    return problems, index.nsamples
 
 
 def _digest_problems(entry: ManifestEntry, digest: str, blocks: bytes | None) -> list[Problem]:
@@ -98,30 +175,45 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return 0
 
 
-def verify(target: str) -> list[Problem]:
-    """Every problem found in the shards of ``target`` (a directory or a manifest), in
-    manifest order, then shards present but not listed. Empty means all is well."""
-    directory, manifest = resolve(target)
-    entries, unlisted = _entries(directory, manifest)
-    problems = []
+def check(target: str) -> Report:
+    """Checks every shard of ``target`` (a directory, a manifest or one shard file): in
+    manifest order, then shards of manifest.d/, then shards present but not listed (a
+    problem when there is a manifest). No shard at all is a problem too."""
+    t = _resolve(target)
+    entries, pending, unlisted = _entries(t)
+    problems: list[Problem] = []
+    samples = 0
     for entry in entries:
-        problems += check_shard(_path(directory, entry.url), entry)
+        found, n = _check_shard(_path(t.directory, entry.url), entry)
+        problems += found
+        samples += n
     for name in unlisted:
-        if manifest:
-            problems.append(Problem(name, "unlisted", f"not in {os.path.basename(manifest)}"))
-        problems += check_shard(os.path.join(directory, name), ManifestEntry(name))
-    return problems
+        if t.manifest:
+            problems.append(Problem(name, "unlisted", f"not in {os.path.basename(t.manifest)}"))
+        found, n = _check_shard(os.path.join(t.directory, name), ManifestEntry(name))
+        problems += found
+        samples += n
+    shards = len(entries) + len(unlisted)
+    if shards == 0:
+        problems.append(Problem(target, "empty", "no shards found, so nothing was verified"))
+    undigested = sum(1 for e in entries if not e.digest)
+    return Report(target, t.manifest, shards, samples, undigested, len(pending), problems)
+
+
+def verify(target: str) -> list[Problem]:
+    """Every problem found in the shards of ``target`` (see ``check``). Empty means all is well."""
+    return check(target).problems
 
 
 def listing(target: str) -> list[Listing]:
-    """One row per shard of ``target``: what the manifest says, with size and age from the
-    file system; shards not in the manifest are counted by a header walk."""
-    directory, manifest = resolve(target)
-    entries, unlisted = _entries(directory, manifest)
+    """One row per shard of ``target``: what the manifest (or manifest.d/) says, with size
+    and age from the file system; shards listed by neither are counted by a header walk."""
+    t = _resolve(target)
+    entries, pending, unlisted = _entries(t)
     now = time.time()
-    rows = [_row(_path(directory, e.url), e, now, listed=True) for e in entries]
+    rows = [_row(_path(t.directory, e.url), e, now, listed=True, pending=e.url in pending) for e in entries]
     for name in unlisted:
-        path = os.path.join(directory, name)
+        path = os.path.join(t.directory, name)
         try:
             nsamples: int | None = index_shard(path, url=name, with_digest=False).nsamples
         except TarError:
@@ -130,9 +222,9 @@ def listing(target: str) -> list[Listing]:
     return rows
 
 
-def _row(path: str, entry: ManifestEntry, now: float, listed: bool) -> Listing:
+def _row(path: str, entry: ManifestEntry, now: float, listed: bool, pending: bool = False) -> Listing:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return Listing(entry.url, entry.nsamples, None, entry.digest, None, listed)
-    return Listing(entry.url, entry.nsamples, st.st_size, entry.digest, now - st.st_mtime, listed)
+        return Listing(entry.url, entry.nsamples, None, entry.digest, None, listed, pending)
+    return Listing(entry.url, entry.nsamples, st.st_size, entry.digest, now - st.st_mtime, listed, pending)
