@@ -105,3 +105,25 @@ def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, w
     by_name = {os.path.basename(s.url): s for s in snap.shards}
     first = doc["shardlist"][0]
     assert by_name[first["url"]].nsamples == 2 and by_name[first["url"]].digest == first["digest"]
+
+
+def test_fragments_of_an_uncommitted_pack_count_like_the_manifest(shard_dir):
+    from wdsrefresh.write.pack import pack
+
+    raw = os.path.join(shard_dir, "..", "raw")
+    os.makedirs(raw)
+    for i in range(6):
+        with open(os.path.join(raw, f"k{i}.txt"), "wb") as f:
+            f.write(b"x" * 10)
+    out = os.path.join(shard_dir, "packed")
+    pack([raw], out, maxcount=3)
+    manifest = os.path.join(out, "manifest.json")
+    doc = json.load(open(manifest))
+    first, second = doc["shardlist"]
+    second["nsamples"] = 2  # a count only the fragment says: proof it was used, not re-read
+    os.makedirs(os.path.join(out, "manifest.d"))
+    json.dump({**doc, "shardlist": [second]}, open(os.path.join(out, "manifest.d", "part-00ab-00001.json"), "w"))
+    json.dump({**doc, "shardlist": [first]}, open(manifest, "w"))  # as if killed before its commit
+    snap = wr.RefreshingWebDataset(out, watch=False).set_epoch(0)
+    counts = {os.path.basename(s.url): s.nsamples for s in snap.shards}
+    assert counts == {first["url"]: 3, second["url"]: 2}

@@ -92,7 +92,8 @@ class DirectorySource(ShardSource):
         return is_shard_name(parts[-1]) and not any(is_temporary(p) for p in parts[:-1])
 
     def _manifest_entries(self) -> dict[str, manifestmod.ManifestEntry]:
-        """What a manifest.json beside the shards (written by pack or ingest) says about them.
+        """What the manifest beside the shards says about them: ``manifest.json`` and the
+        fragments of packs not yet committed (``manifest.d/``), the manifest's entry first.
 
         The manifest only saves reading the shards, so a bad one never stops a training job:
         an invalid entry (or one file listed twice) is ignored with a warning, once per
@@ -100,24 +101,13 @@ class DirectorySource(ShardSource):
         whose entry has no ``filesize`` (nothing ties such an entry to the file's current
         version). A manifest unreadable as a whole is ignored the same way.
         """
-        path = os.path.join(self.path, manifestmod.DEFAULT_NAME)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return {}
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        files = [os.path.join(self.path, manifestmod.DEFAULT_NAME)] + manifestmod.fragment_paths(self.path)
+        key = tuple(_version(p) for p in files)
         if self._manifest_cache[0] != key:
-            try:
-                entries, errors = manifestmod.read(path, contained=True)
-            except (OSError, manifestmod.ManifestError) as exn:
-                log.warning("%s; indexing the shards instead", exn)
-                entries, errors = [], []
-            for exn in errors:
-                log.warning("%s; entry ignored, the shard is indexed from its file instead", exn)
-            unsized = sum(e.filesize is None for e in entries)
-            if unsized:
-                log.info("%s: %d entries without filesize; their shards are indexed from the files", path, unsized)
-            by_path = {os.path.normpath(os.path.join(self.path, e.url)): e for e in entries if e.filesize is not None}
+            by_path: dict[str, manifestmod.ManifestEntry] = {}
+            for path, version in zip(files, key):
+                for e in _usable_entries(path) if version is not None else ():
+                    by_path.setdefault(os.path.normpath(os.path.join(self.path, e.url)), e)
             self._manifest_cache = (key, by_path)
         return self._manifest_cache[1]
 
@@ -200,6 +190,31 @@ class ListSource(ShardSource):
 
     def describe(self) -> str:
         return "list [" + ", ".join(s.describe() for s in self.sources) + "]"
+
+
+def _version(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _usable_entries(path: str) -> list[manifestmod.ManifestEntry]:
+    """The entries of a directory's manifest (or fragment) that may stand in for reading the shard."""
+    try:
+        entries, errors = manifestmod.read(path, contained=True)
+    except FileNotFoundError:
+        return []  # a fragment merged and removed meanwhile
+    except (OSError, manifestmod.ManifestError) as exn:
+        log.warning("%s; indexing the shards instead", exn)
+        return []
+    for exn in errors:
+        log.warning("%s; entry ignored, the shard is indexed from its file instead", exn)
+    unsized = sum(e.filesize is None for e in entries)
+    if unsized:
+        log.info("%s: %d entries without filesize; their shards are indexed from the files", path, unsized)
+    return [e for e in entries if e.filesize is not None]
 
 
 def _named(path: str) -> Candidate:

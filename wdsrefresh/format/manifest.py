@@ -36,7 +36,9 @@ from .atomic import write_atomic
 from .digest import BLOCK_SIZE, new_hasher
 
 KIND = "wids-shard-index-v1"
-DEFAULT_NAME = "manifest.json"  # what pack and ingest write next to the shards
+DEFAULT_NAME = "manifest.json"
+FRAGMENTS_DIR = "manifest.d"  # one fragment per packing task, merged into manifest.json by its commit
+_FRAGMENT_RE = re.compile(r"part-([0-9a-f]+)-(\d+)\.json$")  # what pack and ingest write next to the shards
 VERSION_KEY = "wdsrefresh_version"
 VERSION = 1  # the manifest format this module writes, and the newest it reads
 
@@ -107,6 +109,16 @@ def read(path: str, *, contained: bool = False) -> tuple[list[ManifestEntry], li
             first[key] = i
     entries = [entry for (_, entry), key in zip(checked, keys) if key not in repeated]
     return entries, [exn for _, exn in sorted(errors, key=lambda pair: pair[0])]
+
+
+def fragment_paths(directory: str) -> list[str]:
+    """The manifest fragments of a shard directory (``manifest.d/part-*.json``), in name order."""
+    fragments = os.path.join(directory, FRAGMENTS_DIR)
+    try:
+        names = os.listdir(fragments)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [os.path.join(fragments, n) for n in sorted(names) if _FRAGMENT_RE.match(n)]
 
 
 def load(path: str, *, contained: bool = False) -> list[ManifestEntry]:

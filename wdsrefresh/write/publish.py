@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from ..format import manifest as manifestmod
+from ..format.manifest import FRAGMENTS_DIR, fragment_paths
 from ..format.atomic import fsync_dir
 from ..format.manifest import ManifestEntry
 from ..format.names import is_shard_name
@@ -48,9 +49,7 @@ MANIFEST_NAME = manifestmod.DEFAULT_NAME
 LOCK_NAME = ".wdsrefresh.lock"
 PRIVATE_DIR = ".wdsrefresh"
 PLANS_DIR = os.path.join(PRIVATE_DIR, "plans")
-FRAGMENTS_DIR = "manifest.d"
 _PLAN_RE = re.compile(r"plan-([0-9a-f]+)\.json$")
-_FRAGMENT_RE = re.compile(r"part-([0-9a-f]+)-(\d+)\.json$")
 
 
 def named(exn: OSError, path: str) -> OSError:
@@ -170,15 +169,6 @@ def fragments_dir(out: str) -> str:
 
 def fragment_path(out: str, plan_hash: str, task: int) -> str:
     return os.path.join(fragments_dir(out), f"part-{plan_hash[:16]}-{task:05d}.json")
-
-
-def fragment_paths(out: str) -> list[str]:
-    """The fragments in ``out``, in name order."""
-    try:
-        names = os.listdir(fragments_dir(out))
-    except FileNotFoundError:
-        return []
-    return [os.path.join(fragments_dir(out), n) for n in sorted(names) if _FRAGMENT_RE.match(n)]
 
 
 def write_fragment(out: str, plan_hash: str, task: int, entries: Sequence[ManifestEntry]) -> str:
