@@ -121,7 +121,7 @@ def test_fragments_of_an_uncommitted_pack_count_like_the_manifest(shard_dir):
     doc = json.load(open(manifest))
     first, second = doc["shardlist"]
     second["nsamples"] = 2  # a count only the fragment says: proof it was used, not re-read
-    os.makedirs(os.path.join(out, "manifest.d"))
+    os.makedirs(os.path.join(out, "manifest.d"), exist_ok=True)
     json.dump({**doc, "shardlist": [second]}, open(os.path.join(out, "manifest.d", "part-00ab-00001.json"), "w"))
     json.dump({**doc, "shardlist": [first]}, open(manifest, "w"))  # as if killed before its commit
     snap = wr.RefreshingWebDataset(out, watch=False).set_epoch(0)
