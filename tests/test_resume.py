@@ -242,9 +242,11 @@ def test_position_beyond_the_assignment_is_refused(shard_dir):
         list(loader)
 
 
-def test_shuffle_buffer_refuses_a_checkpoint(shard_dir):
+def test_webdatasets_shuffle_buffer_refuses_a_checkpoint(shard_dir):
+    import webdataset as wds
+
     make_shards(shard_dir)
-    ds = wr.RefreshingWebDataset(shard_dir, watch=False).shuffle(10)
+    ds = wr.RefreshingWebDataset(shard_dir, watch=False).compose(wds.filters.shuffle(10))
     with pytest.raises(RuntimeError, match="shuffle"):
         ds.state_dict()
 

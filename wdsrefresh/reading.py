@@ -132,6 +132,30 @@ def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats) -> Iter
         return
 
 
+def read_positions(snapshot: Snapshot, positions: list[tuple[int, int]], options: ReadOptions) -> Iterator[dict]:
+    """The samples at ``positions`` (shard index, sample index), in that order: a checkpointed
+    shuffle buffer read back, each shard once. Raises, naming the shard, when one of them
+    cannot be read as the snapshot saw it (replaced or deleted since the checkpoint)."""
+    wanted: dict[int, set[int]] = {}
+    for shard_index, index in positions:
+        wanted.setdefault(shard_index, set()).add(index)
+    found: dict[tuple[int, int], dict] = {}
+    for shard_index, indexes in sorted(wanted.items()):
+        shard = snapshot.shards[shard_index]
+        reader, fd = open_shard(shard.path, shard.url, shard.expected(with_digest=options.verify != "off"))
+        try:
+            for i in sorted(indexes):
+                for sample in reader.samples(i, i + 1):
+                    found[shard_index, i] = sample
+        finally:
+            os.close(fd)
+        missing = sorted(i for i in indexes if (shard_index, i) not in found)
+        if missing:
+            raise CountMismatch(shard.url, 0, f"has no sample {missing[0]}, which the checkpoint's shuffle buffer held")
+    for position in positions:
+        yield found[position]
+
+
 def _any_samples(snapshot: Snapshot, options: ReadOptions) -> Iterator[dict]:
     """Up to _RECENT samples from whichever shards of the snapshot can still be read."""
     found = 0

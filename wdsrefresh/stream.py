@@ -135,7 +135,13 @@ class StreamSource:
             corrupt=total("corrupt"), latencies=tuple(x for r in records for x in r.get("latencies", ())),
         )
 
-    def state_dict(self) -> dict:
+    def last_position(self) -> None:
+        return None  # stream positions are not checkpointed yet
+
+    def shuffle_resume(self) -> tuple[None, None]:
+        return None, None
+
+    def state_dict(self, shuffle: dict | None = None) -> dict:
         raise NotImplementedError('state_dict(): mode="stream" has no checkpoint yet; use mode="epoch"')
 
     def load_state_dict(self, state: dict) -> None:
