@@ -145,7 +145,7 @@ def test_resume_with_other_num_workers_reads_each_unread_sample_once(shard_dir, 
     before, state = run_interrupted(shard_dir, 2, stop=5, every=5)
 
     ds, loader = make_loader(shard_dir, new_workers)
-    ds.load_state_dict(merge(state))
+    ds.load_state_dict(state)  # a StatefulDataLoader state: merged inside
     rest = flat(loader)
     assert collections.Counter(flat(before) + rest) == collections.Counter(everything)
     assert sorted(flat(loader)) == sorted(everything)  # the next epoch: whole, once

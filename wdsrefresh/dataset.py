@@ -108,14 +108,16 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
             raise RuntimeError("state_dict(): a pipeline with two .shuffle() buffers cannot be checkpointed")
         return self.sample_source.state_dict(shuffle=shuffles[0].checkpoint() if shuffles else None)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Any) -> None:
         """Resumes from ``state`` at the next iteration: the saved epoch, its saved snapshot, each
         consumer's saved position; the epoch after it resolves a fresh snapshot.
 
-        ``state`` is one consumer's (as StatefulDataLoader passes it to each worker) or a
-        ``wdsrefresh.resume.merge()`` of several, which also resumes with a different
-        num_workers or world size. Raises ``wdsrefresh.resume.ResumeError`` for a state of another
-        dataset or a corrupted one.
+        ``state`` is one consumer's (as StatefulDataLoader passes it to each worker), or anything
+        holding several: a StatefulDataLoader's ``state_dict()``, a list of every rank's. Loaded
+        into the dataset before its DataLoader is built, it resumes with another num_workers or
+        world size (the unread samples are redistributed, each exactly once), and ``set_epoch``
+        for the saved epoch returns the saved snapshot. Raises ``wdsrefresh.resume.ResumeError``
+        for a state of another dataset or a corrupted one.
         """
         self.sample_source.load_state_dict(state)
 

@@ -279,8 +279,12 @@ class EpochSource:
         return resuming.make_state(self.fingerprint(), it.consumer.epoch, self._snapshot_doc, slot.world_size,
                                    slot.num_workers, [position.as_dict()])
 
-    def load_state_dict(self, state: dict) -> None:
-        """Makes the next iteration resume the saved epoch where ``state`` left it."""
+    def load_state_dict(self, state: Any) -> None:
+        """Makes the next iteration resume the saved epoch where ``state`` left it. ``state`` may
+        also hold several consumers' states (a StatefulDataLoader's, or a list of every rank's):
+        they are merged, so a different layout resumes without calling ``resume.merge``."""
+        if not (isinstance(state, dict) and "format" in state):
+            state = resuming.merge(state)
         resume = resuming.parse(state, self.fingerprint())
         self._next = self._live = None
         if resume is None:
