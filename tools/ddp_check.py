@@ -6,6 +6,9 @@ shards of 1..50 samples and deletes old ones. ``check`` then verifies, per epoch
 snapshot for all ranks, no key twice, every key from the snapshot, every sample of the
 snapshot yielded or counted (left out, skipped), equal samples and batches per rank.
 
+One group can run several steps in sequence (``run_steps``): starting ranks and their worker
+processes costs seconds, reading an epoch a fraction of one.
+
     python tools/ddp_check.py --epochs 50 --world-size 2 --workers 2   # the stress run
 """
 
@@ -17,10 +20,12 @@ import logging
 import multiprocessing as mp
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,9 +41,11 @@ def free_port() -> int:
 
 
 def writer(directory: str, stop, seed: int, keep: int = 40, interval: float = 0.25) -> None:
-    """Adds a shard of 1..50 samples every ``interval`` s (on average) and deletes the oldest beyond ``keep``.
+    """Writes ``keep`` shards of 1..50 samples at once, then every ``interval`` s (on average) adds
+    one and deletes the oldest beyond ``keep``.
 
-    Deletions land mid-epoch now and then, so the counted skip-and-pad path is exercised too.
+    Deletions land mid-epoch now and then from the first epoch on, so the counted skip-and-pad
+    path is exercised too.
     """
     rng = random.Random(seed)
     n = 0
@@ -48,72 +55,162 @@ def writer(directory: str, stop, seed: int, keep: int = 40, interval: float = 0.
         names = sorted(f for f in os.listdir(directory) if f.startswith("w") and f.endswith(".tar"))
         for old in names[:-keep]:
             os.unlink(os.path.join(directory, old))
-        stop.wait(rng.uniform(0.5, 1.5) * interval)
+        if n >= keep:
+            stop.wait(rng.uniform(0.5, 1.5) * interval)
 
 
 def _keys(batch):
     return [(s["__key__"], bool(s.get("__padded__"))) for s in batch]
 
 
-def rank_main(rank, world_size, port, directory, out, num_workers, persistent, epochs, batch_size, seed):
+def _quiet(worker_id: int) -> None:
+    """Deletions are counted; the warnings of each worker would flood (forkserver and spawn
+    workers do not inherit the rank's logging settings)."""
+    logging.getLogger("wdsrefresh").setLevel(logging.ERROR)
+
+
+def worker_context(start_method: str):
+    """The multiprocessing context for DataLoader workers.
+
+    "spawn" and "forkserver" workers get a pickled copy of the dataset, "fork" workers inherit
+    the rank's. A forkserver imports torch and the dataset's modules once, so each worker it
+    forks starts without importing torch again (seconds per worker). It is started here, before
+    any snapshot, so its start-up does not stretch the first epoch (and the writer's deletions
+    in it).
+    """
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        import wdsrefresh as wr
+
+        ctx.set_forkserver_preload(["torch", "torch.utils.data", wr.RefreshingWebDataset.__module__,
+                                    _keys.__module__])
+        first = ctx.Process(target=os.getpid)  # starts once the server has imported them
+        first.start()
+        first.join(timeout=120)
+    return ctx
+
+
+def read_epochs(rank: int, world_size: int, directory: str, *, num_workers: int = 2, persistent: bool = False,
+                epochs: int = 5, batch_size: int = 4, seed: int = 0, start_method: str = "forkserver") -> list[dict]:
+    """A step: reads ``epochs`` epochs of ``directory`` through a DataLoader; one record per epoch."""
     import torch
-    import torch.distributed as dist
 
     import wdsrefresh as wr
     from wdsrefresh.split import shard_order
 
-    logging.getLogger("wdsrefresh").setLevel(logging.ERROR)  # deletions are counted; their warnings would flood
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     ds = wr.RefreshingWebDataset(directory, seed=seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=_keys, num_workers=num_workers,
-                                         persistent_workers=persistent and num_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, collate_fn=_keys, num_workers=num_workers,
+        persistent_workers=persistent and num_workers > 0, worker_init_fn=_quiet,
+        multiprocessing_context=worker_context(start_method) if num_workers > 0 else None,
+    )
     records = []
-    for epoch in range(epochs):
-        snap = ds.set_epoch(epoch)
-        batches = [b for b in loader]
-        stats = ds.stats(epoch)
-        records.append({
-            "epoch": epoch, "snapshot": snap.id,
-            "shards": [[os.path.basename(s.url), s.nsamples] for s in snap.shards],
-            "order": [snap.shards[i].url for i in shard_order(snap, seed, epoch)],
-            "keys": [k for b in batches for k, padded in b if not padded],
-            "padded": sum(padded for b in batches for _, padded in b),
-            "batches": len(batches), "left_out": stats.left_out, "skipped": stats.skipped,
-            "deleted": stats.deleted, "replaced": stats.replaced,
-        })
+    try:
+        for epoch in range(epochs):
+            start = time.monotonic()
+            snap = ds.set_epoch(epoch)
+            batches = [b for b in loader]
+            stats = ds.stats(epoch)
+            records.append({
+                "epoch": epoch, "snapshot": snap.id,
+                "shards": [[os.path.basename(s.url), s.nsamples] for s in snap.shards],
+                "order": [snap.shards[i].url for i in shard_order(snap, seed, epoch)],
+                "keys": [k for b in batches for k, padded in b if not padded],
+                "padded": sum(padded for b in batches for _, padded in b),
+                "batches": len(batches), "left_out": stats.left_out, "skipped": stats.skipped,
+                "deleted": stats.deleted, "replaced": stats.replaced, "seconds": time.monotonic() - start,
+            })
+    finally:
+        ds.close()
+    return records
+
+
+def _rank_main(rank: int, world_size: int, port: int, out: str, steps: list) -> None:
+    """One rank: joins the group, runs each step ``(function, kwargs)`` in order, writes their results."""
+    os.setpgrp()  # its own process group, so whoever started it can kill it with its workers
+    import torch.distributed as dist
+
+    _quiet(-1)
+    results = []
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        for function, kwargs in steps:
+            results.append(function(rank, world_size, **kwargs))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(f"step {len(results)}: {traceback.format_exc()}")
+        raise
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(records, f)
-    dist.destroy_process_group()
+        json.dump(results, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # results are written; tearing down an interpreter that imported torch costs seconds
 
 
-def run(directory, out, *, world_size=2, num_workers=2, persistent=False, epochs=5, batch_size=4,
-        seed=0, with_writer=True, timeout=300, procs=None):
-    """Runs the ranks (and the writer); returns the per-rank records. Kills everything on timeout."""
+def kill(p) -> None:
+    """Kills a process started here and, if it leads one, its process group (its DataLoader workers)."""
+    if p.is_alive():
+        p.kill()
+    p.join(timeout=10)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # only a process that called setpgrp() has a group with its pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_steps(steps: list, *, world_size: int, out: str, writer_dirs=(), seed: int = 0, timeout: float = 300,
+              procs: list | None = None) -> list[list]:
+    """Runs ``steps`` in one group of ``world_size`` spawned ranks, a writer changing each of
+    ``writer_dirs`` meanwhile; returns ``results[step][rank]``.
+
+    Every process is killed after ``timeout`` seconds or on any error; a rank's failure is
+    raised with its traceback. ``procs`` collects the processes for a test fixture's teardown.
+    """
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     started = [] if procs is None else procs
-    if with_writer:
-        w = ctx.Process(target=writer, args=(directory, stop, seed), daemon=True)
-        w.start()
-        started.append(w)
-    port = free_port()
-    ranks = [ctx.Process(target=rank_main, args=(r, world_size, port, directory, out, num_workers, persistent,
-                                                 epochs, batch_size, seed)) for r in range(world_size)]
-    for p in ranks:
-        p.start()
-        started.append(p)
-    deadline = time.monotonic() + timeout
-    for p in ranks:
-        p.join(timeout=max(1, deadline - time.monotonic()))
-    stop.set()
-    for p in started:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
+    ranks = []
+    try:
+        for i, directory in enumerate(writer_dirs):
+            w = ctx.Process(target=writer, args=(directory, stop, seed + i), daemon=True)
+            w.start()
+            started.append(w)
+        port = free_port()
+        for r in range(world_size):
+            p = ctx.Process(target=_rank_main, args=(r, world_size, port, out, steps))
+            p.start()
+            started.append(p)
+            ranks.append(p)
+        deadline = time.monotonic() + timeout
+        for p in ranks:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        stop.set()
+        for p in started:
+            kill(p)
     codes = [p.exitcode for p in ranks]
     if codes != [0] * world_size:
-        raise RuntimeError(f"ranks exited with {codes} (None: hung and killed after {timeout}s)")
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world_size)]
+        errors = [os.path.join(out, f"rank{r}.error") for r in range(world_size)]
+        details = "\n".join(f"rank {r}: {_read(e)}" for r, e in enumerate(errors) if os.path.exists(e))
+        raise RuntimeError(f"ranks exited with {codes} (-9: hung and killed after {timeout}s)\n{details}")
+    per_rank = [json.loads(_read(os.path.join(out, f"rank{r}.json"))) for r in range(world_size)]
+    return [list(step) for step in zip(*per_rank)]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def run(directory, out, *, world_size=2, num_workers=2, persistent=False, epochs=5, batch_size=4,
+        seed=0, with_writer=True, start_method="forkserver", timeout=300, procs=None):
+    """Reads ``epochs`` epochs in a new group (with a writer); returns the per-rank records."""
+    step = (read_epochs, {"directory": directory, "num_workers": num_workers, "persistent": persistent,
+                          "epochs": epochs, "batch_size": batch_size, "seed": seed, "start_method": start_method})
+    (records,) = run_steps([step], world_size=world_size, out=out, writer_dirs=[directory] if with_writer else (),
+                           seed=seed, timeout=timeout, procs=procs)
+    return records
 
 
 def check(per_rank: list[list[dict]], world_size: int) -> dict:
@@ -156,6 +253,8 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--persistent", action="store_true")
+    parser.add_argument("--start-method", default="forkserver", choices=["fork", "forkserver", "spawn"],
+                        help="how DataLoader workers start (default: forkserver)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -168,9 +267,9 @@ def main() -> None:
         start = time.time()
         records = run(directory, out, world_size=args.world_size, num_workers=args.workers,
                       persistent=args.persistent, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                      timeout=max(300, args.epochs * 20))
+                      start_method=args.start_method, timeout=max(300, args.epochs * 20))
         totals = check(records, args.world_size)
-    print(f"{args.epochs} epochs, {args.world_size} ranks x {args.workers} workers"
+    print(f"{args.epochs} epochs, {args.world_size} ranks x {args.workers} {args.start_method} workers"
           f"{' (persistent)' if args.persistent else ''} in {time.time() - start:.0f}s: all invariants held")
     print("  " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
 
