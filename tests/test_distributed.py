@@ -18,7 +18,7 @@ from shardutil import write_shard  # noqa: E402
 UNEVEN = [1, 50, 7, 13, 2, 33, 19]
 
 
-def _resolve_on_empty_directory(rank, world_size, directory):
+def _resolve_on_empty_directory(group, directory):
     """A step: what ``set_epoch`` raises on this rank when rank 0 finds no shard."""
     import wdsrefresh as wr
 
@@ -77,6 +77,7 @@ def test_every_sample_once_equal_per_rank_while_writer_changes_directory(two_ran
     records = two_ranks["persistent" if persistent else "non-persistent"]
     totals = ddp_check.check(records, world_size=2)
     assert totals["epochs"] == 5 and totals["yielded"] > 0
+    assert totals["deleted"] > 0 and totals["padded"] > 0, "no shard was deleted mid-epoch: the pad path never ran"
 
 
 @pytest.mark.timeout(300)

@@ -4,7 +4,9 @@ Each rank (a spawned process in a gloo group on 127.0.0.1) reads every epoch thr
 DataLoader, records the keys it yielded and its batch count; a writer process meanwhile adds
 shards of 1..50 samples and deletes old ones. ``check`` then verifies, per epoch: one
 snapshot for all ranks, no key twice, every key from the snapshot, every sample of the
-snapshot yielded or counted (left out, skipped), equal samples and batches per rank.
+snapshot yielded or counted (left out, skipped), equal samples and batches per rank; and it
+reports the padded share: how much of what the ranks delivered was padding for samples of
+shards deleted mid-epoch (a few percent; most of each epoch must be real samples).
 
 One group can run several steps in sequence (``run_steps``): starting ranks and their worker
 processes costs seconds, reading an epoch a fraction of one.
@@ -27,6 +29,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -40,12 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def writer(directory: str, stop, seed: int, keep: int = 40, interval: float = 0.25) -> None:
-    """Writes ``keep`` shards of 1..50 samples at once, then every ``interval`` s (on average) adds
-    one and deletes the oldest beyond ``keep``.
+def writer(directory: str, stop, snapshot_taken, seed: int, keep: int = 40, interval: float = 1.0) -> None:
+    """Writes ``keep`` shards of 1..50 samples at once, then adds one and deletes the oldest beyond
+    ``keep`` each time an epoch's snapshot is taken and every ``interval`` s (on average) besides.
 
-    Deletions land mid-epoch now and then from the first epoch on, so the counted skip-and-pad
-    path is exercised too.
+    The change right after each snapshot deletes a shard of it before its reader gets to it
+    (a DataLoader worker takes longer to start than the writer to wake), so every epoch runs
+    the counted skip-and-pad path on about one shard in ``keep``; the timed changes also land
+    while snapshots resolve. Faster deletions would make much of each epoch padding.
     """
     rng = random.Random(seed)
     n = 0
@@ -55,8 +60,23 @@ def writer(directory: str, stop, seed: int, keep: int = 40, interval: float = 0.
         names = sorted(f for f in os.listdir(directory) if f.startswith("w") and f.endswith(".tar"))
         for old in names[:-keep]:
             os.unlink(os.path.join(directory, old))
-        if n >= keep:
-            stop.wait(rng.uniform(0.5, 1.5) * interval)
+        if n >= keep and snapshot_taken.wait(rng.uniform(0.5, 1.5) * interval):
+            snapshot_taken.clear()
+
+
+@dataclass(frozen=True)
+class Rank:
+    """What a step knows of the group it runs in."""
+
+    rank: int
+    world_size: int
+    snapshot_taken: tuple = ()  # one event per writer
+
+    def took_snapshot(self) -> None:
+        """Tells the writers that this epoch's snapshot is fixed, so they change the directory now."""
+        if self.rank == 0:
+            for event in self.snapshot_taken:
+                event.set()
 
 
 def _keys(batch):
@@ -90,8 +110,8 @@ def worker_context(start_method: str):
     return ctx
 
 
-def read_epochs(rank: int, world_size: int, directory: str, *, num_workers: int = 2, persistent: bool = False,
-                epochs: int = 5, batch_size: int = 4, seed: int = 0, start_method: str = "forkserver") -> list[dict]:
+def read_epochs(group: Rank, directory: str, *, num_workers: int = 2, persistent: bool = False, epochs: int = 5,
+                batch_size: int = 4, seed: int = 0, start_method: str = "forkserver") -> list[dict]:
     """A step: reads ``epochs`` epochs of ``directory`` through a DataLoader; one record per epoch."""
     import torch
 
@@ -109,6 +129,7 @@ def read_epochs(rank: int, world_size: int, directory: str, *, num_workers: int 
         for epoch in range(epochs):
             start = time.monotonic()
             snap = ds.set_epoch(epoch)
+            group.took_snapshot()
             batches = [b for b in loader]
             stats = ds.stats(epoch)
             records.append({
@@ -125,8 +146,9 @@ def read_epochs(rank: int, world_size: int, directory: str, *, num_workers: int 
     return records
 
 
-def _rank_main(rank: int, world_size: int, port: int, out: str, steps: list) -> None:
+def _rank_main(group: Rank, port: int, out: str, steps: list) -> None:
     """One rank: joins the group, runs each step ``(function, kwargs)`` in order, writes their results."""
+    rank, world_size = group.rank, group.world_size
     os.setpgrp()  # its own process group, so whoever started it can kill it with its workers
     import torch.distributed as dist
 
@@ -135,7 +157,7 @@ def _rank_main(rank: int, world_size: int, port: int, out: str, steps: list) -> 
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         for function, kwargs in steps:
-            results.append(function(rank, world_size, **kwargs))
+            results.append(function(group, **kwargs))
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
@@ -169,16 +191,17 @@ def run_steps(steps: list, *, world_size: int, out: str, writer_dirs=(), seed: i
     """
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
+    snapshot_taken = tuple(ctx.Event() for _ in writer_dirs)
     started = [] if procs is None else procs
     ranks = []
     try:
         for i, directory in enumerate(writer_dirs):
-            w = ctx.Process(target=writer, args=(directory, stop, seed + i), daemon=True)
+            w = ctx.Process(target=writer, args=(directory, stop, snapshot_taken[i], seed + i), daemon=True)
             w.start()
             started.append(w)
         port = free_port()
         for r in range(world_size):
-            p = ctx.Process(target=_rank_main, args=(r, world_size, port, out, steps))
+            p = ctx.Process(target=_rank_main, args=(Rank(r, world_size, snapshot_taken), port, out, steps))
             p.start()
             started.append(p)
             ranks.append(p)
@@ -187,6 +210,8 @@ def run_steps(steps: list, *, world_size: int, out: str, writer_dirs=(), seed: i
             p.join(timeout=max(0.1, deadline - time.monotonic()))
     finally:
         stop.set()
+        for event in snapshot_taken:
+            event.set()  # wakes the writers
         for p in started:
             kill(p)
     codes = [p.exitcode for p in ranks]
@@ -213,10 +238,20 @@ def run(directory, out, *, world_size=2, num_workers=2, persistent=False, epochs
     return records
 
 
+def padded_share(padded: int, yielded: int) -> float:
+    """The share of what the loaders delivered that was padding: padded / (yielded + padded)."""
+    return padded / (yielded + padded) if yielded + padded else 0.0
+
+
 def check(per_rank: list[list[dict]], world_size: int) -> dict:
-    """Raises AssertionError on the first broken invariant; returns totals."""
+    """Raises AssertionError on the first broken invariant; returns totals.
+
+    Besides the counts summed over epochs and ranks, ``padded_share`` and
+    ``padded_share_by_epoch`` say how much of what the ranks delivered was padding.
+    """
     totals = Counter()
     orders = []
+    shares = []
     for epoch_records in zip(*per_rank):
         first = epoch_records[0]
         e = first["epoch"]
@@ -239,12 +274,14 @@ def check(per_rank: list[list[dict]], world_size: int) -> dict:
             f"epoch {e}: {len(expected)} in snapshot, {len(keys)} yielded, {left_out} left out, {skipped} skipped"
         )
         orders.append(first["order"])
+        padded = sum(r["padded"] for r in epoch_records)
+        shares.append(padded_share(padded, len(keys)))
         totals.update(epochs=1, samples=len(expected), yielded=len(keys), left_out=left_out, skipped=skipped,
-                      padded=sum(r["padded"] for r in epoch_records),
-                      deleted=sum(r["deleted"] for r in epoch_records))
+                      padded=padded, deleted=sum(r["deleted"] for r in epoch_records))
     if len(orders) > 1:
         assert any(a != b for a, b in zip(orders, orders[1:])), "shard order never changed between epochs"
-    return dict(totals)
+    return dict(totals, padded_share=padded_share(totals["padded"], totals["yielded"]),
+                padded_share_by_epoch=shares)
 
 
 def main() -> None:
@@ -269,9 +306,13 @@ def main() -> None:
                       persistent=args.persistent, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                       start_method=args.start_method, timeout=max(300, args.epochs * 20))
         totals = check(records, args.world_size)
+    shares = totals.pop("padded_share_by_epoch")
     print(f"{args.epochs} epochs, {args.world_size} ranks x {args.workers} {args.start_method} workers"
           f"{' (persistent)' if args.persistent else ''} in {time.time() - start:.0f}s: all invariants held")
-    print("  " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    print("  " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if k != "padded_share"))
+    print(f"  padded share {totals['padded_share']:.1%} of the samples delivered"
+          f" (per epoch: min {min(shares):.1%}, median {sorted(shares)[len(shares) // 2]:.1%}, max {max(shares):.1%})")
+    print("  by epoch: " + " ".join(f"{share:.0%}" for share in shares))
 
 
 if __name__ == "__main__":
