@@ -17,17 +17,24 @@ def shard_dir(tmp_path):
     return str(d)
 
 
+def _kill_group(pid: int) -> None:
+    """Kills the process group that child ``pid`` leads, if it made one, and only while ``pid`` is
+    not yet reaped: until then no other process can have its number."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # ChildProcessError once reaped
+        os.killpg(pid, signal.SIGKILL)  # ProcessLookupError unless pid called setpgrp()
+    except (ChildProcessError, ProcessLookupError, PermissionError):
+        pass
+
+
 def _kill_all(started: list) -> None:
     """Kills each process still alive (multiprocessing.Process or subprocess.Popen) and the process
     group it leads, if it made one (a rank's DataLoader workers and forkserver are in it)."""
     for p in started:
+        _kill_group(p.pid)
         if p.is_alive() if hasattr(p, "is_alive") else p.poll() is None:
             p.kill()
         (p.join if hasattr(p, "join") else p.wait)(timeout=10)
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # a group with this id exists only if p called setpgrp()
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import random
 import signal
@@ -172,13 +173,14 @@ def _rank_main(group: Rank, port: int, out: str, steps: list) -> None:
 
 def kill(p) -> None:
     """Kills a process started here and, if it leads one, its process group (its DataLoader workers)."""
+    try:  # the group first: until p is reaped, no other process can have its number
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # ChildProcessError once reaped
+        os.killpg(p.pid, signal.SIGKILL)  # ProcessLookupError unless p called setpgrp()
+    except (ChildProcessError, ProcessLookupError, PermissionError):
+        pass
     if p.is_alive():
         p.kill()
     p.join(timeout=10)
-    try:
-        os.killpg(p.pid, signal.SIGKILL)  # only a process that called setpgrp() has a group with its pid
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_steps(steps: list, *, world_size: int, out: str, writer_dirs=(), seed: int = 0, timeout: float = 300,
@@ -206,8 +208,10 @@ def run_steps(steps: list, *, world_size: int, out: str, writer_dirs=(), seed: i
             started.append(p)
             ranks.append(p)
         deadline = time.monotonic() + timeout
-        for p in ranks:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        running = [p.sentinel for p in ranks]
+        while running and time.monotonic() < deadline:  # sentinels, not join(): kill() wants them unreaped
+            for ended in mp.connection.wait(running, timeout=max(0.1, deadline - time.monotonic())):
+                running.remove(ended)
     finally:
         stop.set()
         for event in snapshot_taken:
