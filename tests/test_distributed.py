@@ -36,8 +36,9 @@ def _resolve_on_empty_directory(group, directory):
 def two_ranks(tmp_path_factory, module_procs):
     """Results of the steps run by one group of 2 ranks, by step name.
 
-    Both loaders start their workers with forkserver (a pickled copy of the dataset in each,
-    like spawn); the persistent one reads every epoch with the same workers.
+    Both loaders start their workers with forkserver: each worker gets a pickled copy of the
+    dataset, as with spawn, and learns its rank from the dataset's state, not from
+    torch.distributed. The persistent one reads every epoch with the same workers.
     """
     tmp = tmp_path_factory.mktemp("two_ranks")
     directory, empty, out = tmp / "shards", tmp / "empty", tmp / "out"
@@ -58,7 +59,11 @@ def two_ranks(tmp_path_factory, module_procs):
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory, module_procs):
-    """Records of 3 ranks x 2 fork workers reading uneven shards, no writer."""
+    """Records of 3 ranks x 2 workers reading uneven shards, no writer.
+
+    The workers are forked (the default under torchrun on Linux): each inherits the rank's
+    initialized process group, the other way a worker learns its rank.
+    """
     tmp = tmp_path_factory.mktemp("three_ranks")
     directory, out = tmp / "shards", tmp / "out"
     directory.mkdir()
