@@ -121,11 +121,13 @@ def read_assignment(
         yield from _pad(recent, shortfall, assignment, stats)
 
 
-def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
-    """Yields every sample of one shard under the policies, counting in ``stats`` (stream mode)."""
-    stats.quota += shard.nsamples or 0
+def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats, start: int = 0) -> Iterator[dict]:
+    """Yields the samples of one shard from ``start`` on, under the policies, counting in ``stats``
+    (stream mode)."""
+    count = shard.nsamples or 0
+    stats.quota += max(0, count - start)
     try:
-        for sample in _read_piece(shard, Piece(0, 0, shard.nsamples or 0), options, stats):
+        for sample in _read_piece(shard, Piece(0, min(start, count), count), options, stats):
             stats.yielded += 1
             yield sample
     except StopConsumer:

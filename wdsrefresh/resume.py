@@ -179,6 +179,8 @@ def parse(state: object, fingerprint: dict) -> ResumeState | None:
         raise ResumeError(f"expected a dict from RefreshingWebDataset.state_dict(), got {type(state).__name__}")
     if state.get("format") != FORMAT:
         raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
+    if state.get("mode") == "stream":
+        raise ResumeError("a stream-mode state cannot resume an epoch (mode='epoch')")
     if state.get("version") != VERSION:
         raise ResumeError(
             f"state version {state.get('version')!r} is not supported: this wdsrefresh reads version {VERSION} "
@@ -395,3 +397,43 @@ def read_stats(doc: dict, cls: type):
     """A ReadStats (``cls``) holding the counters saved in a consumer's state."""
     kinds = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: set(v) if isinstance(v, list) else v for k, v in doc.items() if k in kinds})
+
+
+# ---------------------------------------------------------------------------- stream mode
+
+@dataclass(frozen=True)
+class StreamResume:
+    """What the consumers of a stream had read: shards finished, and how far into started ones."""
+
+    done: frozenset[str]
+    reading: dict[str, int]
+
+
+def stream_state(source: str, consumers: list[dict]) -> dict:
+    return {"format": FORMAT, "version": VERSION, "mode": "stream", "source": source, "consumers": consumers}
+
+
+def parse_stream(states: object, source: str) -> StreamResume:
+    """Every stream consumer's position found in ``states`` (one state, a loader's, a list), checked
+    against the stream's source; the union is what a resumed stream skips, on any layout."""
+    found = [s for s in _find(states)]
+    if not found:
+        raise ResumeError("no wdsrefresh state found in the given object")
+    done: set[str] = set()
+    reading: dict[str, int] = {}
+    for state in found:
+        if state.get("mode") != "stream":
+            raise ResumeError("an epoch-mode state cannot resume a stream (mode='stream')")
+        if state.get("version") != VERSION:
+            raise ResumeError(f"state version {state.get('version')!r} is not supported: this wdsrefresh reads {VERSION}")
+        if state.get("source") != source:
+            raise ResumeError(f"state was saved by another stream: its source is {state.get('source')!r}, "
+                              f"this one's is {source!r}")
+        for i, c in enumerate(_expect(state.get("consumers"), list, "consumers")):
+            c = _expect(c, dict, f"consumers[{i}]")
+            done.update(_expect(n, str, f"consumers[{i}].done[]") for n in _expect(c.get("done"), list, "done"))
+            for name, n in _expect(c.get("reading"), dict, f"consumers[{i}].reading").items():
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    raise ResumeError(f"consumers[{i}].reading[{name!r}]: expected a sample count, got {n!r:.30}")
+                reading[name] = max(reading.get(name, 0), n)
+    return StreamResume(frozenset(done), {k: v for k, v in reading.items() if k not in done})
