@@ -85,7 +85,7 @@ def test_every_dropped_shard_is_read_exactly_once_by_two_workers(tmp_path, procs
     d = str(tmp_path / "shards")
     os.makedirs(d)
     count, n = (16, 5) if not poll else (8, 5)
-    ds = wr.RefreshingWebDataset(d, mode="stream", poll=poll)
+    ds = wr.RefreshingWebDataset(d, mode="stream", poll=poll, settle=1.0)  # its writer pauses 0.2 s
     producer = start_producer(procs, d, count, n, interval=0.15)
     counts, first_seen = consume(ds, count * n)
     times = landed(producer)
