@@ -246,6 +246,8 @@ class _StreamLoop:
             return set()
 
     def _sleep(self, watcher: Watcher | None, next_listing: float) -> None:
+        if self.stopped():  # its event may have been read with the others: look before sleeping
+            return
         if watcher is None:
             time.sleep(self.stream.poll_interval)
             return
