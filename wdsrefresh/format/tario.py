@@ -30,12 +30,28 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import xxhash
 
 from .digest import BLOCK_SIZE, DEFAULT_ALGO, block_at, new_hasher, split_digest
 
 ZERO_BLOCK = bytes(512)
+
+# A tar is a sequence of 512-byte header blocks, each followed by its member's data padded
+# to whole blocks: ``(size + 511) & -512``. The fields of a header that the reader looks at:
+_OFF_NAME, _END_NAME = 0, 100  # the name; NUL-terminated when shorter than 100 bytes
+_OFF_SIZE, _END_SIZE = 124, 136  # the size: 11 octal digits then a NUL, or base-256 (first byte 0x80/0xff)
+_OFF_SIZE_NUL = 135  # where the NUL after 11 octal digits is
+_OFF_CHKSUM, _END_CHKSUM = 148, 156  # the header checksum, counted as 8 spaces in the sum
+_OFF_TYPE = 156  # the type flag, one byte
+_OFF_MAGIC, _END_MAGIC = 257, 262  # b"ustar" in ustar, PAX and GNU headers
+_OFF_PREFIX, _END_PREFIX = 345, 500  # ustar's name prefix (dir part), joined with '/'; NUL when unused
+_MAGIC = b"ustar"
+_TYPE_REGULAR = 48  # b"0"
+_TYPE_PAX = 120  # b"x": a PAX extended header for the next member
+_SLASH = 47  # b"/"
+_UNDERSCORE = 95  # b"_"
 _REGULAR = (b"0", b"\0", b"7")
 _OTHER_KNOWN = (b"1", b"2", b"3", b"4", b"5", b"6")
 _EXTENDED = (b"x", b"g", b"L", b"K")
@@ -175,13 +191,96 @@ class _Checker:
         return f"{self.whole_algo}:{self.whole.hexdigest()}"
 
 
+class ByteSource(Protocol):
+    """Where a ShardReader's bytes come from, checked against the snapshot on the way.
+
+    Implemented by ``_LocalSource`` (a tar file) and ``_GzipSource`` (a gzip-compressed tar);
+    anything that keeps this contract (a ranged reader of an object store) can feed the reader.
+
+    Positions. The reader holds one chunk, ``buf``, whose first byte is at absolute offset
+    ``base`` of the tar stream (the file itself, or the decompressed stream of a gzip shard);
+    it never keeps a reference into an older chunk. Each method takes the reader's
+    ``(buf, base)`` and a position relative to ``base`` (``p`` or ``q``), and returns the new
+    ``buf``, ``base`` and relative position. A relative position may lie past ``len(buf)``:
+    the bytes in between (padding, a skipped payload) are skipped, never handed out. Positions
+    only go forward: no call names an absolute position before one the reader already reached.
+    ``hoff`` is the absolute offset of the header being served; errors name it.
+
+    Checking. ``verified`` is the absolute offset up to which the bytes are known to match the
+    snapshot's digests: it only grows, and is infinite when no block digest is being checked or
+    when every byte is checked before it is handed out (gzip: raw blocks are checked before
+    they are decompressed). The reader yields a sample only once ``verified`` passed every byte
+    the sample depends on, so a source:
+
+    - checks the very bytes it hands out (the same ``bytes`` object, hashed while in cache),
+      never a second read of them: the file may change between two reads;
+    - hashes each byte at most once and in order (the checker, ``_Checker``, hashes a stream);
+      bytes of ``buf`` count as consumed once the reader passes a position beyond them to any
+      method, and consumed bytes must be hashed before a later byte is; bytes of a chunk the
+      reader never consumed are not hashed, unless a whole-file digest needs every byte
+      (``_Checker.sequential``), which ``finish`` then reads;
+    - whole blocks the reader skips may be jumped over (``_Checker.jump``) unless sequential;
+      a partly consumed block is hashed to its end before anything past it counts as verified;
+    - never reports a byte verified that it has not checked.
+
+    Errors. ``TarError(truncated=True)`` when the data ends before what was asked for (the
+    mark of a shard still being written), ``ShardChangedError`` when bytes differ from the
+    snapshot (a source that cannot pin the bytes it reads, e.g. an object replaced between two
+    ranged reads, raises it rather than mixing versions), ``TarError`` for anything else; all
+    name the shard (``url``) and the offset.
+    """
+
+    @property
+    def verified(self) -> float:
+        """Absolute offset up to which bytes are checked against the snapshot (inf: all)."""
+        ...
+
+    def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
+        """A new chunk starting at absolute ``base + p``: ``(buf, base + p)``.
+
+        The chunk holds at least ``need`` bytes, fewer only where the data ends (then as many
+        as there are, possibly none). Consumes ``buf`` up to ``p``.
+        """
+        ...
+
+    def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
+        """The payload of ``size`` bytes at relative ``q``, which runs past the end of ``buf``.
+
+        Returns ``(payload, buf, base, p)``: the payload as ``bytes`` (checked as it is read,
+        one copy), and the chunk to go on with, where relative ``p`` is the position after the
+        payload's padding. Raises TarError(truncated=True) when the data ends inside it.
+        """
+        ...
+
+    def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
+        """Skips the payload of ``size`` bytes at relative ``q`` that runs past ``buf``.
+
+        Returns ``(buf, base, p)`` with ``p`` after the payload's padding. Raises
+        TarError(truncated=True) when the data ends inside the payload.
+        """
+        ...
+
+    def settle(self, buf: bytes, base: int, p: int) -> bytes:
+        """Makes ``verified`` reach ``base + p``, reading the rest of its block ahead if needed.
+
+        Returns ``buf``, at the same ``base``, possibly extended with the bytes read ahead for
+        the check, so that the reader goes on with those very bytes.
+        """
+        ...
+
+    def finish(self, buf: bytes, base: int) -> None:
+        """Called when the reader is done: with a whole-file digest to check or record, hashes
+        every byte not hashed yet, to the end of the file, then raises ShardChangedError if
+        the digest differs from the snapshot's. Does nothing otherwise."""
+        ...
+
+
 class _LocalSource:
     """An uncompressed local shard: chunks for headers and small payloads, large payloads alone.
 
-    The reader holds the current chunk ``buf`` whose first byte is at file offset ``base``;
-    positions inside it are relative. Each method takes the reader's (buf, base) and returns
-    the new ones. Bytes are fed to the checker only once the reader has consumed them, from
-    the object it consumed them from; unconsumed bytes of a chunk are dropped unhashed.
+    Keeps the ``ByteSource`` contract with ``os.pread`` (no shared file position, no mmap).
+    Bytes are fed to the checker only once the reader has consumed them, from the object it
+    consumed them from; unconsumed bytes of a chunk are dropped unhashed.
     """
 
     def __init__(self, fd: int, url: str, check: _Checker):
@@ -308,8 +407,9 @@ class _LocalSource:
 class _GzipSource:
     """A gzip-compressed shard (several gzip members allowed), decompressed as a stream.
 
-    Raw blocks are checked as they are read, before decompression, so every decompressed
-    byte is already verified. Offsets in errors are offsets in the decompressed tar.
+    Keeps the ``ByteSource`` contract; positions are offsets in the decompressed tar. Raw
+    blocks are checked as they are read, before decompression, so every decompressed byte is
+    already verified. Offsets in errors are offsets in the decompressed tar.
     """
 
     verified = _INF
@@ -430,13 +530,14 @@ def _cstr(field: bytes) -> bytes:
 
 def _checksum_ok(hdr: bytes) -> bool:
     try:
-        stored = _number(hdr[148:156])
+        stored = _number(hdr[_OFF_CHKSUM:_END_CHKSUM])
     except ValueError:
         return False
-    unsigned = sum(hdr) - sum(hdr[148:156]) + 256
+    unsigned = sum(hdr) - sum(hdr[_OFF_CHKSUM:_END_CHKSUM]) + 256  # the field counts as 8 spaces
     if stored == unsigned:
         return True
-    signed = unsigned - 2 * sum(b for b in hdr[:148] + hdr[156:] if b > 127)
+    # Some old writers summed signed chars.
+    signed = unsigned - 2 * sum(b for b in hdr[:_OFF_CHKSUM] + hdr[_END_CHKSUM:] if b > 127)
     return stored == signed
 
 
@@ -482,28 +583,40 @@ def _decode(name: bytes) -> str:
 
 
 class _Held:
-    """Which held samples may go: (ready count, offset the reader had consumed) noted at reads."""
+    """Complete samples that wait until the blocks they depend on are checked.
+
+    The reader appends complete samples to ``ready``; before each read it notes how far it has
+    consumed (``note``), and after it takes the samples the checked bytes now cover
+    (``release``), in order.
+    """
 
     def __init__(self):
-        self.marks: list[tuple[int, int]] = []
+        self.ready: list[dict] = []
+        self.marks: list[tuple[int, int]] = []  # (samples made ready so far, offset consumed then)
         self.released = 0
 
-    def note(self, ready: int, consumed: int) -> None:
-        self.marks.append((self.released + ready, consumed))
+    def note(self, consumed: int) -> None:
+        """All samples ready now depend on no byte at or after ``consumed``."""
+        self.marks.append((self.released + len(self.ready), consumed))
 
-    def release(self, verified: float) -> int:
-        """How many of the ready samples only depend on bytes before ``verified``."""
+    def release(self, verified: float) -> list[dict] | tuple[()]:
+        """Removes from ``ready`` and returns the samples that only depend on bytes before ``verified``."""
+        marks = self.marks
+        if not marks or marks[0][1] > verified:
+            return ()
         upto = self.released
-        while self.marks and self.marks[0][1] <= verified:
-            upto = self.marks.pop(0)[0]
+        while marks and marks[0][1] <= verified:
+            upto = marks.pop(0)[0]
         count, self.released = upto - self.released, upto
-        return count
+        out = self.ready[:count]
+        del self.ready[:count]
+        return out
 
 
 class ShardReader:
     """Samples of one opened shard, by index: ``samples(start, stop)`` yields webdataset dicts."""
 
-    def __init__(self, source, url: str, local_path: str | None = None):
+    def __init__(self, source: ByteSource, url: str, local_path: str | None = None):
         self.source = source
         self.url = url
         self.local_path = local_path or url
@@ -538,41 +651,45 @@ class ShardReader:
         cur: bytes | None = None
         sample: dict | None = None
         # With block digests, complete samples wait in ``ready`` until the blocks they depend on
-        # are checked. ``held`` notes, at each read, (samples ready so far, offset read up to).
+        # are checked; ``held`` notes at each read how far the reader had consumed.
         hold = src.verified != _INF
-        ready: list[dict] = []
         held = _Held()
+        ready = held.ready
         plain = not self.global_pax and self.pending is None  # the fast path applies
+        # Header fields and byte values, as locals for the loop.
+        off_size, off_size_nul, off_type, off_prefix = _OFF_SIZE, _OFF_SIZE_NUL, _OFF_TYPE, _OFF_PREFIX
+        off_magic, end_magic, end_name, magic = _OFF_MAGIC, _END_MAGIC, _END_NAME, _MAGIC
+        type_regular, type_pax, slash, underscore = _TYPE_REGULAR, _TYPE_PAX, _SLASH, _UNDERSCORE
         try:
             while True:
                 if p + 512 > n and self.pending is None:
                     if ready:
-                        held.note(len(ready), base + p)
+                        held.note(base + p)
                     buf, base = src.refill(buf, base, p, 512, base + p)
                     p, n = 0, len(buf)
-                    if ready and (k := held.release(src.verified)):
-                        yield from ready[:k]
-                        del ready[:k]
+                    if ready:
+                        yield from held.release(src.verified)
                     if n < 512:
                         self.buf, self.base, self.p = buf, base, p
                         self._end_of_data()
                         break
                 hoff = p  # where the member's headers start, relative to base
                 name = None
-                if plain and buf[p + 257 : p + 262] == b"ustar" and buf[p + 135] == 0:
-                    kind = buf[p + 156]
-                    field = buf[p + 124 : p + 135]
+                if plain and buf[p + off_magic : p + end_magic] == magic and buf[p + off_size_nul] == 0:
+                    kind = buf[p + off_type]
+                    field = buf[p + off_size : p + off_size_nul]
                     try:
                         size = sizes[field]
                     except KeyError:
                         size = _octal(field, sizes)
                         if size < 0:
                             kind = -1
-                    if kind == 48 and buf[p + 345] == 0 and (z := buf.find(b"\0", p, p + 100)) > p:
+                    if (kind == type_regular and buf[p + off_prefix] == 0
+                            and (z := buf.find(b"\0", p, p + end_name)) > p):
                         # The common member: regular, with a short NUL-terminated name.
                         name = buf[p:z]
                         p += 512
-                    elif kind == 120 and p + 512 + size <= n:
+                    elif kind == type_pax and p + 512 + size <= n:
                         # A PAX header. webdataset's TarWriter writes one before every member for
                         # its float mtime; when it sets neither path nor size it changes nothing.
                         pax = buf[p + 512 : p + 512 + size]
@@ -590,7 +707,7 @@ class ShardReader:
                         break
                     name, size = member
                 # p is at the payload. Group by key as webdataset does.
-                if 47 in name or name[0] == 95:  # a '/' in it, or a leading '_'
+                if slash in name or name[0] == underscore:  # a '/' in it, or a leading '_' (__meta__?)
                     key, ext = _split_name(name)
                 else:
                     key, dot, ext = name.partition(b".")
@@ -640,12 +757,11 @@ class ShardReader:
                     p += (size + 511) & -512
                 else:
                     if ready:
-                        held.note(len(ready), base + p)
+                        held.note(base + p)
                     sample[suffix], buf, base, p = src.take(buf, base, p, size, base + hoff)
                     n = len(buf)
-                    if ready and (k := held.release(src.verified)):
-                        yield from ready[:k]
-                        del ready[:k]
+                    if ready:
+                        yield from held.release(src.verified)
             if index < stop:
                 if sample is not None:
                     ready.append(sample)
@@ -656,8 +772,8 @@ class ShardReader:
                 yield from ready
         except TarError:
             # What completed before the error is still yielded, once its blocks checked out.
-            if ready and (k := held.release(src.verified)):
-                yield from ready[:k]
+            if ready:
+                yield from held.release(src.verified)
             raise
 
     def _end_of_data(self) -> None:
@@ -712,16 +828,16 @@ class ShardReader:
             if hdr == ZERO_BLOCK:
                 self.end_of_archive = True
                 return None
-            if hdr[257:262] != b"ustar" and not _checksum_ok(hdr):
+            if hdr[_OFF_MAGIC:_END_MAGIC] != _MAGIC and not _checksum_ok(hdr):
                 what = "not a tar archive" if hoff == 0 else "invalid tar header (bad checksum)"
                 raise TarError(url, hoff, what)
             try:
-                size = _number(hdr[124:136])
+                size = _number(hdr[_OFF_SIZE:_END_SIZE])
             except ValueError:
                 raise TarError(url, hoff, "invalid size field in tar header") from None
             if size < 0:
                 raise TarError(url, hoff, "negative size in tar header")
-            kind = hdr[156:157]
+            kind = hdr[_OFF_TYPE : _OFF_TYPE + 1]
             if kind in _EXTENDED:
                 data = self._data(size, hoff)
                 if kind == b"x":
@@ -731,11 +847,11 @@ class ShardReader:
                 elif kind == b"L":
                     longname = _cstr(data)
                 continue
-            name = _cstr(hdr[0:100])
+            name = _cstr(hdr[_OFF_NAME:_END_NAME])
             if longname is not None:
                 name = longname
-            elif hdr[345] != 0 and kind != b"S":
-                prefix = _cstr(hdr[345:500])
+            elif hdr[_OFF_PREFIX] != 0 and kind != b"S":  # GNU sparse headers use the prefix's bytes
+                prefix = _cstr(hdr[_OFF_PREFIX:_END_PREFIX])
                 if prefix:
                     name = prefix + b"/" + name
             if self.global_pax or pax:
@@ -770,7 +886,7 @@ class ShardReader:
         self.source.finish(self.buf, self.base)
 
 
-def _source(fd: int, url: str, check: _Checker):
+def _source(fd: int, url: str, check: _Checker) -> ByteSource:
     if os.pread(fd, 2, 0) == _GZIP_MAGIC:
         return _GzipSource(fd, url, check)
     return _LocalSource(fd, url, check)
