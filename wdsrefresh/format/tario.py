@@ -56,6 +56,7 @@ _REGULAR = (b"0", b"\0", b"7")
 _OTHER_KNOWN = (b"1", b"2", b"3", b"4", b"5", b"6")
 _EXTENDED = (b"x", b"g", b"L", b"K")
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_DIGITS = 20  # of a PAX length or size: 2**64 has 20
 _KEY_RE_BYTES = re.compile(rb"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE_BYTES = re.compile(rb"__[^/]*__($|/)")
 _INF = float("inf")
@@ -541,21 +542,57 @@ def _checksum_ok(hdr: bytes) -> bool:
     return stored == signed
 
 
-def _pax_records(data: bytes, url: str, offset: int) -> dict[bytes, bytes]:
+class _Malformed(ValueError):
+    """A malformed extended header: ``pos`` is where, relative to the start of its data."""
+
+    def __init__(self, pos: int, message: str):
+        super().__init__(message)
+        self.pos = pos
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The ``"<length> <keyword>=<value>\\n"`` records of a PAX header's data (NUL padding may
+    follow), as tarfile frames them; raises _Malformed for any record that is not framed so."""
     records: dict[bytes, bytes] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarError(url, offset, "malformed PAX header record") from None
-        if length <= 0:
-            raise TarError(url, offset, "malformed PAX header record")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+    pos, end = 0, len(data)
+    while pos < end and data[pos] != 0:
+        space = data.find(b" ", pos, pos + _MAX_DIGITS + 1)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():  # ASCII digits only: no sign, no blanks, no '_'
+            raise _Malformed(pos, "malformed PAX record: no decimal length then a space")
+        stop = pos + int(digits)
+        if stop > end:
+            raise _Malformed(pos, f"malformed PAX record: its length runs {stop - end} bytes past the header data")
+        if stop < space + 2 or data[stop - 1] != 10:
+            raise _Malformed(pos, "malformed PAX record: no newline where its length ends it")
+        key, eq, value = data[space + 1 : stop - 1].partition(b"=")
+        if not eq or not key:
+            raise _Malformed(pos, "malformed PAX record: not keyword=value")
         records[key] = value
-        pos += length
+        pos = stop
     return records
+
+
+def _pax_lead(size: int, cache: dict[int, tuple[bytes, int]]) -> tuple[bytes, int]:
+    """How the data of a PAX header of ``size`` bytes starts when it is one mtime record."""
+    lead = b"%d mtime=" % size
+    if len(cache) < 4096:
+        cache[size] = (lead, len(lead))
+    return lead, len(lead)
+
+
+def _pax_inert(data: bytes) -> bool:
+    """Whether PAX data is well framed and sets neither path nor size (what the reader uses)."""
+    try:
+        records = _pax_records(data)
+    except _Malformed:
+        return False
+    return b"path" not in records and b"size" not in records
+
+
+def _decimal(value: bytes) -> int | None:
+    """A PAX decimal number: ASCII digits only; None for anything else."""
+    return int(value) if value.isdigit() and len(value) <= _MAX_DIGITS else None
 
 
 def _split_name(name: bytes) -> tuple[bytes | None, bytes]:
@@ -631,6 +668,7 @@ class ShardReader:
         self.hoff = 0  # offset of the first header of the member _header_slow returned
         self._exts: dict[bytes, str] = {}  # extension as written -> sample key
         self._sizes: dict[bytes, int] = {}  # size field -> size
+        self._pax_leads: dict[int, tuple[bytes, int]] = {}  # PAX data size -> (b"<size> mtime=", its length)
 
     def samples(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         """Yields samples ``start <= i < stop`` (all remaining when stop is None), in order.
@@ -645,6 +683,7 @@ class ShardReader:
         if stop is None:
             stop = 1 << 62
         src, url, local_path, exts, sizes = self.source, self.url, self.local_path, self._exts, self._sizes
+        pax_leads = self._pax_leads
         buf, base, p = self.buf, self.base, self.p
         n = len(buf)
         index = self.next_index - 1
@@ -691,9 +730,15 @@ class ShardReader:
                         p += 512
                     elif kind == type_pax and p + 512 + size <= n:
                         # A PAX header. webdataset's TarWriter writes one before every member for
-                        # its float mtime; when it sets neither path nor size it changes nothing.
+                        # its float mtime: one record, "<size> mtime=<value>\n", that changes
+                        # nothing here. Well-framed records without path or size are as inert;
+                        # the rest (and anything malformed) takes the slow path.
                         pax = buf[p + 512 : p + 512 + size]
-                        if b"path=" not in pax and b"size=" not in pax:
+                        try:
+                            lead, k = pax_leads[size]
+                        except KeyError:
+                            lead, k = _pax_lead(size, pax_leads)
+                        if pax[:k] == lead and pax[-1] == 10 or _pax_inert(pax):
                             p += 512 + ((size + 511) & -512)
                             continue
                 if name is None:
@@ -840,12 +885,15 @@ class ShardReader:
             kind = hdr[_OFF_TYPE : _OFF_TYPE + 1]
             if kind in _EXTENDED:
                 data = self._data(size, hoff)
-                if kind == b"x":
-                    pax = _pax_records(data, url, hoff)
-                elif kind == b"g":
-                    self.global_pax.update(_pax_records(data, url, hoff))
-                elif kind == b"L":
-                    longname = _cstr(data)
+                try:
+                    if kind == b"x":
+                        pax = _pax_records(data)
+                    elif kind == b"g":
+                        self.global_pax.update(_pax_records(data))
+                    elif kind == b"L":
+                        longname = _cstr(data)
+                except _Malformed as exn:
+                    raise TarError(url, hoff + 512 + exn.pos, str(exn)) from None
                 continue
             name = _cstr(hdr[_OFF_NAME:_END_NAME])
             if longname is not None:
@@ -858,10 +906,9 @@ class ShardReader:
                 merged = {**self.global_pax, **pax}
                 name = merged.get(b"path", name)
                 if b"size" in merged:
-                    try:
-                        size = int(merged[b"size"])
-                    except ValueError:
-                        raise TarError(url, hoff, "invalid size in PAX header") from None
+                    size = _decimal(merged[b"size"])
+                    if size is None:
+                        raise TarError(url, self.hoff, f"invalid size in PAX header: {merged[b'size'][:40]!r}")
             if kind in _REGULAR and not (kind == b"\0" and name.endswith(b"/")) and name:
                 return name, size
             if kind == b"S":
