@@ -164,3 +164,103 @@ def test_well_formed_pax_records_are_read(tmp_path):
                + pax_record(b"comment", b"a value with = and\nnewline") + pax_record(b"size", b"2000"))
     path = write(tmp_path, samples_of(b"a.txt") + pax(records) + header(b"ignored", 7) + padded(b"x" * 2000) + END)
     assert [(s["__key__"], len(s["txt"])) for s in read(path)] == [("a", 7), ("dir/b", 2000)]
+
+
+# --------------------------------------------------------------------------- sizes a header merely claims
+
+
+def base256(value: int) -> bytes:
+    return b"\x80" + value.to_bytes(11, "big")
+
+
+HUGE_MEMBERS = {  # a regular member whose header claims far more than the file holds
+    "octal 8 GiB": header(b"b.bin", size_field=b"77777777777\0"),
+    "base-256 50 GB": header(b"b.bin", size_field=base256(50 * 10**9)),
+    "PAX size 8 GiB": pax(pax_record(b"size", b"8589934592")) + header(b"b.bin", 10),
+    "PAX size 50 GB, no ustar size": pax(pax_record(b"size", b"50000000000")) + header(b"b.bin"),
+}
+IMPOSSIBLE_MEMBERS = {  # sizes no file can have: corruption, never "still being written"
+    "base-256 2**80": header(b"b.bin", size_field=base256(2**80)),
+    "PAX size 2**80": pax(pax_record(b"size", b"%d" % 2**80)) + header(b"b.bin", 10),
+    "x header of 8 GiB": header(b"././@PaxHeader", kind=b"x", size_field=b"77777777777\0") + padded(b"x" * 100),
+    "g header of 50 GB": header(b"././@PaxHeader", kind=b"g", size_field=base256(50 * 10**9)) + padded(b"x" * 100),
+    "L long name of 8 GiB": header(b"././@LongLink", kind=b"L", size_field=b"77777777777\0") + padded(b"b.bin\0"),
+    "K long link of 2**80": header(b"././@LongLink", kind=b"K", size_field=base256(2**80)) + padded(b"b.bin\0"),
+}
+
+
+def peak_allocation(call, *args, **kw) -> tuple[int, object]:
+    """(bytes, outcome): the peak of Python allocations during the call, and its result or exception."""
+    tracemalloc.start()
+    try:
+        try:
+            outcome = call(*args, **kw)
+        except Exception as exn:  # noqa: BLE001 - the outcome is what the test looks at
+            outcome = exn
+        return tracemalloc.get_traced_memory()[1], outcome
+    finally:
+        tracemalloc.stop()
+
+
+def huge_shard(tmp_path: Path, claim: bytes) -> tuple[Path, int]:
+    head = samples_of(b"a.txt", b"a.cls")
+    body = claim + padded(b"\1" * 3000) + samples_of(b"c.txt") + END  # far less than claimed
+    return write(tmp_path, head + body), len(head)
+
+
+@pytest.mark.parametrize("case", list(HUGE_MEMBERS) + list(IMPOSSIBLE_MEMBERS))
+def test_size_claimed_beyond_the_file_is_refused_before_allocating(tmp_path, case):
+    path, offset = huge_shard(tmp_path, {**HUGE_MEMBERS, **IMPOSSIBLE_MEMBERS}[case])
+    for call, kw in [(read, {}), (index, {}), (index, {"with_digest": False})]:
+        peak, exn = peak_allocation(call, path, **kw)
+        assert isinstance(exn, TarError), f"{call.__name__}: {exn!r}"
+        assert_names(exn, path, offset)
+        assert not exn.truncated, str(exn)
+        assert peak < 4 << 20, f"{call.__name__} allocated {peak} bytes"
+
+
+@pytest.mark.parametrize("case", HUGE_MEMBERS)
+def test_size_running_past_a_local_file_is_truncation_when_allowed(tmp_path, case):
+    # With the limit raised, a size past the end is what a shard still being written looks
+    # like: a truncated TarError when read, an incomplete index; never an allocation.
+    path, offset = huge_shard(tmp_path, HUGE_MEMBERS[case])
+    peak, exn = peak_allocation(read, path, max_sample_bytes=1 << 62)
+    assert isinstance(exn, TarError) and exn.truncated, repr(exn)
+    assert_names(exn, path, offset)
+    assert peak < 4 << 20
+    peak, result = peak_allocation(index, path, max_sample_bytes=1 << 62)
+    assert result.complete is False, repr(result)
+    assert peak < 4 << 20
+
+
+@pytest.mark.parametrize("case", IMPOSSIBLE_MEMBERS)
+def test_impossible_size_is_corruption_whatever_the_limit(tmp_path, case):
+    path, offset = huge_shard(tmp_path, IMPOSSIBLE_MEMBERS[case])
+    for call in (read, index):
+        peak, exn = peak_allocation(call, path, max_sample_bytes=1 << 100)
+        assert isinstance(exn, TarError) and not exn.truncated, repr(exn)
+        assert_names(exn, path, offset)
+        assert peak < 4 << 20
+
+
+@pytest.mark.parametrize("name", ["big.tar", "big.tgz"])
+def test_member_larger_than_max_sample_bytes_is_refused_unread(tmp_path, name):
+    head = samples_of(b"a.txt")
+    data = head + member(b"b.bin", bytes(3 << 20)) + samples_of(b"c.txt") + END
+    path = write(tmp_path, gzip_bytes(data) if name.endswith(".tgz") else data, name)
+    assert [s["__key__"] for s in read(path)] == ["a", "b", "c"]
+    for call in (read, index):
+        exn = tar_error(call, path, max_sample_bytes=1 << 20)
+        assert_names(exn, path, len(head))
+        assert "max_sample_bytes" in str(exn) and not exn.truncated
+    reader, fd = open_shard(str(path), max_sample_bytes=1 << 20)
+    try:
+        with pytest.raises(TarError, match="max_sample_bytes"):
+            list(reader.samples(start=2))  # skipping it does not make it readable
+    finally:
+        os.close(fd)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    co = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return co.compress(data) + co.flush()

@@ -66,6 +66,10 @@ _MAX_CHUNK = 1 << 20
 _AFTER_LARGE_CHUNK = 8 << 10  # after a payload read on its own, the next one likely is too
 _DIRECT_MIN = 64 << 10  # payloads this large that run past the chunk are read on their own
 
+MAX_SAMPLE_BYTES = 1 << 30  # default: the largest member a reader holds; larger ones are refused
+_MAX_EXTENDED = 1 << 20  # PAX and GNU long-name data; Go's archive/tar draws the line there too
+_MAX_SIZE = (1 << 63) - 1  # no file is larger (off_t); a larger size is corruption, not truncation
+
 
 class TarError(ValueError):
     """A shard is not a well-formed tar; names the shard and the byte offset.
@@ -289,10 +293,17 @@ class _LocalSource:
         self.url = url
         self.check = check
         self.chunk = _FIRST_CHUNK
+        self.file_size = 0  # as last seen; a shard being written grows
 
     @property
     def verified(self) -> float:
         return self.check.verified
+
+    def _holds(self, end: int) -> bool:
+        """Whether the file reaches offset ``end`` (a fresh fstat when it did not last time)."""
+        if end > self.file_size:
+            self.file_size = os.fstat(self.fd).st_size
+        return end <= self.file_size
 
     def _consume(self, buf: bytes, base: int, upto: int) -> None:
         """Feeds the checker what the reader consumed of ``buf``, up to relative ``upto``."""
@@ -355,6 +366,8 @@ class _LocalSource:
             self._consume(buf, base, q)
             if check.hashed > start:
                 head = buf[q : check.hashed - base]
+        if not self._holds(start + size):  # before allocating what the header merely claims
+            raise _truncated(self.url, hoff, size, max(self.file_size - start, 0))
         data = os.pread(self.fd, size - len(head), start + len(head))
         if len(data) < size - len(head):
             raise _truncated(self.url, hoff, size, len(head) + len(data))
@@ -368,10 +381,11 @@ class _LocalSource:
         end = base + q + size
         if self.check.active:
             self._consume(buf, base, q)
-            self._advance(end, hoff)
-        if os.fstat(self.fd).st_size < end:
+        if not self._holds(end):
             raise TarError(self.url, hoff, f"truncated member: header declares {size} bytes past the end",
                            truncated=True)
+        if self.check.active:
+            self._advance(end, hoff)
         return b"", end, -size & 511
 
     def settle(self, buf: bytes, base: int, p: int) -> bytes:
@@ -514,13 +528,15 @@ def _number(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
-def _octal(field: bytes, cache: dict[bytes, int]) -> int:
-    """An octal size field (NUL-terminated, so 11 digits); -1 if it is not one."""
+def _octal(field: bytes, cache: dict[bytes, int], limit: int) -> int:
+    """An octal size field (NUL-terminated, so 11 digits) up to ``limit``; -1 for anything else."""
     try:
         size = int(field, 8)
     except ValueError:
         return -1
-    if size >= 0 and len(cache) < 4096:
+    if not 0 <= size <= limit:
+        return -1
+    if len(cache) < 4096:
         cache[field] = size
     return size
 
@@ -653,10 +669,12 @@ class _Held:
 class ShardReader:
     """Samples of one opened shard, by index: ``samples(start, stop)`` yields webdataset dicts."""
 
-    def __init__(self, source: ByteSource, url: str, local_path: str | None = None):
+    def __init__(self, source: ByteSource, url: str, local_path: str | None = None, *,
+                 max_sample_bytes: int = MAX_SAMPLE_BYTES):
         self.source = source
         self.url = url
         self.local_path = local_path or url
+        self.max_sample_bytes = max_sample_bytes
         self.buf = b""
         self.base = 0
         self.p = 0
@@ -683,7 +701,7 @@ class ShardReader:
         if stop is None:
             stop = 1 << 62
         src, url, local_path, exts, sizes = self.source, self.url, self.local_path, self._exts, self._sizes
-        pax_leads = self._pax_leads
+        pax_leads, max_sample = self._pax_leads, self.max_sample_bytes
         buf, base, p = self.buf, self.base, self.p
         n = len(buf)
         index = self.next_index - 1
@@ -720,7 +738,7 @@ class ShardReader:
                     try:
                         size = sizes[field]
                     except KeyError:
-                        size = _octal(field, sizes)
+                        size = _octal(field, sizes, max_sample)
                         if size < 0:
                             kind = -1
                     if (kind == type_regular and buf[p + off_prefix] == 0
@@ -884,6 +902,9 @@ class ShardReader:
                 raise TarError(url, hoff, "negative size in tar header")
             kind = hdr[_OFF_TYPE : _OFF_TYPE + 1]
             if kind in _EXTENDED:
+                if size > _MAX_EXTENDED:
+                    raise TarError(url, hoff, f"extended header {_decode(kind)!r} of {size} bytes; more than "
+                                              f"{_MAX_EXTENDED} is not a real one")
                 data = self._data(size, hoff)
                 try:
                     if kind == b"x":
@@ -909,7 +930,12 @@ class ShardReader:
                     size = _decimal(merged[b"size"])
                     if size is None:
                         raise TarError(url, self.hoff, f"invalid size in PAX header: {merged[b'size'][:40]!r}")
+            if size > _MAX_SIZE:
+                raise TarError(url, self.hoff, f"impossible size {size} in tar header (no file holds 2**63 bytes)")
             if kind in _REGULAR and not (kind == b"\0" and name.endswith(b"/")) and name:
+                if size > self.max_sample_bytes:
+                    raise TarError(url, self.hoff, f"member {_decode(name)!r} of {size} bytes is larger than "
+                                                   f"max_sample_bytes={self.max_sample_bytes}; refused unread")
                 return name, size
             if kind == b"S":
                 raise TarError(url, hoff, f"sparse member {_decode(name)!r} is not supported")
@@ -939,19 +965,25 @@ def _source(fd: int, url: str, check: _Checker) -> ByteSource:
     return _LocalSource(fd, url, check)
 
 
-def open_shard(path: str, url: str | None = None, expected: Expected | None = None) -> tuple[ShardReader, int]:
+def open_shard(path: str, url: str | None = None, expected: Expected | None = None, *,
+               max_sample_bytes: int = MAX_SAMPLE_BYTES) -> tuple[ShardReader, int]:
     """Opens a local shard (tar or gzip-compressed tar) for reading.
 
     Returns the reader and the open file descriptor (the caller closes it). Raises
     ShardChangedError when size, mtime or inode differ from ``expected``; with block digests
     in ``expected``, no sample is yielded before the blocks it depends on match them.
+
+    A member larger than ``max_sample_bytes`` is refused with a TarError before it is read,
+    and nothing is allocated on a header's word alone: a size past the end of the file is a
+    truncated TarError (a shard still being written), an impossible one a TarError.
     """
     url = url or path
     fd = os.open(path, os.O_RDONLY)
     try:
         if expected is not None:
             _check_identity(fd, url, expected)
-        return ShardReader(_source(fd, url, _Checker(url, expected)), url, local_path=path), fd
+        source = _source(fd, url, _Checker(url, expected))
+        return ShardReader(source, url, local_path=path, max_sample_bytes=max_sample_bytes), fd
     except BaseException:
         os.close(fd)
         raise
@@ -983,21 +1015,22 @@ class ShardIndex:
 
 
 def index_shard(path: str, url: str | None = None, with_digest: bool = True,
-                algo: str = DEFAULT_ALGO) -> ShardIndex:
+                algo: str = DEFAULT_ALGO, *, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ShardIndex:
     """Counts samples (headers only), and digests every raw block in the same single pass.
 
     The whole-file digest is computed with ``algo`` (e.g. to compare with a manifest's sha256);
     block digests are always xxh3_64. ``complete`` is False for a shard that ends before its
     end-of-archive marker or whose last member runs past the end of the file: the mark of a
-    shard still being written. Raises TarError for a shard that is not a tar at all or is
-    corrupt before its end.
+    shard still being written. Raises TarError for a shard that is not a tar at all, is
+    corrupt before its end, or holds a member larger than ``max_sample_bytes`` (as reading
+    it would).
     """
     url = url or path
     check = _Checker(url, record=with_digest, algo=algo)
     fd = os.open(path, os.O_RDONLY)
     try:
         source = _source(fd, url, check)
-        reader = ShardReader(source, url)
+        reader = ShardReader(source, url, max_sample_bytes=max_sample_bytes)
         try:
             nsamples = reader.count()
         except TarError as exn:
