@@ -264,3 +264,66 @@ def test_member_larger_than_max_sample_bytes_is_refused_unread(tmp_path, name):
 def gzip_bytes(data: bytes) -> bytes:
     co = zlib.compressobj(6, zlib.DEFLATED, 31)
     return co.compress(data) + co.flush()
+
+
+# --------------------------------------------------------------------------- header checksums
+
+
+def flip(data: bytes, offset: int, bit: int = 0x20) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ bit]) + data[offset + 1 :]
+
+
+def many_samples(n: int = 400) -> tuple[bytes, list[int]]:
+    """A tar of n two-member samples, and the offset of every header in it."""
+    data, offsets = b"", []
+    for i in range(n):
+        for ext in (b"txt", b"cls"):
+            offsets.append(len(data))
+            data += member(b"k%d.%s" % (i, ext), b"<%d>" % i)
+    return data + END, offsets
+
+
+@pytest.mark.parametrize("field, where", [
+    ("name: k2 -> K2", 0), ("name, last byte of the field", 99), ("mode", 104), ("size", 134), ("mtime", 140),
+    ("checksum", 150), ("type flag", 156), ("uname", 265), ("prefix", 400), ("padding", 511),
+])
+def test_flipped_bit_in_any_header_field_raises_bad_checksum_with_the_offset(tmp_path, field, where):
+    data, offsets = many_samples()
+    target = offsets[301]  # deep in the shard, where the fast path reads headers
+    path = write(tmp_path, flip(data, target + where, 0x20 if where != 134 else 0x01))
+    for call in (read, index):
+        exn = tar_error(call, path)
+        assert_names(exn, path, offset=target)
+        assert "bad header checksum" in str(exn) and not exn.truncated
+    assert data[0] == ord("k") and data[offsets[4]:offsets[4] + 2] == b"k2"
+
+
+@pytest.mark.parametrize("kind", [b"x", b"L"])
+def test_flipped_bit_in_an_extended_header_raises_bad_checksum(tmp_path, kind):
+    record = pax_record(b"mtime", b"1700000000.5") if kind == b"x" else b"b.txt\0"
+    head = samples_of(b"a.txt")
+    good = head + pax(record, kind) + member(b"b.txt", b"x" * 10) + END
+    assert [s["__key__"] for s in read(write(tmp_path, good))] == ["a", "b"]
+    path = write(tmp_path, flip(good, len(head) + 120, 0x01))  # the extended header's gid field
+    for call in (read, index):
+        exn = tar_error(call, path)
+        assert_names(exn, path, offset=len(head))
+        assert "bad header checksum" in str(exn)
+
+
+@pytest.mark.parametrize("chksum_format", [b"%06o\0 ", b"%07o\0", b"%6o\0 ", b"%06o  ", b"%07o "])
+def test_checksum_fields_as_tar_writers_write_them_are_accepted(tmp_path, chksum_format):
+    data = b"".join(header(b"s%d.txt" % i, 3, chksum_format=chksum_format) + padded(b"abc") for i in range(20))
+    assert len(read(write(tmp_path, data + END))) == 20
+
+
+def test_signed_checksums_of_old_writers_are_accepted(tmp_path):
+    # Some old tars summed the header as signed chars: bytes >= 128 count negative.
+    def signed_header(name: bytes, size: int) -> bytes:
+        h = bytearray(header(name, size, fix_checksum=False))
+        h[148:156] = b"%06o\0 " % sum(b - 256 if b > 127 else b for b in h)
+        return bytes(h)
+
+    names = ["ünïcode.txt", "ключ.txt", "plain.txt"]
+    data = b"".join(signed_header(n.encode(), 2) + padded(b"ok") for n in names)
+    assert [s["__key__"] for s in read(write(tmp_path, data + END))] == ["ünïcode", "ключ", "plain"]

@@ -528,33 +528,79 @@ def _number(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
-def _octal(field: bytes, cache: dict[bytes, int], limit: int) -> int:
-    """An octal size field (NUL-terminated, so 11 digits) up to ``limit``; -1 for anything else."""
-    try:
-        size = int(field, 8)
-    except ValueError:
-        return -1
-    if not 0 <= size <= limit:
-        return -1
-    if len(cache) < 4096:
-        cache[field] = size
-    return size
+def _fields(hdr: bytes, sizes: dict[bytes, int], limit: int) -> tuple[int, int]:
+    """(size, want) of a ustar header for the fast path, cached by the fields as written.
+
+    ``size`` is -1 unless the size field is 11 octal digits and a NUL, at most ``limit``;
+    ``want`` is what ``adler32(hdr) & 0xFFFF`` is when the checksum holds (see _sum_want).
+    """
+    field = hdr[_OFF_SIZE:_END_SIZE]
+    size = sizes.get(field)
+    if size is None:
+        size = -1
+        if field[-1] == 0:
+            try:
+                size = int(field[:-1], 8)
+            except ValueError:
+                pass
+            if not 0 <= size <= limit:
+                size = -1
+        if len(sizes) < 4096:
+            sizes[field] = size
+    chksum = hdr[_OFF_CHKSUM:_END_CHKSUM]
+    want = _SUM_WANTS.get(chksum)
+    return size, _sum_want(chksum) if want is None else want
 
 
 def _cstr(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
-def _checksum_ok(hdr: bytes) -> bool:
+# A header's checksum is the sum of its 512 bytes, its checksum field counted as 8 spaces.
+# sum() over 512 bytes costs microseconds; zlib.adler32 sums them in C: its low 16 bits are
+# (1 + sum) mod 65521. The fast path compares them with what the checksum field claims, so a
+# header whose bytes sum to 65521 or more is checked modulo 65521: never the case for a header
+# a tar writer produces (ASCII digits and names, NUL padding: at most 512 * 127 = 65024 when
+# all ASCII, and far below with UTF-8 names), and a damaged one passes only if the damage adds
+# a multiple of 65521. Whatever the fast path does not take, the slow path checks exactly.
+_SUM_WANTS: dict[bytes, int] = {}  # checksum field as written -> adler32 & 0xFFFF it needs, or -1
+_ADLER_MOD = 65521
+_ASCII_SUM_MAX = 512 * 127
+
+
+def _claimed_sum(field: bytes) -> int:
+    """The sum of a header's bytes, its checksum field as written, that the field claims."""
     try:
-        stored = _number(hdr[_OFF_CHKSUM:_END_CHKSUM])
+        return _number(field) - 8 * 32 + sum(field)
+    except ValueError:
+        return -1
+
+
+def _sum_want(field: bytes) -> int:
+    """What ``zlib.adler32(header) & 0xFFFF`` is for a header whose checksum field ``field``
+    holds; -1 (never equal) when no header can have that field."""
+    total = _claimed_sum(field)
+    want = (1 + total) % _ADLER_MOD if 0 <= total <= 512 * 255 else -1
+    if len(_SUM_WANTS) < 1 << 15:
+        _SUM_WANTS[field] = want
+    return want
+
+
+def _checksum_ok(hdr: bytes) -> bool:
+    """Whether the header's checksum holds (exactly), summed unsigned (POSIX) or signed (old writers)."""
+    field = hdr[_OFF_CHKSUM:_END_CHKSUM]
+    total = _claimed_sum(field)
+    if hdr.isascii():  # the sum is at most 65024: adler32 gives it exactly
+        return total <= _ASCII_SUM_MAX and zlib.adler32(hdr) & 0xFFFF == 1 + total
+    try:
+        stored = _number(field)
     except ValueError:
         return False
-    unsigned = sum(hdr) - sum(hdr[_OFF_CHKSUM:_END_CHKSUM]) + 256  # the field counts as 8 spaces
+    unsigned = sum(hdr) - sum(field) + 8 * 32
     if stored == unsigned:
         return True
-    # Some old writers summed signed chars.
-    signed = unsigned - 2 * sum(b for b in hdr[:_OFF_CHKSUM] + hdr[_END_CHKSUM:] if b > 127)
+    # Old writers summed signed chars: each byte above 127 counts 256 less.
+    signed = unsigned - 256 * sum(b > 127 for b in hdr[:_OFF_CHKSUM] + hdr[_END_CHKSUM:])
     return stored == signed
 
 
@@ -685,7 +731,7 @@ class ShardReader:
         self.pending: tuple[bytes, int] | None = None  # the member a stop parsed, for the next call
         self.hoff = 0  # offset of the first header of the member _header_slow returned
         self._exts: dict[bytes, str] = {}  # extension as written -> sample key
-        self._sizes: dict[bytes, int] = {}  # size field -> size
+        self._sizes: dict[bytes, int] = {}  # size field -> size, or -1 (see _fields)
         self._pax_leads: dict[int, tuple[bytes, int]] = {}  # PAX data size -> (b"<size> mtime=", its length)
 
     def samples(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
@@ -701,7 +747,7 @@ class ShardReader:
         if stop is None:
             stop = 1 << 62
         src, url, local_path, exts, sizes = self.source, self.url, self.local_path, self._exts, self._sizes
-        pax_leads, max_sample = self._pax_leads, self.max_sample_bytes
+        pax_leads, max_sample, sum_wants = self._pax_leads, self.max_sample_bytes, _SUM_WANTS
         buf, base, p = self.buf, self.base, self.p
         n = len(buf)
         index = self.next_index - 1
@@ -714,8 +760,9 @@ class ShardReader:
         ready = held.ready
         plain = not self.global_pax and self.pending is None  # the fast path applies
         # Header fields and byte values, as locals for the loop.
-        off_size, off_size_nul, off_type, off_prefix = _OFF_SIZE, _OFF_SIZE_NUL, _OFF_TYPE, _OFF_PREFIX
+        off_size, end_size, off_type, off_prefix = _OFF_SIZE, _END_SIZE, _OFF_TYPE, _OFF_PREFIX
         off_magic, end_magic, end_name, magic = _OFF_MAGIC, _END_MAGIC, _END_NAME, _MAGIC
+        off_chksum, end_chksum, adler32 = _OFF_CHKSUM, _END_CHKSUM, zlib.adler32
         type_regular, type_pax, slash, underscore = _TYPE_REGULAR, _TYPE_PAX, _SLASH, _UNDERSCORE
         try:
             while True:
@@ -732,19 +779,22 @@ class ShardReader:
                         break
                 hoff = p  # where the member's headers start, relative to base
                 name = None
-                if plain and buf[p + off_magic : p + end_magic] == magic and buf[p + off_size_nul] == 0:
-                    kind = buf[p + off_type]
-                    field = buf[p + off_size : p + off_size_nul]
+                hdr = buf[p : p + 512]
+                if plain and hdr[off_magic:end_magic] == magic:
+                    # A ustar header. The fast path takes it when its checksum holds (see _sum_want)
+                    # and its size field is octal within the limit (else size is -1, see _fields).
                     try:
-                        size = sizes[field]
+                        size = sizes[hdr[off_size:end_size]]
+                        want = sum_wants[hdr[off_chksum:end_chksum]]
                     except KeyError:
-                        size = _octal(field, sizes, max_sample)
-                        if size < 0:
-                            kind = -1
-                    if (kind == type_regular and buf[p + off_prefix] == 0
-                            and (z := buf.find(b"\0", p, p + end_name)) > p):
+                        size, want = _fields(hdr, sizes, max_sample)
+                    if adler32(hdr) & 0xFFFF == want and size >= 0:
+                        kind = hdr[off_type]
+                    else:
+                        kind = -1  # the slow path checks again, and says what is wrong
+                    if kind == type_regular and hdr[off_prefix] == 0 and (z := hdr.find(b"\0", 0, end_name)) > 0:
                         # The common member: regular, with a short NUL-terminated name.
-                        name = buf[p:z]
+                        name = hdr[:z]
                         p += 512
                     elif kind == type_pax and p + 512 + size <= n:
                         # A PAX header. webdataset's TarWriter writes one before every member for
@@ -891,8 +941,8 @@ class ShardReader:
             if hdr == ZERO_BLOCK:
                 self.end_of_archive = True
                 return None
-            if hdr[_OFF_MAGIC:_END_MAGIC] != _MAGIC and not _checksum_ok(hdr):
-                what = "not a tar archive" if hoff == 0 else "invalid tar header (bad checksum)"
+            if not _checksum_ok(hdr):
+                what = "not a tar archive (bad header checksum)" if hoff == 0 else "bad header checksum"
                 raise TarError(url, hoff, what)
             try:
                 size = _number(hdr[_OFF_SIZE:_END_SIZE])
