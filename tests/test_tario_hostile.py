@@ -327,3 +327,97 @@ def test_signed_checksums_of_old_writers_are_accepted(tmp_path):
     names = ["ünïcode.txt", "ключ.txt", "plain.txt"]
     data = b"".join(signed_header(n.encode(), 2) + padded(b"ok") for n in names)
     assert [s["__key__"] for s in read(write(tmp_path, data + END))] == ["ünïcode", "ключ", "plain"]
+def test_bad_checksum_in_a_gzip_shard_names_the_uncompressed_offset(tmp_path):
+    data, offsets = many_samples(50)
+    path = write(tmp_path, gzip_bytes(flip(data, offsets[33] + 1)), "rotted.tgz")
+    for call in (read, index):
+        exn = tar_error(call, path)
+        assert_names(exn, path)
+        assert exn.offset == offsets[33] and f"uncompressed offset {offsets[33]}:" in str(exn)
+
+
+
+def test_truncated_gzip_member_names_the_uncompressed_offset(tmp_path):
+    head = samples_of(b"a.txt")
+    whole = gzip_bytes(head + member(b"b.bin", os.urandom(200_000)) + END)
+    path = write(tmp_path, whole[: len(whole) // 2], "cut.tgz")
+    exn = tar_error(read, path)
+    assert_names(exn, path)
+    assert exn.truncated and len(head) < exn.offset < len(head) + 200_000
+    assert f"at uncompressed offset {exn.offset}:" in str(exn)
+    assert index(path).complete is False
+
+
+# --------------------------------------------------------------------------- gzip: memory
+
+
+def gzip_of_zeros(head: bytes, zeros_mib: int, tail: bytes) -> bytes:
+    """A gzip file (one member) of ``head``, ``zeros_mib`` MiB of zeros, ``tail``, built cheaply:
+    one MiB of zeros compressed after a full flush (no reference to earlier data) repeated."""
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", co.compress(head), co.flush(zlib.Z_FULL_FLUSH)]
+    mib = bytes(1 << 20)
+    block = co.compress(mib) + co.flush(zlib.Z_FULL_FLUSH)
+    parts += [block] * zeros_mib
+    parts += [co.compress(tail), co.flush()]
+    crc = zlib.crc32(head)
+    for _ in range(zeros_mib):
+        crc = zlib.crc32(mib, crc)
+    crc = zlib.crc32(tail, crc)
+    size = len(head) + (zeros_mib << 20) + len(tail)
+    return b"".join(parts) + crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+READ_IN_A_SMALL_PROCESS = textwrap.dedent("""
+    import json, os, resource, sys, time
+    from wdsrefresh.format.tario import open_shard
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: a runaway allocation fails
+    path, kw = sys.argv[1], json.loads(sys.argv[2])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    try:
+        reader, fd = open_shard(path, **kw)
+        sizes = [{k: len(v) for k, v in s.items() if not k.startswith("__")} for s in reader.samples()]
+        outcome = {"samples": sizes}
+    except Exception as exn:
+        outcome = {"error": type(exn).__name__, "message": str(exn)[:300]}
+    outcome["rss_growth"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    outcome["seconds"] = time.monotonic() - t0
+    print(json.dumps(outcome))
+""")
+
+
+def read_in_a_small_process(path: Path, **kw) -> dict:
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", READ_IN_A_SMALL_PROCESS, str(path), json.dumps(kw)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.timeout(120)
+def test_gzip_bomb_member_is_refused_before_it_is_decompressed(tmp_path):
+    # 2 MiB of gzip that decompresses to a 2 GiB member: refused at its header.
+    head = samples_of(b"a.txt")
+    bomb = gzip_of_zeros(head + header(b"b.bin", 2 << 30), 2048, END)
+    path = write(tmp_path, bomb, "bomb.tgz")
+    assert len(bomb) < 4 << 20
+    got = read_in_a_small_process(path)
+    assert got.get("error") == "TarError", got
+    assert f"at uncompressed offset {len(head)}:" in got["message"] and "max_sample_bytes" in got["message"]
+    assert got["rss_growth"] < 64 << 20, got
+
+
+@pytest.mark.timeout(120)
+def test_gzip_member_is_held_once_not_copied(tmp_path):
+    # A 160 MiB member: the reader's memory grows by its size plus a decompressed block, not by
+    # two or three copies of it (parts, their join, then a slice of the join).
+    size_mib = 160
+    head = samples_of(b"a.txt")
+    data = gzip_of_zeros(head + header(b"b.bin", size_mib << 20), size_mib, samples_of(b"c.txt") + END)
+    path = write(tmp_path, data, "big.tgz")
+    got = read_in_a_small_process(path)
+    assert got.get("samples") == [{"txt": 7}, {"bin": size_mib << 20}, {"txt": 7}], got
+    assert got["rss_growth"] < (size_mib << 20) + (48 << 20), got

@@ -25,6 +25,7 @@ file truncated under an mmap kills the process with SIGBUS.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zlib
@@ -72,16 +73,19 @@ _MAX_SIZE = (1 << 63) - 1  # no file is larger (off_t); a larger size is corrupt
 
 
 class TarError(ValueError):
-    """A shard is not a well-formed tar; names the shard and the byte offset.
+    """A shard is not a well-formed tar; names the shard and the offset.
 
     ``truncated`` marks data that ends too early: the sign of a shard still being written.
+    ``where`` says what the offset counts: "byte" of the file, or "uncompressed offset" in
+    the decompressed stream of a gzip shard.
     """
 
-    def __init__(self, url: str, offset: int, message: str, truncated: bool = False):
-        super().__init__(f"{url}: at byte {offset}: {message}")
+    def __init__(self, url: str, offset: int, message: str, truncated: bool = False, *, where: str = "byte"):
+        super().__init__(f"{url}: at {where} {offset}: {message}")
         self.url = url
         self.offset = offset
         self.truncated = truncated
+        self.where = where
 
 
 class ShardChangedError(RuntimeError):
@@ -235,6 +239,10 @@ class ByteSource(Protocol):
     name the shard (``url``) and the offset.
     """
 
+    #: How errors name a position of the tar stream: "byte" when it is the file itself,
+    #: "uncompressed offset" when it is decompressed (TarError's ``where``).
+    position: str
+
     @property
     def verified(self) -> float:
         """Absolute offset up to which bytes are checked against the snapshot (inf: all)."""
@@ -253,7 +261,8 @@ class ByteSource(Protocol):
 
         Returns ``(payload, buf, base, p)``: the payload as ``bytes`` (checked as it is read,
         one copy), and the chunk to go on with, where relative ``p`` is the position after the
-        payload's padding. Raises TarError(truncated=True) when the data ends inside it.
+        payload's padding. Raises TarError(truncated=True) when the data ends inside it, and
+        never allocates more than the data holds: memory for a payload is its size plus a chunk.
         """
         ...
 
@@ -287,6 +296,8 @@ class _LocalSource:
     Bytes are fed to the checker only once the reader has consumed them, from the object it
     consumed them from; unconsumed bytes of a chunk are dropped unhashed.
     """
+
+    position = "byte"
 
     def __init__(self, fd: int, url: str, check: _Checker):
         self.fd = fd
@@ -357,7 +368,7 @@ class _LocalSource:
         if size < _DIRECT_MIN:
             buf, base = self.refill(buf, base, q, size, hoff)
             if len(buf) < size:
-                raise _truncated(self.url, hoff, size, len(buf))
+                raise _truncated(self.url, hoff, size, len(buf), self.position)
             return buf[:size], buf, base, size + (-size & 511)
         start = base + q
         head = b""
@@ -367,10 +378,10 @@ class _LocalSource:
             if check.hashed > start:
                 head = buf[q : check.hashed - base]
         if not self._holds(start + size):  # before allocating what the header merely claims
-            raise _truncated(self.url, hoff, size, max(self.file_size - start, 0))
+            raise _truncated(self.url, hoff, size, max(self.file_size - start, 0), self.position)
         data = os.pread(self.fd, size - len(head), start + len(head))
         if len(data) < size - len(head):
-            raise _truncated(self.url, hoff, size, len(head) + len(data))
+            raise _truncated(self.url, hoff, size, len(head) + len(data), self.position)
         if check.active:
             check.feed(data)
         self.chunk = _AFTER_LARGE_CHUNK
@@ -422,12 +433,15 @@ class _LocalSource:
 class _GzipSource:
     """A gzip-compressed shard (several gzip members allowed), decompressed as a stream.
 
-    Keeps the ``ByteSource`` contract; positions are offsets in the decompressed tar. Raw
-    blocks are checked as they are read, before decompression, so every decompressed byte is
-    already verified. Offsets in errors are offsets in the decompressed tar.
+    Keeps the ``ByteSource`` contract; positions are offsets in the decompressed tar, and
+    errors name them so ("uncompressed offset"); errors in the gzip data itself name the byte
+    of the file. Raw blocks are checked as they are read, before decompression, so every
+    decompressed byte is already verified. A large payload is decompressed straight into its
+    own buffer, no more than it needs at a time: a member costs its size plus one block.
     """
 
     verified = _INF
+    position = "uncompressed offset"
     _MAX_OUT = 4 * BLOCK_SIZE
 
     def __init__(self, fd: int, url: str, check: _Checker):
@@ -438,6 +452,7 @@ class _GzipSource:
         self.fresh = True  # between gzip members: trailing zero padding is allowed here
         self.pending = b""
         self.raw_offset = 0
+        self.out_offset = 0  # decompressed bytes so far
 
     def _raw(self) -> bytes:
         data = os.pread(self.fd, self.check.block_size, self.raw_offset)
@@ -447,13 +462,15 @@ class _GzipSource:
             self.check.end_of_file()
         return data
 
-    def _next(self) -> bytes:
+    def _next(self, limit: int = _MAX_OUT) -> bytes:
+        """The next decompressed bytes, at most ``limit``; empty at the end of the data."""
         while True:
             if not self.pending:
                 self.pending = self._raw()
                 if not self.pending:
                     if not self.fresh:
-                        raise TarError(self.url, self.raw_offset, "gzip stream ends early", truncated=True)
+                        raise TarError(self.url, self.out_offset, f"gzip stream ends early, at byte {self.raw_offset}",
+                                       truncated=True, where=self.position)
                     return b""
             if self.fresh:
                 self.pending = self.pending.lstrip(b"\0")
@@ -461,7 +478,7 @@ class _GzipSource:
                     continue
                 self.fresh = False
             try:
-                out = self.dec.decompress(self.pending, self._MAX_OUT)
+                out = self.dec.decompress(self.pending, limit)
             except zlib.error as exn:
                 raise TarError(self.url, self.raw_offset, f"bad gzip data: {exn}") from None
             self.pending = self.dec.unconsumed_tail
@@ -470,6 +487,7 @@ class _GzipSource:
                 self.dec = zlib.decompressobj(31)
                 self.fresh = True
             if out:
+                self.out_offset += len(out)
                 return out
 
     def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
@@ -482,7 +500,8 @@ class _GzipSource:
             chunk = self._next()
             if not chunk:
                 if drop:
-                    raise TarError(self.url, hoff, "truncated member: the stream ends inside it", truncated=True)
+                    raise TarError(self.url, hoff, "truncated member: the stream ends inside it", truncated=True,
+                                   where=self.position)
                 break
             if drop:
                 if drop >= len(chunk):
@@ -494,10 +513,26 @@ class _GzipSource:
         return (parts[0] if len(parts) == 1 else b"".join(parts)), pos
 
     def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
-        buf, base = self.refill(buf, base, q, size, hoff)
-        if len(buf) < size:
-            raise _truncated(self.url, hoff, size, len(buf))
-        return buf[:size], buf, base, size + (-size & 511)
+        if q > len(buf):
+            buf, base = self.refill(buf, base, q, 0, hoff)
+            q = 0
+        if size < _DIRECT_MIN or len(buf) - q >= size:
+            buf, base = self.refill(buf, base, q, size, hoff)
+            if len(buf) < size:
+                raise _truncated(self.url, hoff, size, len(buf), self.position)
+            return buf[:size], buf, base, size + (-size & 511)
+        # Decompressed into one growing buffer, never more than the payload still needs: no
+        # list of parts joined into a copy. In CPython getvalue() hands over BytesIO's own
+        # buffer when it is exactly full, so the payload is written once.
+        payload = io.BytesIO()
+        have = payload.write(memoryview(buf)[q:])
+        while have < size:
+            chunk = self._next(min(size - have, self._MAX_OUT))
+            if not chunk:
+                raise _truncated(self.url, hoff, size, have, self.position)
+            have += payload.write(chunk)
+            del chunk
+        return payload.getvalue(), b"", base + q + size, -size & 511
 
     def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
         buf, base = self.refill(buf, base, q + size, 0, hoff)
@@ -513,9 +548,9 @@ class _GzipSource:
             self.check.check_whole()
 
 
-def _truncated(url: str, hoff: int, size: int, have: int) -> TarError:
+def _truncated(url: str, hoff: int, size: int, have: int, where: str) -> TarError:
     return TarError(url, hoff, f"truncated member: header declares {size} bytes, only {have} present",
-                    truncated=True)
+                    truncated=True, where=where)
 
 
 # --------------------------------------------------------------------------- headers and keys
@@ -863,8 +898,7 @@ class ShardReader:
                     if len(exts) < 4096:
                         exts[ext] = suffix
                 if suffix in sample:
-                    raise TarError(url, base + hoff,
-                                   f"duplicate file name in sample {sample['__key__']!r}: .{suffix}")
+                    raise self._error(base + hoff, f"duplicate file name in sample {sample['__key__']!r}: .{suffix}")
                 if end <= n:
                     sample[suffix] = buf[p:end]
                     p += (size + 511) & -512
@@ -889,14 +923,17 @@ class ShardReader:
                 yield from held.release(src.verified)
             raise
 
+    def _error(self, offset: int, message: str, truncated: bool = False) -> TarError:
+        return TarError(self.url, offset, message, truncated, where=self.source.position)
+
     def _end_of_data(self) -> None:
         """The data ran out where a header should be."""
         have = len(self.buf)
         pos = self.base + self.p
         if have == 0 and pos == 0:
-            raise TarError(self.url, 0, "empty file, not a tar archive")
+            raise self._error(0, "empty file, not a tar archive")
         if have:
-            raise TarError(self.url, pos, "truncated tar header", truncated=True)
+            raise self._error(pos, "truncated tar header", truncated=True)
 
     def _header_block(self) -> tuple[bytes | None, int]:
         """The 512-byte header at the current position (None at the end of the data)."""
@@ -943,18 +980,18 @@ class ShardReader:
                 return None
             if not _checksum_ok(hdr):
                 what = "not a tar archive (bad header checksum)" if hoff == 0 else "bad header checksum"
-                raise TarError(url, hoff, what)
+                raise self._error(hoff, what)
             try:
                 size = _number(hdr[_OFF_SIZE:_END_SIZE])
             except ValueError:
-                raise TarError(url, hoff, "invalid size field in tar header") from None
+                raise self._error(hoff, "invalid size field in tar header") from None
             if size < 0:
-                raise TarError(url, hoff, "negative size in tar header")
+                raise self._error(hoff, "negative size in tar header")
             kind = hdr[_OFF_TYPE : _OFF_TYPE + 1]
             if kind in _EXTENDED:
                 if size > _MAX_EXTENDED:
-                    raise TarError(url, hoff, f"extended header {_decode(kind)!r} of {size} bytes; more than "
-                                              f"{_MAX_EXTENDED} is not a real one")
+                    raise self._error(hoff, f"extended header {_decode(kind)!r} of {size} bytes; more than "
+                                            f"{_MAX_EXTENDED} is not a real one")
                 data = self._data(size, hoff)
                 try:
                     if kind == b"x":
@@ -964,7 +1001,7 @@ class ShardReader:
                     elif kind == b"L":
                         longname = _cstr(data)
                 except _Malformed as exn:
-                    raise TarError(url, hoff + 512 + exn.pos, str(exn)) from None
+                    raise self._error(hoff + 512 + exn.pos, str(exn)) from None
                 continue
             name = _cstr(hdr[_OFF_NAME:_END_NAME])
             if longname is not None:
@@ -979,16 +1016,16 @@ class ShardReader:
                 if b"size" in merged:
                     size = _decimal(merged[b"size"])
                     if size is None:
-                        raise TarError(url, self.hoff, f"invalid size in PAX header: {merged[b'size'][:40]!r}")
+                        raise self._error(self.hoff, f"invalid size in PAX header: {merged[b'size'][:40]!r}")
             if size > _MAX_SIZE:
-                raise TarError(url, self.hoff, f"impossible size {size} in tar header (no file holds 2**63 bytes)")
+                raise self._error(self.hoff, f"impossible size {size} in tar header (no file holds 2**63 bytes)")
             if kind in _REGULAR and not (kind == b"\0" and name.endswith(b"/")) and name:
                 if size > self.max_sample_bytes:
-                    raise TarError(url, self.hoff, f"member {_decode(name)!r} of {size} bytes is larger than "
-                                                   f"max_sample_bytes={self.max_sample_bytes}; refused unread")
+                    raise self._error(self.hoff, f"member {_decode(name)!r} of {size} bytes is larger than "
+                                                 f"max_sample_bytes={self.max_sample_bytes}; refused unread")
                 return name, size
             if kind == b"S":
-                raise TarError(url, hoff, f"sparse member {_decode(name)!r} is not supported")
+                raise self._error(hoff, f"sparse member {_decode(name)!r} is not supported")
             if kind not in _OTHER_KNOWN and size:
                 buf, p = self.buf, self.p
                 if p + size <= len(buf):
