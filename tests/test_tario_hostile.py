@@ -9,6 +9,7 @@ each test states exactly which field lies.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from wdsrefresh.format.tario import TarError, index_shard, open_shard
+from wdsrefresh.format.tario import Expected, ShardChangedError, TarError, index_shard, open_shard
 
 MTIME = 1_700_000_000
 END = bytes(1024)  # the end-of-archive marker: two zero blocks
@@ -421,3 +422,33 @@ def test_gzip_member_is_held_once_not_copied(tmp_path):
     got = read_in_a_small_process(path)
     assert got.get("samples") == [{"txt": 7}, {"bin": size_mib << 20}, {"txt": 7}], got
     assert got["rss_growth"] < (size_mib << 20) + (48 << 20), got
+
+
+# --------------------------------------------------------------------------- cut short after the snapshot
+
+
+@pytest.mark.parametrize("name", ["cut.tar", "cut.tgz"])
+def test_shard_cut_at_a_block_boundary_after_the_snapshot_yields_no_torn_sample(tmp_path, name):
+    # Three 1 KiB members a sample: a cut at 4096 falls between two members of sample 1, at a
+    # header boundary and at a block boundary, where no short last block shows the change.
+    from wdsrefresh.format.digest import block_digest
+
+    rng = random.Random(0)  # noise, so that the gzip shard spans blocks too
+    data = b"".join(member(b"s%d.%s" % (i, ext), rng.randbytes(512)) for i in range(8) for ext in (b"a", b"b", b"c"))
+    data += END
+    gz = name.endswith(".tgz")
+    whole = gzip_bytes(data) if gz else data
+    blocks = b"".join(block_digest(whole[i : i + 4096]) for i in range(0, len(whole), 4096))
+    cut = 4096 if not gz else len(whole) // 4096 * 4096
+    assert 0 < cut < len(whole)
+    path = write(tmp_path, whole[:cut], name)
+    reader, fd = open_shard(str(path), expected=Expected(blocks=blocks, block_size=4096))
+    yielded = []
+    try:
+        with pytest.raises((ShardChangedError, TarError)) as info:
+            for sample in reader.samples():
+                yielded.append(sample)
+    finally:
+        os.close(fd)
+    assert str(path) in str(info.value)
+    assert all(set(s) >= {"a", "b", "c"} for s in yielded), "a torn sample was yielded"

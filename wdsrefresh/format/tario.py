@@ -163,8 +163,16 @@ class _Checker:
 
     def end_of_file(self) -> None:
         """The file ends at ``hashed``: the last, short block is complete."""
+        self.ends_at(self.hashed)
         if self.block_hasher is not None and self.hashed > self.block_end - self.block_size:
             self._close_block(self.hashed)
+
+    def ends_at(self, offset: int) -> None:
+        """The file ends at ``offset``. Raises ShardChangedError when the snapshot's blocks
+        say it reached further: cut at a block boundary, no short block would show it."""
+        if self.blocks is not None and offset <= (len(self.blocks) // 8 - 1) * self.block_size:
+            raise ShardChangedError(self.url, offset, f"the shard ends at byte {offset}, before the snapshot's "
+                                                      f"last block (truncated since)")
 
     def jump(self, offset: int) -> None:
         """Skips to ``offset``, which lies in a later block than any byte hashed so far."""
@@ -356,12 +364,18 @@ class _LocalSource:
                 self._advance(pos, hoff)
             elif check.hashed > pos:  # checked ahead (see settle): keep those very bytes
                 kept = buf[p:]
-                more = os.pread(self.fd, max(need, self.chunk), base + len(buf))
+                size = max(need, self.chunk)
+                more = os.pread(self.fd, size, base + len(buf))
+                if len(more) < size:
+                    check.ends_at(base + len(buf) + len(more))
                 return kept + more, pos
         size = max(need, self.chunk)
         if self.chunk < _MAX_CHUNK:
             self.chunk *= 2
-        return os.pread(self.fd, size, pos), pos
+        data = os.pread(self.fd, size, pos)
+        if len(data) < size and check.blocks is not None:
+            check.ends_at(pos + len(data))
+        return data, pos
 
     def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
         """The payload at relative ``q`` that runs past the chunk: (payload, buf, base, p after it)."""
