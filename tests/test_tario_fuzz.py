@@ -25,7 +25,7 @@ def test_mutated_shards_end_in_original_samples_or_named_errors(seed):
     proc = subprocess.run(
         [sys.executable, str(FUZZ), "--cases", str(cases), "--seed", str(seed), "--case-seconds", "10",
          "--memory-mib", "1024"],
-        capture_output=True, text=True, timeout=150,
+        capture_output=True, text=True, timeout=150, check=False,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     report = proc.stdout[-6000:] + proc.stderr[-3000:]

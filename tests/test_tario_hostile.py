@@ -392,7 +392,7 @@ def read_in_a_small_process(path: Path, **kw) -> dict:
     import json
 
     proc = subprocess.run([sys.executable, "-c", READ_IN_A_SMALL_PROCESS, str(path), json.dumps(kw)],
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)

@@ -269,7 +269,8 @@ class Original:
         index = index_shard(path)
         self.index = index
         self.blocks = b"".join(block_digest(data[i : i + BLOCK]) for i in range(0, len(data), BLOCK))
-        self.entry = dict(nsamples=index.nsamples, filesize=len(data), digest=index.digest, blocks=index.blocks)
+        self.entry = {"nsamples": index.nsamples, "filesize": len(data), "digest": index.digest,
+                      "blocks": index.blocks}
 
 
 def check_case(path: str, mutant: Mutant, original: Original, directory: str) -> list[tuple[str, str]]:

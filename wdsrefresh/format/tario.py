@@ -979,7 +979,6 @@ class ShardReader:
         if self.pending is not None:
             member, self.pending = self.pending, None
             return member
-        url = self.url
         pax: dict[bytes, bytes] = {}
         longname: bytes | None = None
         first = True
