@@ -25,21 +25,39 @@ file truncated under an mmap kills the process with SIGBUS.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import xxhash
 
 from .digest import BLOCK_SIZE, DEFAULT_ALGO, block_at, new_hasher, split_digest
 
 ZERO_BLOCK = bytes(512)
+
+# A tar is a sequence of 512-byte header blocks, each followed by its member's data padded
+# to whole blocks: ``(size + 511) & -512``. The fields of a header that the reader looks at:
+_OFF_NAME, _END_NAME = 0, 100  # the name; NUL-terminated when shorter than 100 bytes
+_OFF_SIZE, _END_SIZE = 124, 136  # the size: 11 octal digits then a NUL, or base-256 (first byte 0x80/0xff)
+_OFF_SIZE_NUL = 135  # where the NUL after 11 octal digits is
+_OFF_CHKSUM, _END_CHKSUM = 148, 156  # the header checksum, counted as 8 spaces in the sum
+_OFF_TYPE = 156  # the type flag, one byte
+_OFF_MAGIC, _END_MAGIC = 257, 262  # b"ustar" in ustar, PAX and GNU headers
+_OFF_PREFIX, _END_PREFIX = 345, 500  # ustar's name prefix (dir part), joined with '/'; NUL when unused
+_MAGIC = b"ustar"
+_TYPE_REGULAR = 48  # b"0"
+_TYPE_PAX = 120  # b"x": a PAX extended header for the next member
+_SLASH = 47  # b"/"
+_UNDERSCORE = 95  # b"_"
 _REGULAR = (b"0", b"\0", b"7")
 _OTHER_KNOWN = (b"1", b"2", b"3", b"4", b"5", b"6")
 _EXTENDED = (b"x", b"g", b"L", b"K")
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_DIGITS = 20  # of a PAX length or size: 2**64 has 20
 _KEY_RE_BYTES = re.compile(rb"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE_BYTES = re.compile(rb"__[^/]*__($|/)")
 _INF = float("inf")
@@ -49,18 +67,25 @@ _MAX_CHUNK = 1 << 20
 _AFTER_LARGE_CHUNK = 8 << 10  # after a payload read on its own, the next one likely is too
 _DIRECT_MIN = 64 << 10  # payloads this large that run past the chunk are read on their own
 
+MAX_SAMPLE_BYTES = 1 << 30  # default: the largest member a reader holds; larger ones are refused
+_MAX_EXTENDED = 1 << 20  # PAX and GNU long-name data; Go's archive/tar draws the line there too
+_MAX_SIZE = (1 << 63) - 1  # no file is larger (off_t); a larger size is corruption, not truncation
+
 
 class TarError(ValueError):
-    """A shard is not a well-formed tar; names the shard and the byte offset.
+    """A shard is not a well-formed tar; names the shard and the offset.
 
     ``truncated`` marks data that ends too early: the sign of a shard still being written.
+    ``where`` says what the offset counts: "byte" of the file, or "uncompressed offset" in
+    the decompressed stream of a gzip shard.
     """
 
-    def __init__(self, url: str, offset: int, message: str, truncated: bool = False):
-        super().__init__(f"{url}: at byte {offset}: {message}")
+    def __init__(self, url: str, offset: int, message: str, truncated: bool = False, *, where: str = "byte"):
+        super().__init__(f"{url}: at {where} {offset}: {message}")
         self.url = url
         self.offset = offset
         self.truncated = truncated
+        self.where = where
 
 
 class ShardChangedError(RuntimeError):
@@ -138,8 +163,16 @@ class _Checker:
 
     def end_of_file(self) -> None:
         """The file ends at ``hashed``: the last, short block is complete."""
+        self.ends_at(self.hashed)
         if self.block_hasher is not None and self.hashed > self.block_end - self.block_size:
             self._close_block(self.hashed)
+
+    def ends_at(self, offset: int) -> None:
+        """The file ends at ``offset``. Raises ShardChangedError when the snapshot's blocks
+        say it reached further: cut at a block boundary, no short block would show it."""
+        if self.blocks is not None and offset <= (len(self.blocks) // 8 - 1) * self.block_size:
+            raise ShardChangedError(self.url, offset, f"the shard ends at byte {offset}, before the snapshot's "
+                                                      f"last block (truncated since)")
 
     def jump(self, offset: int) -> None:
         """Skips to ``offset``, which lies in a later block than any byte hashed so far."""
@@ -175,24 +208,121 @@ class _Checker:
         return f"{self.whole_algo}:{self.whole.hexdigest()}"
 
 
+class ByteSource(Protocol):
+    """Where a ShardReader's bytes come from, checked against the snapshot on the way.
+
+    Implemented by ``_LocalSource`` (a tar file) and ``_GzipSource`` (a gzip-compressed tar);
+    anything that keeps this contract (a ranged reader of an object store) can feed the reader.
+
+    Positions. The reader holds one chunk, ``buf``, whose first byte is at absolute offset
+    ``base`` of the tar stream (the file itself, or the decompressed stream of a gzip shard);
+    it never keeps a reference into an older chunk. Each method takes the reader's
+    ``(buf, base)`` and a position relative to ``base`` (``p`` or ``q``), and returns the new
+    ``buf``, ``base`` and relative position. A relative position may lie past ``len(buf)``:
+    the bytes in between (padding, a skipped payload) are skipped, never handed out. Positions
+    only go forward: no call names an absolute position before one the reader already reached.
+    ``hoff`` is the absolute offset of the header being served; errors name it.
+
+    Checking. ``verified`` is the absolute offset up to which the bytes are known to match the
+    snapshot's digests: it only grows, and is infinite when no block digest is being checked or
+    when every byte is checked before it is handed out (gzip: raw blocks are checked before
+    they are decompressed). The reader yields a sample only once ``verified`` passed every byte
+    the sample depends on, so a source:
+
+    - checks the very bytes it hands out (the same ``bytes`` object, hashed while in cache),
+      never a second read of them: the file may change between two reads;
+    - hashes each byte at most once and in order (the checker, ``_Checker``, hashes a stream);
+      bytes of ``buf`` count as consumed once the reader passes a position beyond them to any
+      method, and consumed bytes must be hashed before a later byte is; bytes of a chunk the
+      reader never consumed are not hashed, unless a whole-file digest needs every byte
+      (``_Checker.sequential``), which ``finish`` then reads;
+    - whole blocks the reader skips may be jumped over (``_Checker.jump``) unless sequential;
+      a partly consumed block is hashed to its end before anything past it counts as verified;
+    - never reports a byte verified that it has not checked.
+
+    Errors. ``TarError(truncated=True)`` when the data ends before what was asked for (the
+    mark of a shard still being written), ``ShardChangedError`` when bytes differ from the
+    snapshot (a source that cannot pin the bytes it reads, e.g. an object replaced between two
+    ranged reads, raises it rather than mixing versions), ``TarError`` for anything else; all
+    name the shard (``url``) and the offset.
+    """
+
+    #: How errors name a position of the tar stream: "byte" when it is the file itself,
+    #: "uncompressed offset" when it is decompressed (TarError's ``where``).
+    position: str
+
+    @property
+    def verified(self) -> float:
+        """Absolute offset up to which bytes are checked against the snapshot (inf: all)."""
+        ...
+
+    def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
+        """A new chunk starting at absolute ``base + p``: ``(buf, base + p)``.
+
+        The chunk holds at least ``need`` bytes, fewer only where the data ends (then as many
+        as there are, possibly none). Consumes ``buf`` up to ``p``.
+        """
+        ...
+
+    def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
+        """The payload of ``size`` bytes at relative ``q``, which runs past the end of ``buf``.
+
+        Returns ``(payload, buf, base, p)``: the payload as ``bytes`` (checked as it is read,
+        one copy), and the chunk to go on with, where relative ``p`` is the position after the
+        payload's padding. Raises TarError(truncated=True) when the data ends inside it, and
+        never allocates more than the data holds: memory for a payload is its size plus a chunk.
+        """
+        ...
+
+    def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
+        """Skips the payload of ``size`` bytes at relative ``q`` that runs past ``buf``.
+
+        Returns ``(buf, base, p)`` with ``p`` after the payload's padding. Raises
+        TarError(truncated=True) when the data ends inside the payload.
+        """
+        ...
+
+    def settle(self, buf: bytes, base: int, p: int) -> bytes:
+        """Makes ``verified`` reach ``base + p``, reading the rest of its block ahead if needed.
+
+        Returns ``buf``, at the same ``base``, possibly extended with the bytes read ahead for
+        the check, so that the reader goes on with those very bytes.
+        """
+        ...
+
+    def finish(self, buf: bytes, base: int) -> None:
+        """Called when the reader is done: with a whole-file digest to check or record, hashes
+        every byte not hashed yet, to the end of the file, then raises ShardChangedError if
+        the digest differs from the snapshot's. Does nothing otherwise."""
+        ...
+
+
 class _LocalSource:
     """An uncompressed local shard: chunks for headers and small payloads, large payloads alone.
 
-    The reader holds the current chunk ``buf`` whose first byte is at file offset ``base``;
-    positions inside it are relative. Each method takes the reader's (buf, base) and returns
-    the new ones. Bytes are fed to the checker only once the reader has consumed them, from
-    the object it consumed them from; unconsumed bytes of a chunk are dropped unhashed.
+    Keeps the ``ByteSource`` contract with ``os.pread`` (no shared file position, no mmap).
+    Bytes are fed to the checker only once the reader has consumed them, from the object it
+    consumed them from; unconsumed bytes of a chunk are dropped unhashed.
     """
+
+    position = "byte"
 
     def __init__(self, fd: int, url: str, check: _Checker):
         self.fd = fd
         self.url = url
         self.check = check
         self.chunk = _FIRST_CHUNK
+        self.file_size = 0  # as last seen; a shard being written grows
 
     @property
     def verified(self) -> float:
         return self.check.verified
+
+    def _holds(self, end: int) -> bool:
+        """Whether the file reaches offset ``end`` (a fresh fstat when it did not last time)."""
+        if end > self.file_size:
+            self.file_size = os.fstat(self.fd).st_size
+        return end <= self.file_size
 
     def _consume(self, buf: bytes, base: int, upto: int) -> None:
         """Feeds the checker what the reader consumed of ``buf``, up to relative ``upto``."""
@@ -234,19 +364,25 @@ class _LocalSource:
                 self._advance(pos, hoff)
             elif check.hashed > pos:  # checked ahead (see settle): keep those very bytes
                 kept = buf[p:]
-                more = os.pread(self.fd, max(need, self.chunk), base + len(buf))
+                size = max(need, self.chunk)
+                more = os.pread(self.fd, size, base + len(buf))
+                if len(more) < size:
+                    check.ends_at(base + len(buf) + len(more))
                 return kept + more, pos
         size = max(need, self.chunk)
         if self.chunk < _MAX_CHUNK:
             self.chunk *= 2
-        return os.pread(self.fd, size, pos), pos
+        data = os.pread(self.fd, size, pos)
+        if len(data) < size and check.blocks is not None:
+            check.ends_at(pos + len(data))
+        return data, pos
 
     def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
         """The payload at relative ``q`` that runs past the chunk: (payload, buf, base, p after it)."""
         if size < _DIRECT_MIN:
             buf, base = self.refill(buf, base, q, size, hoff)
             if len(buf) < size:
-                raise _truncated(self.url, hoff, size, len(buf))
+                raise _truncated(self.url, hoff, size, len(buf), self.position)
             return buf[:size], buf, base, size + (-size & 511)
         start = base + q
         head = b""
@@ -255,9 +391,11 @@ class _LocalSource:
             self._consume(buf, base, q)
             if check.hashed > start:
                 head = buf[q : check.hashed - base]
+        if not self._holds(start + size):  # before allocating what the header merely claims
+            raise _truncated(self.url, hoff, size, max(self.file_size - start, 0), self.position)
         data = os.pread(self.fd, size - len(head), start + len(head))
         if len(data) < size - len(head):
-            raise _truncated(self.url, hoff, size, len(head) + len(data))
+            raise _truncated(self.url, hoff, size, len(head) + len(data), self.position)
         if check.active:
             check.feed(data)
         self.chunk = _AFTER_LARGE_CHUNK
@@ -268,10 +406,11 @@ class _LocalSource:
         end = base + q + size
         if self.check.active:
             self._consume(buf, base, q)
-            self._advance(end, hoff)
-        if os.fstat(self.fd).st_size < end:
+        if not self._holds(end):
             raise TarError(self.url, hoff, f"truncated member: header declares {size} bytes past the end",
                            truncated=True)
+        if self.check.active:
+            self._advance(end, hoff)
         return b"", end, -size & 511
 
     def settle(self, buf: bytes, base: int, p: int) -> bytes:
@@ -308,11 +447,15 @@ class _LocalSource:
 class _GzipSource:
     """A gzip-compressed shard (several gzip members allowed), decompressed as a stream.
 
-    Raw blocks are checked as they are read, before decompression, so every decompressed
-    byte is already verified. Offsets in errors are offsets in the decompressed tar.
+    Keeps the ``ByteSource`` contract; positions are offsets in the decompressed tar, and
+    errors name them so ("uncompressed offset"); errors in the gzip data itself name the byte
+    of the file. Raw blocks are checked as they are read, before decompression, so every
+    decompressed byte is already verified. A large payload is decompressed straight into its
+    own buffer, no more than it needs at a time: a member costs its size plus one block.
     """
 
     verified = _INF
+    position = "uncompressed offset"
     _MAX_OUT = 4 * BLOCK_SIZE
 
     def __init__(self, fd: int, url: str, check: _Checker):
@@ -323,6 +466,7 @@ class _GzipSource:
         self.fresh = True  # between gzip members: trailing zero padding is allowed here
         self.pending = b""
         self.raw_offset = 0
+        self.out_offset = 0  # decompressed bytes so far
 
     def _raw(self) -> bytes:
         data = os.pread(self.fd, self.check.block_size, self.raw_offset)
@@ -332,13 +476,15 @@ class _GzipSource:
             self.check.end_of_file()
         return data
 
-    def _next(self) -> bytes:
+    def _next(self, limit: int = _MAX_OUT) -> bytes:
+        """The next decompressed bytes, at most ``limit``; empty at the end of the data."""
         while True:
             if not self.pending:
                 self.pending = self._raw()
                 if not self.pending:
                     if not self.fresh:
-                        raise TarError(self.url, self.raw_offset, "gzip stream ends early", truncated=True)
+                        raise TarError(self.url, self.out_offset, f"gzip stream ends early, at byte {self.raw_offset}",
+                                       truncated=True, where=self.position)
                     return b""
             if self.fresh:
                 self.pending = self.pending.lstrip(b"\0")
@@ -346,7 +492,7 @@ class _GzipSource:
                     continue
                 self.fresh = False
             try:
-                out = self.dec.decompress(self.pending, self._MAX_OUT)
+                out = self.dec.decompress(self.pending, limit)
             except zlib.error as exn:
                 raise TarError(self.url, self.raw_offset, f"bad gzip data: {exn}") from None
             self.pending = self.dec.unconsumed_tail
@@ -355,6 +501,7 @@ class _GzipSource:
                 self.dec = zlib.decompressobj(31)
                 self.fresh = True
             if out:
+                self.out_offset += len(out)
                 return out
 
     def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
@@ -367,7 +514,8 @@ class _GzipSource:
             chunk = self._next()
             if not chunk:
                 if drop:
-                    raise TarError(self.url, hoff, "truncated member: the stream ends inside it", truncated=True)
+                    raise TarError(self.url, hoff, "truncated member: the stream ends inside it", truncated=True,
+                                   where=self.position)
                 break
             if drop:
                 if drop >= len(chunk):
@@ -379,10 +527,26 @@ class _GzipSource:
         return (parts[0] if len(parts) == 1 else b"".join(parts)), pos
 
     def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
-        buf, base = self.refill(buf, base, q, size, hoff)
-        if len(buf) < size:
-            raise _truncated(self.url, hoff, size, len(buf))
-        return buf[:size], buf, base, size + (-size & 511)
+        if q > len(buf):
+            buf, base = self.refill(buf, base, q, 0, hoff)
+            q = 0
+        if size < _DIRECT_MIN or len(buf) - q >= size:
+            buf, base = self.refill(buf, base, q, size, hoff)
+            if len(buf) < size:
+                raise _truncated(self.url, hoff, size, len(buf), self.position)
+            return buf[:size], buf, base, size + (-size & 511)
+        # Decompressed into one growing buffer, never more than the payload still needs: no
+        # list of parts joined into a copy. In CPython getvalue() hands over BytesIO's own
+        # buffer when it is exactly full, so the payload is written once.
+        payload = io.BytesIO()
+        have = payload.write(memoryview(buf)[q:])
+        while have < size:
+            chunk = self._next(min(size - have, self._MAX_OUT))
+            if not chunk:
+                raise _truncated(self.url, hoff, size, have, self.position)
+            have += payload.write(chunk)
+            del chunk
+        return payload.getvalue(), b"", base + q + size, -size & 511
 
     def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
         buf, base = self.refill(buf, base, q + size, 0, hoff)
@@ -398,9 +562,9 @@ class _GzipSource:
             self.check.check_whole()
 
 
-def _truncated(url: str, hoff: int, size: int, have: int) -> TarError:
+def _truncated(url: str, hoff: int, size: int, have: int, where: str) -> TarError:
     return TarError(url, hoff, f"truncated member: header declares {size} bytes, only {have} present",
-                    truncated=True)
+                    truncated=True, where=where)
 
 
 # --------------------------------------------------------------------------- headers and keys
@@ -413,48 +577,133 @@ def _number(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
-def _octal(field: bytes, cache: dict[bytes, int]) -> int:
-    """An octal size field (NUL-terminated, so 11 digits); -1 if it is not one."""
-    try:
-        size = int(field, 8)
-    except ValueError:
-        return -1
-    if size >= 0 and len(cache) < 4096:
-        cache[field] = size
-    return size
+def _fields(hdr: bytes, sizes: dict[bytes, int], limit: int) -> tuple[int, int]:
+    """(size, want) of a ustar header for the fast path, cached by the fields as written.
+
+    ``size`` is -1 unless the size field is 11 octal digits and a NUL, at most ``limit``;
+    ``want`` is what ``adler32(hdr) & 0xFFFF`` is when the checksum holds (see _sum_want).
+    """
+    field = hdr[_OFF_SIZE:_END_SIZE]
+    size = sizes.get(field)
+    if size is None:
+        size = -1
+        if field[-1] == 0:
+            try:
+                size = int(field[:-1], 8)
+            except ValueError:
+                pass
+            if not 0 <= size <= limit:
+                size = -1
+        if len(sizes) < 4096:
+            sizes[field] = size
+    chksum = hdr[_OFF_CHKSUM:_END_CHKSUM]
+    want = _SUM_WANTS.get(chksum)
+    return size, _sum_want(chksum) if want is None else want
 
 
 def _cstr(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
-def _checksum_ok(hdr: bytes) -> bool:
+# A header's checksum is the sum of its 512 bytes, its checksum field counted as 8 spaces.
+# sum() over 512 bytes costs microseconds; zlib.adler32 sums them in C: its low 16 bits are
+# (1 + sum) mod 65521. The fast path compares them with what the checksum field claims, so a
+# header whose bytes sum to 65521 or more is checked modulo 65521: never the case for a header
+# a tar writer produces (ASCII digits and names, NUL padding: at most 512 * 127 = 65024 when
+# all ASCII, and far below with UTF-8 names), and a damaged one passes only if the damage adds
+# a multiple of 65521. Whatever the fast path does not take, the slow path checks exactly.
+_SUM_WANTS: dict[bytes, int] = {}  # checksum field as written -> adler32 & 0xFFFF it needs, or -1
+_ADLER_MOD = 65521
+_ASCII_SUM_MAX = 512 * 127
+
+
+def _claimed_sum(field: bytes) -> int:
+    """The sum of a header's bytes, its checksum field as written, that the field claims."""
     try:
-        stored = _number(hdr[148:156])
+        return _number(field) - 8 * 32 + sum(field)
+    except ValueError:
+        return -1
+
+
+def _sum_want(field: bytes) -> int:
+    """What ``zlib.adler32(header) & 0xFFFF`` is for a header whose checksum field ``field``
+    holds; -1 (never equal) when no header can have that field."""
+    total = _claimed_sum(field)
+    want = (1 + total) % _ADLER_MOD if 0 <= total <= 512 * 255 else -1
+    if len(_SUM_WANTS) < 1 << 15:
+        _SUM_WANTS[field] = want
+    return want
+
+
+def _checksum_ok(hdr: bytes) -> bool:
+    """Whether the header's checksum holds (exactly), summed unsigned (POSIX) or signed (old writers)."""
+    field = hdr[_OFF_CHKSUM:_END_CHKSUM]
+    total = _claimed_sum(field)
+    if hdr.isascii():  # the sum is at most 65024: adler32 gives it exactly
+        return total <= _ASCII_SUM_MAX and zlib.adler32(hdr) & 0xFFFF == 1 + total
+    try:
+        stored = _number(field)
     except ValueError:
         return False
-    unsigned = sum(hdr) - sum(hdr[148:156]) + 256
+    unsigned = sum(hdr) - sum(field) + 8 * 32
     if stored == unsigned:
         return True
-    signed = unsigned - 2 * sum(b for b in hdr[:148] + hdr[156:] if b > 127)
+    # Old writers summed signed chars: each byte above 127 counts 256 less.
+    signed = unsigned - 256 * sum(b > 127 for b in hdr[:_OFF_CHKSUM] + hdr[_END_CHKSUM:])
     return stored == signed
 
 
-def _pax_records(data: bytes, url: str, offset: int) -> dict[bytes, bytes]:
+class _Malformed(ValueError):
+    """A malformed extended header: ``pos`` is where, relative to the start of its data."""
+
+    def __init__(self, pos: int, message: str):
+        super().__init__(message)
+        self.pos = pos
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The ``"<length> <keyword>=<value>\\n"`` records of a PAX header's data (NUL padding may
+    follow), as tarfile frames them; raises _Malformed for any record that is not framed so."""
     records: dict[bytes, bytes] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarError(url, offset, "malformed PAX header record") from None
-        if length <= 0:
-            raise TarError(url, offset, "malformed PAX header record")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+    pos, end = 0, len(data)
+    while pos < end and data[pos] != 0:
+        space = data.find(b" ", pos, pos + _MAX_DIGITS + 1)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():  # ASCII digits only: no sign, no blanks, no '_'
+            raise _Malformed(pos, "malformed PAX record: no decimal length then a space")
+        stop = pos + int(digits)
+        if stop > end:
+            raise _Malformed(pos, f"malformed PAX record: its length runs {stop - end} bytes past the header data")
+        if stop < space + 2 or data[stop - 1] != 10:
+            raise _Malformed(pos, "malformed PAX record: no newline where its length ends it")
+        key, eq, value = data[space + 1 : stop - 1].partition(b"=")
+        if not eq or not key:
+            raise _Malformed(pos, "malformed PAX record: not keyword=value")
         records[key] = value
-        pos += length
+        pos = stop
     return records
+
+
+def _pax_lead(size: int, cache: dict[int, tuple[bytes, int]]) -> tuple[bytes, int]:
+    """How the data of a PAX header of ``size`` bytes starts when it is one mtime record."""
+    lead = b"%d mtime=" % size
+    if len(cache) < 4096:
+        cache[size] = (lead, len(lead))
+    return lead, len(lead)
+
+
+def _pax_inert(data: bytes) -> bool:
+    """Whether PAX data is well framed and sets neither path nor size (what the reader uses)."""
+    try:
+        records = _pax_records(data)
+    except _Malformed:
+        return False
+    return b"path" not in records and b"size" not in records
+
+
+def _decimal(value: bytes) -> int | None:
+    """A PAX decimal number: ASCII digits only; None for anything else."""
+    return int(value) if value.isdigit() and len(value) <= _MAX_DIGITS else None
 
 
 def _split_name(name: bytes) -> tuple[bytes | None, bytes]:
@@ -482,31 +731,45 @@ def _decode(name: bytes) -> str:
 
 
 class _Held:
-    """Which held samples may go: (ready count, offset the reader had consumed) noted at reads."""
+    """Complete samples that wait until the blocks they depend on are checked.
+
+    The reader appends complete samples to ``ready``; before each read it notes how far it has
+    consumed (``note``), and after it takes the samples the checked bytes now cover
+    (``release``), in order.
+    """
 
     def __init__(self):
-        self.marks: list[tuple[int, int]] = []
+        self.ready: list[dict] = []
+        self.marks: list[tuple[int, int]] = []  # (samples made ready so far, offset consumed then)
         self.released = 0
 
-    def note(self, ready: int, consumed: int) -> None:
-        self.marks.append((self.released + ready, consumed))
+    def note(self, consumed: int) -> None:
+        """All samples ready now depend on no byte at or after ``consumed``."""
+        self.marks.append((self.released + len(self.ready), consumed))
 
-    def release(self, verified: float) -> int:
-        """How many of the ready samples only depend on bytes before ``verified``."""
+    def release(self, verified: float) -> list[dict] | tuple[()]:
+        """Removes from ``ready`` and returns the samples that only depend on bytes before ``verified``."""
+        marks = self.marks
+        if not marks or marks[0][1] > verified:
+            return ()
         upto = self.released
-        while self.marks and self.marks[0][1] <= verified:
-            upto = self.marks.pop(0)[0]
+        while marks and marks[0][1] <= verified:
+            upto = marks.pop(0)[0]
         count, self.released = upto - self.released, upto
-        return count
+        out = self.ready[:count]
+        del self.ready[:count]
+        return out
 
 
 class ShardReader:
     """Samples of one opened shard, by index: ``samples(start, stop)`` yields webdataset dicts."""
 
-    def __init__(self, source, url: str, local_path: str | None = None):
+    def __init__(self, source: ByteSource, url: str, local_path: str | None = None, *,
+                 max_sample_bytes: int = MAX_SAMPLE_BYTES):
         self.source = source
         self.url = url
         self.local_path = local_path or url
+        self.max_sample_bytes = max_sample_bytes
         self.buf = b""
         self.base = 0
         self.p = 0
@@ -517,7 +780,8 @@ class ShardReader:
         self.pending: tuple[bytes, int] | None = None  # the member a stop parsed, for the next call
         self.hoff = 0  # offset of the first header of the member _header_slow returned
         self._exts: dict[bytes, str] = {}  # extension as written -> sample key
-        self._sizes: dict[bytes, int] = {}  # size field -> size
+        self._sizes: dict[bytes, int] = {}  # size field -> size, or -1 (see _fields)
+        self._pax_leads: dict[int, tuple[bytes, int]] = {}  # PAX data size -> (b"<size> mtime=", its length)
 
     def samples(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         """Yields samples ``start <= i < stop`` (all remaining when stop is None), in order.
@@ -532,51 +796,66 @@ class ShardReader:
         if stop is None:
             stop = 1 << 62
         src, url, local_path, exts, sizes = self.source, self.url, self.local_path, self._exts, self._sizes
+        pax_leads, max_sample, sum_wants = self._pax_leads, self.max_sample_bytes, _SUM_WANTS
         buf, base, p = self.buf, self.base, self.p
         n = len(buf)
         index = self.next_index - 1
         cur: bytes | None = None
         sample: dict | None = None
         # With block digests, complete samples wait in ``ready`` until the blocks they depend on
-        # are checked. ``held`` notes, at each read, (samples ready so far, offset read up to).
+        # are checked; ``held`` notes at each read how far the reader had consumed.
         hold = src.verified != _INF
-        ready: list[dict] = []
         held = _Held()
+        ready = held.ready
         plain = not self.global_pax and self.pending is None  # the fast path applies
+        # Header fields and byte values, as locals for the loop.
+        off_size, end_size, off_type, off_prefix = _OFF_SIZE, _END_SIZE, _OFF_TYPE, _OFF_PREFIX
+        off_magic, end_magic, end_name, magic = _OFF_MAGIC, _END_MAGIC, _END_NAME, _MAGIC
+        off_chksum, end_chksum, adler32 = _OFF_CHKSUM, _END_CHKSUM, zlib.adler32
+        type_regular, type_pax, slash, underscore = _TYPE_REGULAR, _TYPE_PAX, _SLASH, _UNDERSCORE
         try:
             while True:
                 if p + 512 > n and self.pending is None:
                     if ready:
-                        held.note(len(ready), base + p)
+                        held.note(base + p)
                     buf, base = src.refill(buf, base, p, 512, base + p)
                     p, n = 0, len(buf)
-                    if ready and (k := held.release(src.verified)):
-                        yield from ready[:k]
-                        del ready[:k]
+                    if ready:
+                        yield from held.release(src.verified)
                     if n < 512:
                         self.buf, self.base, self.p = buf, base, p
                         self._end_of_data()
                         break
                 hoff = p  # where the member's headers start, relative to base
                 name = None
-                if plain and buf[p + 257 : p + 262] == b"ustar" and buf[p + 135] == 0:
-                    kind = buf[p + 156]
-                    field = buf[p + 124 : p + 135]
+                hdr = buf[p : p + 512]
+                if plain and hdr[off_magic:end_magic] == magic:
+                    # A ustar header. The fast path takes it when its checksum holds (see _sum_want)
+                    # and its size field is octal within the limit (else size is -1, see _fields).
                     try:
-                        size = sizes[field]
+                        size = sizes[hdr[off_size:end_size]]
+                        want = sum_wants[hdr[off_chksum:end_chksum]]
                     except KeyError:
-                        size = _octal(field, sizes)
-                        if size < 0:
-                            kind = -1
-                    if kind == 48 and buf[p + 345] == 0 and (z := buf.find(b"\0", p, p + 100)) > p:
+                        size, want = _fields(hdr, sizes, max_sample)
+                    if adler32(hdr) & 0xFFFF == want and size >= 0:
+                        kind = hdr[off_type]
+                    else:
+                        kind = -1  # the slow path checks again, and says what is wrong
+                    if kind == type_regular and hdr[off_prefix] == 0 and (z := hdr.find(b"\0", 0, end_name)) > 0:
                         # The common member: regular, with a short NUL-terminated name.
-                        name = buf[p:z]
+                        name = hdr[:z]
                         p += 512
-                    elif kind == 120 and p + 512 + size <= n:
+                    elif kind == type_pax and p + 512 + size <= n:
                         # A PAX header. webdataset's TarWriter writes one before every member for
-                        # its float mtime; when it sets neither path nor size it changes nothing.
+                        # its float mtime: one record, "<size> mtime=<value>\n", that changes
+                        # nothing here. Well-framed records without path or size are as inert;
+                        # the rest (and anything malformed) takes the slow path.
                         pax = buf[p + 512 : p + 512 + size]
-                        if b"path=" not in pax and b"size=" not in pax:
+                        try:
+                            lead, k = pax_leads[size]
+                        except KeyError:
+                            lead, k = _pax_lead(size, pax_leads)
+                        if pax[:k] == lead and pax[-1] == 10 or _pax_inert(pax):
                             p += 512 + ((size + 511) & -512)
                             continue
                 if name is None:
@@ -590,7 +869,7 @@ class ShardReader:
                         break
                     name, size = member
                 # p is at the payload. Group by key as webdataset does.
-                if 47 in name or name[0] == 95:  # a '/' in it, or a leading '_'
+                if slash in name or name[0] == underscore:  # a '/' in it, or a leading '_' (__meta__?)
                     key, ext = _split_name(name)
                 else:
                     key, dot, ext = name.partition(b".")
@@ -633,19 +912,17 @@ class ShardReader:
                     if len(exts) < 4096:
                         exts[ext] = suffix
                 if suffix in sample:
-                    raise TarError(url, base + hoff,
-                                   f"duplicate file name in sample {sample['__key__']!r}: .{suffix}")
+                    raise self._error(base + hoff, f"duplicate file name in sample {sample['__key__']!r}: .{suffix}")
                 if end <= n:
                     sample[suffix] = buf[p:end]
                     p += (size + 511) & -512
                 else:
                     if ready:
-                        held.note(len(ready), base + p)
+                        held.note(base + p)
                     sample[suffix], buf, base, p = src.take(buf, base, p, size, base + hoff)
                     n = len(buf)
-                    if ready and (k := held.release(src.verified)):
-                        yield from ready[:k]
-                        del ready[:k]
+                    if ready:
+                        yield from held.release(src.verified)
             if index < stop:
                 if sample is not None:
                     ready.append(sample)
@@ -656,18 +933,21 @@ class ShardReader:
                 yield from ready
         except TarError:
             # What completed before the error is still yielded, once its blocks checked out.
-            if ready and (k := held.release(src.verified)):
-                yield from ready[:k]
+            if ready:
+                yield from held.release(src.verified)
             raise
+
+    def _error(self, offset: int, message: str, truncated: bool = False) -> TarError:
+        return TarError(self.url, offset, message, truncated, where=self.source.position)
 
     def _end_of_data(self) -> None:
         """The data ran out where a header should be."""
         have = len(self.buf)
         pos = self.base + self.p
         if have == 0 and pos == 0:
-            raise TarError(self.url, 0, "empty file, not a tar archive")
+            raise self._error(0, "empty file, not a tar archive")
         if have:
-            raise TarError(self.url, pos, "truncated tar header", truncated=True)
+            raise self._error(pos, "truncated tar header", truncated=True)
 
     def _header_block(self) -> tuple[bytes | None, int]:
         """The 512-byte header at the current position (None at the end of the data)."""
@@ -699,7 +979,6 @@ class ShardReader:
         if self.pending is not None:
             member, self.pending = self.pending, None
             return member
-        url = self.url
         pax: dict[bytes, bytes] = {}
         longname: bytes | None = None
         first = True
@@ -712,44 +991,54 @@ class ShardReader:
             if hdr == ZERO_BLOCK:
                 self.end_of_archive = True
                 return None
-            if hdr[257:262] != b"ustar" and not _checksum_ok(hdr):
-                what = "not a tar archive" if hoff == 0 else "invalid tar header (bad checksum)"
-                raise TarError(url, hoff, what)
+            if not _checksum_ok(hdr):
+                what = "not a tar archive (bad header checksum)" if hoff == 0 else "bad header checksum"
+                raise self._error(hoff, what)
             try:
-                size = _number(hdr[124:136])
+                size = _number(hdr[_OFF_SIZE:_END_SIZE])
             except ValueError:
-                raise TarError(url, hoff, "invalid size field in tar header") from None
+                raise self._error(hoff, "invalid size field in tar header") from None
             if size < 0:
-                raise TarError(url, hoff, "negative size in tar header")
-            kind = hdr[156:157]
+                raise self._error(hoff, "negative size in tar header")
+            kind = hdr[_OFF_TYPE : _OFF_TYPE + 1]
             if kind in _EXTENDED:
+                if size > _MAX_EXTENDED:
+                    raise self._error(hoff, f"extended header {_decode(kind)!r} of {size} bytes; more than "
+                                            f"{_MAX_EXTENDED} is not a real one")
                 data = self._data(size, hoff)
-                if kind == b"x":
-                    pax = _pax_records(data, url, hoff)
-                elif kind == b"g":
-                    self.global_pax.update(_pax_records(data, url, hoff))
-                elif kind == b"L":
-                    longname = _cstr(data)
+                try:
+                    if kind == b"x":
+                        pax = _pax_records(data)
+                    elif kind == b"g":
+                        self.global_pax.update(_pax_records(data))
+                    elif kind == b"L":
+                        longname = _cstr(data)
+                except _Malformed as exn:
+                    raise self._error(hoff + 512 + exn.pos, str(exn)) from None
                 continue
-            name = _cstr(hdr[0:100])
+            name = _cstr(hdr[_OFF_NAME:_END_NAME])
             if longname is not None:
                 name = longname
-            elif hdr[345] != 0 and kind != b"S":
-                prefix = _cstr(hdr[345:500])
+            elif hdr[_OFF_PREFIX] != 0 and kind != b"S":  # GNU sparse headers use the prefix's bytes
+                prefix = _cstr(hdr[_OFF_PREFIX:_END_PREFIX])
                 if prefix:
                     name = prefix + b"/" + name
             if self.global_pax or pax:
                 merged = {**self.global_pax, **pax}
                 name = merged.get(b"path", name)
                 if b"size" in merged:
-                    try:
-                        size = int(merged[b"size"])
-                    except ValueError:
-                        raise TarError(url, hoff, "invalid size in PAX header") from None
+                    size = _decimal(merged[b"size"])
+                    if size is None:
+                        raise self._error(self.hoff, f"invalid size in PAX header: {merged[b'size'][:40]!r}")
+            if size > _MAX_SIZE:
+                raise self._error(self.hoff, f"impossible size {size} in tar header (no file holds 2**63 bytes)")
             if kind in _REGULAR and not (kind == b"\0" and name.endswith(b"/")) and name:
+                if size > self.max_sample_bytes:
+                    raise self._error(self.hoff, f"member {_decode(name)!r} of {size} bytes is larger than "
+                                                 f"max_sample_bytes={self.max_sample_bytes}; refused unread")
                 return name, size
             if kind == b"S":
-                raise TarError(url, hoff, f"sparse member {_decode(name)!r} is not supported")
+                raise self._error(hoff, f"sparse member {_decode(name)!r} is not supported")
             if kind not in _OTHER_KNOWN and size:
                 buf, p = self.buf, self.p
                 if p + size <= len(buf):
@@ -770,25 +1059,31 @@ class ShardReader:
         self.source.finish(self.buf, self.base)
 
 
-def _source(fd: int, url: str, check: _Checker):
+def _source(fd: int, url: str, check: _Checker) -> ByteSource:
     if os.pread(fd, 2, 0) == _GZIP_MAGIC:
         return _GzipSource(fd, url, check)
     return _LocalSource(fd, url, check)
 
 
-def open_shard(path: str, url: str | None = None, expected: Expected | None = None) -> tuple[ShardReader, int]:
+def open_shard(path: str, url: str | None = None, expected: Expected | None = None, *,
+               max_sample_bytes: int = MAX_SAMPLE_BYTES) -> tuple[ShardReader, int]:
     """Opens a local shard (tar or gzip-compressed tar) for reading.
 
     Returns the reader and the open file descriptor (the caller closes it). Raises
     ShardChangedError when size, mtime or inode differ from ``expected``; with block digests
     in ``expected``, no sample is yielded before the blocks it depends on match them.
+
+    A member larger than ``max_sample_bytes`` is refused with a TarError before it is read,
+    and nothing is allocated on a header's word alone: a size past the end of the file is a
+    truncated TarError (a shard still being written), an impossible one a TarError.
     """
     url = url or path
     fd = os.open(path, os.O_RDONLY)
     try:
         if expected is not None:
             _check_identity(fd, url, expected)
-        return ShardReader(_source(fd, url, _Checker(url, expected)), url, local_path=path), fd
+        source = _source(fd, url, _Checker(url, expected))
+        return ShardReader(source, url, local_path=path, max_sample_bytes=max_sample_bytes), fd
     except BaseException:
         os.close(fd)
         raise
@@ -821,21 +1116,22 @@ class ShardIndex:
 
 
 def index_shard(path: str, url: str | None = None, with_digest: bool = True,
-                algo: str = DEFAULT_ALGO) -> ShardIndex:
+                algo: str = DEFAULT_ALGO, *, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ShardIndex:
     """Counts samples (headers only), and digests every raw block in the same single pass.
 
     The whole-file digest is computed with ``algo`` (e.g. to compare with a manifest's sha256);
     block digests are always xxh3_64. ``complete`` is False for a shard that ends before its
     end-of-archive marker or whose last member runs past the end of the file: the mark of a
-    shard still being written. Raises TarError for a shard that is not a tar at all or is
-    corrupt before its end.
+    shard still being written. Raises TarError for a shard that is not a tar at all, is
+    corrupt before its end, or holds a member larger than ``max_sample_bytes`` (as reading
+    it would).
     """
     url = url or path
     check = _Checker(url, record=with_digest, algo=algo)
     fd = os.open(path, os.O_RDONLY)
     try:
         source = _source(fd, url, check)
-        reader = ShardReader(source, url)
+        reader = ShardReader(source, url, max_sample_bytes=max_sample_bytes)
         try:
             nsamples = reader.count()
         except TarError as exn:
