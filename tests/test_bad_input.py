@@ -38,7 +38,7 @@ def test_bit_rot_goes_through_the_handler_as_digest_mismatch_and_is_never_yielde
     shard = str(tmp_path / "out" / "shard-000000.tar")
     st = os.stat(shard)
     with open(shard, "r+b") as f:  # one payload byte of sample k2 rots; size and mtime stay
-        f.seek(3 * 512 + 2 * 1536 + 10)
+        f.seek(2 * 1536 + 512 + 10)  # member k2.bin: header 512 bytes, payload 1000 (1024 padded)
         f.write(b"Z")
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     errors, handler = collecting_handler()
@@ -216,3 +216,14 @@ def test_a_full_state_directory_error_names_the_file(tmp_path, tiny_filesystem):
     with pytest.raises(OSError, match="No space left") as err:
         ds.set_epoch(0)
     assert ds.state_directory in str(err.value)
+
+
+def test_a_member_above_max_sample_bytes_is_refused_naming_shard_and_offset(tmp_path):
+    d = str(tmp_path)
+    write_shard(d, "big.tar", 2, size=300_000)
+    write_shard(d, "small.tar", 3, size=100)
+    ds = wr.RefreshingWebDataset(d, max_sample_bytes=200_000, shardshuffle=False, watch=False)
+    [(url, reason)] = ds.set_epoch(0).rejected  # refused while indexed, before a byte of it is held
+    assert url.endswith("big.tar") and "max_sample_bytes=200000" in reason and "at byte" in reason
+    assert [s["__key__"] for s in ds] == ["small/000000", "small/000001", "small/000002"]
+    assert len(list(wr.RefreshingWebDataset(d, watch=False))) == 5  # the default (1 GiB) reads it

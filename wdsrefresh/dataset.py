@@ -11,6 +11,7 @@ from webdataset.filters import default_collation_fn
 from webdataset.handlers import reraise_exception
 
 from .epoch_source import EpochSource, EpochStats
+from .format.tario import MAX_SAMPLE_BYTES
 from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
 from .resolver import INVALID_POLICIES
@@ -55,6 +56,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         poll: bool | float = False,
         settle: float = DEFAULT_SETTLE,
         on_invalid: str = "warn",
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
     ):
         _check_choice("verify", verify, VERIFY_MODES)
         _check_choice("on_change", on_change, CHANGE_POLICIES)
@@ -64,7 +66,8 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         _check_choice("on_invalid", on_invalid, INVALID_POLICIES)
         if settle < 0:
             raise ValueError(f"settle={settle!r}: expected seconds >= 0")
-        options = ReadOptions(verify=verify, on_change=on_change, handler=handler, equalize=equalize, settle=settle)
+        options = ReadOptions(verify=verify, on_change=on_change, handler=handler, equalize=equalize, settle=settle,
+                              max_sample_bytes=max_sample_bytes)
         self.sample_source: SampleSource
         if mode == "stream":
             from .stream import StreamSource

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from .format.digest import DEFAULT_ALGO, split_digest
-from .format.tario import ShardChangedError, TarError, index_shard
+from .format.tario import MAX_SAMPLE_BYTES, ShardChangedError, TarError, index_shard
 from .snapshot import FileId, ShardInfo
 from .sources import Candidate
 
@@ -39,6 +39,7 @@ class Readiness:
 
     with_digest: bool = True
     settle: float = DEFAULT_SETTLE
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
 
 
 @dataclass(frozen=True)
@@ -112,15 +113,17 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
         return Ready(replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks))
     if not settled:
         return Pending(file_id, f"written in place; ready once it has not changed for {rules.settle:g} s")
-    return _indexed(cand, base, rules.with_digest, cand.digest if describes else None)
+    return _indexed(cand, base, rules, cand.digest if describes else None)
 
 
-def _indexed(cand: Candidate, base: ShardInfo, with_digest: bool, expected_digest: str | None) -> Outcome:
+def _indexed(cand: Candidate, base: ShardInfo, rules: Readiness, expected_digest: str | None) -> Outcome:
     """Reads the file once (count and digests); ready only if complete and unchanged meanwhile.
     ``expected_digest`` is a manifest's whole-file digest for this version of the file."""
     algo = split_digest(expected_digest)[0] if expected_digest else DEFAULT_ALGO
+    with_digest = rules.with_digest
     try:
-        index = index_shard(base.path, cand.url, with_digest=with_digest, algo=algo)
+        index = index_shard(base.path, cand.url, with_digest=with_digest, algo=algo,
+                            max_sample_bytes=rules.max_sample_bytes)
         after = os.stat(base.path)
     except FileNotFoundError:
         return None

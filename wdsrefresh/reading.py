@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from .format.tario import Expected, ShardChangedError, TarError, open_shard
+from .format.tario import MAX_SAMPLE_BYTES, Expected, ShardChangedError, TarError, open_shard
 from .probe import DEFAULT_SETTLE, Readiness, Ready, probe
 from .snapshot import ShardInfo, Snapshot
 from .sources import Candidate
@@ -59,10 +59,11 @@ class ReadOptions:
     handler: Callable[[BaseException], bool] | None = None
     equalize: bool = True
     settle: float = DEFAULT_SETTLE
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
 
     @property
     def readiness(self) -> Readiness:
-        return Readiness(with_digest=self.verify != "off", settle=self.settle)
+        return Readiness(with_digest=self.verify != "off", settle=self.settle, max_sample_bytes=self.max_sample_bytes)
 
 
 @dataclass
@@ -144,7 +145,8 @@ def read_positions(snapshot: Snapshot, positions: list[tuple[int, int]], options
     found: dict[tuple[int, int], dict] = {}
     for shard_index, indexes in sorted(wanted.items()):
         shard = snapshot.shards[shard_index]
-        reader, fd = open_shard(shard.path, shard.url, shard.expected(with_digest=options.verify != "off"))
+        reader, fd = open_shard(shard.path, shard.url, shard.expected(with_digest=options.verify != "off"),
+                                max_sample_bytes=options.max_sample_bytes)
         try:
             for i in sorted(indexes):
                 for sample in reader.samples(i, i + 1):
@@ -164,7 +166,7 @@ def _any_samples(snapshot: Snapshot, options: ReadOptions) -> Iterator[dict]:
     for shard in snapshot.shards:
         try:
             for sample in _read_verified(shard, shard.expected(options.verify != "off"), 0, _RECENT - found,
-                                         options.verify):
+                                         options):
                 found += 1
                 yield sample
         except (OSError, TarError, ShardChangedError):
@@ -199,7 +201,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
     position = piece.start
     while position < piece.stop:
         try:
-            yield from _read_verified(shard, expected, position, piece.stop, options.verify, count)
+            yield from _read_verified(shard, expected, position, piece.stop, options, count)
             position = stats.yielded - base
             if position < piece.stop:  # a reloaded shard holds fewer samples than the snapshot counted
                 log.warning("%s: its current content ends after %d samples, the snapshot counted %d; %d skipped",
@@ -276,13 +278,13 @@ def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
     return Expected(info.size, info.mtime_ns, info.inode, info.digest, info.blocks)
 
 
-def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, verify: str,
+def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, options: ReadOptions,
                    count: int | None = None) -> Iterator[dict]:
     """Samples ``start <= i < stop`` of the shard as ``expected``; with ``count`` (the samples the
     snapshot's version holds), a shard that holds fewer or more raises CountMismatch."""
-    reader, fd = open_shard(shard.path, shard.url, expected)
+    reader, fd = open_shard(shard.path, shard.url, expected, max_sample_bytes=options.max_sample_bytes)
     try:
-        hold_back = verify == "strict" and expected.blocks is None and expected.digest is not None
+        hold_back = options.verify == "strict" and expected.blocks is None and expected.digest is not None
         samples = reader.samples(start, stop)
         if hold_back:
             held = list(samples)
