@@ -231,13 +231,13 @@ class _StreamLoop:
             self._write_stats()
 
     def _settled_shards(self, changes: list[Change]) -> set[str]:
-        mine = [c for c in changes if c.path.startswith(self.source.path)]
-        for c in mine:
-            if c.kind == "moved_to":
+        inside = [c for c in changes if c.path.startswith(self.source.path)]
+        for c in inside:
+            if c.kind == "moved_to" and self._mine(c.path):
                 self.renamed.add(c.path)
             elif c.kind != "attrib":
                 self.renamed.discard(c.path)
-        return {c.path for c in mine if c.settled}
+        return {c.path for c in inside if c.settled}
 
     def _listing(self) -> set[str]:
         try:
