@@ -805,6 +805,10 @@ class ShardReader:
         # With block digests, complete samples wait in ``ready`` until the blocks they depend on
         # are checked; ``held`` notes at each read how far the reader had consumed.
         hold = src.verified != _INF
+        # Block digests cover every byte of a header before a sample cut after it is yielded (a
+        # flipped bit fails its block), and were recorded by a read that checked every checksum:
+        # then the fast path need not sum headers again, which costs about 20% on 1 KiB samples.
+        check_sums = not hold
         held = _Held()
         ready = held.ready
         plain = not self.global_pax and self.pending is None  # the fast path applies
@@ -834,10 +838,10 @@ class ShardReader:
                     # and its size field is octal within the limit (else size is -1, see _fields).
                     try:
                         size = sizes[hdr[off_size:end_size]]
-                        want = sum_wants[hdr[off_chksum:end_chksum]]
+                        want = sum_wants[hdr[off_chksum:end_chksum]] if check_sums else 0
                     except KeyError:
                         size, want = _fields(hdr, sizes, max_sample)
-                    if adler32(hdr) & 0xFFFF == want and size >= 0:
+                    if (not check_sums or adler32(hdr) & 0xFFFF == want) and size >= 0:
                         kind = hdr[off_type]
                     else:
                         kind = -1  # the slow path checks again, and says what is wrong
