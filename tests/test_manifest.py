@@ -282,3 +282,24 @@ def test_index_of_a_directory_without_shards_fails_and_writes_nothing(tmp_path, 
     assert cli.main(["index", str(tmp_path)]) == 1
     assert "no shard files" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "manifest.json")
+
+
+def test_pack_and_ingest_record_each_shards_mtime_so_a_same_size_replacement_is_not_trusted(tmp_path):
+    from wdsrefresh.write.ingest import IngestConfig, Ingester
+    from wdsrefresh.write.pack import pack
+
+    raw, out = tmp_path / "raw", str(tmp_path / "out")
+    raw.mkdir()
+    for i in range(4):
+        (raw / f"k{i}.txt").write_bytes(b"x" * 10)
+    pack([str(raw)], out, maxcount=2)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "z.txt").write_bytes(b"y" * 10)
+    (inbox / "z.done").write_bytes(b"")
+    with Ingester(IngestConfig(str(inbox), out, settle=0.1)) as ingester:
+        ingester.run_once()
+    entries = manifest.load(os.path.join(out, "manifest.json"))
+    assert len(entries) == 3
+    for e in entries:
+        assert e.mtime_ns == os.stat(os.path.join(out, e.url)).st_mtime_ns

@@ -3,6 +3,7 @@
 import collections
 import errno
 import hashlib
+import json
 import os
 import random
 import signal
@@ -52,11 +53,15 @@ def keys_in_shards(out):
 
 
 def digests(out):
-    """sha256 of every visible file in ``out``: shards and manifest.json."""
+    """sha256 of every visible file in ``out``: shards, and manifest.json's entries less their
+    mtime_ns (the time each shard was written, which differs from run to run)."""
     found = {}
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
-        if os.path.isfile(path) and not name.startswith("."):
+        if name == "manifest.json":
+            entries = [{k: v for k, v in e.to_json().items() if k != "mtime_ns"} for e in manifest.load(path)]
+            found[name] = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+        elif os.path.isfile(path) and not name.startswith("."):
             with open(path, "rb") as f:
                 found[name] = hashlib.sha256(f.read()).hexdigest()
     return found

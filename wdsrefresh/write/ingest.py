@@ -536,7 +536,8 @@ def _load_journal(path: str) -> dict:
 
 def _entry_from(doc: dict) -> ManifestEntry:
     e = doc["entry"]
-    return ManifestEntry(e["url"], e["nsamples"], e["filesize"], e["digest"], bytes.fromhex(e["blocks"]))
+    return ManifestEntry(e["url"], e["nsamples"], e["filesize"], e["digest"], bytes.fromhex(e["blocks"]),
+                         e.get("mtime_ns"))
 
 
 def _free_name(path: str) -> str:

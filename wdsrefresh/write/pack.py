@@ -108,9 +108,10 @@ class WrittenShard:
     digest: str
     blocks: bytes
     inputs: tuple[InputId, ...]
+    mtime_ns: int  # a rename keeps it: the published file's, which its manifest entry records
 
     def entry(self, url: str) -> ManifestEntry:
-        return ManifestEntry(url, self.nsamples, self.filesize, self.digest, self.blocks)
+        return ManifestEntry(url, self.nsamples, self.filesize, self.digest, self.blocks, self.mtime_ns)
 
 
 def parse_size(text: str | int) -> int:
@@ -317,7 +318,8 @@ def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[in
             raise named(exn, tmp_path) from None
         raise
     assert writer.digest is not None and writer.blocks is not None
-    return WrittenShard(tmp_path, len(samples), writer.size, writer.digest, writer.blocks, tuple(inputs))
+    return WrittenShard(tmp_path, len(samples), writer.size, writer.digest, writer.blocks, tuple(inputs),
+                        os.stat(tmp_path).st_mtime_ns)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -493,11 +495,12 @@ def _existing_entry(path: str, task: Task) -> ManifestEntry:
         index = index_shard(path, url=task.shard)
     except TarError as exn:
         index, why = None, str(exn)
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    size = st.st_size
     if index is not None:
         why = f"{index.nsamples} samples, {size} bytes{'' if index.complete else ', incomplete'}"
         if index.complete and index.nsamples == len(task.samples) and size == task.size:
-            return ManifestEntry(task.shard, index.nsamples, size, index.digest, index.blocks)
+            return ManifestEntry(task.shard, index.nsamples, size, index.digest, index.blocks, st.st_mtime_ns)
     raise PackError(f"{path}: reserved for {len(task.samples)} samples in {task.size} bytes by this pack's "
                     f"plan, but holds something else ({why}); not listing it")
 

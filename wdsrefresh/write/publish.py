@@ -243,9 +243,9 @@ def current_entries(out: str) -> list[ManifestEntry]:
                    if is_shard_name(n) and n not in reserved and os.path.isfile(os.path.join(out, n)))
     entries = []
     for name in names:
+        st = os.stat(os.path.join(out, name))
         index = index_shard(os.path.join(out, name), url=name)
-        entries.append(ManifestEntry(name, index.nsamples, os.path.getsize(os.path.join(out, name)),
-                                     index.digest, index.blocks))
+        entries.append(ManifestEntry(name, index.nsamples, st.st_size, index.digest, index.blocks, st.st_mtime_ns))
     return entries
 
 
