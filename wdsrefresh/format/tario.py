@@ -30,6 +30,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from time import perf_counter
 
 import xxhash
 
@@ -87,6 +88,28 @@ class Expected:
 # --------------------------------------------------------------------------- raw bytes
 
 
+class IOCounters:
+    """What reading shards costs, added up over the shards read with it: ``bytes_read`` (bytes
+    the read calls returned), ``read_seconds`` (time blocked in those calls) and
+    ``verify_seconds`` (time hashing bytes to check them against digests). Measured once per
+    read call and per hashed chunk, never per sample. Any object with these attributes will do."""
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.verify_seconds = 0.0
+
+
+def _timed_pread(fd: int, size: int, offset: int, counters: IOCounters | None) -> bytes:
+    if counters is None:
+        return os.pread(fd, size, offset)
+    started = perf_counter()
+    data = os.pread(fd, size, offset)
+    counters.read_seconds += perf_counter() - started
+    counters.bytes_read += len(data)
+    return data
+
+
 class _Checker:
     """Hashes a file's raw bytes in order, each once, and checks or records the digests.
 
@@ -97,8 +120,9 @@ class _Checker:
     """
 
     def __init__(self, url: str, expected: Expected | None = None, record: bool = False,
-                 algo: str = DEFAULT_ALGO):
+                 algo: str = DEFAULT_ALGO, counters: IOCounters | None = None):
         self.url = url
+        self.counters = counters
         self.blocks = expected.blocks if expected else None
         self.block_size = expected.block_size if expected else BLOCK_SIZE
         self.whole = self.whole_algo = self.whole_hex = None
@@ -119,6 +143,14 @@ class _Checker:
 
     def feed(self, data) -> None:
         """Takes the bytes that follow ``hashed``; checks each block as it completes."""
+        if self.counters is not None and len(data):
+            started = perf_counter()
+            self._feed(data)
+            self.counters.verify_seconds += perf_counter() - started
+        else:
+            self._feed(data)
+
+    def _feed(self, data) -> None:
         n = len(data)
         if not n:
             return
@@ -189,6 +221,7 @@ class _LocalSource:
         self.url = url
         self.check = check
         self.chunk = _FIRST_CHUNK
+        self.counters = check.counters
 
     @property
     def verified(self) -> float:
@@ -218,7 +251,7 @@ class _LocalSource:
     def _read_feed(self, pos: int, hoff: int) -> None:
         check = self.check
         while check.hashed < pos:
-            data = os.pread(self.fd, min(pos - check.hashed, BLOCK_SIZE), check.hashed)
+            data = _timed_pread(self.fd, min(pos - check.hashed, BLOCK_SIZE), check.hashed, self.counters)
             if not data:
                 raise TarError(self.url, hoff, f"truncated member: the shard ends at byte {check.hashed}",
                                truncated=True)
@@ -234,12 +267,12 @@ class _LocalSource:
                 self._advance(pos, hoff)
             elif check.hashed > pos:  # checked ahead (see settle): keep those very bytes
                 kept = buf[p:]
-                more = os.pread(self.fd, max(need, self.chunk), base + len(buf))
+                more = _timed_pread(self.fd, max(need, self.chunk), base + len(buf), self.counters)
                 return kept + more, pos
         size = max(need, self.chunk)
         if self.chunk < _MAX_CHUNK:
             self.chunk *= 2
-        return os.pread(self.fd, size, pos), pos
+        return _timed_pread(self.fd, size, pos, self.counters), pos
 
     def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
         """The payload at relative ``q`` that runs past the chunk: (payload, buf, base, p after it)."""
@@ -255,7 +288,7 @@ class _LocalSource:
             self._consume(buf, base, q)
             if check.hashed > start:
                 head = buf[q : check.hashed - base]
-        data = os.pread(self.fd, size - len(head), start + len(head))
+        data = _timed_pread(self.fd, size - len(head), start + len(head), self.counters)
         if len(data) < size - len(head):
             raise _truncated(self.url, hoff, size, len(head) + len(data))
         if check.active:
@@ -286,7 +319,7 @@ class _LocalSource:
         if check.verified >= pos:
             return buf
         want = check.block_end - check.hashed
-        extra = os.pread(self.fd, want, check.hashed)
+        extra = _timed_pread(self.fd, want, check.hashed, self.counters)
         start = check.hashed
         check.feed(extra)
         if len(extra) < want:
@@ -299,7 +332,7 @@ class _LocalSource:
         if not check.sequential:
             return
         self._consume(buf, base, len(buf))
-        while data := os.pread(self.fd, BLOCK_SIZE, check.hashed):
+        while data := _timed_pread(self.fd, BLOCK_SIZE, check.hashed, self.counters):
             check.feed(data)
         check.end_of_file()
         check.check_whole()
@@ -319,13 +352,14 @@ class _GzipSource:
         self.fd = fd
         self.url = url
         self.check = check
+        self.counters = check.counters
         self.dec = zlib.decompressobj(31)
         self.fresh = True  # between gzip members: trailing zero padding is allowed here
         self.pending = b""
         self.raw_offset = 0
 
     def _raw(self) -> bytes:
-        data = os.pread(self.fd, self.check.block_size, self.raw_offset)
+        data = _timed_pread(self.fd, self.check.block_size, self.raw_offset, self.counters)
         self.raw_offset += len(data)
         self.check.feed(data)
         if len(data) < self.check.block_size:  # the end of the file: the last block is complete
@@ -776,19 +810,21 @@ def _source(fd: int, url: str, check: _Checker):
     return _LocalSource(fd, url, check)
 
 
-def open_shard(path: str, url: str | None = None, expected: Expected | None = None) -> tuple[ShardReader, int]:
+def open_shard(path: str, url: str | None = None, expected: Expected | None = None,
+               counters: IOCounters | None = None) -> tuple[ShardReader, int]:
     """Opens a local shard (tar or gzip-compressed tar) for reading.
 
     Returns the reader and the open file descriptor (the caller closes it). Raises
     ShardChangedError when size, mtime or inode differ from ``expected``; with block digests
     in ``expected``, no sample is yielded before the blocks it depends on match them.
+    ``counters`` (an IOCounters), if given, adds up the reader's bytes read and seconds spent.
     """
     url = url or path
     fd = os.open(path, os.O_RDONLY)
     try:
         if expected is not None:
             _check_identity(fd, url, expected)
-        return ShardReader(_source(fd, url, _Checker(url, expected)), url, local_path=path), fd
+        return ShardReader(_source(fd, url, _Checker(url, expected, counters=counters)), url, local_path=path), fd
     except BaseException:
         os.close(fd)
         raise
