@@ -9,28 +9,10 @@ import pytest
 import torch
 
 import wdsrefresh as wr
-from shardutil import tar_bytes, make_samples, write_shard
+from shardutil import write_in_place, write_junk, write_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import ddp_check  # noqa: E402
-
-HOUR_AGO = 3600 * 10**9
-
-
-def write_junk(directory, name):
-    """A file with a shard's name that is no tar, last written an hour ago (a broken download)."""
-    path = os.path.join(directory, name)
-    with open(path, "wb") as f:
-        f.write(b"this is not a tar archive\n" * 100)
-    old = os.stat(path).st_mtime_ns - HOUR_AGO
-    os.utime(path, ns=(old, old))
-
-
-def write_in_place(directory, name, n):
-    """A complete shard written at its final name, just now (a plain copy): pending until it settles."""
-    with open(os.path.join(directory, name), "wb") as f:
-        f.write(tar_bytes(make_samples(name.split(".")[0], n)))
-
 
 # What the producer does before each epoch ("during5": after epoch 5's snapshot, before it is read).
 PRODUCER_STEPS = {

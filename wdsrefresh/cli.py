@@ -415,7 +415,7 @@ def _configure_logging(verbosity: int) -> None:
     """Warnings of every library; -v adds wdsrefresh's INFO, -vv its DEBUG, -vvv everyone's DEBUG
     (watchdog's included, which logs every event)."""
     logging.basicConfig(level=logging.DEBUG if verbosity >= 3 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+                        format="%(levelname)s %(name)s: %(message)s")
     ours = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.getLogger("wdsrefresh").setLevel(ours)
 
