@@ -340,3 +340,12 @@ def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir):
 def test_stats_dir_refused_in_stream_mode(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="no epochs"):
         wr.RefreshingWebDataset(shard_dir, mode="stream", stats_dir=str(tmp_path / "stats"))
+
+
+def test_stream_stats_give_latency_percentiles():
+    stats = wr.StreamStats(consumers=2, shards=5, samples=50, pending=0, rejected=0, replaced=0, deleted=0,
+                           corrupt=0, latencies=(0.5, 0.1, 0.4, 0.2, 0.3))
+    assert [stats.latency(p) for p in (0, 20, 50, 90, 100)] == [0.1, 0.1, 0.3, 0.5, 0.5]
+    doc = stats.to_dict()
+    assert (doc["latency_p50"], doc["latency_max"], doc["shards"]) == (0.3, 0.5, 5) and "latencies" not in doc
+    assert wr.StreamStats(1, 0, 0, 0, 0, 0, 0, 0, ()).latency(50) is None
