@@ -188,7 +188,8 @@ def _rank(rank, port, directory, stats_dir, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     with wr.RefreshingWebDataset(directory, stats_dir=stats_dir) as ds:
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        # a spawned rank makes spawn its default start method: fork the workers, as a launcher's rank would
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
         gathered = []
         for epoch in range(2):
             ds.set_epoch(epoch)

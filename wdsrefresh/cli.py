@@ -356,7 +356,7 @@ def _run_stats(args: argparse.Namespace) -> int:
         from .plot import PlotUnavailable, plot
 
         try:
-            plot(rows, args.plot, title=args.title)
+            plot(rows, args.plot, title=args.title, dpi=args.dpi)
         except PlotUnavailable as exn:
             return _fail("stats", exn)
         except (OSError, ValueError) as exn:
@@ -379,6 +379,8 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH", help="a stats.jsonl file, or the stats_dir holding one")
     p.add_argument("--plot", metavar="FILE", help="write the figure to FILE (.png, .svg, .pdf)")
     p.add_argument("--title", help="the figure's title")
+    p.add_argument("--dpi", type=_at_least_one, default=100, help="the figure is 9 x 6.5 inches at this many dots "
+                   "per inch (default: %(default)s: 900 x 650 pixels)")
     p.add_argument("--json", action="store_true", help="print the lines as one JSON list")
     p.set_defaults(run=_run_stats)
 

@@ -33,9 +33,10 @@ def _pyplot():
     return plt
 
 
-def plot(stats: Sequence[EpochStats], path: str, title: str | None = None) -> None:
+def plot(stats: Sequence[EpochStats], path: str, title: str | None = None, dpi: int = DPI) -> None:
     """Writes the figure of ``stats`` (lines of a stats.jsonl, any ranks) to ``path`` (PNG, SVG or
-    PDF by extension). Raises PlotUnavailable without matplotlib, ValueError without lines."""
+    PDF by extension), ``FIGSIZE`` inches at ``dpi``. Raises PlotUnavailable without matplotlib,
+    ValueError without lines."""
     if not stats:
         raise ValueError("no epochs to plot")
     plt = _pyplot()
@@ -46,7 +47,7 @@ def plot(stats: Sequence[EpochStats], path: str, title: str | None = None) -> No
     first = [by_epoch[e] for e in epochs]
     ranks = sorted({s.rank for s in stats})
 
-    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, dpi=DPI, sharex=True)
+    fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, dpi=dpi, sharex=True)
     (growth, churn), (speed, lag) = axes
 
     growth.plot(epochs, [s.shards for s in first], marker="o", color="tab:blue", label="shards")
@@ -78,7 +79,7 @@ def plot(stats: Sequence[EpochStats], path: str, title: str | None = None) -> No
             handles.append(dashed)
     speed.set_ylabel("samples/s")
     speed.set_ylim(bottom=0)
-    speed.set_title("read speed per rank" + (" and loop time waiting for data" if waited else ""))
+    speed.set_title("samples/s per rank" + (" and loop time waiting for data" if waited else ""))
     if share is not None:
         share.set_ylabel("waiting for data (% of loop)")
         share.set_ylim(0, 100)

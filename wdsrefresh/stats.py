@@ -77,7 +77,8 @@ class EpochStats:
       exceed ``seconds``); measured per read call and per checked chunk, never per sample.
     - ``seconds``: wall-clock seconds from the first consumer starting its share to the last
       one finishing it (None if none finished); ``samples_per_second``: ``(yielded + padded) /
-      seconds``.
+      seconds``. Workers wait while the loader's prefetch queue is full, so this is the rate at
+      which the rank took samples; what reading costs is ``read_seconds`` and ``verify_seconds``.
 
     The training loop, when it iterated ``wr.timed(loader)`` (else None):
 
