@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -103,7 +104,6 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
-    import os
     import signal
 
     from .write.ingest import IngestConfig, IngestError, Ingester
@@ -289,10 +289,13 @@ def _run_status(args: argparse.Namespace) -> int:
                 if previous is None or list(changes(previous, status)):
                     print(json.dumps(status.to_dict()), flush=True)
             else:
-                if previous is None:
-                    print(summary(status), flush=True)
                 stamp = time.strftime("%H:%M:%S", time.localtime(status.at))
-                for line in changes(previous, status):
+                if previous is None:  # the summary, and what is not ready yet
+                    print(summary(status), flush=True)
+                    lines = [line for line in changes(None, status) if not line.startswith("ready")]
+                else:
+                    lines = list(changes(previous, status))
+                for line in lines:
                     print(f"{stamp} {line}", flush=True)
             previous = status
             time.sleep(args.interval)
@@ -411,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (| head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _configure_logging(verbosity: int) -> None:
