@@ -337,7 +337,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     from .stats import read_jsonl
 
     try:
-        rows = read_jsonl(args.path)
+        rows = sorted(read_jsonl(args.path), key=lambda r: (r.epoch, r.rank))  # ranks append in any order
     except (OSError, ValueError) as exn:
         return _fail("stats", exn)
     if args.json:
