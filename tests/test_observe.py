@@ -329,6 +329,21 @@ def test_shardshuffle_as_webdataset_users_write_it(shard_dir):
     assert order(100) == order(True) != in_order
 
 
+def test_shuffle_buffer_uses_the_rng_it_is_given(shard_dir):
+    import random
+
+    write_shard(shard_dir, "a.tar", 50)
+
+    def keys(**kw):
+        ds = wr.RefreshingWebDataset(shard_dir)
+        ds.set_epoch(0)
+        return [s["__key__"] for s in ds.shuffle(20, **kw)]
+
+    assert keys(rng=random.Random(7)) == keys(rng=random.Random(7))
+    assert keys(rng=random.Random(7)) != keys(rng=random.Random(8))
+    assert sorted(keys(rng=random.Random(7))) == sorted(keys())
+
+
 def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir):
     write_in_place(shard_dir, "a.tar", 3)  # pending for settle seconds
     assert list(wr.RefreshingWebDataset(shard_dir)) == []  # the default: an empty epoch
