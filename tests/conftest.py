@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 import time
 
@@ -26,15 +27,40 @@ def shard_dir(tmp_path):
     return str(d)
 
 
+def _kill_group(pid: int) -> None:
+    """Kills the process group that child ``pid`` leads, if it made one, and only while ``pid`` is
+    not yet reaped: until then no other process can have its number."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)  # ChildProcessError once reaped
+        os.killpg(pid, signal.SIGKILL)  # ProcessLookupError unless pid called setpgrp()
+    except (ChildProcessError, ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_all(started: list) -> None:
+    """Kills each process still alive (multiprocessing.Process or subprocess.Popen) and the process
+    group it leads, if it made one (a rank's DataLoader workers and forkserver are in it)."""
+    for p in started:
+        _kill_group(p.pid)
+        if p.is_alive() if hasattr(p, "is_alive") else p.poll() is None:
+            p.kill()
+        (p.join if hasattr(p, "join") else p.wait)(timeout=10)
+
+
 @pytest.fixture
 def procs():
     """Processes a test starts; any still alive at teardown are killed."""
     started = []
     yield started
-    for p in started:
-        if p.is_alive() if hasattr(p, "is_alive") else p.poll() is None:
-            p.kill()
-        (p.join if hasattr(p, "join") else p.wait)(timeout=10)
+    _kill_all(started)
+
+
+@pytest.fixture(scope="module")
+def module_procs():
+    """Processes a module-scoped fixture starts; any still alive after the module are killed."""
+    started = []
+    yield started
+    _kill_all(started)
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:

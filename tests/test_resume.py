@@ -145,7 +145,7 @@ def test_resume_with_other_num_workers_reads_each_unread_sample_once(shard_dir, 
     before, state = run_interrupted(shard_dir, 2, stop=5, every=5)
 
     ds, loader = make_loader(shard_dir, new_workers)
-    ds.load_state_dict(merge(state))
+    ds.load_state_dict(state)  # a StatefulDataLoader state: merged inside
     rest = flat(loader)
     assert collections.Counter(flat(before) + rest) == collections.Counter(everything)
     assert sorted(flat(loader)) == sorted(everything)  # the next epoch: whole, once
@@ -242,9 +242,11 @@ def test_position_beyond_the_assignment_is_refused(shard_dir):
         list(loader)
 
 
-def test_shuffle_buffer_refuses_a_checkpoint(shard_dir):
+def test_webdatasets_shuffle_buffer_refuses_a_checkpoint(shard_dir):
+    import webdataset as wds
+
     make_shards(shard_dir)
-    ds = wr.RefreshingWebDataset(shard_dir, watch=False).shuffle(10)
+    ds = wr.RefreshingWebDataset(shard_dir, watch=False).compose(wds.filters.shuffle(10))
     with pytest.raises(RuntimeError, match="shuffle"):
         ds.state_dict()
 

@@ -121,3 +121,30 @@ def test_same_layout_resumes_each_slot_exactly_where_it_stopped():
             r = restart(state, lambda slot: split(snap, seed=0, epoch=0, slot=slot), s, partial=False)
             done = sum(p.count for p in a.pieces[: r.piece]) + r.offset
             assert samples_of(r.assignment) == samples_of(a) and not (set(samples_of(a)[done:]) & read)
+
+
+def test_redistribution_reads_each_sample_a_shuffle_buffer_held_exactly_once():
+    rng = random.Random(2)
+    for counts, _w, _n, _e in layouts(seed=99, cases=40):
+        snap = snapshot_of(counts)
+        positions, read, held = [], set(), set()
+        for s in slots(1, 2):
+            a = split(snap, seed=0, epoch=0, slot=s)
+            taken = samples_of(a)[: rng.randint(0, a.quota)]  # left the first stage: delivered or buffered
+            buffered = rng.sample(taken, k=min(len(taken), rng.randint(0, 5)))
+            done = sum(1 for _ in taken)
+            piece, offset = 0, done
+            while piece < len(a.pieces) and offset >= a.pieces[piece].count and offset:
+                offset -= a.pieces[piece].count
+                piece += 1
+            rng_state = list(random.Random(0).getstate())
+            rng_state[1] = list(rng_state[1])
+            positions.append(SavedPosition(s.rank, s.worker, piece, offset, {}, None,
+                                           {"rng": rng_state, "buffer": [list(p) for p in buffered]}))
+            read |= set(taken) - set(buffered)
+            held |= set(buffered)
+        state = ResumeState(0, snap, 1, 2, tuple(positions), "t")
+        new = [restart(state, lambda slot: split(snap, seed=0, epoch=0, slot=slot), s, partial=False).assignment
+               for s in slots(1, 3)]
+        resumed = collections.Counter(x for a in new for x in samples_of(a))
+        assert max(resumed.values(), default=1) == 1 and held <= set(resumed) and not (set(resumed) & read)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import webdataset as wds
+from webdataset.filters import default_collation_fn
 from webdataset.handlers import reraise_exception
 
 from .compat import check_ported, shard_shuffle
@@ -18,6 +19,7 @@ from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
 from .resolver import INVALID_POLICIES
 from .sample_source import SampleSource
+from .batching import Batched
 from .shuffle import EpochShuffle
 from .snapshot import Snapshot
 from .sources import NoShardsError
@@ -132,25 +134,27 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         """This consumer's position in the current epoch, as a versioned dict of plain values.
 
         torchdata's StatefulDataLoader calls it in each worker (on the main-process dataset when
-        num_workers=0). Positions count samples that left the source stage, so a ``.shuffle()``
-        buffer (samples read but not yet delivered) makes an exact checkpoint impossible and
-        raises. Format and guarantees: ``wdsrefresh.resume``.
+        num_workers=0). A ``.shuffle()`` buffer is saved as the positions of the samples it holds
+        (never their bytes) and its rng state; ``.batched()`` holds nothing when it yields. So a
+        resumed run yields exactly what the uninterrupted one would have. webdataset's own
+        sample-holding stages (its shuffle, ``unbatched``) refuse. Format: ``wdsrefresh.resume``.
         """
-        if any(isinstance(stage, EpochShuffle) for stage in self.pipeline):
-            raise RuntimeError(
-                "state_dict(): this pipeline has a .shuffle() buffer, whose samples were read but not yet "
-                "delivered; a checkpoint would lose them. Shuffle shards (shardshuffle=True) instead"
-            )
-        return self.sample_source.state_dict()
+        _refuse_stages_holding_samples(self.pipeline[1:])
+        shuffles = [stage for stage in self.pipeline if isinstance(stage, EpochShuffle)]
+        if len(shuffles) > 1:
+            raise RuntimeError("state_dict(): a pipeline with two .shuffle() buffers cannot be checkpointed")
+        return self.sample_source.state_dict(shuffle=shuffles[0].checkpoint() if shuffles else None)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Any) -> None:
         """Resumes from ``state`` at the next iteration: the saved epoch, its saved snapshot, each
         consumer's saved position; the epoch after it resolves a fresh snapshot.
 
-        ``state`` is one consumer's (as StatefulDataLoader passes it to each worker) or a
-        ``wdsrefresh.resume.merge()`` of several, which also resumes with a different
-        num_workers or world size. Raises ``wdsrefresh.resume.ResumeError`` for a state of another
-        dataset or a corrupted one.
+        ``state`` is one consumer's (as StatefulDataLoader passes it to each worker), or anything
+        holding several: a StatefulDataLoader's ``state_dict()``, a list of every rank's. Loaded
+        into the dataset before its DataLoader is built, it resumes with another num_workers or
+        world size (the unread samples are redistributed, each exactly once), and ``set_epoch``
+        for the saved epoch returns the saved snapshot. Raises ``wdsrefresh.resume.ResumeError``
+        for a state of another dataset or a corrupted one.
         """
         self.sample_source.load_state_dict(state)
 
@@ -243,6 +247,11 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         ``set_epoch``; raises EpochLengthUnknown (a TypeError) before it."""
         return self.epoch_length()
 
+    def batched(self, batchsize: int, collation_fn: Callable | None = default_collation_fn, partial: bool = True):
+        """Batches of ``batchsize`` samples, as webdataset's ``batched`` (same collation), yielded
+        the moment they are full, so a checkpoint after any batch is exact."""
+        return self.compose(Batched(batchsize, collation_fn, partial))
+
     def shuffle(self, size: int, initial: int = 100, *, seed: int | None = None, rng: random.Random | None = None):
         """A sample shuffle buffer of ``size`` samples, yielding from ``initial`` on.
 
@@ -252,6 +261,19 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         if size < 1:
             return self
         return self.compose(EpochShuffle(self.sample_source, size, min(initial, size), seed=seed, rng=rng))
+
+
+_HOLDING_STAGES = {"_shuffle": ".shuffle() of webdataset", "_unbatched": ".unbatched()"}
+
+
+def _refuse_stages_holding_samples(stages: list) -> None:
+    """webdataset stages that hold samples they took in but did not yield cannot be checkpointed."""
+    for stage in stages:
+        name = getattr(getattr(stage, "f", None), "__name__", "")
+        if name in _HOLDING_STAGES:
+            raise RuntimeError(
+                f"state_dict(): the pipeline's {_HOLDING_STAGES[name]} stage holds samples it read but did not "
+                f"yield yet; a checkpoint would lose them. Use RefreshingWebDataset's .shuffle() and .batched()")
 
 
 _OWN_ARGUMENTS = (

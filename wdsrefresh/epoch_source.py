@@ -18,7 +18,7 @@ from typing import Any
 
 from . import resume as resuming
 from .index import DirectoryIndex, resolve_waiting
-from .reading import Cursor, ReadOptions, ReadStats, read_assignment
+from .reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
 from .resolver import Resolver
 from .sample_source import Consumer
 from .slot import Slot, broadcast_from_rank0, current_slot, dist_info
@@ -42,6 +42,7 @@ class _Iteration:
     stats: ReadStats
     cursor: Cursor
     explicit: bool = False  # pieces redistributed at a resume, not the split's own
+    shuffle: dict | None = None  # a checkpointed .shuffle() buffer, re-read before the cursor's samples
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,8 @@ class EpochSource:
         # padding keeps ranks equal; a single rank has nothing to keep equal with
         options = replace(self.options, equalize=self.options.equalize and slot.world_size > 1)
         try:
+            if it.shuffle:
+                yield from read_positions(it.snapshot, [tuple(p) for p in it.shuffle["buffer"]], options)
             yield from read_assignment(it.snapshot, it.assignment, options, it.stats, it.cursor)
         finally:
             record = it.stats.as_dict() | {"left_out": it.assignment.left_out, "rank": slot.rank,
@@ -219,12 +222,31 @@ class EpochSource:
             self.statedir.write_stats(it.consumer.epoch, slot.rank, slot.worker, record)
             log.debug("epoch %d rank %d worker %d: %s", it.consumer.epoch, slot.rank, slot.worker, record)
 
+    def last_position(self) -> tuple[int, int] | None:
+        """(shard index in the snapshot, sample index) of the sample this consumer yielded last;
+        None for a sample repeated to keep ranks equal. Asked by a .shuffle() buffer."""
+        it = self._live
+        piece, offset = it.cursor.position(it.stats)
+        if piece >= len(it.assignment.pieces) or offset < 1:
+            return None
+        p = it.assignment.pieces[piece]
+        return p.shard, p.start + offset - 1
+
+    def shuffle_resume(self) -> tuple[list[tuple[int, int]] | None, tuple | None]:
+        """What a resumed .shuffle() buffer takes back: (positions re-read first, rng state)."""
+        doc = self._live.shuffle if self._live is not None else None
+        if not doc:
+            return None, None
+        version, internal, gauss = doc["rng"]
+        return [tuple(p) for p in doc["buffer"]], (version, tuple(internal), gauss)
+
     # checkpoint and resume (the format and its guarantees: resume.py)
     def fingerprint(self) -> dict:
         return resuming.fingerprint(self.source.describe(), self.seed, self.shardshuffle, self.partial)
 
-    def state_dict(self) -> dict:
-        """This consumer's position in its epoch, as plain values (see resume.py)."""
+    def state_dict(self, shuffle: dict | None = None) -> dict:
+        """This consumer's position in its epoch, as plain values (see resume.py); ``shuffle`` is
+        the checkpoint of a .shuffle() buffer between this stage and the consumer."""
         if self._next is None and self._live is None and self._loaded is not None:
             return self._loaded.state
         it = self._next or self._live
@@ -236,13 +258,17 @@ class EpochSource:
         piece, offset = it.cursor.position(it.stats)
         position = resuming.SavedPosition(
             slot.rank, slot.worker, piece, offset, it.stats.as_dict(),
-            it.assignment.pieces if it.explicit else None,
+            it.assignment.pieces if it.explicit else None, shuffle,
         )
         return resuming.make_state(self.fingerprint(), it.consumer.epoch, self._snapshot_doc, slot.world_size,
                                    slot.num_workers, [position.as_dict()])
 
-    def load_state_dict(self, state: dict) -> None:
-        """Makes the next iteration resume the saved epoch where ``state`` left it."""
+    def load_state_dict(self, state: Any) -> None:
+        """Makes the next iteration resume the saved epoch where ``state`` left it. ``state`` may
+        also hold several consumers' states (a StatefulDataLoader's, or a list of every rank's):
+        they are merged, so a different layout resumes without calling ``resume.merge``."""
+        if not (isinstance(state, dict) and "format" in state):
+            state = resuming.merge(state)
         resume = resuming.parse(state, self.fingerprint())
         self._next = self._live = None
         if resume is None:
@@ -277,4 +303,4 @@ class EpochSource:
         log.info("epoch %d rank %d worker %d: resuming at piece %d, sample %d of %d pieces", epoch, slot.rank,
                  slot.worker, start.piece, start.offset, len(start.assignment.pieces))
         return _Iteration(Consumer(slot, epoch, resume.snapshot.id), resume.snapshot, start.assignment, stats,
-                          Cursor(start.piece, start.offset), start.explicit)
+                          Cursor(start.piece, start.offset), start.explicit, start.shuffle)

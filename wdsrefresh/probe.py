@@ -99,15 +99,17 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
     old = known.get(path)
     if old is not None and old.file_id == file_id and (old.digest or not rules.with_digest):
         return Ready(old)
+    describes = _manifest_describes(cand, st)
+    settled = (renamed or describes and cand.filesize is not None or _changed_after_last_write(st)
+               or quiet_for(st, rules.settle))
     if st.st_size == 0:
+        if settled:
+            return Rejected(file_id, TruncatedShard(cand.url, 0, "empty file, no longer being written"))
         return Pending(file_id, "empty (just created)")
     base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, name=cand.name)
-    describes = _manifest_describes(cand, st)
     if describes and cand.nsamples is not None and (
             not rules.with_digest or (cand.digest and cand.blocks is not None)):
         return Ready(replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks))
-    settled = (renamed or describes and cand.filesize is not None or _changed_after_last_write(st)
-               or quiet_for(st, rules.settle))
     if not settled:
         return Pending(file_id, f"written in place; ready once it has not changed for {rules.settle:g} s")
     return _indexed(cand, base, rules.with_digest, cand.digest if describes else None)

@@ -135,15 +135,41 @@ def read_assignment(
     stats.ended = time.time()
 
 
-def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
-    """Yields every sample of one shard under the policies, counting in ``stats`` (stream mode)."""
-    stats.quota += shard.nsamples or 0
+def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats, start: int = 0) -> Iterator[dict]:
+    """Yields the samples of one shard from ``start`` on, under the policies, counting in ``stats``
+    (stream mode)."""
+    count = shard.nsamples or 0
+    stats.quota += max(0, count - start)
     try:
-        for sample in _read_piece(shard, Piece(0, 0, shard.nsamples or 0), options, stats):
+        for sample in _read_piece(shard, Piece(0, min(start, count), count), options, stats):
             stats.yielded += 1
             yield sample
     except StopConsumer:
         return
+
+
+def read_positions(snapshot: Snapshot, positions: list[tuple[int, int]], options: ReadOptions) -> Iterator[dict]:
+    """The samples at ``positions`` (shard index, sample index), in that order: a checkpointed
+    shuffle buffer read back, each shard once. Raises, naming the shard, when one of them
+    cannot be read as the snapshot saw it (replaced or deleted since the checkpoint)."""
+    wanted: dict[int, set[int]] = {}
+    for shard_index, index in positions:
+        wanted.setdefault(shard_index, set()).add(index)
+    found: dict[tuple[int, int], dict] = {}
+    for shard_index, indexes in sorted(wanted.items()):
+        shard = snapshot.shards[shard_index]
+        reader, fd = open_shard(shard.path, shard.url, shard.expected(with_digest=options.verify != "off"))
+        try:
+            for i in sorted(indexes):
+                for sample in reader.samples(i, i + 1):
+                    found[shard_index, i] = sample
+        finally:
+            os.close(fd)
+        missing = sorted(i for i in indexes if (shard_index, i) not in found)
+        if missing:
+            raise CountMismatch(shard.url, 0, f"has no sample {missing[0]}, which the checkpoint's shuffle buffer held")
+    for position in positions:
+        yield found[position]
 
 
 def _any_samples(snapshot: Snapshot, options: ReadOptions) -> Iterator[dict]:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -79,13 +80,20 @@ class SavedPosition:
     offset: int
     stats: dict = field(default_factory=dict, compare=False)
     pieces: tuple[Piece, ...] | None = None
+    shuffle: dict | None = None  # a .shuffle() buffer: {"rng": [...], "buffer": [[shard, index], ...]}
 
     def as_dict(self) -> dict:
         doc = {"rank": self.rank, "worker": self.worker, "piece": self.piece, "offset": self.offset,
                "stats": dict(self.stats)}
         if self.pieces is not None:
             doc["pieces"] = [[p.shard, p.start, p.stop] for p in self.pieces]
+        if self.shuffle is not None:
+            doc["shuffle"] = self.shuffle
         return doc
+
+    def buffered(self) -> list[Piece]:
+        """The samples its shuffle buffer held: read, not yet delivered."""
+        return [Piece(s, i, i + 1) for s, i in (self.shuffle or {}).get("buffer", [])]
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,8 @@ def parse(state: object, fingerprint: dict) -> ResumeState | None:
         raise ResumeError(f"expected a dict from RefreshingWebDataset.state_dict(), got {type(state).__name__}")
     if state.get("format") != FORMAT:
         raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
+    if state.get("mode") == "stream":
+        raise ResumeError("a stream-mode state cannot resume an epoch (mode='epoch')")
     if state.get("version") != VERSION:
         raise ResumeError(
             f"state version {state.get('version')!r} is not supported: this wdsrefresh reads version {VERSION} "
@@ -224,7 +234,28 @@ def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_
     offset = _expect(doc.get("offset"), int, f"{where}.offset")
     if piece < 0 or offset < 0:
         raise ResumeError(f"{where}: negative position piece {piece} offset {offset}")
-    return SavedPosition(rank, worker, piece, offset, stats, pieces)
+    shuffle = _shuffle_doc(doc.get("shuffle"), f"{where}.shuffle", snapshot)
+    return SavedPosition(rank, worker, piece, offset, stats, pieces, shuffle)
+
+
+def _shuffle_doc(doc: object, where: str, snapshot: Snapshot) -> dict | None:
+    """A checked shuffle buffer state: an rng state random.Random takes, positions in the snapshot."""
+    if doc is None:
+        return None
+    doc = _expect(doc, dict, where)
+    rng = _expect(doc.get("rng"), list, f"{where}.rng")
+    if len(rng) != 3 or not isinstance(rng[1], list) or not all(isinstance(v, int) for v in rng[1]):
+        raise ResumeError(f"{where}.rng: expected [version, [int, ...], gauss], got {rng!r:.60}")
+    try:
+        random.Random().setstate((rng[0], tuple(rng[1]), rng[2]))
+    except (TypeError, ValueError) as exn:
+        raise ResumeError(f"{where}.rng: not a random.Random state ({exn})") from None
+    buffer = _expect(doc.get("buffer"), list, f"{where}.buffer")
+    for j, p in enumerate(buffer):
+        if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
+                and 0 <= p[0] < len(snapshot.shards) and 0 <= p[1] < (snapshot.shards[p[0]].nsamples or 0)):
+            raise ResumeError(f"{where}.buffer[{j}]: {p!r:.40} is not a sample of the snapshot")
+    return {"rng": rng, "buffer": buffer}
 
 
 def merge(states: object) -> dict:
@@ -278,6 +309,7 @@ class Restart:
     offset: int
     stats: dict
     explicit: bool
+    shuffle: dict | None = None
 
 
 def remaining(pieces: tuple[Piece, ...], piece: int, offset: int) -> list[Piece]:
@@ -330,7 +362,7 @@ def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool) -> Res
     unread: list[Piece] = []
     for key in sorted(need):
         c = have[key]
-        unread.extend(remaining(pieces_of(c), c.piece, c.offset))
+        unread.extend(c.buffered() + remaining(pieces_of(c), c.piece, c.offset))
     total = sum(p.count for p in unread)
     if slot.world_size != state.world_size:
         left_out = 0 if partial else total % slot.world_size
@@ -358,10 +390,50 @@ def _restart_in_place(state: ResumeState, slot: Slot, pieces_of, assignment_of) 
     if c.piece > len(pieces) or (c.piece < len(pieces) and c.offset > pieces[c.piece].count):
         raise ResumeError(f"rank {slot.rank} worker {slot.worker}: position {c.piece}/{c.offset} beyond its assignment")
     left_out = assignment_of(slot).left_out if c.pieces is None else 0
-    return Restart(Assignment(slot, pieces, left_out), c.piece, c.offset, c.stats, c.pieces is not None)
+    return Restart(Assignment(slot, pieces, left_out), c.piece, c.offset, c.stats, c.pieces is not None, c.shuffle)
 
 
 def read_stats(doc: dict, cls: type):
     """A ReadStats (``cls``) holding the counters saved in a consumer's state."""
     kinds = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: set(v) if isinstance(v, list) else v for k, v in doc.items() if k in kinds})
+
+
+# ---------------------------------------------------------------------------- stream mode
+
+@dataclass(frozen=True)
+class StreamResume:
+    """What the consumers of a stream had read: shards finished, and how far into started ones."""
+
+    done: frozenset[str]
+    reading: dict[str, int]
+
+
+def stream_state(source: str, consumers: list[dict]) -> dict:
+    return {"format": FORMAT, "version": VERSION, "mode": "stream", "source": source, "consumers": consumers}
+
+
+def parse_stream(states: object, source: str) -> StreamResume:
+    """Every stream consumer's position found in ``states`` (one state, a loader's, a list), checked
+    against the stream's source; the union is what a resumed stream skips, on any layout."""
+    found = [s for s in _find(states)]
+    if not found:
+        raise ResumeError("no wdsrefresh state found in the given object")
+    done: set[str] = set()
+    reading: dict[str, int] = {}
+    for state in found:
+        if state.get("mode") != "stream":
+            raise ResumeError("an epoch-mode state cannot resume a stream (mode='stream')")
+        if state.get("version") != VERSION:
+            raise ResumeError(f"state version {state.get('version')!r} is not supported: this wdsrefresh reads {VERSION}")
+        if state.get("source") != source:
+            raise ResumeError(f"state was saved by another stream: its source is {state.get('source')!r}, "
+                              f"this one's is {source!r}")
+        for i, c in enumerate(_expect(state.get("consumers"), list, "consumers")):
+            c = _expect(c, dict, f"consumers[{i}]")
+            done.update(_expect(n, str, f"consumers[{i}].done[]") for n in _expect(c.get("done"), list, "done"))
+            for name, n in _expect(c.get("reading"), dict, f"consumers[{i}].reading").items():
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    raise ResumeError(f"consumers[{i}].reading[{name!r}]: expected a sample count, got {n!r:.30}")
+                reading[name] = max(reading.get(name, 0), n)
+    return StreamResume(frozenset(done), {k: v for k, v in reading.items() if k not in done})

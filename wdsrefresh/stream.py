@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from . import resume as resuming
 from .format.atomic import write_atomic
 from .inotify import Change
 from .probe import Pending, Rejected
@@ -123,6 +124,8 @@ class StreamSource:
                 f'or use mode="epoch" (equal per rank)')
         self.statedir.set_control(0, rank, world_size, bump=False)
         self.current: Consumer | None = None
+        self._loop: _StreamLoop | None = None
+        self._resume: resuming.StreamResume | None = None
         weakref.finalize(self, self.statedir.cleanup)
 
     # main process
@@ -152,11 +155,27 @@ class StreamSource:
             corrupt=total("corrupt"), latencies=tuple(x for r in records for x in r.get("latencies", ())),
         )
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError('state_dict(): mode="stream" has no checkpoint yet; use mode="epoch"')
+    def last_position(self) -> None:
+        return None  # stream positions are not checkpointed yet
 
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError('load_state_dict(): mode="stream" has no checkpoint yet; use mode="epoch"')
+    def shuffle_resume(self) -> tuple[None, None]:
+        return None, None
+
+    def state_dict(self, shuffle: dict | None = None) -> dict:
+        """This consumer's place in the stream: the shards it finished and how far it is into the
+        one it reads (names below the directory). A resume on any layout skips the finished
+        shards, continues the started ones where they stopped, and reads the rest."""
+        if shuffle is not None:
+            raise RuntimeError('state_dict(): mode="stream" cannot checkpoint a .shuffle() buffer yet')
+        loop = self._loop
+        consumer = {"done": [], "reading": {}} if loop is None else loop.position()
+        if loop is not None:
+            consumer |= {"rank": loop.slot.rank, "worker": loop.slot.worker}
+        return resuming.stream_state(self.source.describe(), [consumer])
+
+    def load_state_dict(self, state: Any) -> None:
+        """Makes the next iteration skip what ``state`` (one consumer's or several) read."""
+        self._resume = resuming.parse_stream(state, self.source.describe())
 
     # each consumer
     def prepare(self) -> None:
@@ -166,19 +185,23 @@ class StreamSource:
         control = self.statedir.control()
         slot = current_slot(control["rank"], control["world_size"])
         self.current = Consumer(slot, 0, "stream")
-        return _StreamLoop(self, slot).samples()
+        self._loop = _StreamLoop(self, slot, self._resume)
+        return self._loop.samples()
 
 
 class _StreamLoop:
     """One consumer's loop: look at new or changed names, read its ready shards, sleep."""
 
-    def __init__(self, stream: StreamSource, slot: Slot):
+    def __init__(self, stream: StreamSource, slot: Slot, resume: resuming.StreamResume | None = None):
         self.stream = stream
         self.slot = slot
         self.source: DirectorySource = stream.source
+        # names below the directory: read whole, and how far into each started one
+        self.finished: set[str] = set(resume.done) if resume else set()
+        self.started: dict[str, int] = dict(resume.reading) if resume else {}
         self.control = stream.statedir.path(_CONTROL)
         self.resolver = Resolver(stream.source, stream.options.readiness)
-        self.done: set[str] = set()
+        self.taken: set[str] = set()  # urls handed to _read in this run
         # mine, not ready (or rejected): url -> (version looked at, when to look again if unchanged)
         self.waiting: dict[str, tuple[FileId, float]] = {}
         self.renamed: set[str] = set()  # renamed into place, not written since
@@ -249,9 +272,13 @@ class _StreamLoop:
         select.select([watcher.fileno()], [], [], timeout)
 
     def _mine(self, url: str) -> bool:
-        if url in self.done or not self.source.would_list(url):
+        if url in self.taken or not self.source.would_list(url):
             return False
-        return owner(os.path.relpath(url, self.source.path), self.slot.count) == self.slot.index
+        name = os.path.relpath(url, self.source.path)
+        return name not in self.finished and owner(name, self.slot.count) == self.slot.index
+
+    def position(self) -> dict:
+        return {"done": sorted(self.finished), "reading": dict(self.started)}
 
     def _ready(self, url: str) -> tuple[ShardInfo, float] | None:
         """The shard at ``url`` and its arrival time, if it is this consumer's, unread, and ready."""
@@ -279,7 +306,7 @@ class _StreamLoop:
         self.waiting.pop(url, None)
         self.rejected.discard(url)
         self.renamed.discard(url)
-        self.done.add(url)
+        self.taken.add(url)
         self.resolver.known.clear()  # read once; nothing to reuse
         return outcome.info, st.st_ctime
 
@@ -292,13 +319,18 @@ class _StreamLoop:
 
     def _read(self, info: ShardInfo, arrival: float) -> Iterator[dict]:
         stats = ReadStats()
+        name = os.path.relpath(info.url, self.source.path)
+        start = self.started.get(name, 0)
         first = True
-        for sample in read_shard(info, self.stream.options, stats):
+        for sample in read_shard(info, self.stream.options, stats, start=start):
             if first:
                 first = False
                 self.latencies.append(max(0.0, time.time() - arrival))
                 del self.latencies[:-_KEEP_LATENCIES]
+            self.started[name] = start + stats.yielded
             yield sample
+        self.started.pop(name, None)
+        self.finished.add(name)
         self.shards += 1
         for key, value in stats.as_dict().items():
             if isinstance(value, list):

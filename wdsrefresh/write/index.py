@@ -27,6 +27,7 @@ from ..format import manifest as manifestmod
 from ..format.manifest import ManifestEntry
 from ..format.names import SHARD_PATTERNS, is_shard_name
 from ..format.tario import TarError, index_shard
+from ..snapshot import FileId
 from .publish import MANIFEST_NAME, out_lock
 
 log = logging.getLogger("wdsrefresh")
@@ -53,18 +54,14 @@ class IndexResult:
 class _Seen:
     """What one read of one file found: an entry, or the reason there is none."""
 
-    identity: tuple[int, int, int, int] | None  # device, inode, size, mtime_ns; None: read again
+    file_id: FileId | None  # None: read again
     read_at: int  # time.time_ns() when the read started
     entry: ManifestEntry | None
     reason: str | None
 
     def still_valid(self, st: os.stat_result) -> bool:
         """Whether this read still describes the file ``st`` describes."""
-        return _identity(st) == self.identity and not _recent(st, self.read_at)
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return FileId.of(st) == self.file_id and not _recent(st, self.read_at)
 
 
 def _recent(st: os.stat_result, at: int) -> bool:
@@ -85,23 +82,23 @@ def _read(directory: str, name: str) -> _Seen | None:
         before = os.stat(path)
         read_at = time.time_ns()
         if before.st_size == 0:
-            return _Seen(_identity(before), read_at, None, "empty (just created: still being written?)")
+            return _Seen(FileId.of(before), read_at, None, "empty (just created: still being written?)")
         try:
             index = index_shard(path, url=name)
         except TarError as exn:
-            return _Seen(_identity(before), read_at, None, f"not a readable tar: {exn}")
+            return _Seen(FileId.of(before), read_at, None, f"not a readable tar: {exn}")
         after = os.stat(path)
     except FileNotFoundError:
         return None
     except OSError as exn:
         return _Seen(None, 0, None, f"cannot read: {exn}")
-    if _identity(after) != _identity(before):
+    if FileId.of(after) != FileId.of(before):
         return _Seen(None, read_at, None, "changed while it was read (still being written?)")
     if not index.complete:
-        return _Seen(_identity(before), read_at, None,
+        return _Seen(FileId.of(before), read_at, None,
                      "incomplete: ends before its end-of-archive marker (still being written, or truncated)")
     entry = ManifestEntry(name, index.nsamples, before.st_size, index.digest, index.blocks, before.st_mtime_ns)
-    return _Seen(_identity(before), read_at, entry, None)
+    return _Seen(FileId.of(before), read_at, entry, None)
 
 
 def _progress_bar(total: int):
