@@ -132,7 +132,7 @@ def test_stats_count_what_each_field_says_and_read_back_from_to_dict(shard_dir):
     assert (stats.shards, stats.samples, stats.added, stats.added_samples, stats.yielded) == (1, 4, 1, 4, 4)
     assert stats.wait_seconds is None and stats.wait_share is None  # no wr.timed: not measured
     assert wr.EpochStats.from_dict(json.loads(json.dumps(stats.to_dict()))).added_names == ("a.tar",)
-    for i in range(wr.stats.NAMES_CAP + 5):  # noqa: B007 - names beyond the cap are counted, not listed
+    for i in range(wr.stats.NAMES_CAP + 5):  # names beyond the cap are counted, not listed
         write_shard(shard_dir, f"n{i:03d}.tar", 1)
     ds.set_epoch(1)
     stats = ds.stats(1)
