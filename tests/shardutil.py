@@ -46,3 +46,22 @@ def write_shard(directory: str, name: str, n: int, size: int = 64, prefix: str |
     os.utime(tmp, ns=(written, written))
     os.replace(tmp, path)
     return path
+
+
+def write_junk(directory: str, name: str) -> str:
+    """A file with a shard's name that is no tar, last written an hour ago (a broken download)."""
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(b"this is not a tar archive\n" * 100)
+    old = os.stat(path).st_mtime_ns - 3600 * 10**9
+    os.utime(path, ns=(old, old))
+    return path
+
+
+def write_in_place(directory: str, name: str, n: int) -> str:
+    """A complete shard written at its final name just now, as a plain copy or a download does:
+    a reader takes it as pending until it has not been written for ``settle`` seconds."""
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(tar_bytes(make_samples(name.split(".")[0], n)))
+    return path

@@ -8,7 +8,10 @@ from importlib import import_module
 
 _EXPORTS = {
     "RefreshingWebDataset": "dataset",
-    "EpochStats": "epoch_source",
+    "EpochStats": "stats",
+    "TimedLoader": "stats",
+    "log_stats": "stats",
+    "timed": "stats",
     "ReadStats": "reading",
     "ShardVanishedError": "reading",
     "DigestMismatch": "reading",

@@ -1,9 +1,10 @@
-"""The ``wdsrefresh`` command: pack | ingest | verify | ls | demo."""
+"""The ``wdsrefresh`` command: pack | ingest | verify | ls | index | status | stats | demo."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -112,7 +113,11 @@ def _run_ingest(args: argparse.Namespace) -> int:
         config = IngestConfig(args.inbox, args.out, maxcount=args.maxcount, maxsize=parse_size(args.maxsize),
                               settle=args.settle, flush=args.flush, archive=args.archive, prefix=args.prefix,
                               require_done=args.require_done)
-        with Ingester(config) as ingester:
+        def published(entry) -> None:
+            print(f"published {os.path.join(args.out, entry.url)}: {entry.nsamples} samples, {entry.filesize} bytes",
+                  flush=True)
+
+        with Ingester(config, on_publish=published) as ingester:
             signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
             ingester.run_once() if args.once else ingester.run_forever()
     except (IngestError, OSError, ValueError) as exn:
@@ -133,7 +138,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
         "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
         "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). One ingest at a "
-        "time per inbox: it holds INBOX/.wdsrefresh-ingest.lock while it runs.",
+        "time per inbox: it holds INBOX/.wdsrefresh-ingest.lock while it runs. Prints one line per "
+        "published shard.",
     )
     p.add_argument("inbox", metavar="INBOX", help="directory producers drop files into (must exist; "
                    "neither OUT nor --archive may be inside it, or contain it)")
@@ -251,30 +257,175 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _run_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .write.status import StatusProbe, changes, describe_inbox, summary
+
+    try:
+        prober = StatusProbe(args.target, settle=args.settle, inbox=args.inbox)
+        status = prober.take()
+    except (OSError, ValueError) as exn:
+        return _fail("status", exn)
+    if args.json and not args.watch:
+        print(json.dumps(status.to_dict(), indent=2))
+        return 0
+    if not args.watch:
+        print(summary(status))
+        problems = status.of("pending") + status.of("rejected")
+        if problems:
+            _print_table(["SHARD", "STATE", "BYTES", "AGE", "REASON"],
+                         [[f.name, f.state, "-" if f.bytes is None else str(f.bytes), _age(f.age_seconds),
+                           f.reason or ""] for f in problems])
+        if status.inbox is not None:
+            print(f"inbox {describe_inbox(status.inbox)}")
+        return 0
+    # --watch: the first status whole, then one line per change, as it happens
+    previous = None
+    try:
+        while True:
+            if args.json:
+                if previous is None or list(changes(previous, status)):
+                    print(json.dumps(status.to_dict()), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(status.at))
+                if previous is None:  # the summary, and what is not ready yet
+                    print(summary(status), flush=True)
+                    lines = [line for line in changes(None, status) if not line.startswith("ready")]
+                else:
+                    lines = list(changes(previous, status))
+                for line in lines:
+                    print(f"{stamp} {line}", flush=True)
+            previous = status
+            time.sleep(args.interval)
+            status = prober.take()
+    except (OSError, ValueError) as exn:
+        return _fail("status", exn)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    from .probe import DEFAULT_SETTLE
+
+    p = sub.add_parser(
+        "status",
+        help="ready, pending and rejected shards of a directory, and an ingest backlog",
+        description="Judges every shard file of DIR (or of a manifest, glob or brace pattern) by the "
+        "reader's readiness rule: ready (a complete shard: its samples are counted), pending (still "
+        "being written, or written in place less than --settle seconds ago) or rejected (not a readable "
+        "shard), with the reason. Prints a summary line (ready shards, samples, bytes, the newest "
+        "shard's age) and a table of the files that are not ready; with --inbox, the files, samples and "
+        "bytes waiting there for ingest. --json prints the same as one JSON document; --watch keeps "
+        "printing one line per change (a file appearing, becoming ready, pending or rejected, going; "
+        "the inbox changing) until interrupted. Reads shard headers only (never digests) and nothing "
+        "of a shard it has seen unchanged.",
+    )
+    p.add_argument("target", metavar="DIR", help="shard directory (or manifest, glob, brace pattern; file:// URLs)")
+    p.add_argument("--json", action="store_true", help="print JSON (with --watch: one document per change)")
+    p.add_argument("--watch", action="store_true", help="print one line per change as it happens")
+    p.add_argument("--inbox", metavar="INBOX", help="an ingest inbox: report its backlog too")
+    p.add_argument("--settle", type=float, default=DEFAULT_SETTLE, help="seconds a file written in place must be "
+                   "unchanged to be ready: the readers' settle= (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=1.0, help="with --watch: seconds between looks "
+                   "(default: %(default)s)")
+    p.set_defaults(run=_run_status)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from .stats import read_jsonl
+
+    try:
+        rows = sorted(read_jsonl(args.path), key=lambda r: (r.epoch, r.rank))  # ranks append in any order
+    except (OSError, ValueError) as exn:
+        return _fail("stats", exn)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    elif rows:
+        def num(value, fmt="{:.0f}") -> str:
+            return "-" if value is None else fmt.format(value)
+
+        _print_table(
+            ["EPOCH", "RANK", "SHARDS", "SAMPLES", "ADDED", "CHANGED", "REMOVED", "PENDING", "REJECTED", "YIELDED",
+             "SAMPLES/S", "WAIT", "LAG"],
+            [[str(r.epoch), str(r.rank), str(r.shards), str(r.samples), f"+{r.added}", f"~{r.changed}",
+              f"-{r.removed}", str(r.pending), str(r.rejected), str(r.yielded), num(r.samples_per_second),
+              num(None if r.wait_share is None else 100 * r.wait_share, "{:.0f}%"), _age(r.lag_seconds)]
+             for r in rows])
+    else:
+        print(f"{args.path}: no epochs yet")
+    if args.plot:
+        from .plot import PlotUnavailable, plot
+
+        try:
+            plot(rows, args.plot, title=args.title, dpi=args.dpi)
+        except PlotUnavailable as exn:
+            return _fail("stats", exn)
+        except (OSError, ValueError) as exn:
+            return _fail("stats", exn)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="a training run's per-epoch stats (stats.jsonl), as a table or a figure",
+        description="Reads PATH, the stats.jsonl a RefreshingWebDataset(stats_dir=...) appends to (one "
+        "line per epoch and rank), or the directory holding it, and prints one row per line: the "
+        "snapshot's shards and samples, shards added, changed and removed since the epoch before, "
+        "pending and rejected files, samples yielded, samples/s, the share of the loop spent waiting "
+        "for data (under wr.timed) and lag. --plot FILE draws shards and samples, churn, samples/s and "
+        "waiting per rank, and lag over epochs (needs matplotlib: pip install 'wdsrefresh[plot]').",
+    )
+    p.add_argument("path", metavar="PATH", help="a stats.jsonl file, or the stats_dir holding one")
+    p.add_argument("--plot", metavar="FILE", help="write the figure to FILE (.png, .svg, .pdf)")
+    p.add_argument("--title", help="the figure's title")
+    p.add_argument("--dpi", type=_at_least_one, default=100, help="the figure is 9 x 6.5 inches at this many dots "
+                   "per inch (default: %(default)s: 900 x 650 pixels)")
+    p.add_argument("--json", action="store_true", help="print the lines as one JSON list")
+    p.set_defaults(run=_run_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wdsrefresh",
         description="Tools for WebDataset shard directories that change while training reads them.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO and DEBUG)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: wdsrefresh's INFO lines; -vv: its DEBUG lines too; -vvv: every library's")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_pack(sub)
     _add_ingest(sub)
     _add_verify(sub)
     _add_ls(sub)
     _add_index(sub)
+    _add_status(sub)
+    _add_stats(sub)
     _add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (| head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _configure_logging(verbosity: int) -> None:
+    """Warnings of every library; -v adds wdsrefresh's INFO, -vv its DEBUG, -vvv everyone's DEBUG
+    (watchdog's included, which logs every event)."""
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 3 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    ours = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.getLogger("wdsrefresh").setLevel(ours)
 
 
 if __name__ == "__main__":

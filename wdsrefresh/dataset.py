@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+from dataclasses import replace
 from typing import Any, Callable
 
 import webdataset as wds
 from webdataset.filters import default_collation_fn
 from webdataset.handlers import reraise_exception
 
+from .compat import check_ported, shard_shuffle
 from .epoch_source import EpochSource, EpochStats
 from .format.tario import MAX_SAMPLE_BYTES
+from .length import Batching, EpochLengthUnknown, find_batching, rank_items
 from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
 from .resolver import INVALID_POLICIES
@@ -19,6 +23,8 @@ from .sample_source import SampleSource
 from .batching import Batched
 from .shuffle import EpochShuffle
 from .snapshot import Snapshot
+from .sources import NoShardsError
+from .stats import StatsRecorder, gather, rank_quota
 from .watch import BACKENDS
 
 log = logging.getLogger("wdsrefresh")
@@ -41,7 +47,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         self,
         source: Any,
         *,
-        shardshuffle: bool = True,
+        shardshuffle: bool | int | None = True,
         seed: int = 0,
         verify: str = "inline",
         on_change: str = "reload",
@@ -57,7 +63,14 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         settle: float = DEFAULT_SETTLE,
         on_invalid: str = "warn",
         max_sample_bytes: int = MAX_SAMPLE_BYTES,
+        stats_dir: str | None = None,
+        **webdataset_args: Any,
     ):
+        # webdataset's own arguments (nodesplitter, resampled, empty_check, ...): see compat.py
+        self.empty_check = check_ported(webdataset_args, _OWN_ARGUMENTS)
+        shardshuffle = shard_shuffle(shardshuffle)
+        if mode == "resampled":
+            raise ValueError('mode="resampled" is webdataset\'s resampling; see resampled=True for what replaces it')
         _check_choice("verify", verify, VERIFY_MODES)
         _check_choice("on_change", on_change, CHANGE_POLICIES)
         _check_choice("mode", mode, MODES)
@@ -68,6 +81,10 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
             raise ValueError(f"settle={settle!r}: expected seconds >= 0")
         options = ReadOptions(verify=verify, on_change=on_change, handler=handler, equalize=equalize, settle=settle,
                               max_sample_bytes=max_sample_bytes)
+        if stats_dir is not None and mode == "stream":
+            raise ValueError('stats_dir= writes one line per epoch, and mode="stream" has no epochs: '
+                             "read ds.stats() (a StreamStats) instead")
+        self.stats_recorder = StatsRecorder(stats_dir)  # shared by the pipelines composed from this one
         self.sample_source: SampleSource
         if mode == "stream":
             from .stream import StreamSource
@@ -81,19 +98,39 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         super().__init__(self.sample_source)
 
     def close(self) -> None:
-        """Epoch mode: stops the directory watcher. Stream mode: ends the stream in every consumer."""
+        """Epoch mode: writes the last epoch's stats line (``stats_dir``) and stops the directory
+        watcher. Stream mode: ends the stream in every consumer."""
+        if self.stats_recorder.log is not None:
+            self._flush_stats()
         self.sample_source.close()
+
+    def __enter__(self) -> RefreshingWebDataset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def set_epoch(self, epoch: int) -> Snapshot:
         """Resolves the snapshot for ``epoch`` and makes it the one every consumer reads next.
 
         Under torch.distributed, call it in every rank (rank 0's snapshot is broadcast).
-        Without it, each iteration advances the epoch by one.
+        Without it, each iteration advances the epoch by one. With ``stats_dir``, the stats of
+        the epochs before ``epoch`` (complete now) are appended to ``stats.jsonl`` first.
         """
-        return self.sample_source.set_epoch(epoch)
+        if self.stats_recorder.log is not None:
+            self._flush_stats(before=epoch)
+        snapshot = self.sample_source.set_epoch(epoch)
+        self.stats_recorder.last_set_epoch = epoch
+        if self.empty_check:
+            _check_not_empty(snapshot)
+        return snapshot
 
     def __iter__(self):
         self.sample_source.prepare()  # a checkpoint taken before the first sample knows its epoch
+        if self.empty_check:
+            upcoming = getattr(self.sample_source, "upcoming", None)
+            if upcoming is not None:
+                _check_not_empty(upcoming)
         return super().__iter__()
 
     def state_dict(self) -> dict:
@@ -140,12 +177,78 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         """The published snapshot of ``epoch`` (default: the latest)."""
         return self.sample_source.snapshot(epoch)
 
-    def stats(self, epoch: int | None = None):
-        """Per-epoch statistics of this rank (default: the latest published epoch): an EpochStats.
+    def stats(self, epoch: int | None = None, *, all_ranks: bool = False):
+        """What ``epoch`` read on this rank (default: the latest published epoch): an EpochStats,
+        whose docstring says what each field counts. Complete once the epoch's loop ended.
 
-        In stream mode: a ``StreamStats`` (shards, samples, drop-to-first-sample latencies).
+        ``all_ranks=True`` returns every rank's EpochStats, in rank order, gathered over
+        torch.distributed: a collective, so call it in every rank's main process (for the same
+        epoch). In stream mode: a ``StreamStats`` (shards, samples, drop-to-first-sample latencies).
         """
-        return self.sample_source.stats(epoch)
+        stats = self.sample_source.stats(epoch)
+        if isinstance(stats, EpochStats):
+            loop = self.stats_recorder.loops.get(stats.epoch)
+            if loop is not None:
+                stats = replace(stats, batches=loop["batches"], loop_seconds=loop["seconds"],
+                                wait_seconds=loop["wait_seconds"])
+        if all_ranks:
+            if not isinstance(stats, EpochStats):
+                raise ValueError('stats(all_ranks=True) gathers epochs; mode="stream" has none')
+            return gather(stats)
+        return stats
+
+    def record_loop(self, batches: int, seconds: float, wait_seconds: float) -> None:
+        """Adds a pass of ``wr.timed(loader)`` to the stats of the epoch it read (the latest
+        published one); ``wr.timed`` calls it."""
+        published = self.sample_source.statedir.published_epochs()
+        if published:
+            self.stats_recorder.record_loop(max(published), batches, seconds, wait_seconds)
+
+    def _flush_stats(self, before: int | None = None) -> None:
+        source = self.sample_source
+        if os.getpid() != source.statedir.owner_pid:
+            return  # a worker's copy: the main process logs
+        self.stats_recorder.flush(source.statedir.published_epochs(), self.stats, before=before)
+
+    def epoch_length(self, epoch: int | None = None, *, batch_size: int | None | str = "auto",
+                     num_workers: int | None = None) -> int:
+        """How many items this rank yields in ``epoch`` (default: the one set last by ``set_epoch``).
+
+        Samples; or, when the pipeline batches (``.batched(n)``, found among its stages, or
+        ``batch_size=n`` given), batches. Each DataLoader worker batches its own share, so the
+        count of batches depends on ``num_workers`` (0 or 1: one consumer); by default the
+        number the last loader over this dataset used. ``batch_size=None`` counts samples
+        whatever the pipeline does. Stages that drop samples (``.select()``, a handler that skips
+        corrupt samples) or padding make the real count differ; the split itself never does:
+        every rank yields this many. Raises EpochLengthUnknown (a TypeError) before ``set_epoch``.
+        """
+        if epoch is None:
+            epoch = self.stats_recorder.last_set_epoch
+        snapshot = self.sample_source.snapshot(epoch) if epoch is not None else None
+        if snapshot is None:
+            raise EpochLengthUnknown(
+                "the length of an epoch is known once its snapshot is resolved: call ds.set_epoch(epoch) first"
+                + ("" if epoch is None else f" (no snapshot is published for epoch {epoch})"))
+        control = self.sample_source.statedir.control()
+        samples, _ = rank_quota(snapshot.nsamples, control["rank"], control["world_size"],
+                                getattr(self.sample_source, "partial", False))
+        batching = find_batching(self.pipeline[1:]) if batch_size == "auto" else (
+            None if batch_size is None else Batching(_positive("batch_size", batch_size)))
+        if batching is None:
+            return samples
+        if num_workers is None:
+            num_workers = self.sample_source.statedir.last_num_workers()
+            if num_workers is None:
+                raise EpochLengthUnknown(
+                    f"this pipeline yields batches of {batching.size}, and each DataLoader worker batches its own "
+                    f"share: call ds.epoch_length(num_workers=N) with the loader's num_workers (it is known by "
+                    f"itself once a loader has iterated this dataset)")
+        return rank_items(samples, num_workers, batching)
+
+    def __len__(self) -> int:
+        """``epoch_length()``: this rank's samples (or batches) in the epoch set last by
+        ``set_epoch``; raises EpochLengthUnknown (a TypeError) before it."""
+        return self.epoch_length()
 
     def batched(self, batchsize: int, collation_fn: Callable | None = default_collation_fn, partial: bool = True):
         """Batches of ``batchsize`` samples, as webdataset's ``batched`` (same collation), yielded
@@ -174,6 +277,27 @@ def _refuse_stages_holding_samples(stages: list) -> None:
             raise RuntimeError(
                 f"state_dict(): the pipeline's {_HOLDING_STAGES[name]} stage holds samples it read but did not "
                 f"yield yet; a checkpoint would lose them. Use RefreshingWebDataset's .shuffle() and .batched()")
+
+
+_OWN_ARGUMENTS = (
+    "shardshuffle", "seed", "verify", "on_change", "handler", "watch", "mode", "partial", "equalize", "state_dir",
+    "min_shards", "timeout", "poll", "settle", "on_invalid", "stats_dir",
+)
+
+
+def _check_not_empty(snapshot: Snapshot) -> None:
+    """``empty_check=True``: an epoch with no sample to read is an error, as in webdataset."""
+    if snapshot.nsamples == 0:
+        raise NoShardsError(
+            f"epoch {snapshot.epoch}: no sample to read ({len(snapshot.shards)} ready shards, "
+            f"{len(snapshot.pending)} pending, {len(snapshot.rejected)} rejected); empty_check=True makes that an "
+            f"error (min_shards=N waits for shards instead)")
+
+
+def _positive(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return value
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

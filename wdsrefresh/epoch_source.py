@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,33 +26,10 @@ from .snapshot import Snapshot
 from .sources import DirectorySource, ShardSource, make_source
 from .split import Assignment, split
 from .statedir import StateDirectory
+from .stats import EpochStats, epoch_stats
 from .watch import poll_interval
 
 log = logging.getLogger("wdsrefresh")
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    """What one epoch read, on this rank: from the snapshot and from its consumers' counters.
-
-    ``added``, ``removed``, ``replaced``, ``deleted`` and ``corrupt`` count shards; the
-    others count samples.
-    """
-
-    epoch: int
-    snapshot_id: str
-    shards: int
-    samples: int
-    added: int
-    removed: int
-    left_out: int
-    yielded: int
-    replaced: int
-    deleted: int
-    corrupt: int
-    skipped: int
-    padded: int
-    consumers: int
 
 
 @dataclass
@@ -119,8 +97,10 @@ class EpochSource:
             resolver = self._rescanner()
             resolver.remember(previous)
             once = lambda: resolver.resolve(epoch)  # noqa: E731
+        started = time.monotonic()
         snapshot = resolve_waiting(once, describe=self.source.describe(), min_shards=self.min_shards,
                                    timeout=self.timeout, index=index, poll=poll_interval(self.poll, 1.0))
+        snapshot = replace(snapshot, resolved_at=time.time(), resolve_seconds=time.monotonic() - started)
         log.info("%s", snapshot.describe(previous))
         return snapshot
 
@@ -172,23 +152,27 @@ class EpochSource:
         return self.statedir.latest() if epoch is None else self.statedir.load(epoch)
 
     def stats(self, epoch: int | None = None) -> EpochStats:
-        """Per-epoch statistics on this rank (default: the latest published epoch)."""
+        """Per-epoch statistics on this rank (default: the latest published epoch); see stats.py."""
         snap = self.snapshot(epoch)
         if snap is None:
             raise LookupError(f"no snapshot published for epoch {epoch}")
-        added, removed = snap.diff(self.statedir.latest(before=snap.epoch))
-        records = self.statedir.read_stats(snap.epoch)
-        total = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
-        shards = lambda key: len(set().union(*(r.get(key, ()) for r in records)))  # noqa: E731
-        left_out = max((r.get("left_out", 0) for r in records), default=0)
-        return EpochStats(
-            epoch=snap.epoch, snapshot_id=snap.id, shards=len(snap.shards), samples=snap.nsamples,
-            added=len(added), removed=len(removed), left_out=left_out, yielded=total("yielded"),
-            replaced=shards("replaced"), deleted=shards("deleted"), corrupt=shards("corrupt"),
-            skipped=total("skipped"), padded=total("padded"), consumers=len(records),
-        )
+        control = self.statedir.control()
+        return epoch_stats(snap, self.statedir.latest(before=snap.epoch), self.statedir.read_stats(snap.epoch),
+                           rank=control["rank"], world_size=control["world_size"], partial=self.partial,
+                           name_of=self._name_of)
+
+    def _name_of(self, url: str) -> str:
+        """A file's name as stats report it: relative to a directory source, else its base name."""
+        if isinstance(self.source, DirectorySource):
+            return os.path.relpath(url, self.source.path)
+        return os.path.basename(url)
 
     # iterating, in each consumer
+    @property
+    def upcoming(self) -> Snapshot | None:
+        """The snapshot this consumer's prepared iteration reads (None when none is prepared)."""
+        return self._next.snapshot if self._next is not None else None
+
     def prepare(self) -> None:
         """Fixes this consumer's next iteration (epoch, snapshot, share) when its iterator is made."""
         self._next = self._next_iteration()

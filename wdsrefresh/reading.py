@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,12 @@ _RECENT = 16  # samples kept for padding; only under equalize (torch.distributed
 
 @dataclass
 class ReadStats:
-    """What one consumer did in one epoch; shards are counted by url, so consumers' sets add up."""
+    """What one consumer did in one epoch; shards are counted by url, so consumers' sets add up.
+
+    ``bytes_read``, ``read_seconds`` and ``verify_seconds`` are the reader's IOCounters (per read
+    call and per hashed chunk); ``started`` and ``ended`` are the wall-clock times at which the
+    consumer began its share and finished it (0.0 until then).
+    """
 
     yielded: int = 0
     quota: int = 0
@@ -39,6 +45,11 @@ class ReadStats:
     replaced: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(self).items()}
@@ -93,6 +104,7 @@ def read_assignment(
     """
     cursor = cursor if cursor is not None else Cursor()
     stats.quota = assignment.quota
+    stats.started = stats.started or time.time()
     # keeping samples alive costs the allocator fresh pages per payload: only when padding may need them
     recent: deque[dict] = deque(maxlen=_RECENT if options.equalize else 0)
     try:
@@ -114,12 +126,14 @@ def read_assignment(
         # the handler asked to stop: the rest is skipped, but ranks must still agree on counts
         stats.skipped += sum(p.count for p in assignment.pieces[cursor.piece + 1:])
         if not options.equalize:
+            stats.ended = time.time()
             return
     shortfall = assignment.quota - stats.yielded - stats.padded
     if shortfall > 0 and options.equalize:
         if not recent:
             recent.extend(_any_samples(snapshot, options))
         yield from _pad(recent, shortfall, assignment, stats)
+    stats.ended = time.time()
 
 
 def read_shard(shard: ShardInfo, options: ReadOptions, stats: ReadStats, start: int = 0) -> Iterator[dict]:
@@ -201,7 +215,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
     position = piece.start
     while position < piece.stop:
         try:
-            yield from _read_verified(shard, expected, position, piece.stop, options, count)
+            yield from _read_verified(shard, expected, position, piece.stop, options, count, stats)
             position = stats.yielded - base
             if position < piece.stop:  # a reloaded shard holds fewer samples than the snapshot counted
                 log.warning("%s: its current content ends after %d samples, the snapshot counted %d; %d skipped",
@@ -279,10 +293,11 @@ def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
 
 
 def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, options: ReadOptions,
-                   count: int | None = None) -> Iterator[dict]:
+                   count: int | None = None, counters: ReadStats | None = None) -> Iterator[dict]:
     """Samples ``start <= i < stop`` of the shard as ``expected``; with ``count`` (the samples the
-    snapshot's version holds), a shard that holds fewer or more raises CountMismatch."""
-    reader, fd = open_shard(shard.path, shard.url, expected, max_sample_bytes=options.max_sample_bytes)
+    snapshot's version holds), a shard that holds fewer or more raises CountMismatch. ``counters``
+    adds up bytes read and seconds spent (see ReadStats)."""
+    reader, fd = open_shard(shard.path, shard.url, expected, counters, max_sample_bytes=options.max_sample_bytes)
     try:
         hold_back = options.verify == "strict" and expected.blocks is None and expected.digest is not None
         samples = reader.samples(start, stop)

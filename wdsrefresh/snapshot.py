@@ -62,17 +62,40 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The shards an epoch reads, in a deterministic order; ``id`` names its content."""
+    """The shards an epoch reads, in a deterministic order; ``id`` names its content.
+
+    ``len(snapshot)`` is the number of samples its shards hold. ``resolved_at`` (wall-clock
+    seconds) and ``resolve_seconds`` say when and how fast it was resolved (0.0 when unknown,
+    e.g. a snapshot restored from a checkpoint); they are not part of its value.
+    """
 
     epoch: int
     shards: tuple[ShardInfo, ...]
     id: str
     rejected: tuple[tuple[str, str], ...] = ()
     pending: tuple[str, ...] = ()
+    resolved_at: float = field(default=0.0, compare=False)
+    resolve_seconds: float = field(default=0.0, compare=False)
 
     @property
     def nsamples(self) -> int:
         return sum(s.nsamples or 0 for s in self.shards)
+
+    def __len__(self) -> int:
+        return self.nsamples
+
+    @property
+    def nbytes(self) -> int:
+        """The size of its shard files, in bytes."""
+        return sum(s.size for s in self.shards)
+
+    @property
+    def lag(self) -> float | None:
+        """Seconds from the last write of its newest shard (largest mtime) to ``resolved_at``:
+        how far behind the producers this epoch reads. None without shards or ``resolved_at``."""
+        if not self.shards or not self.resolved_at:
+            return None
+        return max(0.0, self.resolved_at - max(s.mtime_ns for s in self.shards) / 1e9)
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -80,7 +103,7 @@ class Snapshot:
 
     def diff(self, previous: Snapshot | None) -> tuple[list[str], list[str]]:
         """Urls added and removed since ``previous``."""
-        before = set(previous.urls) if previous else set()
+        before = set(previous.urls) if previous is not None else set()
         now = set(self.urls)
         return sorted(now - before), sorted(before - now)
 

@@ -93,6 +93,18 @@ class StateDirectory:
         self.write_json(name, {"generation": control["generation"], "iterations": iterations})
         return control["epoch"] + iterations, control
 
+    def last_num_workers(self) -> int | None:
+        """How many DataLoader workers the last loader over this dataset had (1 for none), as
+        its workers' epoch counters tell; None before any iteration."""
+        counters = []
+        for name in os.listdir(self.directory):
+            if name.startswith("counter-") and name.endswith(".json"):
+                try:
+                    counters.append((os.stat(self.path(name)).st_mtime_ns, int(name.split("-")[1])))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return max(counters)[1] if counters else None
+
     def restart_at(self, epoch: int, token: str, force: bool) -> int:
         """Makes ``epoch`` the one every consumer iterates next, once per loaded checkpoint
         ``token`` (unless ``force``); returns the control generation. Call under ``lock()``.
@@ -139,6 +151,10 @@ class StateDirectory:
                 if snap is not None:
                     return snap
         return None
+
+    def published_epochs(self) -> list[int]:
+        """The epochs whose snapshot is published here (the latest ``KEEP_SNAPSHOTS`` or so)."""
+        return self._published_epochs() if os.path.isdir(self.directory) else []
 
     def _published_epochs(self) -> list[int]:
         return [

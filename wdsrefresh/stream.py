@@ -27,7 +27,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import resume as resuming
@@ -79,6 +79,23 @@ class StreamStats:
     @property
     def median_latency(self) -> float | None:
         return statistics.median(self.latencies) if self.latencies else None
+
+    def latency(self, percent: float) -> float | None:
+        """The ``percent``-th percentile (0 to 100, nearest rank) of the seconds from a shard's
+        arrival to its first sample; None before any shard was read."""
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        rank = max(1, -(-len(ordered) * percent // 100))  # ceil, at least the first
+        return ordered[int(rank) - 1]
+
+    def to_dict(self) -> dict:
+        """The counts, and latency percentiles (p50, p90, p99, max) instead of every latency."""
+        doc = {k: v for k, v in asdict(self).items() if k != "latencies"}
+        for name, percent in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100)):
+            value = self.latency(percent)
+            doc[f"latency_{name}"] = None if value is None else round(value, 6)
+        return doc
 
 
 class StreamSource:

@@ -104,6 +104,15 @@ def watch_or_poll(root: str, *, poll: bool | float, backend: str | Callable[[], 
     return None, reason
 
 
+class _StopRace(logging.Filter):
+    """Drops the ERROR watchdog's inotify emitter logs when it is stopped while reading events
+    (its thread still runs once after stop() released the inotify handle): nothing is wrong,
+    and a quiet command would print it at random."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
 class WatchdogWatcher:
     """watchdog's native observer behind the Watcher interface: events queue up, a pipe wakes."""
 
@@ -113,6 +122,9 @@ class WatchdogWatcher:
     def __init__(self, recursive: bool = False):
         from watchdog.observers import Observer
 
+        emitter_log = logging.getLogger("watchdog.observers.inotify")
+        if not any(isinstance(f, _StopRace) for f in emitter_log.filters):
+            emitter_log.addFilter(_StopRace())
         self.recursive = recursive
         self.pid = os.getpid()
         self._observer = Observer()

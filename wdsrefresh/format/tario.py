@@ -31,6 +31,7 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Protocol
 
 import xxhash
@@ -112,6 +113,28 @@ class Expected:
 # --------------------------------------------------------------------------- raw bytes
 
 
+class IOCounters:
+    """What reading shards costs, added up over the shards read with it: ``bytes_read`` (bytes
+    the read calls returned), ``read_seconds`` (time blocked in those calls) and
+    ``verify_seconds`` (time hashing bytes to check them against digests). Measured once per
+    read call and per hashed chunk, never per sample. Any object with these attributes will do."""
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.verify_seconds = 0.0
+
+
+def _timed_pread(fd: int, size: int, offset: int, counters: IOCounters | None) -> bytes:
+    if counters is None:
+        return os.pread(fd, size, offset)
+    started = perf_counter()
+    data = os.pread(fd, size, offset)
+    counters.read_seconds += perf_counter() - started
+    counters.bytes_read += len(data)
+    return data
+
+
 class _Checker:
     """Hashes a file's raw bytes in order, each once, and checks or records the digests.
 
@@ -122,8 +145,9 @@ class _Checker:
     """
 
     def __init__(self, url: str, expected: Expected | None = None, record: bool = False,
-                 algo: str = DEFAULT_ALGO):
+                 algo: str = DEFAULT_ALGO, counters: IOCounters | None = None):
         self.url = url
+        self.counters = counters
         self.blocks = expected.blocks if expected else None
         self.block_size = expected.block_size if expected else BLOCK_SIZE
         self.whole = self.whole_algo = self.whole_hex = None
@@ -144,6 +168,14 @@ class _Checker:
 
     def feed(self, data) -> None:
         """Takes the bytes that follow ``hashed``; checks each block as it completes."""
+        if self.counters is not None and len(data):
+            started = perf_counter()
+            self._feed(data)
+            self.counters.verify_seconds += perf_counter() - started
+        else:
+            self._feed(data)
+
+    def _feed(self, data) -> None:
         n = len(data)
         if not n:
             return
@@ -313,6 +345,7 @@ class _LocalSource:
         self.check = check
         self.chunk = _FIRST_CHUNK
         self.file_size = 0  # as last seen; a shard being written grows
+        self.counters = check.counters
 
     @property
     def verified(self) -> float:
@@ -348,7 +381,7 @@ class _LocalSource:
     def _read_feed(self, pos: int, hoff: int) -> None:
         check = self.check
         while check.hashed < pos:
-            data = os.pread(self.fd, min(pos - check.hashed, BLOCK_SIZE), check.hashed)
+            data = _timed_pread(self.fd, min(pos - check.hashed, BLOCK_SIZE), check.hashed, self.counters)
             if not data:
                 raise TarError(self.url, hoff, f"truncated member: the shard ends at byte {check.hashed}",
                                truncated=True)
@@ -365,14 +398,14 @@ class _LocalSource:
             elif check.hashed > pos:  # checked ahead (see settle): keep those very bytes
                 kept = buf[p:]
                 size = max(need, self.chunk)
-                more = os.pread(self.fd, size, base + len(buf))
+                more = _timed_pread(self.fd, size, base + len(buf), self.counters)
                 if len(more) < size:
                     check.ends_at(base + len(buf) + len(more))
                 return kept + more, pos
         size = max(need, self.chunk)
         if self.chunk < _MAX_CHUNK:
             self.chunk *= 2
-        data = os.pread(self.fd, size, pos)
+        data = _timed_pread(self.fd, size, pos, self.counters)
         if len(data) < size and check.blocks is not None:
             check.ends_at(pos + len(data))
         return data, pos
@@ -393,7 +426,7 @@ class _LocalSource:
                 head = buf[q : check.hashed - base]
         if not self._holds(start + size):  # before allocating what the header merely claims
             raise _truncated(self.url, hoff, size, max(self.file_size - start, 0), self.position)
-        data = os.pread(self.fd, size - len(head), start + len(head))
+        data = _timed_pread(self.fd, size - len(head), start + len(head), self.counters)
         if len(data) < size - len(head):
             raise _truncated(self.url, hoff, size, len(head) + len(data), self.position)
         if check.active:
@@ -425,7 +458,7 @@ class _LocalSource:
         if check.verified >= pos:
             return buf
         want = check.block_end - check.hashed
-        extra = os.pread(self.fd, want, check.hashed)
+        extra = _timed_pread(self.fd, want, check.hashed, self.counters)
         start = check.hashed
         check.feed(extra)
         if len(extra) < want:
@@ -438,7 +471,7 @@ class _LocalSource:
         if not check.sequential:
             return
         self._consume(buf, base, len(buf))
-        while data := os.pread(self.fd, BLOCK_SIZE, check.hashed):
+        while data := _timed_pread(self.fd, BLOCK_SIZE, check.hashed, self.counters):
             check.feed(data)
         check.end_of_file()
         check.check_whole()
@@ -462,6 +495,7 @@ class _GzipSource:
         self.fd = fd
         self.url = url
         self.check = check
+        self.counters = check.counters
         self.dec = zlib.decompressobj(31)
         self.fresh = True  # between gzip members: trailing zero padding is allowed here
         self.pending = b""
@@ -469,7 +503,7 @@ class _GzipSource:
         self.out_offset = 0  # decompressed bytes so far
 
     def _raw(self) -> bytes:
-        data = os.pread(self.fd, self.check.block_size, self.raw_offset)
+        data = _timed_pread(self.fd, self.check.block_size, self.raw_offset, self.counters)
         self.raw_offset += len(data)
         self.check.feed(data)
         if len(data) < self.check.block_size:  # the end of the file: the last block is complete
@@ -1069,13 +1103,15 @@ def _source(fd: int, url: str, check: _Checker) -> ByteSource:
     return _LocalSource(fd, url, check)
 
 
-def open_shard(path: str, url: str | None = None, expected: Expected | None = None, *,
+def open_shard(path: str, url: str | None = None, expected: Expected | None = None,
+               counters: IOCounters | None = None, *,
                max_sample_bytes: int = MAX_SAMPLE_BYTES) -> tuple[ShardReader, int]:
     """Opens a local shard (tar or gzip-compressed tar) for reading.
 
     Returns the reader and the open file descriptor (the caller closes it). Raises
     ShardChangedError when size, mtime or inode differ from ``expected``; with block digests
     in ``expected``, no sample is yielded before the blocks it depends on match them.
+    ``counters`` (an IOCounters), if given, adds up the reader's bytes read and seconds spent.
 
     A member larger than ``max_sample_bytes`` is refused with a TarError before it is read,
     and nothing is allocated on a header's word alone: a size past the end of the file is a
@@ -1086,7 +1122,7 @@ def open_shard(path: str, url: str | None = None, expected: Expected | None = No
     try:
         if expected is not None:
             _check_identity(fd, url, expected)
-        source = _source(fd, url, _Checker(url, expected))
+        source = _source(fd, url, _Checker(url, expected, counters=counters))
         return ShardReader(source, url, local_path=path, max_sample_bytes=max_sample_bytes), fd
     except BaseException:
         os.close(fd)

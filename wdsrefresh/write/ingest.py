@@ -35,7 +35,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -87,7 +87,7 @@ class _Found:
     marker: tuple[str, os.stat_result] | None = None
 
 
-def _scan(inbox: str) -> Iterator[tuple[str, str, os.stat_result]]:
+def scan_inbox(inbox: str) -> Iterator[tuple[str, str, os.stat_result]]:
     """``(name relative to inbox, path, lstat)`` of every visible regular file under inbox."""
     stack = [("", inbox)]
     while stack:
@@ -165,8 +165,11 @@ def _same_file(ident: dict) -> bool:
 class Ingester:
     """Moves complete samples from an inbox into published shards; see the module docstring."""
 
-    def __init__(self, config: IngestConfig):
+    def __init__(self, config: IngestConfig, on_publish: Callable[[ManifestEntry], None] | None = None):
+        """``on_publish`` is called with each shard's manifest entry once the shard is published
+        and its inputs removed (the command line prints a line)."""
         self.cfg = config
+        self.on_publish = on_publish
         self.inbox = os.path.abspath(config.inbox)
         self.out = os.path.abspath(config.out)
         self.tag = xxhash.xxh3_64_hexdigest(os.path.realpath(self.inbox).encode())
@@ -300,7 +303,7 @@ class Ingester:
         """Complete samples, in key order, with every input each one consumes; and the
         earliest time at which a sample still settling may become complete."""
         found: dict[str, _Found] = {}
-        for name, path, st in _scan(self.inbox):
+        for name, path, st in scan_inbox(self.inbox):
             key, ext = split_key(name)
             if key is None or not ext:
                 self.tracker.warn_once(path, st, f"{path}: name has no extension; left in the inbox")
@@ -391,6 +394,8 @@ class Ingester:
             os.unlink(journal)
         self.tracker.forget([i["path"] for i in inputs])
         log.info("published %s: %d samples, %d bytes", name, entry.nsamples, entry.filesize)
+        if self.on_publish is not None:
+            self.on_publish(entry)
         return entry
 
     def _remove_inputs(self, inputs: Sequence[dict]) -> None:
