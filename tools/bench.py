@@ -150,8 +150,9 @@ class Refreshing:
     """RefreshingWebDataset; each pass's snapshot is resolved (set_epoch) before the clock starts."""
 
     def __init__(self, directory: str, verify: str, state_dir: str):
+        # settle=0: the shards were written whole (maybe just now, in place): read them at once
         self.ds = wr.RefreshingWebDataset(directory, shardshuffle=False, verify=verify, watch=False,
-                                          state_dir=state_dir)
+                                          state_dir=state_dir, settle=0)
         self.epoch = 0
 
     def prepare(self) -> None:
@@ -294,7 +295,7 @@ def bench_resolution(root: Path, sizes: list[int], state_root: str) -> list[tupl
     for count in sizes:
         directory = ensure_tiny(root, count)
         ds = wr.RefreshingWebDataset(str(directory), shardshuffle=False, verify="inline", watch=False,
-                                     state_dir=tempfile.mkdtemp(dir=state_root))
+                                     state_dir=tempfile.mkdtemp(dir=state_root), settle=0)
         t0 = time.perf_counter()
         snap = ds.set_epoch(0)
         cold = time.perf_counter() - t0

@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import wdsrefresh as wr  # noqa: E402
+from wdsrefresh.probe import Readiness  # noqa: E402
 from wdsrefresh.resolver import Resolver  # noqa: E402
 from wdsrefresh.sources import DirectorySource  # noqa: E402
 from wdsrefresh.index import DirectoryIndex  # noqa: E402
@@ -72,11 +73,11 @@ def bench(n: int, reps: int, base: str | None) -> dict:
         counter = iter(range(10**9))
         fresh = lambda: [f"new-{next(counter):07d}.tar" for _ in range(10)]  # noqa: E731
 
-        resolver = Resolver(source)
+        resolver = Resolver(source, Readiness(settle=0))  # files written whole: index them
         t = time.perf_counter()
         snap = resolver.resolve(0)
         first_rescan = time.perf_counter() - t
-        index = DirectoryIndex(source)
+        index = DirectoryIndex(source, rules=Readiness(settle=0))
         t = time.perf_counter()
         snap_w = index.snapshot(0)
         first_watch = time.perf_counter() - t
@@ -105,7 +106,7 @@ def bench(n: int, reps: int, base: str | None) -> dict:
 
         set_epoch = {}
         for watch in (True, False):
-            ds = wr.RefreshingWebDataset(directory, watch=watch)
+            ds = wr.RefreshingWebDataset(directory, watch=watch, settle=0)  # files written whole: index them
             ds.set_epoch(0)
             times = []
             for epoch in range(1, reps + 1):
