@@ -79,7 +79,12 @@ class DirectorySource(ShardSource):
         return self._candidate(path, self._manifest_entries())
 
     def _candidate(self, path: str, known: dict) -> Candidate:
-        return _with_manifest(path, known.get(os.path.normpath(path)), os.path.relpath(path, self.path))
+        return _with_manifest(path, known.get(os.path.normpath(path)), self._name(path))
+
+    def _name(self, path: str) -> str:
+        """``path`` below the directory (what snapshot ids hash); the listing joins it to the root."""
+        prefix = os.path.join(self.path, "")
+        return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.path)
 
     def would_list(self, path: str) -> bool:
         """Whether ``candidates()`` would name ``path`` (by name only: the file may not exist)."""

@@ -11,15 +11,18 @@ TEMPORARY_PATTERNS = (".*", "*.tmp", "*.part", "*~", "_tmp*", "*.partial")
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
+_TEMPORARY = re.compile("|".join(fnmatch.translate(p) for p in TEMPORARY_PATTERNS))
+_SHARD = re.compile("|".join(fnmatch.translate(p) for p in SHARD_PATTERNS))
+
+
 def is_temporary(name: str) -> bool:
     """Hidden files and the usual names of files still being written."""
-    base = os.path.basename(name)
-    return any(fnmatch.fnmatchcase(base, pattern) for pattern in TEMPORARY_PATTERNS)
+    return _TEMPORARY.match(os.path.basename(name)) is not None
 
 
 def is_shard_name(name: str) -> bool:
     base = os.path.basename(name)
-    return not is_temporary(base) and any(fnmatch.fnmatchcase(base, p) for p in SHARD_PATTERNS)
+    return _TEMPORARY.match(base) is None and _SHARD.match(base) is not None
 
 
 def split_key(fname: str) -> tuple[str | None, str | None]:
