@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from .format.tario import Expected, ShardChangedError, ShardReader, TarError, open_shard
 from .probe import DEFAULT_SETTLE, Readiness, Ready, probe
+from .remote import is_remote
 from .remote import reader as remote
 from .remote.store import ObjectReadError
 from .snapshot import ShardInfo, Snapshot
@@ -271,7 +272,7 @@ def _corrupt(exn: TarError | ObjectReadError, shard: ShardInfo, unread: int, opt
 
 def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
     """What the shard's current content is, if it is ready by the one readiness rule (probe.py)."""
-    if shard.etag is not None:
+    if is_remote(shard.url):
         return remote.reload(shard.url, shard.name)
     outcome = probe(Candidate(shard.url, shard.path, name=shard.name), {shard.path: shard}, options.readiness)
     if not isinstance(outcome, Ready):
@@ -306,7 +307,7 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
 def _open(shard: ShardInfo, expected: Expected) -> tuple[ShardReader, Callable[[], None]]:
     """A reader of ``shard`` as ``expected``, and what closes it: a local file, or an object read
     pinned to its snapshot version (remote/reader.py)."""
-    if shard.etag is not None:
+    if is_remote(shard.url):  # refused, naming the URL, if the entry lost its ETag (never read unpinned)
         return remote.open_object(shard.url, expected, shard.etag, shard.version_id)
     reader, fd = open_shard(shard.path, shard.url, expected)
     return reader, lambda: os.close(fd)

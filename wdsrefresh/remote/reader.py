@@ -260,6 +260,9 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
     ObjectReadError as the first block's read does."""
     if isinstance(expected, ObjectExpected):
         etag, version_id = expected.etag, expected.version_id
+    if not etag and not version_id:
+        raise ValueError(f"{url}: its snapshot entry has neither ETag nor VersionId; an object is never read "
+                         "unpinned (a plain GET after a replacement would mix versions)")
     if expected.size is None:
         raise ValueError(f"{url}: an object is read at the size its snapshot recorded; none given")
     if expected.digest and expected.blocks is None:

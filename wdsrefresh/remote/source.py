@@ -293,7 +293,7 @@ class _Glob(_Plan):
         literal = re.split(r"[*?\[]", self.pattern, maxsplit=1)[0]
         self.prefix = literal
         rest = self.pattern[literal.rfind("/") + 1:]
-        self.delimiter = None if "/" in rest else "/"
+        self.delimiter = None if "/" in rest or "**" in rest else "/"
         self.regex = re.compile(_glob_regex(self.pattern))
 
     def list(self, source: ObjectSource) -> Iterator[_Listed]:
