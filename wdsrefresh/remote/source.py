@@ -158,8 +158,8 @@ class ObjectSource(ShardSource):
         try:
             if (entry is not None and entry.nsamples is not None and entry.filesize == stat.size
                     and same_etag(entry.etag, stat.etag) and entry.digest and entry.blocks is not None):
-                version_id = None
-                if self._bucket_versioned(ObjectUrl.parse(stat.url).bucket) is not False:
+                version_id = stat.version_id  # known when a HEAD named the object
+                if version_id is None and self._bucket_versioned(ObjectUrl.parse(stat.url).bucket) is not False:
                     head = self.store.head(stat.url, if_match=stat.etag)
                     if head is None:
                         return None
@@ -304,9 +304,11 @@ class _Glob(_Plan):
 
 
 class _Objects(_Plan):
-    """Objects named one by one (a URL, a brace pattern, a list): one listing per parent prefix."""
+    """Objects named one by one (a URL, a brace pattern, a list): a few per prefix are asked for
+    with one HEAD each, more with one listing of their prefix."""
 
     kind = "s3 objects"
+    HEADS_AT_MOST = 16  # per prefix; beyond, a listing costs fewer requests
 
     def __init__(self, urls: list[str]):
         self.urls = urls
@@ -316,15 +318,21 @@ class _Objects(_Plan):
         return [_Named(w.bucket) for w in self.wheres]
 
     def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        parents: dict[tuple[str, str], dict[str, ObjectStat]] = {}
-        for w in self.wheres:
-            parent = (w.bucket, w.key[: w.key.rfind("/") + 1])
-            if parent not in parents:
-                parents[parent] = {s.url: s for s in _listing(source.store, parent[0], parent[1], "/")}
+        groups: dict[tuple[str, str], list[str]] = {}
         for url, w in zip(self.urls, self.wheres):
-            stat = parents[(w.bucket, w.key[: w.key.rfind("/") + 1])].get(str(w))
-            if stat is not None:
-                yield _Listed(stat, posixpath.basename(w.key))
+            groups.setdefault((w.bucket, w.key[: w.key.rfind("/") + 1]), []).append(url)
+        found: dict[str, ObjectStat] = {}
+        few = [url for group in groups.values() if len(group) <= self.HEADS_AT_MOST for url in dict.fromkeys(group)]
+        if few:
+            with ThreadPoolExecutor(min(source.threads, len(few)), thread_name_prefix="wdsrefresh-head") as pool:
+                found.update((s.url, s) for s in pool.map(source.store.head, few) if s is not None)
+        for (bucket, prefix), group in groups.items():
+            if len(group) > self.HEADS_AT_MOST:
+                wanted = set(group)
+                found.update((s.url, s) for s in _listing(source.store, bucket, prefix, "/") if s.url in wanted)
+        for url, w in zip(self.urls, self.wheres):
+            if url in found:
+                yield _Listed(found[url], posixpath.basename(w.key))
 
 
 class _Named(_Plan):
