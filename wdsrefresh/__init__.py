@@ -22,6 +22,7 @@ _EXPORTS = {
     "NoShardsError": "sources",
     "ShardSource": "sources",
     "make_source": "sources",
+    "ObjectSource": "remote.source",
     "ShardChangedError": "format.tario",
     "TarError": "format.tario",
     "NotEnoughShardsError": "index",

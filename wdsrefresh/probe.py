@@ -12,6 +12,9 @@ reload all ask it, so they cannot disagree about a file. The rule:
   preallocated it (a zero-filled tail looks like an end-of-archive marker) or rewrites it.
 - A file that is not a complete tar is pending while it may still be written, and rejected as
   truncated once renamed or quiet for ``settle`` seconds; a file that is no tar is rejected.
+- An object in a store is ready once listed: a PUT or a completed multipart upload is visible
+  whole or not at all, and temporary names are never listed (``remote/source.py`` indexed it
+  already, or found why it cannot be read).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from .format.digest import DEFAULT_ALGO, split_digest
 from .format.tario import MAX_SAMPLE_BYTES, ShardChangedError, TarError, index_shard
+from .remote.source import ObjectCandidate
 from .snapshot import FileId, ShardInfo
 from .sources import Candidate
 
@@ -87,6 +91,10 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
     """What ``cand`` is now. ``known`` maps real paths to what was found before (reused while
     the file is unchanged); ``st`` is a stat of ``cand.path`` the caller already took;
     ``renamed`` says a watcher saw the file renamed into place, with no write since."""
+    if isinstance(cand, ObjectCandidate):
+        if cand.error is not None:
+            return Rejected(cand.file_id, cand.error)
+        return Ready(cand.info) if cand.info is not None else None
     try:
         st = st if st is not None else os.stat(cand.path)
     except FileNotFoundError:

@@ -16,8 +16,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from .format.tario import MAX_SAMPLE_BYTES, Expected, ShardChangedError, TarError, open_shard
+from .format.tario import MAX_SAMPLE_BYTES, Expected, ShardChangedError, ShardReader, TarError, open_shard
 from .probe import DEFAULT_SETTLE, Readiness, Ready, probe
+from .remote import is_remote
+from .remote import reader as remote
+from .remote.store import ObjectReadError
 from .snapshot import ShardInfo, Snapshot
 from .sources import Candidate
 from .split import Assignment, Piece
@@ -159,14 +162,13 @@ def read_positions(snapshot: Snapshot, positions: list[tuple[int, int]], options
     found: dict[tuple[int, int], dict] = {}
     for shard_index, indexes in sorted(wanted.items()):
         shard = snapshot.shards[shard_index]
-        reader, fd = open_shard(shard.path, shard.url, shard.expected(with_digest=options.verify != "off"),
-                                max_sample_bytes=options.max_sample_bytes)
+        reader, close = _open(shard, shard.expected(with_digest=options.verify != "off"), options)
         try:
             for i in sorted(indexes):
                 for sample in reader.samples(i, i + 1):
                     found[shard_index, i] = sample
         finally:
-            os.close(fd)
+            close()
         missing = sorted(i for i in indexes if (shard_index, i) not in found)
         if missing:
             raise CountMismatch(shard.url, 0, f"has no sample {missing[0]}, which the checkpoint's shuffle buffer held")
@@ -242,7 +244,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
                 expected, count = fresh, None
                 continue
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
-        except TarError as exn:
+        except (TarError, ObjectReadError) as exn:  # corrupt, or an object store still failing after retries
             position = stats.yielded - base
             _corrupt(exn, shard, piece.stop - position, options, stats)
             return
@@ -273,8 +275,10 @@ def _same_file(path: str, expected: Expected) -> bool:
     return (st.st_size, st.st_mtime_ns, st.st_ino) == (expected.size, expected.mtime_ns, expected.inode or st.st_ino)
 
 
-def _corrupt(exn: TarError, shard: ShardInfo, unread: int, options: ReadOptions, stats: ReadStats) -> None:
-    """Counts a corrupt shard and asks the handler: re-raise, go on (the rest is skipped), or stop."""
+def _corrupt(exn: TarError | ObjectReadError, shard: ShardInfo, unread: int, options: ReadOptions,
+             stats: ReadStats) -> None:
+    """Counts a shard that cannot be read and asks the handler: re-raise, go on (the rest is
+    skipped), or stop."""
     stats.corrupt.add(shard.url)
     if options.handler is None:
         raise exn
@@ -285,6 +289,8 @@ def _corrupt(exn: TarError, shard: ShardInfo, unread: int, options: ReadOptions,
 
 def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
     """What the shard's current content is, if it is ready by the one readiness rule (probe.py)."""
+    if is_remote(shard.url):
+        return remote.reload(shard.url, shard.name)
     outcome = probe(Candidate(shard.url, shard.path, name=shard.name), {shard.path: shard}, options.readiness)
     if not isinstance(outcome, Ready):
         return None
@@ -297,7 +303,7 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
     """Samples ``start <= i < stop`` of the shard as ``expected``; with ``count`` (the samples the
     snapshot's version holds), a shard that holds fewer or more raises CountMismatch. ``counters``
     adds up bytes read and seconds spent (see ReadStats)."""
-    reader, fd = open_shard(shard.path, shard.url, expected, counters, max_sample_bytes=options.max_sample_bytes)
+    reader, close = _open(shard, expected, options, counters)
     try:
         hold_back = options.verify == "strict" and expected.blocks is None and expected.digest is not None
         samples = reader.samples(start, stop)
@@ -313,4 +319,14 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
             raise CountMismatch(shard.url, reader.base + reader.p,
                                 f"holds {found} samples, its snapshot entry counts {count}")
     finally:
-        os.close(fd)
+        close()
+
+
+def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,
+          counters: ReadStats | None = None) -> tuple[ShardReader, Callable[[], None]]:
+    """A reader of ``shard`` as ``expected``, and what closes it: a local file, or an object read
+    pinned to its snapshot version (remote/reader.py)."""
+    if is_remote(shard.url):  # refused, naming the URL, if the entry lost its ETag (never read unpinned)
+        return remote.open_object(shard.url, expected, shard.etag, shard.version_id)
+    reader, fd = open_shard(shard.path, shard.url, expected, counters, max_sample_bytes=options.max_sample_bytes)
+    return reader, lambda: os.close(fd)

@@ -30,7 +30,11 @@ class FileId:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard as a snapshot saw it."""
+    """One shard as a snapshot saw it.
+
+    An object in a store (``etag`` set) has ``path == url``, ``mtime_ns`` its Last-Modified, no
+    inode or device, and is read pinned to ``version_id`` (versioned buckets) or ``etag``.
+    """
 
     url: str
     path: str
@@ -43,6 +47,8 @@ class ShardInfo:
     blocks: bytes | None = field(default=None, repr=False)
     block_size: int = BLOCK_SIZE
     name: str = ""  # relative to the source's root: the same wherever the data is copied
+    etag: str | None = None  # an object's ETag (opaque): which version of it the snapshot lists
+    version_id: str | None = None  # an object's VersionId, in a versioned bucket
 
     @property
     def file_id(self) -> FileId:

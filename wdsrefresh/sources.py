@@ -16,6 +16,7 @@ import braceexpand
 
 from .format import manifest as manifestmod
 from .format.names import is_shard_name, is_temporary
+from .remote import is_remote
 
 log = logging.getLogger("wdsrefresh")
 
@@ -235,9 +236,14 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str
 
 
 def make_source(spec: object) -> ShardSource:
-    """A ShardSource from a directory, glob, brace pattern, manifest path, list, or a ShardSource."""
+    """A ShardSource from a directory, glob, brace pattern, manifest path, list, or a ShardSource;
+    ``s3://`` URLs (or a list of them) make a ``remote.source.ObjectSource``."""
     if isinstance(spec, ShardSource):
         return spec
+    if is_remote(spec) or (isinstance(spec, (list, tuple)) and spec and all(map(is_remote, spec))):
+        from .remote.source import ObjectSource
+
+        return ObjectSource(spec)
     if isinstance(spec, (list, tuple)):
         return ListSource(make_source(s) for s in spec)
     if isinstance(spec, os.PathLike):

@@ -11,7 +11,7 @@ written by a newer wdsrefresh (a higher ``wdsrefresh_version``) is refused: its 
 mean something this version does not know.
 
 An entry describes one version of one file: ``filesize`` and ``mtime_ns`` are what the file
-had when it was indexed (never its inode, so copies made with ``cp -p`` or ``rsync -t``
+had when it was indexed (for an object in a store, ``filesize`` and its ``etag``) (never its inode, so copies made with ``cp -p`` or ``rsync -t``
 stay valid). Such copies keep the modification time only to the precision of the target
 file system and of the tool (1 s or 2 s on some file systems, whole seconds with older
 rsync); a copy whose ``mtime_ns`` differs is not wrong, its entries simply no longer apply
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,10 +63,11 @@ class ManifestEntry:
     digest: str | None = None
     blocks: bytes | None = None
     mtime_ns: int | None = None
+    etag: str | None = None  # an object's ETag (opaque, as the store returned it): the version described
 
     def to_json(self) -> dict:
         out: dict = {"url": self.url}
-        for key in ("nsamples", "filesize", "mtime_ns", "digest"):
+        for key in ("nsamples", "filesize", "mtime_ns", "etag", "digest"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.blocks is not None:
@@ -87,8 +89,15 @@ def read(path: str, *, contained: bool = False) -> tuple[list[ManifestEntry], li
     Raises ManifestError when the file as a whole cannot be read (not JSON, no shard list,
     written by a newer wdsrefresh); OSError when it cannot be opened.
     """
-    doc = _document(path)
-    base = os.path.dirname(os.path.abspath(path))
+    return parse(_document(path), path, os.path.dirname(os.path.abspath(path)), contained=contained)
+
+
+def parse(doc: object, path: str, base: str, *, contained: bool = False,
+          ) -> tuple[list[ManifestEntry], list[ManifestError]]:
+    """``read`` for a manifest already decoded from JSON (``doc``, e.g. fetched from an object
+    store); ``path`` names it in errors, relative urls are against ``base`` (a directory or a URL
+    prefix)."""
+    doc = _checked_document(doc, path)
     checked: list[tuple[int, ManifestEntry]] = []
     errors: list[tuple[int, ManifestError]] = []
     for i, item in enumerate(doc["shardlist"]):
@@ -153,12 +162,20 @@ def write_json_atomic(path: str, doc: object, indent: int | None = None) -> None
 # ---- checking what a manifest says -------------------------------------------------------
 
 
-def _document(path: str) -> dict:
+def decode(data: bytes, path: str) -> object:
+    """The JSON document in ``data``; ManifestError naming ``path`` when it is not JSON."""
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:
         raise ManifestError(f"{path}: not valid JSON ({exn})") from None
+
+
+def _document(path: str) -> object:
+    with open(path, "rb") as f:
+        return decode(f.read(), path)
+
+
+def _checked_document(doc: object, path: str) -> dict:
     shardlist = doc.get("shardlist") if isinstance(doc, dict) else None
     if not isinstance(shardlist, list):
         raise ManifestError(f"{path}: no 'shardlist' list (expected a {KIND} manifest)")
@@ -195,10 +212,13 @@ def _entry(item: object, contained: bool) -> ManifestEntry:
         raise _BadField("mtime_ns", f"expected an integer (nanoseconds), got {mtime_ns!r}")
     digest = _digest(item.get("digest"))
     blocks = _blocks(item.get("blocks"), filesize)
+    etag = item.get("etag")
+    if etag is not None and (not isinstance(etag, str) or not etag.strip('"')):
+        raise _BadField("etag", f"expected a non-empty string, got {etag!r}")
     if nsamples is not None and filesize is not None and nsamples > _max_samples(url, filesize):
         raise _BadField("nsamples", f"{nsamples} samples cannot fit in {filesize} bytes "
                         f"(a sample takes at least one {_TAR_BLOCK}-byte tar header)")
-    return ManifestEntry(url, nsamples, filesize, digest, blocks, mtime_ns)
+    return ManifestEntry(url, nsamples, filesize, digest, blocks, mtime_ns, etag)
 
 
 def _url(url: object, contained: bool) -> str:
@@ -276,4 +296,7 @@ def _file_key(url: str, base: str) -> str:
     """What tells two entries apart: the file a url names (relative urls against ``base``)."""
     if _SCHEME.match(url):
         return url
+    if _SCHEME.match(base):  # a manifest in an object store: keys are "/"-separated, whatever the OS
+        scheme, _, root = base.partition("://")
+        return f"{scheme}://{posixpath.normpath(posixpath.join(root, url))}"
     return os.path.normpath(os.path.join(base, url))

@@ -1,0 +1,428 @@
+"""ObjectSource: shards named by ``s3://`` URLs, listed afresh at every epoch.
+
+Forms, with the names rules of a directory (``_tmp*``, ``*.tmp``, ``*.part``, hidden names and
+non-shard names are never listed):
+
+- ``s3://bucket/prefix/``: every shard-named object directly under the prefix (as a directory
+  is read: not below a further ``/``); its ``manifest.json``, when there is one, gives counts
+  and digests for the objects its entries describe;
+- ``s3://bucket/prefix/*.tar``: a glob (``*`` and ``?`` stay within one ``/`` level, ``**``
+  crosses levels); ``s3://bucket/shard-{000..099}.tar``: a brace pattern (objects that do not
+  exist are left out); ``s3://bucket/one.tar``: one object;
+- ``s3://bucket/prefix/manifest.json``: a manifest, whose urls are relative to its prefix or
+  absolute ``s3://`` URLs; it is fetched again only when its ETag changed (``If-None-Match``);
+- a list of any of these (listed once per parent prefix, in the order given).
+
+Each listing costs one paginated ListObjectsV2 per prefix. An object is ready once listed:
+a PUT or a completed multipart upload is visible whole or not at all. What it holds (count,
+digest, block digests) comes from a manifest entry that describes this version (same size
+and ETag), or from indexing it once (one streamed, pinned read, in a thread pool of the
+resolving process); either is kept in memory by (URL, ETag) while the object is listed, so an
+epoch costs one listing plus the new objects. The VersionId of a versioned bucket's objects is
+learned on the way (the index's first response, or a HEAD pinned to the listed ETag).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import braceexpand
+
+from ..format import manifest as manifestmod
+from ..format.digest import DEFAULT_ALGO, split_digest
+from ..format.names import is_shard_name, is_temporary
+from ..format.tario import TarError
+from ..snapshot import FileId, ShardInfo
+from ..sources import Candidate, NoShardsError, ShardSource
+from .reader import ObjectCorruptError, check_digest, index_object
+from .store import (ObjectChangedError, ObjectReadError, ObjectStat, ObjectUrl, ObjectVanishedError, Store,
+                    register, same_etag)
+
+log = logging.getLogger("wdsrefresh")
+
+DEFAULT_THREADS = 8  # objects indexed (or HEADed) at once while an epoch resolves
+
+
+class RemoteTruncated(TarError):
+    """An object that ends before its end-of-archive marker: broken (objects are published whole)."""
+
+
+@dataclass(frozen=True)
+class ObjectCandidate(Candidate):
+    """An object a listing named, already resolved: ready (``info``), rejected (``error``), or
+    gone since the listing (neither). ``file_id`` tells versions apart in warnings."""
+
+    info: ShardInfo | None = None
+    error: BaseException | None = None
+    file_id: FileId | None = None
+
+
+@dataclass(frozen=True)
+class _Listed:
+    stat: ObjectStat
+    name: str  # below the source's root
+    entry: manifestmod.ManifestEntry | None = None
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What an object version (URL, ETag) was found to be: a ShardInfo, or the error rejecting it."""
+
+    etag: str
+    info: ShardInfo | None
+    error: BaseException | None
+    transient: bool = False  # a read that kept failing: not remembered, tried again next epoch
+
+
+class ObjectSource(ShardSource):
+    """The shards named by ``s3://`` URLs (see the module docstring); ``storage_options`` as in
+    pandas and HF datasets (``store.Store``)."""
+
+    def __init__(self, spec: str | Iterable[str], storage_options: dict[str, Any] | None = None,
+                 threads: int = DEFAULT_THREADS):
+        self.specs = [spec] if isinstance(spec, str) else list(spec)
+        if not self.specs:
+            raise NoShardsError("an empty list of URLs names no shard")
+        self.plans = [_plan(s) for s in self.specs]
+        self.store = Store(storage_options)
+        self.threads = max(1, threads)
+        self._init_caches()
+        register(self.buckets, self.store)
+
+    def _init_caches(self) -> None:
+        self._known: dict[str, _Known] = {}  # url -> what its current version is
+        self._manifests: dict[str, tuple[str, list, list]] = {}  # url -> (etag, entries, errors)
+        self._versioned: dict[str, bool | None] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("_known", "_manifests", "_versioned"):
+            state.pop(key)  # what the resolving process learned stays there
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+        register(self.buckets, self.store)  # readers in this process (a DataLoader worker) use these options
+
+    @property
+    def buckets(self) -> set[str]:
+        return {part.bucket for plan in self.plans for part in plan.parts()}
+
+    def describe(self) -> str:
+        if len(self.specs) == 1:
+            return f"{self.plans[0].kind} {self.specs[0]!r}"
+        return "objects [" + ", ".join(repr(s) for s in self.specs) + "]"
+
+    def candidate(self, path: str) -> Candidate:
+        raise NotImplementedError("objects are listed, never watched")
+
+    # ------------------------------------------------------------------ listing
+    def candidates(self) -> list[Candidate]:
+        listed: dict[str, _Listed] = {}
+        singles: list[_Objects] = []
+        for plan in self.plans:
+            if isinstance(plan, _Objects):
+                singles.append(plan)  # listed together below: one listing per parent prefix
+                continue
+            for item in plan.list(self):
+                listed.setdefault(item.stat.url, item)
+        if singles:
+            for item in _Objects([u for p in singles for u in p.urls]).list(self):
+                listed.setdefault(item.stat.url, item)
+        self._versioned.clear()  # asked again each epoch, when an object needs it
+        items = list(listed.values())
+        found: dict[str, _Known | None] = {}
+        for item in items:
+            known = self._known.get(item.stat.url)
+            if known is not None and same_etag(known.etag, item.stat.etag):
+                found[item.stat.url] = known
+        todo = [item for item in items if item.stat.url not in found]
+        if todo:
+            with ThreadPoolExecutor(min(self.threads, len(todo)), thread_name_prefix="wdsrefresh-index") as pool:
+                found.update(zip((item.stat.url for item in todo), pool.map(self._resolve, todo)))
+        self._known = {url: k for url, k in found.items() if k is not None and not k.transient}
+        return [_candidate(item, found[item.stat.url]) for item in items]
+
+    # ------------------------------------------------------------------ resolving one object
+    def _resolve(self, item: _Listed) -> _Known | None:
+        """What the listed version of one object is; None when that cannot be known this epoch
+        (deleted since the listing, or a read that kept failing: tried again next epoch)."""
+        stat, entry = item.stat, item.entry
+        try:
+            if (entry is not None and entry.nsamples is not None and entry.filesize == stat.size
+                    and same_etag(entry.etag, stat.etag) and entry.digest and entry.blocks is not None):
+                version_id = stat.version_id  # known when a HEAD named the object
+                if version_id is None and self._bucket_versioned(ObjectUrl.parse(stat.url).bucket) is not False:
+                    head = self.store.head(stat.url, if_match=stat.etag)
+                    if head is None:
+                        return None
+                    version_id = head.version_id
+                info = _info(stat, item.name, entry.nsamples, entry.digest, entry.blocks, version_id)
+                return _Known(stat.etag, info, None)
+            expected = entry.digest if (entry is not None and entry.digest and entry.filesize == stat.size
+                                        and same_etag(entry.etag, stat.etag)) else None
+            return self._indexed(stat, item.name, expected)
+        except ObjectVanishedError:
+            return None
+        except ObjectReadError as exn:
+            return _Known(stat.etag, None, exn, transient=True)
+
+    def _indexed(self, stat: ObjectStat, name: str, expected_digest: str | None) -> _Known | None:
+        algo = split_digest(expected_digest)[0] if expected_digest else DEFAULT_ALGO
+        for attempt in range(3):
+            try:
+                index = index_object(self.store, stat, algo)
+                break
+            except ObjectChangedError:
+                # replaced between the listing and the index: take the version there is now
+                stat = self.store.head(stat.url)
+                if stat is None:
+                    return None
+                expected_digest = None
+            except TarError as exn:
+                return _Known(stat.etag, None, exn)
+        else:
+            return _Known(stat.etag, None, ObjectReadError(stat.url, "replaced each time it was indexed"), True)
+        if not index.complete:
+            error = RemoteTruncated(stat.url, index.end, "ends before its end-of-archive marker (a broken upload?)")
+            return _Known(stat.etag, None, error)
+        if expected_digest:
+            try:
+                check_digest(stat.url, index, expected_digest)
+            except ObjectCorruptError as exn:
+                return _Known(stat.etag, None, exn)
+        info = _info(stat, name, index.nsamples, index.digest, index.blocks, index.version_id)
+        return _Known(stat.etag, info, None)
+
+    def _bucket_versioned(self, bucket: str) -> bool | None:
+        if bucket not in self._versioned:
+            self._versioned[bucket] = self.store.versioning(bucket)
+        return self._versioned[bucket]
+
+    def manifest(self, url: str, contained: bool) -> list[manifestmod.ManifestEntry]:
+        """The entries of the manifest object at ``url``, fetched only when its ETag changed.
+
+        A prefix's own manifest (``contained``) only saves reads: an invalid entry is ignored with
+        a warning and its object indexed. A manifest given as the source raises ManifestError."""
+        cached = self._manifests.get(url)
+        fetched = self.store.get_if_changed(url, cached[0] if cached else None)
+        if fetched is not None:
+            data, etag = fetched
+            base = url.rsplit("/", 1)[0] + "/"
+            try:
+                entries, errors = manifestmod.parse(manifestmod.decode(data, url), url, base, contained=contained)
+            except manifestmod.ManifestError as exn:
+                if not contained:
+                    raise
+                log.warning("%s; indexing the objects instead", exn)
+                entries, errors = [], []
+            for exn in errors if contained else ():
+                log.warning("%s; entry ignored, the object is indexed instead", exn)
+            cached = self._manifests[url] = (etag, entries, errors)
+        etag, entries, errors = cached
+        if errors and not contained:
+            raise errors[0]
+        return entries
+
+
+def _candidate(item: _Listed, known: _Known | None) -> ObjectCandidate:
+    """The candidate for a listed object; neither info nor error when it was deleted since."""
+    stat = item.stat
+    file_id = FileId(0, 0, stat.size, stat.mtime_ns)
+    if known is None:
+        return ObjectCandidate(stat.url, stat.url, name=item.name, file_id=file_id)
+    info = known.info
+    if info is not None and info.name != item.name:
+        info = replace(info, name=item.name)
+    return ObjectCandidate(stat.url, stat.url, name=item.name, info=info, error=known.error, file_id=file_id)
+
+
+def _info(stat: ObjectStat, name: str, nsamples: int, digest: str | None, blocks: bytes | None,
+          version_id: str | None) -> ShardInfo:
+    return ShardInfo(url=stat.url, path=stat.url, size=stat.size, mtime_ns=stat.mtime_ns, nsamples=nsamples,
+                     digest=digest, blocks=blocks, name=name, etag=stat.etag, version_id=version_id)
+
+
+# ---------------------------------------------------------------------- what a spec names
+
+
+class _Plan:
+    kind = "objects"
+    bucket = ""
+
+    def parts(self) -> list[_Plan]:
+        return [self]
+
+    def list(self, source: ObjectSource) -> Iterator[_Listed]:
+        raise NotImplementedError
+
+
+class _Prefix(_Plan):
+    kind = "s3 prefix"
+
+    def __init__(self, where: ObjectUrl):
+        self.bucket, self.prefix = where.bucket, where.key
+
+    def list(self, source: ObjectSource) -> Iterator[_Listed]:
+        stats = list(_listing(source.store, self.bucket, self.prefix, "/"))
+        manifest_url = f"s3://{self.bucket}/{self.prefix}{manifestmod.DEFAULT_NAME}"
+        entries: dict[str, manifestmod.ManifestEntry] = {}
+        if any(s.url == manifest_url for s in stats):
+            try:
+                entries = {e.url: e for e in source.manifest(manifest_url, contained=True)}
+            except (ObjectVanishedError, ObjectReadError) as exn:
+                log.warning("%s; indexing the objects instead", exn)
+        for stat in stats:
+            name = stat.url[len(f"s3://{self.bucket}/{self.prefix}"):]
+            if is_shard_name(name):
+                yield _Listed(stat, name, entries.get(name))
+
+
+class _Glob(_Plan):
+    kind = "s3 glob"
+
+    def __init__(self, where: ObjectUrl):
+        self.bucket, self.pattern = where.bucket, where.key
+        literal = re.split(r"[*?\[]", self.pattern, maxsplit=1)[0]
+        self.prefix = literal
+        rest = self.pattern[literal.rfind("/") + 1:]
+        self.delimiter = None if "/" in rest or "**" in rest else "/"
+        self.regex = re.compile(_glob_regex(self.pattern))
+
+    def list(self, source: ObjectSource) -> Iterator[_Listed]:
+        for stat in _listing(source.store, self.bucket, self.prefix, self.delimiter):
+            key = stat.url[len(f"s3://{self.bucket}/"):]
+            if self.regex.fullmatch(key) and not is_temporary(key) and not key.endswith("/"):
+                yield _Listed(stat, posixpath.basename(key))
+
+
+class _Objects(_Plan):
+    """Objects named one by one (a URL, a brace pattern, a list): a few per prefix are asked for
+    with one HEAD each, more with one listing of their prefix."""
+
+    kind = "s3 objects"
+    HEADS_AT_MOST = 16  # per prefix; beyond, a listing costs fewer requests
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.wheres = [ObjectUrl.parse(u) for u in urls]
+
+    def parts(self) -> list[_Plan]:
+        return [_Named(w.bucket) for w in self.wheres]
+
+    def list(self, source: ObjectSource) -> Iterator[_Listed]:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for url, w in zip(self.urls, self.wheres):
+            groups.setdefault((w.bucket, w.key[: w.key.rfind("/") + 1]), []).append(url)
+        found: dict[str, ObjectStat] = {}
+        few = [url for group in groups.values() if len(group) <= self.HEADS_AT_MOST for url in dict.fromkeys(group)]
+        if few:
+            with ThreadPoolExecutor(min(source.threads, len(few)), thread_name_prefix="wdsrefresh-head") as pool:
+                found.update((s.url, s) for s in pool.map(source.store.head, few) if s is not None)
+        for (bucket, prefix), group in groups.items():
+            if len(group) > self.HEADS_AT_MOST:
+                wanted = set(group)
+                found.update((s.url, s) for s in _listing(source.store, bucket, prefix, "/") if s.url in wanted)
+        for url, w in zip(self.urls, self.wheres):
+            if url in found:
+                yield _Listed(found[url], posixpath.basename(w.key))
+
+
+class _Named(_Plan):
+    def __init__(self, bucket: str):
+        self.bucket = bucket
+
+
+class _Manifest(_Plan):
+    kind = "s3 manifest"
+
+    def __init__(self, where: ObjectUrl):
+        self.bucket, self.url = where.bucket, str(where)
+        self.directory = posixpath.dirname(where.key)
+
+    def _absolute(self, url: str) -> str:
+        """An entry's url as an s3:// URL: absolute, or relative to the manifest's prefix."""
+        if "://" in url:
+            if not url.startswith("s3://"):
+                raise manifestmod.ManifestError(f"{self.url}: {url!r}: only s3:// urls can be read with it")
+            return url
+        key = posixpath.normpath(posixpath.join(self.directory, url))
+        if url.startswith("/") or key == ".." or key.startswith("../"):
+            raise manifestmod.ManifestError(f"{self.url}: {url!r}: a relative url must stay inside the bucket")
+        return f"s3://{self.bucket}/{key}"
+
+    def list(self, source: ObjectSource) -> Iterator[_Listed]:
+        try:
+            entries = source.manifest(self.url, contained=False)
+        except ObjectVanishedError as exn:
+            raise NoShardsError(f"manifest {self.url!r} does not exist") from exn
+        urls = [self._absolute(e.url) for e in entries]
+        by_url = {item.stat.url: item for item in _Objects(urls).list(source)}
+        for url, entry in zip(urls, entries):
+            item = by_url.get(url)
+            if item is not None:
+                yield _Listed(item.stat, entry.url, entry)
+
+
+def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None) -> Iterator[ObjectStat]:
+    try:
+        yield from store.list(bucket, prefix, delimiter)
+    except ObjectVanishedError as exn:
+        raise NoShardsError(f"s3://{bucket}/{prefix}: {exn}") from exn
+
+
+def _glob_regex(pattern: str) -> str:
+    """A glob over object keys as a regex: ``**`` any text, ``*`` and ``?`` within one level."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _plan(spec: str) -> _Plan:
+    if not isinstance(spec, str):
+        raise TypeError(f"cannot make a shard source from {spec!r}")
+    scheme = spec.partition("://")[0].lower()
+    if scheme != "s3":
+        raise NotImplementedError(
+            f"{spec!r}: {scheme}:// cannot be read consistently here: wdsrefresh reads object stores "
+            "through s3:// only (boto3; every ranged read pinned to a VersionId or ETag)")
+    where = ObjectUrl.parse(spec)
+    key = where.key
+    if "{" in key and "}" in key:
+        return _Objects(list(braceexpand.braceexpand(spec)))
+    if any(ch in key for ch in "*?["):
+        return _Glob(where)
+    if key.endswith(".json"):
+        return _Manifest(where)
+    if key == "" or key.endswith("/"):
+        return _Prefix(where)
+    if is_shard_name(key):
+        return _Objects([spec])
+    return _Prefix(ObjectUrl(where.bucket, key + "/"))

@@ -1,0 +1,379 @@
+"""One S3 store: URLs, a client made lazily in each process, listing, pinned reads, retries.
+
+Guarantees:
+
+- Every read of a shard's bytes is pinned: ``VersionId`` where the store returned one, else
+  ``If-Match: <ETag>``. An unpinned read is refused (a plain GET after a replacement would
+  silently mix versions). 412 raises ``ObjectChangedError`` (a ``ShardChangedError``: the
+  object was replaced), 404 ``ObjectVanishedError`` (a ``FileNotFoundError``: deleted).
+- 5xx, throttling, timeouts and dropped or reset connections are retried with exponential
+  backoff (full jitter); a request that still fails raises ``ObjectReadError`` naming the URL
+  and, for reads, the byte range. A retried read returns the whole range or nothing: callers
+  never see a partial body.
+- The boto3 client is made on first use in each process (DataLoader workers, forked or
+  spawned, make their own) and is never pickled. Credentials come from the standard AWS chain
+  (environment, ``AWS_ENDPOINT_URL``, profiles) or ``storage_options``; they never appear in
+  ``repr``, snapshots, state dicts, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ..format.tario import ShardChangedError
+
+log = logging.getLogger("wdsrefresh")
+
+T = TypeVar("T")
+
+DEFAULT_ATTEMPTS = 6  # tries per request, the first included
+DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubles at each retry, with full jitter
+DEFAULT_MAX_BACKOFF = 10.0
+DEFAULT_PAGE_SIZE = 1000  # keys per ListObjectsV2 page (S3's maximum)
+DEFAULT_READAHEAD = 4  # blocks fetched ahead of the reader, per consumer
+
+# storage_options understood here; anything else is refused, naming the key (never a value)
+_CLIENT_OPTIONS = {
+    "endpoint_url": "endpoint_url", "region_name": "region_name", "region": "region_name",
+    "aws_access_key_id": "aws_access_key_id", "key": "aws_access_key_id",
+    "aws_secret_access_key": "aws_secret_access_key", "secret": "aws_secret_access_key",
+    "aws_session_token": "aws_session_token", "token": "aws_session_token",
+}
+_OWN_OPTIONS = ("attempts", "backoff", "max_backoff", "page_size", "readahead", "profile", "client_kwargs",
+                "config_kwargs")
+_RETRIED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
+                  "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
+                  "BandwidthLimitExceeded", "EC2ThrottledException"}
+_GONE_CODES = {"NoSuchKey", "NoSuchVersion", "NotFound", "NoSuchBucket"}
+
+
+class ObjectReadError(OSError):
+    """A request to the store that failed for good (after its retries, or not retryable).
+
+    Names the URL and, for reads, the byte range ``[start, stop)``.
+    """
+
+    def __init__(self, url: str, message: str, start: int | None = None, stop: int | None = None):
+        where = f"{url}: bytes {start}-{stop - 1}" if start is not None and stop is not None else url
+        super().__init__(f"{where}: {message}")
+        self.url, self.start, self.stop = url, start, stop
+
+
+class ObjectChangedError(ShardChangedError):
+    """The object was replaced since the snapshot: its ETag no longer matches (HTTP 412)."""
+
+
+class ObjectVanishedError(FileNotFoundError):
+    """The object (or the snapshot's version of it) no longer exists (HTTP 404)."""
+
+    def __init__(self, url: str, message: str):
+        super().__init__(f"{url}: {message}")
+        self.url = url
+
+
+@dataclass(frozen=True)
+class ObjectUrl:
+    """``s3://bucket/key``."""
+
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, url: str) -> ObjectUrl:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme.lower() != "s3":
+            raise ValueError(f"{url!r}: not an s3:// URL")
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"{url!r}: no bucket name")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    """One version of one object, as a listing or a HEAD saw it. ``etag`` is opaque (quotes kept)."""
+
+    url: str
+    size: int
+    etag: str
+    mtime_ns: int  # Last-Modified
+    version_id: str | None = None
+
+
+def same_etag(a: str | None, b: str | None) -> bool:
+    """Whether two ETags name the same object version (quotes and case of the hex ignored)."""
+    return a is not None and b is not None and a.strip('"').lower() == b.strip('"').lower()
+
+
+def _ns(when: datetime) -> int:
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+_process_lock = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    global _process_lock
+    _process_lock = threading.Lock()  # the parent's may have been held by a thread the fork did not copy
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
+class Store:
+    """An S3 (or S3-compatible) store and how to reach it; ``storage_options`` as in pandas or
+    HF datasets: ``endpoint_url``, ``region_name``, ``profile``, ``key``/``secret``/``token``,
+    ``client_kwargs`` and ``config_kwargs`` (botocore ``Config``), plus ``attempts``,
+    ``backoff``, ``max_backoff`` (retries), ``page_size`` (listing) and ``readahead`` (blocks).
+    Unset options come from the AWS chain and the environment (``AWS_ENDPOINT_URL`` included).
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None):
+        options = dict(storage_options or {})
+        unknown = sorted(k for k in options if k not in _CLIENT_OPTIONS and k not in _OWN_OPTIONS)
+        if unknown:
+            raise TypeError(f"storage_options: unknown option(s) {', '.join(unknown)}; known: "
+                            f"{', '.join(sorted({*_CLIENT_OPTIONS, *_OWN_OPTIONS}))}")
+        self.attempts = int(options.pop("attempts", DEFAULT_ATTEMPTS))
+        self.backoff = float(options.pop("backoff", DEFAULT_BACKOFF))
+        self.max_backoff = float(options.pop("max_backoff", DEFAULT_MAX_BACKOFF))
+        self.page_size = int(options.pop("page_size", DEFAULT_PAGE_SIZE))
+        self.readahead = int(options.pop("readahead", DEFAULT_READAHEAD))
+        if self.attempts < 1 or self.page_size < 1 or self.readahead < 0:
+            raise ValueError("storage_options: attempts and page_size must be >= 1, readahead >= 0")
+        self._options = options
+        self._client: Any = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = state["_pid"] = None  # never pickled: each process makes its own
+        return state
+
+    def __repr__(self) -> str:
+        return f"Store(options: {', '.join(sorted(self._options)) or 'none'})"  # names only, never values
+
+    def identity(self) -> tuple:
+        """What tells two stores apart (endpoint, region, profile); no credential."""
+        o = self._options
+        return (o.get("endpoint_url"), o.get("region_name", o.get("region")), o.get("profile"))
+
+    # ------------------------------------------------------------------ the client
+    def client(self) -> Any:
+        """This process's boto3 client, made on first use (after a fork, the child makes its own)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            with _process_lock:
+                if self._pid != pid:
+                    self._client = self._make_client()
+                    self._pid = pid
+        return self._client
+
+    def _make_client(self) -> Any:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ImportError("s3:// sources need boto3: pip install 'wdsrefresh[s3]'") from None
+        options = dict(self._options)
+        session = boto3.session.Session(profile_name=options.pop("profile", None))
+        config = {"retries": {"max_attempts": 0, "mode": "standard"},  # retried here, naming URL and range
+                  "max_pool_connections": 32, "connect_timeout": 10, "read_timeout": 60}
+        config.update(options.pop("config_kwargs", None) or {})
+        kwargs = dict(options.pop("client_kwargs", None) or {})
+        kwargs.update((_CLIENT_OPTIONS[k], v) for k, v in options.items())
+        return session.client("s3", config=Config(**config), **kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def call(self, url: str, what: str, request: Callable[[], T], start: int | None = None,
+             stop: int | None = None) -> T:
+        """``request()`` with retries; 412, 404 and final failures as this module's errors."""
+        attempt = 1
+        while True:
+            try:
+                return request()
+            except Exception as exn:  # noqa: BLE001 - classified below, re-raised as a named error
+                kind = _classify(exn)
+                if kind == "changed":
+                    raise ObjectChangedError(url, start or 0, f"{what}: replaced since the snapshot "
+                                             "(its ETag no longer matches: HTTP 412)") from exn
+                if kind == "gone":
+                    raise ObjectVanishedError(url, f"{what}: {_summary(exn)} (deleted)") from exn
+                if kind == "not modified":
+                    raise
+                if kind != "retry" or attempt >= self.attempts:
+                    tries = f" after {attempt} attempts" if kind == "retry" else ""
+                    raise ObjectReadError(url, f"{what} failed{tries}: {_summary(exn)}", start, stop) from exn
+                delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+                log.debug("%s: %s failed (%s); retry %d in %.2f s", url, what, _summary(exn), attempt, delay)
+                attempt += 1
+                time.sleep(delay)
+
+    def get_range(self, url: str, start: int, stop: int, *, etag: str | None = None,
+                  version_id: str | None = None) -> tuple[bytes, str | None, str | None]:
+        """Bytes ``[start, stop)`` of the object version pinned by ``version_id`` or ``etag``:
+        ``(data, etag, version_id)`` as the response names them. The whole range or an error."""
+        if not etag and not version_id:
+            raise ValueError(f"{url}: refusing to read an object with neither VersionId nor ETag to pin it")
+        where = ObjectUrl.parse(url)
+        kwargs: dict[str, Any] = {"Bucket": where.bucket, "Key": where.key, "Range": f"bytes={start}-{stop - 1}"}
+        if version_id:
+            kwargs["VersionId"] = version_id
+        else:
+            kwargs["IfMatch"] = etag
+
+        def once() -> tuple[bytes, str | None, str | None]:
+            response = self.client().get_object(**kwargs)
+            body = response["Body"]
+            try:
+                data = body.read()  # botocore raises when fewer bytes than Content-Length arrive
+            finally:
+                body.close()
+            if len(data) != stop - start:
+                raise _ShortBody(f"{len(data)} bytes for a range of {stop - start}")
+            return data, response.get("ETag"), _version(response.get("VersionId"))
+
+        return self.call(url, "GET", once, start, stop)
+
+    def head(self, url: str, if_match: str | None = None) -> ObjectStat | None:
+        """The current version of the object (None if there is none); 412 when ``if_match`` fails."""
+        where = ObjectUrl.parse(url)
+        kwargs: dict[str, Any] = {"Bucket": where.bucket, "Key": where.key}
+        if if_match:
+            kwargs["IfMatch"] = if_match
+        try:
+            r = self.call(url, "HEAD", lambda: self.client().head_object(**kwargs))
+        except ObjectVanishedError:
+            return None
+        return ObjectStat(url, r["ContentLength"], r["ETag"], _ns(r["LastModified"]), _version(r.get("VersionId")))
+
+    def get_if_changed(self, url: str, etag: str | None) -> tuple[bytes, str] | None:
+        """The whole (small) object unless its ETag is still ``etag`` (``If-None-Match``): then None."""
+        where = ObjectUrl.parse(url)
+        kwargs: dict[str, Any] = {"Bucket": where.bucket, "Key": where.key}
+        if etag:
+            kwargs["IfNoneMatch"] = etag
+
+        def once() -> tuple[bytes, str]:
+            response = self.client().get_object(**kwargs)
+            with response["Body"] as body:
+                return body.read(), response["ETag"]
+
+        try:
+            return self.call(url, "GET", once)
+        except Exception as exn:  # noqa: BLE001
+            if _classify(exn) == "not modified":
+                return None
+            raise
+
+    def list(self, bucket: str, prefix: str, delimiter: str | None = "/") -> Iterator[ObjectStat]:
+        """The objects whose keys start with ``prefix`` (with ``delimiter``: not below a further
+        ``/``), in key order, over as many ListObjectsV2 pages as it takes."""
+        url = f"s3://{bucket}/{prefix}"
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        while True:
+            page = self.call(url, "LIST", lambda: self.client().list_objects_v2(**kwargs))
+            for obj in page.get("Contents", ()):
+                yield ObjectStat(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"], _ns(obj["LastModified"]))
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def versioning(self, bucket: str) -> bool | None:
+        """Whether versioning is enabled on ``bucket``; None when the store will not say."""
+        try:
+            r = self.call(f"s3://{bucket}/", "GetBucketVersioning",
+                          lambda: self.client().get_bucket_versioning(Bucket=bucket))
+        except ObjectReadError:
+            return None
+        return r.get("Status") == "Enabled"
+
+
+class _ShortBody(Exception):
+    """A response body shorter than the range asked for (retried)."""
+
+
+def _version(version_id: str | None) -> str | None:
+    """A VersionId that pins a version; unversioned objects report none or ``"null"``."""
+    return version_id if version_id and version_id != "null" else None
+
+
+def _classify(exn: BaseException) -> str:
+    """ "changed" (412), "gone" (404), "not modified" (304), "retry", or "fail"."""
+    if isinstance(exn, _ShortBody):
+        return "retry"
+    try:
+        import botocore.exceptions as bx
+        import urllib3.exceptions as ux
+    except ImportError:  # pragma: no cover - boto3 missing fails earlier, at the client
+        return "fail"
+    if isinstance(exn, bx.ClientError):
+        error = exn.response.get("Error", {})
+        status = exn.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = str(error.get("Code", ""))
+        if status == 412 or code == "PreconditionFailed":
+            return "changed"
+        if status == 304 or code == "304":
+            return "not modified"
+        if status == 404 or code in _GONE_CODES:
+            return "gone"
+        if status >= 500 or status == 429 or code in _RETRIED_CODES:
+            return "retry"
+        return "fail"
+    retried = (bx.HTTPClientError, bx.IncompleteReadError, bx.ResponseStreamingError, ux.HTTPError,
+               ConnectionError, TimeoutError)
+    return "retry" if isinstance(exn, retried) else "fail"
+
+
+def _summary(exn: BaseException) -> str:
+    """What went wrong, in one line: the error's class and message (botocore's name the operation
+    and the status; neither carries credentials)."""
+    try:
+        import botocore.exceptions as bx
+
+        if isinstance(exn, bx.ClientError):
+            error = exn.response.get("Error", {})
+            status = exn.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            return f"HTTP {status} {error.get('Code', '')}: {error.get('Message', '')}".rstrip(": ")
+    except ImportError:  # pragma: no cover
+        pass
+    return f"{type(exn).__name__}: {exn}"
+
+
+# ---------------------------------------------------------------------- which store a URL is in
+
+_default_store: Store | None = None
+_stores: dict[str, Store] = {}
+
+
+def register(buckets: list[str] | set[str], store: Store) -> None:
+    """Makes ``store`` the one this process reads ``buckets`` through (an ``ObjectSource`` does
+    this when it is made or unpickled in a DataLoader worker, so readers of its snapshots reach
+    the same endpoint with the same options; the snapshot itself holds no option)."""
+    for bucket in buckets:
+        _stores[bucket] = store
+
+
+def store_for(url: str) -> Store:
+    """The store a shard's URL is read through: the one registered for its bucket, else one
+    configured from the environment alone."""
+    global _default_store
+    store = _stores.get(ObjectUrl.parse(url).bucket)
+    if store is None:
+        if _default_store is None:
+            _default_store = Store()
+        store = _default_store
+    return store
