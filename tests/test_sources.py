@@ -86,8 +86,8 @@ def test_samples_equal_webdatasets_on_third_party_shards(name):
     assert actual == expected
 
 
-@pytest.mark.parametrize("watch", [True, False])
-def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, watch):
+def packed_six_samples(shard_dir):
+    """Two shards of three samples packed by `pack`: (their directory, its manifest's path, the manifest)."""
     from wdsrefresh.write.pack import pack
 
     raw = os.path.join(shard_dir, "..", "raw")
@@ -98,7 +98,12 @@ def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, w
     out = os.path.join(shard_dir, "packed")
     pack([raw], out, maxcount=3)
     manifest = os.path.join(out, "manifest.json")
-    doc = json.load(open(manifest))
+    return out, manifest, json.load(open(manifest))
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, watch):
+    out, manifest, doc = packed_six_samples(shard_dir)
     doc["shardlist"][0]["nsamples"] = 2  # a count only the manifest says: proof it was not re-read
     json.dump(doc, open(manifest, "w"))
     snap = wr.RefreshingWebDataset(out, watch=watch).set_epoch(0)
@@ -108,17 +113,7 @@ def test_directory_manifest_gives_counts_without_reading_the_shards(shard_dir, w
 
 
 def test_fragments_of_an_uncommitted_pack_count_like_the_manifest(shard_dir):
-    from wdsrefresh.write.pack import pack
-
-    raw = os.path.join(shard_dir, "..", "raw")
-    os.makedirs(raw)
-    for i in range(6):
-        with open(os.path.join(raw, f"k{i}.txt"), "wb") as f:
-            f.write(b"x" * 10)
-    out = os.path.join(shard_dir, "packed")
-    pack([raw], out, maxcount=3)
-    manifest = os.path.join(out, "manifest.json")
-    doc = json.load(open(manifest))
+    out, manifest, doc = packed_six_samples(shard_dir)
     first, second = doc["shardlist"]
     second["nsamples"] = 2  # a count only the fragment says: proof it was used, not re-read
     os.makedirs(os.path.join(out, "manifest.d"), exist_ok=True)
