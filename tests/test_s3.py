@@ -240,12 +240,13 @@ BIG = 512 * 1024  # 24 samples of this size span three 4 MiB blocks
 
 
 def _start_reading(s3, key: str, versioned: bool, **kw):
-    """An epoch over one three-block object, read to its first sample with no read-ahead, so the
-    second block is fetched only after the test changed the object."""
+    """An epoch over one three-block object, read to its first sample with no read-ahead and one
+    block per GET, so the second block is requested only after the test changed the object (a
+    GET already streaming goes on with the version it started with)."""
     if versioned:
         s3.enable_versioning()
     s3.put_shard(key, 24, BIG, version="v1")
-    source = wr.ObjectSource(s3.url(key), storage_options=via(s3, readahead=0))
+    source = wr.ObjectSource(s3.url(key), storage_options=via(s3, readahead=0, request_blocks=1))
     ds = wr.RefreshingWebDataset(source, shardshuffle=False, **kw)
     snap = ds.set_epoch(0)
     assert snap.shards[0].size > 2 * BLOCK_SIZE and (snap.shards[0].version_id is not None) == versioned
@@ -333,7 +334,7 @@ def test_consumer_starting_mid_object_reads_only_the_blocks_it_needs(s3, fault_p
     size = 9 * MiB  # each payload covers whole blocks that a reader skipping it never needs
     data = shard_bytes("a", 3, size)
     s3.put("b/a.tar", data)
-    source = wr.ObjectSource(s3.url("b/"), storage_options=via(s3, fault_proxy, readahead=0))
+    source = wr.ObjectSource(s3.url("b/"), storage_options=via(s3, fault_proxy, readahead=0, request_blocks=1))
     shard = wr.RefreshingWebDataset(source).set_epoch(0).shards[0]
     fault_proxy.clear()
     reader, close = open_object(shard.url, shard.expected(), shard.etag, shard.version_id)
@@ -369,6 +370,19 @@ def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, faul
     assert [f.injected for f in faults] == [f.times for f in faults] and listing.injected == 2
     stats = ds.stats(0)
     assert (stats.corrupt, stats.skipped, stats.yielded) == (0, 0, 22)
+
+
+def test_a_stream_cut_midway_resumes_at_the_block_it_was_reading(s3, fault_proxy):
+    data = shard_bytes("a", 24, BIG, version="v1")  # three blocks, streamed by one GET
+    s3.put("m/a.tar", data)
+    ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("m/"), storage_options=via(s3, fault_proxy)))
+    ds.set_epoch(0)
+    fault_proxy.clear()
+    cut = fault_proxy.inject("cut-body", times=1, ranged=True)  # half the body: block 0 whole, block 1 in part
+    samples = list(ds)
+    assert sorted(keys_of(samples)) == expected_keys(a=24) and {tagged(s) for s in samples} == {"v1"}
+    ranges = [r.range for r in fault_proxy.requests("GET") if r.range]
+    assert cut.injected == 1 and ranges == [f"bytes=0-{len(data) - 1}", f"bytes={BLOCK_SIZE}-{len(data) - 1}"]
 
 
 def test_read_failing_after_its_retries_names_url_and_range_through_the_handler(s3, fault_proxy):
