@@ -401,6 +401,41 @@ def test_read_failing_after_its_retries_names_url_and_range_through_the_handler(
         list(ds)
 
 
+def test_object_that_cannot_be_indexed_is_left_out_this_epoch_and_tried_again_the_next(s3, fault_proxy):
+    s3.put_shard("i/a.tar", 3)
+    s3.put_shard("i/b.tar", 2)
+    source = wr.ObjectSource(s3.url("i/"), storage_options=via(s3, fault_proxy, attempts=2))
+    ds = wr.RefreshingWebDataset(source)
+    down = fault_proxy.inject("status", times=10**6, path="/i/b.tar", ranged=True)
+    snap = ds.set_epoch(0)
+    assert [s.name for s in snap.shards] == ["a.tar"]
+    assert [url for url, _ in snap.rejected] == [s3.url("i/b.tar")] and "after 2 attempts" in snap.rejected[0][1]
+    down.times = 0  # the store recovers
+    snap = ds.set_epoch(1)
+    assert [s.name for s in snap.shards] == ["a.tar", "b.tar"] and snap.rejected == ()
+
+
+def test_a_listing_that_keeps_failing_makes_set_epoch_raise_naming_the_prefix(s3, fault_proxy):
+    s3.put_shard("l/a.tar", 3)
+    source = wr.ObjectSource(s3.url("l/"), storage_options=via(s3, fault_proxy, attempts=2))
+    fault_proxy.inject("status", times=10**6, path="list-type=2")
+    with pytest.raises(ObjectReadError, match=r"s3://.*/l/: LIST failed after 2 attempts"):
+        wr.RefreshingWebDataset(source).set_epoch(0)
+
+
+def test_resumed_s3_epoch_refuses_to_read_unpinned_while_checkpoints_lack_etags(s3):
+    s3.put_shard("s/a.tar", 6)
+    ds = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
+    ds.set_epoch(0)
+    it = iter(ds)
+    next(it)
+    state = ds.state_dict()
+    resumed = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"s3://.*/s/a\.tar: .*never read unpinned"):
+        list(resumed)
+
+
 def test_storage_options_reach_spawned_workers_and_credentials_are_never_shown(s3, fault_proxy, monkeypatch,
                                                                                caplog):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: only the options work
