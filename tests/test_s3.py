@@ -352,6 +352,19 @@ def test_consumer_starting_mid_object_reads_only_the_blocks_it_needs(s3, fault_p
     assert blocks == sorted(needed) and len(blocks) < math.ceil(len(data) / BLOCK_SIZE)
 
 
+@pytest.mark.timeout(120)
+def test_worker_forked_while_the_main_process_reads_ahead_reads_on_its_own(s3):
+    s3.put_shard("w/a.tar", 2)
+    s3.put_shard("w/b.tar", 48, BIG)  # six blocks: more than the read-ahead fetches unasked
+    ds = wr.RefreshingWebDataset(s3.url("w/"), shardshuffle=False)
+    ds.set_epoch(0)
+    it = iter(ds)
+    next(it)  # reading a.tar; b.tar's first blocks are being fetched ahead in this process
+    ds.set_epoch(1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert sorted(keys_of(loader)) == expected_keys(a=2, b=48)
+
+
 def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, fault_proxy):
     for i, n in enumerate([6, 3, 9, 4]):
         s3.put_shard(f"f/s{i}.tar", n)

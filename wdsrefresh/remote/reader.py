@@ -23,6 +23,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -304,6 +305,8 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
 
 _PREFETCHED_AT_MOST = 2  # per process (a DataLoader worker is one consumer): the next object or two
 _prefetched: dict[tuple, BlockFetcher] = {}
+# a forked child (a DataLoader worker) inherits the parent's fetchers but not their threads
+os.register_at_fork(after_in_child=_prefetched.clear)
 
 
 def prefetch(url: str, expected: Expected, etag: str | None, version_id: str | None) -> None:
