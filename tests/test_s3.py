@@ -216,7 +216,7 @@ def test_junk_and_truncated_objects_are_left_out_naming_the_url_once(s3, caplog)
 def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     for name in "abc":
         s3.put_shard(f"c/{name}.tar", 3)
-    ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("c/"), storage_options=via(s3, fault_proxy)))
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("c/"), storage_options=via(s3, fault_proxy)))
     first = ds.set_epoch(0)
     assert len([r for r in fault_proxy.requests("GET") if r.range]) == 3
     fault_proxy.clear()
