@@ -449,6 +449,66 @@ def test_resumed_s3_epoch_refuses_to_read_unpinned_while_checkpoints_lack_etags(
         list(resumed)
 
 
+def cached(s3, proxy, tmp_path, limit: str = "64MB", **options) -> dict:
+    return via(s3, proxy, cache_dir=str(tmp_path / "cache"), cache_limit=limit, **options)
+
+
+def test_cache_serves_later_epochs_without_a_get_and_never_a_replaced_version(s3, fault_proxy, tmp_path):
+    for name in "ab":
+        s3.put_shard(f"k/{name}.tar", 5, 2000, version="v1")
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("k/"), storage_options=cached(s3, fault_proxy, tmp_path)))
+    ds.set_epoch(0)
+    assert sorted(keys_of(ds)) == expected_keys(a=5, b=5)
+    fault_proxy.clear()
+    ds.set_epoch(1)
+    samples = list(ds)
+    assert sorted(keys_of(samples)) == expected_keys(a=5, b=5) and {tagged(s) for s in samples} == {"v1"}
+    assert [r for r in fault_proxy.requests() if r.range] == []  # every block from the cache
+    s3.put_shard("k/b.tar", 5, 2000, version="v2")
+    fault_proxy.clear()
+    ds.set_epoch(2)
+    samples = list(ds)
+    assert {s["__key__"][0]: tagged(s) for s in samples} == {"a": "v1", "b": "v2"}
+    assert {r.path for r in fault_proxy.requests() if r.range} == {f"/{s3.name}/k/b.tar"}
+
+
+def test_cached_block_damaged_on_the_node_is_read_from_the_store_again(s3, fault_proxy, tmp_path, caplog):
+    s3.put_shard("k/a.tar", 5, 2000, version="v1")
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("k/"), storage_options=cached(s3, fault_proxy, tmp_path)))
+    ds.set_epoch(0)
+    list(ds)
+    (block,) = (tmp_path / "cache").glob("*/0.blk")
+    data = bytearray(block.read_bytes())
+    data[600] ^= 1
+    block.write_bytes(bytes(data))
+    fault_proxy.clear()
+    ds.set_epoch(1)
+    with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
+        samples = list(ds)
+    assert sorted(keys_of(samples)) == expected_keys(a=5) and {tagged(s) for s in samples} == {"v1"}
+    assert len([r for r in fault_proxy.requests() if r.range]) == 1
+    assert "cached block 0 differs from its digest" in caplog.text
+
+
+def test_cache_stays_under_its_limit_over_20_epochs_of_a_dataset_three_times_its_size(s3, tmp_path):
+    from wdsrefresh.remote.cache import BlockCache
+
+    sizes = [len(s3.put_shard(f"c/s{i}.tar", 4, 250_000) and shard_bytes(f"s{i}", 4, 250_000)) for i in range(6)]
+    limit = sum(sizes) // 3  # the dataset is three times the cache
+    source = wr.make_source(s3.url("c/"), storage_options=via(s3, cache_dir=str(tmp_path / "cache"),
+                                                              cache_limit=limit))
+    ds = wr.RefreshingWebDataset(source)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    cache = BlockCache(tmp_path / "cache", limit)
+    held = []
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        assert sorted(keys_of(loader)) == expected_keys(**{f"s{i}": 4 for i in range(6)})
+        held.append(cache.size())
+        assert held[-1] <= limit, f"epoch {epoch}: the cache holds {held[-1]} bytes, its limit is {limit}"
+    assert max(held) > limit // 2  # it was used, not merely empty
+
+
 def test_storage_options_reach_spawned_workers_and_credentials_are_never_shown(s3, fault_proxy, monkeypatch,
                                                                                caplog):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: only the options work

@@ -66,6 +66,9 @@ class BlockFetcher:
         self.store, self.url, self.size, self.block_size = store, url, size, block_size
         self.etag, self.version_id = etag, version_id
         self.digests, self.record = digests, record
+        # checked blocks are cached under the snapshot's pin (never one learned on the way)
+        self.cache = store.cache if digests is not None and record is None else None
+        self.version = version_id or etag or ""
         self.readahead = store.readahead if readahead is None else readahead
         self.nblocks = -(-size // block_size)
         self.cond = threading.Condition()
@@ -146,6 +149,17 @@ class BlockFetcher:
                         return
                     i = self.next
                     self.next += 1
+                cached = self.cache.get(self.url, self.version, i, block_at(self.digests, i)) if self.cache else None
+                if cached is not None:
+                    if at == i:  # the stream would deliver this block next: it is not needed
+                        blocks.close()
+                        blocks, at = None, -1
+                    with self.cond:
+                        self.fetched += 1
+                        if i >= self.floor and not self.closed:
+                            self.ready[i] = cached
+                        self.cond.notify_all()
+                    continue
                 try:
                     if i != at:  # the first block, or the reader jumped: a new GET from block i
                         if blocks is not None:
@@ -169,6 +183,8 @@ class BlockFetcher:
                             self.cond.notify_all()
                             return
                     continue  # the reader moved past block i meanwhile: its failure does not matter
+                if self.cache is not None:
+                    self.cache.put(self.url, self.version, i, data)
                 with self.cond:
                     self.fetched += 1
                     if i >= self.floor and not self.closed:

@@ -48,8 +48,8 @@ _CLIENT_OPTIONS = {
     "aws_secret_access_key": "aws_secret_access_key", "secret": "aws_secret_access_key",
     "aws_session_token": "aws_session_token", "token": "aws_session_token",
 }
-_OWN_OPTIONS = ("attempts", "backoff", "max_backoff", "page_size", "readahead", "request_blocks", "profile",
-                "client_kwargs", "config_kwargs")
+_OWN_OPTIONS = ("attempts", "backoff", "max_backoff", "page_size", "readahead", "request_blocks", "cache_dir",
+                "cache_limit", "profile", "client_kwargs", "config_kwargs")
 _RETRIED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
                   "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
                   "BandwidthLimitExceeded", "EC2ThrottledException"}
@@ -150,7 +150,8 @@ class Store:
     HF datasets: ``endpoint_url``, ``region_name``, ``profile``, ``key``/``secret``/``token``,
     ``client_kwargs`` and ``config_kwargs`` (botocore ``Config``), plus ``attempts``,
     ``backoff``, ``max_backoff`` (retries), ``page_size`` (listing), ``readahead`` (blocks read
-    ahead of each reader) and ``request_blocks`` (blocks one GET streams at most).
+    ahead of each reader), ``request_blocks`` (blocks one GET streams at most), and
+    ``cache_dir`` with ``cache_limit`` (a node-local cache of checked blocks, ``cache.py``).
     Unset options come from the AWS chain and the environment (``AWS_ENDPOINT_URL`` included).
     """
 
@@ -166,6 +167,14 @@ class Store:
         self.page_size = int(options.pop("page_size", DEFAULT_PAGE_SIZE))
         self.readahead = int(options.pop("readahead", DEFAULT_READAHEAD))
         self.request_blocks = int(options.pop("request_blocks", DEFAULT_REQUEST_BLOCKS))
+        cache_dir, cache_limit = options.pop("cache_dir", None), options.pop("cache_limit", None)
+        if (cache_dir is None) != (cache_limit is None):
+            raise ValueError("storage_options: cache_dir and cache_limit go together")
+        self.cache = None
+        if cache_dir is not None:
+            from .cache import BlockCache
+
+            self.cache = BlockCache(cache_dir, cache_limit)
         if min(self.attempts, self.page_size, self.request_blocks) < 1 or self.readahead < 0:
             raise ValueError("storage_options: attempts, page_size and request_blocks must be >= 1, readahead >= 0")
         self._options = options
