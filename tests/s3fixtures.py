@@ -111,7 +111,9 @@ def s3(moto_server, monkeypatch) -> Bucket:
 @dataclass
 class Fault:
     """Answers up to ``times`` matching requests: ``kind`` is "status" (with ``status``),
-    "reset" (before any response byte), "reset-body" (after half the body) or "delay"."""
+    "reset" (before any response byte), "reset-body" (a reset after half the body), "cut-body"
+    (the connection closed cleanly after half the body: the client gets exactly that half), or
+    "delay" (``delay`` seconds before forwarding)."""
 
     kind: str
     times: int
@@ -220,10 +222,14 @@ def _handler(proxy: FaultProxy):
             self.end_headers()
             if no_body:
                 return
-            if fault is not None and fault.kind == "reset-body":
+            if fault is not None and fault.kind in ("reset-body", "cut-body"):
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
-                self._reset()
+                if fault.kind == "reset-body":
+                    self._reset()
+                else:
+                    self.connection.shutdown(socket.SHUT_WR)
+                    self.close_connection = True
                 return
             self.wfile.write(data)
 

@@ -216,7 +216,7 @@ def test_junk_and_truncated_objects_are_left_out_naming_the_url_once(s3, caplog)
 def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     for name in "abc":
         s3.put_shard(f"c/{name}.tar", 3)
-    ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("c/"), storage_options=via(s3, fault_proxy)))
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("c/"), storage_options=via(s3, fault_proxy)))
     first = ds.set_epoch(0)
     assert len([r for r in fault_proxy.requests("GET") if r.range]) == 3
     fault_proxy.clear()
@@ -240,12 +240,13 @@ BIG = 512 * 1024  # 24 samples of this size span three 4 MiB blocks
 
 
 def _start_reading(s3, key: str, versioned: bool, **kw):
-    """An epoch over one three-block object, read to its first sample with no read-ahead, so the
-    second block is fetched only after the test changed the object."""
+    """An epoch over one three-block object, read to its first sample with no read-ahead and one
+    block per GET, so the second block is requested only after the test changed the object (a
+    GET already streaming goes on with the version it started with)."""
     if versioned:
         s3.enable_versioning()
     s3.put_shard(key, 24, BIG, version="v1")
-    source = wr.ObjectSource(s3.url(key), storage_options=via(s3, readahead=0))
+    source = wr.ObjectSource(s3.url(key), storage_options=via(s3, readahead=0, request_blocks=1))
     ds = wr.RefreshingWebDataset(source, shardshuffle=False, **kw)
     snap = ds.set_epoch(0)
     assert snap.shards[0].size > 2 * BLOCK_SIZE and (snap.shards[0].version_id is not None) == versioned
@@ -333,7 +334,7 @@ def test_consumer_starting_mid_object_reads_only_the_blocks_it_needs(s3, fault_p
     size = 9 * MiB  # each payload covers whole blocks that a reader skipping it never needs
     data = shard_bytes("a", 3, size)
     s3.put("b/a.tar", data)
-    source = wr.ObjectSource(s3.url("b/"), storage_options=via(s3, fault_proxy, readahead=0))
+    source = wr.ObjectSource(s3.url("b/"), storage_options=via(s3, fault_proxy, readahead=0, request_blocks=1))
     shard = wr.RefreshingWebDataset(source).set_epoch(0).shards[0]
     fault_proxy.clear()
     reader, close = open_object(shard.url, shard.expected(), shard.etag, shard.version_id)
@@ -349,6 +350,19 @@ def test_consumer_starting_mid_object_reads_only_the_blocks_it_needs(s3, fault_p
     fetched = [r.range for r in fault_proxy.requests("GET") if r.range]
     blocks = sorted(int(r.split("=")[1].split("-")[0]) // BLOCK_SIZE for r in fetched)
     assert blocks == sorted(needed) and len(blocks) < math.ceil(len(data) / BLOCK_SIZE)
+
+
+@pytest.mark.timeout(120)
+def test_worker_forked_while_the_main_process_reads_ahead_reads_on_its_own(s3):
+    s3.put_shard("w/a.tar", 2)
+    s3.put_shard("w/b.tar", 48, BIG)  # six blocks: more than the read-ahead fetches unasked
+    ds = wr.RefreshingWebDataset(s3.url("w/"), shardshuffle=False)
+    ds.set_epoch(0)
+    it = iter(ds)
+    next(it)  # reading a.tar; b.tar's first blocks are being fetched ahead in this process
+    ds.set_epoch(1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert sorted(keys_of(loader)) == expected_keys(a=2, b=48)
 
 
 def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, fault_proxy):
@@ -371,6 +385,19 @@ def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, faul
     assert (stats.corrupt, stats.skipped, stats.yielded) == (0, 0, 22)
 
 
+def test_a_stream_cut_midway_resumes_at_the_block_it_was_reading(s3, fault_proxy):
+    data = shard_bytes("a", 24, BIG, version="v1")  # three blocks, streamed by one GET
+    s3.put("m/a.tar", data)
+    ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("m/"), storage_options=via(s3, fault_proxy)))
+    ds.set_epoch(0)
+    fault_proxy.clear()
+    cut = fault_proxy.inject("cut-body", times=1, ranged=True)  # half the body: block 0 whole, block 1 in part
+    samples = list(ds)
+    assert sorted(keys_of(samples)) == expected_keys(a=24) and {tagged(s) for s in samples} == {"v1"}
+    ranges = [r.range for r in fault_proxy.requests("GET") if r.range]
+    assert cut.injected == 1 and ranges == [f"bytes=0-{len(data) - 1}", f"bytes={BLOCK_SIZE}-{len(data) - 1}"]
+
+
 def test_read_failing_after_its_retries_names_url_and_range_through_the_handler(s3, fault_proxy):
     s3.put_shard("e/good.tar", 5)
     s3.put_shard("e/bad.tar", 4)
@@ -385,6 +412,101 @@ def test_read_failing_after_its_retries_names_url_and_range_through_the_handler(
     ds.set_epoch(0)
     with pytest.raises(ObjectReadError, match=r"s3://.*/e/bad\.tar: bytes 0-\d+: GET failed after 3 attempts"):
         list(ds)
+
+
+def test_object_that_cannot_be_indexed_is_left_out_this_epoch_and_tried_again_the_next(s3, fault_proxy):
+    s3.put_shard("i/a.tar", 3)
+    s3.put_shard("i/b.tar", 2)
+    source = wr.ObjectSource(s3.url("i/"), storage_options=via(s3, fault_proxy, attempts=2))
+    ds = wr.RefreshingWebDataset(source)
+    down = fault_proxy.inject("status", times=10**6, path="/i/b.tar", ranged=True)
+    snap = ds.set_epoch(0)
+    assert [s.name for s in snap.shards] == ["a.tar"]
+    assert [url for url, _ in snap.rejected] == [s3.url("i/b.tar")] and "after 2 attempts" in snap.rejected[0][1]
+    down.times = 0  # the store recovers
+    snap = ds.set_epoch(1)
+    assert [s.name for s in snap.shards] == ["a.tar", "b.tar"] and snap.rejected == ()
+
+
+def test_a_listing_that_keeps_failing_makes_set_epoch_raise_naming_the_prefix(s3, fault_proxy):
+    s3.put_shard("l/a.tar", 3)
+    source = wr.ObjectSource(s3.url("l/"), storage_options=via(s3, fault_proxy, attempts=2))
+    fault_proxy.inject("status", times=10**6, path="list-type=2")
+    with pytest.raises(ObjectReadError, match=r"s3://.*/l/: LIST failed after 2 attempts"):
+        wr.RefreshingWebDataset(source).set_epoch(0)
+
+
+def test_resumed_s3_epoch_refuses_to_read_unpinned_while_checkpoints_lack_etags(s3):
+    s3.put_shard("s/a.tar", 6)
+    ds = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
+    ds.set_epoch(0)
+    it = iter(ds)
+    next(it)
+    state = ds.state_dict()
+    resumed = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"s3://.*/s/a\.tar: .*never read unpinned"):
+        list(resumed)
+
+
+def cached(s3, proxy, tmp_path, limit: str = "64MB", **options) -> dict:
+    return via(s3, proxy, cache_dir=str(tmp_path / "cache"), cache_limit=limit, **options)
+
+
+def test_cache_serves_later_epochs_without_a_get_and_never_a_replaced_version(s3, fault_proxy, tmp_path):
+    for name in "ab":
+        s3.put_shard(f"k/{name}.tar", 5, 2000, version="v1")
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("k/"), storage_options=cached(s3, fault_proxy, tmp_path)))
+    ds.set_epoch(0)
+    assert sorted(keys_of(ds)) == expected_keys(a=5, b=5)
+    fault_proxy.clear()
+    ds.set_epoch(1)
+    samples = list(ds)
+    assert sorted(keys_of(samples)) == expected_keys(a=5, b=5) and {tagged(s) for s in samples} == {"v1"}
+    assert [r for r in fault_proxy.requests() if r.range] == []  # every block from the cache
+    s3.put_shard("k/b.tar", 5, 2000, version="v2")
+    fault_proxy.clear()
+    ds.set_epoch(2)
+    samples = list(ds)
+    assert {s["__key__"][0]: tagged(s) for s in samples} == {"a": "v1", "b": "v2"}
+    assert {r.path for r in fault_proxy.requests() if r.range} == {f"/{s3.name}/k/b.tar"}
+
+
+def test_cached_block_damaged_on_the_node_is_read_from_the_store_again(s3, fault_proxy, tmp_path, caplog):
+    s3.put_shard("k/a.tar", 5, 2000, version="v1")
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("k/"), storage_options=cached(s3, fault_proxy, tmp_path)))
+    ds.set_epoch(0)
+    list(ds)
+    (block,) = (tmp_path / "cache").glob("*/0.blk")
+    data = bytearray(block.read_bytes())
+    data[600] ^= 1
+    block.write_bytes(bytes(data))
+    fault_proxy.clear()
+    ds.set_epoch(1)
+    with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
+        samples = list(ds)
+    assert sorted(keys_of(samples)) == expected_keys(a=5) and {tagged(s) for s in samples} == {"v1"}
+    assert len([r for r in fault_proxy.requests() if r.range]) == 1
+    assert "cached block 0 differs from its digest" in caplog.text
+
+
+def test_cache_stays_under_its_limit_over_20_epochs_of_a_dataset_three_times_its_size(s3, tmp_path):
+    from wdsrefresh.remote.cache import BlockCache
+
+    sizes = [len(s3.put_shard(f"c/s{i}.tar", 4, 250_000) and shard_bytes(f"s{i}", 4, 250_000)) for i in range(6)]
+    limit = sum(sizes) // 3  # the dataset is three times the cache
+    source = wr.make_source(s3.url("c/"), storage_options=via(s3, cache_dir=str(tmp_path / "cache"),
+                                                              cache_limit=limit))
+    ds = wr.RefreshingWebDataset(source)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    cache = BlockCache(tmp_path / "cache", limit)
+    held = []
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        assert sorted(keys_of(loader)) == expected_keys(**{f"s{i}": 4 for i in range(6)})
+        held.append(cache.size())
+        assert held[-1] <= limit, f"epoch {epoch}: the cache holds {held[-1]} bytes, its limit is {limit}"
+    assert max(held) > limit // 2  # it was used, not merely empty
 
 
 def test_storage_options_reach_spawned_workers_and_credentials_are_never_shown(s3, fault_proxy, monkeypatch,

@@ -46,8 +46,9 @@ def inotify_fds() -> int:
 
 
 def ours() -> tuple[int, int]:
-    """Threads and inotify fds of wdsrefresh in this process (other tests' stragglers aside)."""
-    return sum(t.name.startswith("wdsrefresh") for t in threading.enumerate()), inotify_fds()
+    """Indexer threads and inotify fds of wdsrefresh in this process (the watcher's own; an S3 read-ahead
+    thread of an earlier test may still be finishing a request)."""
+    return sum(t.name == "wdsrefresh-indexer" for t in threading.enumerate()), inotify_fds()
 
 
 def back_to(base_threads: int, base_fds: int) -> bool:

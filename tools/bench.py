@@ -26,6 +26,7 @@ over the same files: no reader that copies the bytes out of the page cache can b
 
     .venv/bin/python tools/bench.py            # full run, a few minutes
     .venv/bin/python tools/bench.py --quick    # smaller sets, under a minute
+    .venv/bin/python tools/bench.py --remote   # the same shards from an S3 server on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -381,11 +382,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolve-sizes", default=None,
                         help="shard counts to time snapshot resolution on, e.g. 1000,10000,100000 (100k writes "
                              "100k files, about 400 MB on disk); empty to skip (default: 1000,10000; quick: 1000)")
+    parser.add_argument("--remote", action="store_true",
+                        help="read from an S3 server on 127.0.0.1 instead (tools/bench_remote.py; boto3, moto[server])")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
     if args.repeat is None:
         args.repeat = 3 if args.quick else 5
+    if args.remote:
+        from bench_remote import run_remote
+
+        return run_remote(args)
     if args.resolve_sizes is None:
         args.resolve_sizes = "1000" if args.quick else "1000,10000"
     sizes = [int(s) for s in args.resolve_sizes.split(",") if s.strip()]

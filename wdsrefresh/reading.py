@@ -120,6 +120,8 @@ def read_assignment(
             if cursor.offset:
                 piece = Piece(piece.shard, min(piece.start + cursor.offset, piece.stop), piece.stop)
             shard = snapshot.shards[piece.shard]
+            if index + 1 < len(pieces):
+                _prefetch(snapshot.shards[pieces[index + 1].shard], options)
             for sample in _read_piece(shard, piece, options, stats):
                 recent.append(sample)
                 stats.yielded += 1
@@ -320,6 +322,12 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
                                 f"holds {found} samples, its snapshot entry counts {count}")
     finally:
         close()
+
+
+def _prefetch(shard: ShardInfo, options: ReadOptions) -> None:
+    """An object in a store is read from while the piece before it is parsed (local files: nothing)."""
+    if is_remote(shard.url):
+        remote.prefetch(shard.url, shard.expected(with_digest=options.verify != "off"), shard.etag, shard.version_id)
 
 
 def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,

@@ -235,15 +235,17 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str
                      filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name)
 
 
-def make_source(spec: object) -> ShardSource:
+def make_source(spec: object, storage_options: dict | None = None) -> ShardSource:
     """A ShardSource from a directory, glob, brace pattern, manifest path, list, or a ShardSource;
-    ``s3://`` URLs (or a list of them) make a ``remote.source.ObjectSource``."""
-    if isinstance(spec, ShardSource):
-        return spec
+    ``s3://`` URLs (or a list of them) make a ``remote.source.ObjectSource`` with ``storage_options``."""
     if is_remote(spec) or (isinstance(spec, (list, tuple)) and spec and all(map(is_remote, spec))):
         from .remote.source import ObjectSource
 
-        return ObjectSource(spec)
+        return ObjectSource(spec, storage_options=storage_options)
+    if storage_options is not None:
+        raise TypeError(f"storage_options apply to s3:// URLs, not to {spec!r}")
+    if isinstance(spec, ShardSource):
+        return spec
     if isinstance(spec, (list, tuple)):
         return ListSource(make_source(s) for s in spec)
     if isinstance(spec, os.PathLike):

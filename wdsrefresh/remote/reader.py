@@ -2,14 +2,16 @@
 
 Guarantees:
 
-- Bytes come in blocks aligned to the digest blocks (4 MiB), each fetched with one ranged GET
-  pinned to the snapshot's version (``store.get_range``), whole or not at all. A block is
-  checked against its digest before the tar reader sees any byte of it, so every sample is
-  cut from verified bytes and nothing is held back (``verified`` is infinite, as for gzip).
-- A background thread per open object fetches up to ``readahead`` blocks ahead of the reader,
-  so network latency overlaps parsing. Blocks the reader jumps over (payloads it skips, a
-  consumer that starts mid-shard) are never fetched, unless the object is being indexed
-  (every block is then digested, in order).
+- Bytes come in blocks aligned to the digest blocks (4 MiB), streamed by ranged GETs pinned to
+  the snapshot's version (``store.read_blocks``: up to ``request_blocks`` blocks a request,
+  each block whole or not at all). A block is checked against its digest before the tar
+  reader sees any byte of it, so every sample is cut from verified bytes and nothing is held
+  back (``verified`` is infinite, as for gzip).
+- A background thread per open object reads up to ``readahead`` blocks ahead of the reader,
+  so network latency overlaps parsing. When the reader jumps over blocks (payloads it skips,
+  a consumer that starts mid-shard) the stream is closed and a new GET starts at the block it
+  needs: skipped blocks are not requested, unless the object is being indexed (every block is
+  then digested, in order).
 - A block that failed (after the store's retries) raises when, and only if, the reader needs
   it; a block fetched ahead that no sample needs never fails a read.
 - A digest mismatch on a pinned version is corruption (the object is the snapshot's version
@@ -21,8 +23,9 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..format import tario
@@ -63,6 +66,9 @@ class BlockFetcher:
         self.store, self.url, self.size, self.block_size = store, url, size, block_size
         self.etag, self.version_id = etag, version_id
         self.digests, self.record = digests, record
+        # checked blocks are cached under the snapshot's pin (never one learned on the way)
+        self.cache = store.cache if digests is not None and record is None else None
+        self.version = version_id or etag or ""
         self.readahead = store.readahead if readahead is None else readahead
         self.nblocks = -(-size // block_size)
         self.cond = threading.Condition()
@@ -75,12 +81,17 @@ class BlockFetcher:
         self.closed = False
         self.thread: threading.Thread | None = None
 
-    def get(self, i: int) -> bytes:
-        """Block ``i`` (checked); raises the error that fetching it met."""
+    def start(self) -> None:
+        """Starts reading from block 0 (and ``readahead`` blocks on) before anything asks."""
         with self.cond:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="wdsrefresh-readahead", daemon=True)
                 self.thread.start()
+
+    def get(self, i: int) -> bytes:
+        """Block ``i`` (checked); raises the error that fetching it met."""
+        self.start()
+        with self.cond:
             if i > self.wanted:
                 self.wanted = i
                 if self.record is None and self.next < i and i not in self.ready:
@@ -110,10 +121,9 @@ class BlockFetcher:
     def drain(self) -> None:
         """Waits until every block was fetched (and digested): the end of an index."""
         self.release_below(self.nblocks)
+        if self.nblocks:
+            self.start()
         with self.cond:
-            if self.thread is None and self.nblocks:
-                self.thread = threading.Thread(target=self._run, name="wdsrefresh-readahead", daemon=True)
-                self.thread.start()
             while self.fetched < self.nblocks:
                 if self.failed is not None:
                     raise self.failed[1]
@@ -127,33 +137,64 @@ class BlockFetcher:
             self.cond.notify_all()
 
     def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.closed and (self.next >= self.nblocks
-                                           or self.next > max(self.wanted, self.floor) + self.readahead):
-                    self.cond.wait()
-                if self.closed:
-                    return
-                i = self.next
-                self.next += 1
-            try:
-                data = self._fetch(i)
-            except BaseException as exn:  # noqa: BLE001 - handed to the reader when it needs block i
+        blocks: Iterator | None = None  # one streamed GET, positioned at block ``at``
+        at = stop = -1
+        try:
+            while True:
                 with self.cond:
-                    self.failed = (i, exn)
+                    while not self.closed and (self.next >= self.nblocks
+                                               or self.next > max(self.wanted, self.floor) + self.readahead):
+                        self.cond.wait()
+                    if self.closed:
+                        return
+                    i = self.next
+                    self.next += 1
+                cached = self.cache.get(self.url, self.version, i, block_at(self.digests, i)) if self.cache else None
+                if cached is not None:
+                    if at == i:  # the stream would deliver this block next: it is not needed
+                        blocks.close()
+                        blocks, at = None, -1
+                    with self.cond:
+                        self.fetched += 1
+                        if i >= self.floor and not self.closed:
+                            self.ready[i] = cached
+                        self.cond.notify_all()
+                    continue
+                try:
+                    if i != at:  # the first block, or the reader jumped: a new GET from block i
+                        if blocks is not None:
+                            blocks.close()
+                        at, stop = i, min(self.nblocks, i + self.store.request_blocks)
+                        blocks = self.store.read_blocks(self.url, i, stop, self.block_size, self.size,
+                                                        etag=self.etag, version_id=self.version_id)
+                    data, etag, version_id = next(blocks)
+                    at += 1
+                    if at == stop:
+                        blocks.close()
+                        blocks, at = None, -1
+                    self._check(i, data, etag, version_id)
+                except Exception as exn:  # noqa: BLE001 - handed to the reader if it needs block i
+                    if blocks is not None:
+                        blocks.close()
+                    blocks, at = None, -1
+                    with self.cond:
+                        if i >= self.floor and self.next == i + 1:  # still wanted: the reader will ask for it
+                            self.failed = (i, exn)
+                            self.cond.notify_all()
+                            return
+                    continue  # the reader moved past block i meanwhile: its failure does not matter
+                if self.cache is not None:
+                    self.cache.put(self.url, self.version, i, data)
+                with self.cond:
+                    self.fetched += 1
+                    if i >= self.floor and not self.closed:
+                        self.ready[i] = data
                     self.cond.notify_all()
-                return
-            with self.cond:
-                self.fetched += 1
-                if i >= self.floor and not self.closed:
-                    self.ready[i] = data
-                self.cond.notify_all()
+        finally:
+            if blocks is not None:
+                blocks.close()
 
-    def _fetch(self, i: int) -> bytes:
-        start = i * self.block_size
-        stop = min(start + self.block_size, self.size)
-        data, etag, version_id = self.store.get_range(self.url, start, stop, etag=self.etag,
-                                                      version_id=self.version_id)
+    def _check(self, i: int, data: bytes, etag: str | None, version_id: str | None) -> None:
         if self.version_id is None and version_id is not None:
             self.version_id = version_id  # a versioned bucket: from now on the exact version
         if self.etag is None:
@@ -162,10 +203,9 @@ class BlockFetcher:
             self.record.update_block(data)
         elif self.digests is not None and block_digest(data) != block_at(self.digests, i):
             pin = f"VersionId {self.version_id}" if self.version_id else f"ETag {self.etag}"
-            raise ObjectCorruptError(self.url, start, f"block {i} differs from its digest while the object is the "
-                                     f"snapshot's version ({pin}): corrupt in the store, or its manifest entry "
-                                     "describes other bytes")
-        return data
+            raise ObjectCorruptError(self.url, i * self.block_size, f"block {i} differs from its digest while the "
+                                     f"object is the snapshot's version ({pin}): corrupt in the store, or its "
+                                     "manifest entry describes other bytes")
 
 
 class ObjectByteSource:
@@ -268,15 +308,45 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
         raise ValueError(f"{url}: an object is read at the size its snapshot recorded; none given")
     if expected.digest and expected.blocks is None:
         raise ValueError(f"{url}: an object is checked block by block; its snapshot entry has only a whole digest")
-    store = store_for(url)
-    fetcher = BlockFetcher(store, url, expected.size, etag=etag, version_id=version_id, digests=expected.blocks,
-                           block_size=expected.block_size)
+    fetcher = _take_prefetched(url, expected, etag, version_id)
+    if fetcher is None:
+        fetcher = BlockFetcher(store_for(url), url, expected.size, etag=etag, version_id=version_id,
+                               digests=expected.blocks, block_size=expected.block_size)
     try:
         source = _byte_source(fetcher)
     except BaseException:
         fetcher.close()
         raise
     return ShardReader(source, url, local_path=url), fetcher.close
+
+
+_PREFETCHED_AT_MOST = 2  # per process (a DataLoader worker is one consumer): the next object or two
+_prefetched: dict[tuple, BlockFetcher] = {}
+# a forked child (a DataLoader worker) inherits the parent's fetchers but not their threads
+os.register_at_fork(after_in_child=_prefetched.clear)
+
+
+def prefetch(url: str, expected: Expected, etag: str | None, version_id: str | None) -> None:
+    """Starts reading the object a consumer will open next, so that its first blocks arrive while
+    the current one is parsed; ``open_object`` with the same arguments takes it over."""
+    key = (url, expected, etag, version_id)
+    if key in _prefetched or not (etag or version_id) or expected.size is None or (
+            expected.digest and expected.blocks is None):
+        return
+    while len(_prefetched) >= _PREFETCHED_AT_MOST:
+        _prefetched.pop(next(iter(_prefetched))).close()
+    fetcher = BlockFetcher(store_for(url), url, expected.size, etag=etag, version_id=version_id,
+                           digests=expected.blocks, block_size=expected.block_size)
+    fetcher.start()
+    _prefetched[key] = fetcher
+
+
+def _take_prefetched(url: str, expected: Expected, etag: str | None, version_id: str | None) -> BlockFetcher | None:
+    fetcher = _prefetched.pop((url, expected, etag, version_id), None)
+    if fetcher is not None and fetcher.failed is not None:  # failed early (retries spent ahead of time): anew
+        fetcher.close()
+        return None
+    return fetcher
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubles at each retry, 
 DEFAULT_MAX_BACKOFF = 10.0
 DEFAULT_PAGE_SIZE = 1000  # keys per ListObjectsV2 page (S3's maximum)
 DEFAULT_READAHEAD = 4  # blocks fetched ahead of the reader, per consumer
+DEFAULT_REQUEST_BLOCKS = 16  # blocks one ranged GET asks for at most (a stream; closed early when not needed)
 
 # storage_options understood here; anything else is refused, naming the key (never a value)
 _CLIENT_OPTIONS = {
@@ -47,8 +48,8 @@ _CLIENT_OPTIONS = {
     "aws_secret_access_key": "aws_secret_access_key", "secret": "aws_secret_access_key",
     "aws_session_token": "aws_session_token", "token": "aws_session_token",
 }
-_OWN_OPTIONS = ("attempts", "backoff", "max_backoff", "page_size", "readahead", "profile", "client_kwargs",
-                "config_kwargs")
+_OWN_OPTIONS = ("attempts", "backoff", "max_backoff", "page_size", "readahead", "request_blocks", "cache_dir",
+                "cache_limit", "profile", "client_kwargs", "config_kwargs")
 _RETRIED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
                   "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
                   "BandwidthLimitExceeded", "EC2ThrottledException"}
@@ -116,6 +117,19 @@ def same_etag(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a.strip('"').lower() == b.strip('"').lower()
 
 
+def _timestamp(value: str) -> datetime:
+    """An S3 timestamp: ISO 8601 in listings (fast path), an HTTP date in headers (botocore's)."""
+    try:
+        when = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+        if when.tzinfo is not None:
+            return when
+    except (TypeError, ValueError):
+        pass
+    from botocore.utils import parse_timestamp
+
+    return parse_timestamp(value)
+
+
 def _ns(when: datetime) -> int:
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
@@ -135,7 +149,9 @@ class Store:
     """An S3 (or S3-compatible) store and how to reach it; ``storage_options`` as in pandas or
     HF datasets: ``endpoint_url``, ``region_name``, ``profile``, ``key``/``secret``/``token``,
     ``client_kwargs`` and ``config_kwargs`` (botocore ``Config``), plus ``attempts``,
-    ``backoff``, ``max_backoff`` (retries), ``page_size`` (listing) and ``readahead`` (blocks).
+    ``backoff``, ``max_backoff`` (retries), ``page_size`` (listing), ``readahead`` (blocks read
+    ahead of each reader), ``request_blocks`` (blocks one GET streams at most), and
+    ``cache_dir`` with ``cache_limit`` (a node-local cache of checked blocks, ``cache.py``).
     Unset options come from the AWS chain and the environment (``AWS_ENDPOINT_URL`` included).
     """
 
@@ -150,8 +166,17 @@ class Store:
         self.max_backoff = float(options.pop("max_backoff", DEFAULT_MAX_BACKOFF))
         self.page_size = int(options.pop("page_size", DEFAULT_PAGE_SIZE))
         self.readahead = int(options.pop("readahead", DEFAULT_READAHEAD))
-        if self.attempts < 1 or self.page_size < 1 or self.readahead < 0:
-            raise ValueError("storage_options: attempts and page_size must be >= 1, readahead >= 0")
+        self.request_blocks = int(options.pop("request_blocks", DEFAULT_REQUEST_BLOCKS))
+        cache_dir, cache_limit = options.pop("cache_dir", None), options.pop("cache_limit", None)
+        if (cache_dir is None) != (cache_limit is None):
+            raise ValueError("storage_options: cache_dir and cache_limit go together")
+        self.cache = None
+        if cache_dir is not None:
+            from .cache import BlockCache
+
+            self.cache = BlockCache(cache_dir, cache_limit)
+        if min(self.attempts, self.page_size, self.request_blocks) < 1 or self.readahead < 0:
+            raise ValueError("storage_options: attempts, page_size and request_blocks must be >= 1, readahead >= 0")
         self._options = options
         self._client: Any = None
         self._pid: int | None = None
@@ -163,11 +188,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store(options: {', '.join(sorted(self._options)) or 'none'})"  # names only, never values
-
-    def identity(self) -> tuple:
-        """What tells two stores apart (endpoint, region, profile); no credential."""
-        o = self._options
-        return (o.get("endpoint_url"), o.get("region_name", o.get("region")), o.get("profile"))
 
     # ------------------------------------------------------------------ the client
     def client(self) -> Any:
@@ -183,11 +203,15 @@ class Store:
     def _make_client(self) -> Any:
         try:
             import boto3
+            import botocore.session
             from botocore.config import Config
         except ImportError:
             raise ImportError("s3:// sources need boto3: pip install 'wdsrefresh[s3]'") from None
         options = dict(self._options)
-        session = boto3.session.Session(profile_name=options.pop("profile", None))
+        core = botocore.session.get_session()
+        # botocore parses each listed key's LastModified with dateutil, 3/4 of a listing's cost here
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+        session = boto3.session.Session(botocore_session=core, profile_name=options.pop("profile", None))
         config = {"retries": {"max_attempts": 0, "mode": "standard"},  # retried here, naming URL and range
                   "max_pool_connections": 32, "connect_timeout": 10, "read_timeout": 60}
         config.update(options.pop("config_kwargs", None) or {})
@@ -203,48 +227,70 @@ class Store:
         while True:
             try:
                 return request()
-            except Exception as exn:  # noqa: BLE001 - classified below, re-raised as a named error
-                kind = _classify(exn)
-                if kind == "changed":
-                    raise ObjectChangedError(url, start or 0, f"{what}: replaced since the snapshot "
-                                             "(its ETag no longer matches: HTTP 412)") from exn
-                if kind == "gone":
-                    raise ObjectVanishedError(url, f"{what}: {_summary(exn)} (deleted)") from exn
-                if kind == "not modified":
-                    raise
-                if kind != "retry" or attempt >= self.attempts:
-                    tries = f" after {attempt} attempts" if kind == "retry" else ""
-                    raise ObjectReadError(url, f"{what} failed{tries}: {_summary(exn)}", start, stop) from exn
-                delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-                log.debug("%s: %s failed (%s); retry %d in %.2f s", url, what, _summary(exn), attempt, delay)
+            except Exception as exn:  # noqa: BLE001 - classified, re-raised as a named error or retried
+                self._raise_or_wait(url, what, exn, attempt, start, stop)
                 attempt += 1
-                time.sleep(delay)
 
-    def get_range(self, url: str, start: int, stop: int, *, etag: str | None = None,
-                  version_id: str | None = None) -> tuple[bytes, str | None, str | None]:
-        """Bytes ``[start, stop)`` of the object version pinned by ``version_id`` or ``etag``:
-        ``(data, etag, version_id)`` as the response names them. The whole range or an error."""
+    def _raise_or_wait(self, url: str, what: str, exn: Exception, attempt: int, start: int | None,
+                       stop: int | None) -> None:
+        """Raises what ``exn`` means (naming the URL and range), or waits before the next attempt."""
+        kind = _classify(exn)
+        if kind == "changed":
+            raise ObjectChangedError(url, start or 0, f"{what}: replaced since the snapshot "
+                                     "(its ETag no longer matches: HTTP 412)") from exn
+        if kind == "gone":
+            raise ObjectVanishedError(url, f"{what}: {_summary(exn)} (deleted)") from exn
+        if kind == "not modified":
+            raise exn
+        if kind != "retry" or attempt >= self.attempts:
+            tries = f" after {attempt} attempts" if kind == "retry" else ""
+            raise ObjectReadError(url, f"{what} failed{tries}: {_summary(exn)}", start, stop) from exn
+        delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+        log.debug("%s: %s failed (%s); retry %d in %.2f s", url, what, _summary(exn), attempt, delay)
+        time.sleep(delay)
+
+    def read_blocks(self, url: str, first: int, stop: int, block_size: int, size: int, *,
+                    etag: str | None = None, version_id: str | None = None,
+                    ) -> Iterator[tuple[bytes, str | None, str | None]]:
+        """Blocks ``first <= i < stop`` of the object version pinned by ``version_id`` (else
+        ``etag``), in order, each whole: ``(data, etag, version_id)`` as the response names them.
+
+        One ranged GET streams them all; a stream cut by a retryable failure is reopened at the
+        block it was reading (after a backoff), so a block is never yielded twice or in part.
+        Closing the generator closes the stream.
+        """
         if not etag and not version_id:
             raise ValueError(f"{url}: refusing to read an object with neither VersionId nor ETag to pin it")
         where = ObjectUrl.parse(url)
-        kwargs: dict[str, Any] = {"Bucket": where.bucket, "Key": where.key, "Range": f"bytes={start}-{stop - 1}"}
+        kwargs: dict[str, Any] = {"Bucket": where.bucket, "Key": where.key}
         if version_id:
             kwargs["VersionId"] = version_id
         else:
             kwargs["IfMatch"] = etag
-
-        def once() -> tuple[bytes, str | None, str | None]:
-            response = self.client().get_object(**kwargs)
-            body = response["Body"]
+        i, attempt = first, 1
+        while i < stop:
+            kwargs["Range"] = f"bytes={i * block_size}-{min(stop * block_size, size) - 1}"
+            body = None
             try:
-                data = body.read()  # botocore raises when fewer bytes than Content-Length arrive
+                response = self.client().get_object(**kwargs)
+                body = response["Body"]
+                named = (response.get("ETag"), _version(response.get("VersionId")))
+                if named[1] and "VersionId" not in kwargs:  # a versioned bucket: the exact version from now on
+                    del kwargs["IfMatch"]
+                    kwargs["VersionId"] = named[1]
+                while i < stop:
+                    data = _read_exactly(body, min(block_size, size - i * block_size))
+                    if i + 1 == stop:
+                        body.read()  # the end of the body: the connection goes back to the pool, not closed
+                    yield data, *named
+                    i += 1
+                    attempt = 1
+            except Exception as exn:  # noqa: BLE001 - classified: raised by name, or the stream reopened
+                self._raise_or_wait(url, "GET", exn, attempt, i * block_size, min((i + 1) * block_size, size))
+                attempt += 1
             finally:
-                body.close()
-            if len(data) != stop - start:
-                raise _ShortBody(f"{len(data)} bytes for a range of {stop - start}")
-            return data, response.get("ETag"), _version(response.get("VersionId"))
-
-        return self.call(url, "GET", once, start, stop)
+                if body is not None:
+                    body.close()
 
     def head(self, url: str, if_match: str | None = None) -> ObjectStat | None:
         """The current version of the object (None if there is none); 412 when ``if_match`` fails."""
@@ -304,6 +350,20 @@ class Store:
 
 class _ShortBody(Exception):
     """A response body shorter than the range asked for (retried)."""
+
+
+def _read_exactly(body: Any, n: int) -> bytes:
+    data = body.read(n)
+    if len(data) == n:
+        return data
+    parts, have = [data], len(data)
+    while have < n:
+        chunk = body.read(n - have)
+        if not chunk:
+            raise _ShortBody(f"the response ended {n - have} bytes early")
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
 
 
 def _version(version_id: str | None) -> str | None:
