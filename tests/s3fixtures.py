@@ -191,8 +191,8 @@ def _handler(proxy: FaultProxy):
             body = self.rfile.read(length) if length else None
             fault = proxy._take(self.command, self.path, self.headers)
             if fault is not None and fault.kind == "status":
-                payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
-                           f"<Message>injected by the test proxy</Message></Error>").encode()
+                payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
+                           b"<Message>injected by the test proxy</Message></Error>")
                 self.send_response(fault.status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(payload)))

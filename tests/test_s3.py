@@ -12,7 +12,6 @@ import logging
 import math
 import pickle
 import tarfile
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

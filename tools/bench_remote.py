@@ -128,7 +128,7 @@ def bench_set(client, endpoint: str, root: Path, spec, args, state_root: str) ->
         finally:
             for _, close in wrapped:
                 close()
-        for (name, _), (rate, passes) in zip(readers, rates):
+        for (name, _), (rate, _passes) in zip(readers, rates):
             mbps = rate * size / spec.samples / 1e6  # object bytes per second, the same bytes for every reader
             rows.append((spec, mode, name, rate, mbps))
             print(f"  {spec.name:12s} {mode:16s} {name:28s} {rate:12,.0f} samples/s {mbps:8,.0f} MB/s",

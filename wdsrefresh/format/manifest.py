@@ -11,8 +11,8 @@ written by a newer wdsrefresh (a higher ``wdsrefresh_version``) is refused: its 
 mean something this version does not know.
 
 An entry describes one version of one file: ``filesize`` and ``mtime_ns`` are what the file
-had when it was indexed (for an object in a store, ``filesize`` and its ``etag``) (never its inode, so copies made with ``cp -p`` or ``rsync -t``
-stay valid). Such copies keep the modification time only to the precision of the target
+had when it was indexed (never its inode, so copies made with ``cp -p`` or ``rsync -t``
+stay valid); for an object in a store, ``filesize`` and its ``etag``. Such copies keep the modification time only to the precision of the target
 file system and of the tool (1 s or 2 s on some file systems, whole seconds with older
 rsync); a copy whose ``mtime_ns`` differs is not wrong, its entries simply no longer apply
 and readers index the file again (``wdsrefresh index`` rewrites them).

@@ -176,12 +176,11 @@ class ObjectSource(ShardSource):
 
     def _indexed(self, stat: ObjectStat, name: str, expected_digest: str | None) -> _Known | None:
         algo = split_digest(expected_digest)[0] if expected_digest else DEFAULT_ALGO
-        for attempt in range(3):
+        for _ in range(3):
             try:
                 index = index_object(self.store, stat, algo)
                 break
-            except ObjectChangedError:
-                # replaced between the listing and the index: take the version there is now
+            except ObjectChangedError:  # replaced between the listing and the index: take the version there is now
                 stat = self.store.head(stat.url)
                 if stat is None:
                     return None
