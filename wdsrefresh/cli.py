@@ -184,16 +184,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_verify)
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def _run_ls(args: argparse.Namespace) -> int:
+    from .write.status import format_age
     from .write.verify import listing
 
     try:
@@ -204,7 +196,7 @@ def _run_ls(args: argparse.Namespace) -> int:
         print(f"{args.target}: no shards")
         return 0
     table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
-              "-" if r.size is None else str(r.size), (r.digest or "-")[:25], _age(r.age)] for r in rows]
+              "-" if r.size is None else str(r.size), (r.digest or "-")[:25], format_age(r.age)] for r in rows]
     _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
     return 0
 
@@ -261,7 +253,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .write.status import StatusProbe, changes, describe_inbox, summary
+    from .write.status import StatusProbe, changes, describe_inbox, format_age, summary
 
     try:
         prober = StatusProbe(args.target, settle=args.settle, inbox=args.inbox)
@@ -276,7 +268,7 @@ def _run_status(args: argparse.Namespace) -> int:
         problems = status.of("pending") + status.of("rejected")
         if problems:
             _print_table(["SHARD", "STATE", "BYTES", "AGE", "REASON"],
-                         [[f.name, f.state, "-" if f.bytes is None else str(f.bytes), _age(f.age_seconds),
+                         [[f.name, f.state, "-" if f.bytes is None else str(f.bytes), format_age(f.age_seconds),
                            f.reason or ""] for f in problems])
         if status.inbox is not None:
             print(f"inbox {describe_inbox(status.inbox)}")
@@ -335,6 +327,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     import json
 
     from .stats import read_jsonl
+    from .write.status import format_age
 
     try:
         rows = sorted(read_jsonl(args.path), key=lambda r: (r.epoch, r.rank))  # ranks append in any order
@@ -351,7 +344,7 @@ def _run_stats(args: argparse.Namespace) -> int:
              "SAMPLES/S", "WAIT", "LAG"],
             [[str(r.epoch), str(r.rank), str(r.shards), str(r.samples), f"+{r.added}", f"~{r.changed}",
               f"-{r.removed}", str(r.pending), str(r.rejected), str(r.yielded), num(r.samples_per_second),
-              num(None if r.wait_share is None else 100 * r.wait_share, "{:.0f}%"), _age(r.lag_seconds)]
+              num(None if r.wait_share is None else 100 * r.wait_share, "{:.0f}%"), format_age(r.lag_seconds)]
              for r in rows])
     else:
         print(f"{args.path}: no epochs yet")

@@ -201,7 +201,8 @@ def _size(n: int | None) -> str:
     return f"{n} bytes"
 
 
-def _age(seconds: float | None) -> str:
+def format_age(seconds: float | None) -> str:
+    """``95`` -> ``"1.6m"``; ``None`` -> ``"-"``: for tables."""
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -211,7 +212,7 @@ def _age(seconds: float | None) -> str:
 
 
 def describe_inbox(inbox: InboxStatus) -> str:
-    oldest = f"; oldest {_age(inbox.oldest_age_seconds)} old" if inbox.files else ""
+    oldest = f"; oldest {format_age(inbox.oldest_age_seconds)} old" if inbox.files else ""
     return (f"{inbox.path}: {inbox.files} files waiting ({inbox.samples} samples, {_size(inbox.bytes)}, "
             f"{inbox.markers} .done markers){oldest}")
 
@@ -219,5 +220,5 @@ def describe_inbox(inbox: InboxStatus) -> str:
 def summary(status: Status) -> str:
     """One line: the ready shards, their samples and bytes, the newest one's age, pending, rejected."""
     return (f"{status.source}: {len(status.of('ready'))} ready shards, {status.samples} samples, "
-            f"{_size(status.bytes)}; newest {_age(status.newest_age_seconds)} old; "
+            f"{_size(status.bytes)}; newest {format_age(status.newest_age_seconds)} old; "
             f"{len(status.of('pending'))} pending, {len(status.of('rejected'))} rejected")
