@@ -218,11 +218,17 @@ def test_state_of_another_dataset_is_refused_by_name(shard_dir, tmp_path):
     (lambda s: s.update(version=99), "version 99"),
     (lambda s: s.update(format="x"), "not a wdsrefresh state"),
     (lambda s: s.pop("snapshot"), "snapshot: expected dict"),
-    (lambda s: s["snapshot"]["shards"][0].__setitem__(6, 1000), "does not match its shards"),
-    (lambda s: s["snapshot"]["shards"][0].__setitem__(2, "big"), r"snapshot.shards\[0\] size"),
+    (lambda s: s["snapshot"].update(nsamples=(1000).to_bytes(8, "little") + s["snapshot"]["nsamples"][8:]),
+     "does not match its shards"),
+    (lambda s: s["snapshot"].update(size="big"), "snapshot.size: expected bytes"),
+    (lambda s: s["snapshot"].update(mtime_ns=s["snapshot"]["mtime_ns"][:-8]), "snapshot.mtime_ns: 32 bytes for 5"),
+    (lambda s: s["snapshot"].update(names=s["snapshot"]["names"] + "\0x.tar"), "snapshot.names: 6 values for 5"),
+    (lambda s: s["snapshot"].update(blocks=s["snapshot"]["blocks"][:-1]), "snapshot.blocks: ends at byte"),
+    (lambda s: s["snapshot"].pop("count"), "names snapshot .* without carrying it"),
     (lambda s: s["consumers"][0].update(rank=7), "rank 7 worker 0 outside"),
     (lambda s: s["consumers"][0].update(piece=None), r"consumers\[0\].piece"),
     (lambda s: s["consumers"][0].update(pieces=[[0, 0, 10 ** 6]]), "does not fit the snapshot"),
+    (lambda s: s["consumers"][0].update(pieces=b"\0" * 20), "20 bytes is not a whole number of 3-value rows"),
 ])
 def test_corrupted_state_is_refused_with_what_is_wrong(shard_dir, corrupt, message):
     make_shards(shard_dir)

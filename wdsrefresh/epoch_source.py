@@ -21,7 +21,7 @@ from .index import DirectoryIndex, resolve_waiting
 from .reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
 from .resolver import Resolver
 from .sample_source import Consumer
-from .slot import Slot, broadcast_from_rank0, current_slot, dist_info
+from .slot import Slot, broadcast_from_rank0, current_slot, dist_info, in_dataloader_worker
 from .snapshot import Snapshot
 from .sources import DirectorySource, ShardSource, make_source
 from .split import Assignment, split
@@ -30,6 +30,8 @@ from .stats import EpochStats, epoch_stats
 from .watch import poll_interval
 
 log = logging.getLogger("wdsrefresh")
+
+SNAPSHOT_WAIT_SECONDS = 120.0  # how long a worker's load waits for worker 0 to publish the saved snapshot
 
 
 @dataclass
@@ -244,17 +246,20 @@ class EpochSource:
     def fingerprint(self) -> dict:
         return resuming.fingerprint(self.source.describe(), self.seed, self.shardshuffle, self.partial)
 
-    def state_dict(self, shuffle: dict | None = None) -> dict:
+    def state_dict(self, shuffle: dict | None = None, held: list | None = None) -> dict:
         """This consumer's position in its epoch, as plain values (see resume.py); ``shuffle`` is
-        the checkpoint of a .shuffle() buffer between this stage and the consumer."""
+        the checkpoint of a .shuffle() buffer between this stage and the consumer. ``held`` is
+        always empty here: an epoch's .batched() holds nothing when it yields."""
         if self._next is None and self._live is None and self._loaded is not None:
             return self._loaded.state
         it = self._next or self._live
         if it is None:
             return resuming.make_state(self.fingerprint(), None, None, 1, 1, [])
         slot = it.consumer.slot
-        if self._snapshot_doc is None or self._snapshot_doc["id"] != it.snapshot.id:
-            self._snapshot_doc = resuming.snapshot_doc(it.snapshot)
+        carry = slot.worker == 0  # one consumer per rank carries the snapshot; the others name it
+        if self._snapshot_doc is None or (self._snapshot_doc["id"], "count" in self._snapshot_doc) != (
+                it.snapshot.id, carry):
+            self._snapshot_doc = resuming.snapshot_doc(it.snapshot, carry)  # cached: the same object each step
         piece, offset = it.cursor.position(it.stats)
         position = resuming.SavedPosition(
             slot.rank, slot.worker, piece, offset, it.stats.as_dict(),
@@ -269,13 +274,26 @@ class EpochSource:
         they are merged, so a different layout resumes without calling ``resume.merge``."""
         if not (isinstance(state, dict) and "format" in state):
             state = resuming.merge(state)
-        resume = resuming.parse(state, self.fingerprint())
+        resume = resuming.parse(state, self.fingerprint(), self._published_snapshot)
         self._next = self._live = None
         if resume is None:
             self._loaded = None
             return
         self._publish_resumed(resume, state, force=self._loads > 0)
         self._loads += 1
+
+    def _published_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        """The snapshot ``snapshot_id`` as published in the state directory: in a DataLoader worker,
+        waits (bounded) for worker 0, which carries it in its state, to publish it at its load."""
+        deadline = time.monotonic() + (SNAPSHOT_WAIT_SECONDS if in_dataloader_worker() else 0.0)
+        while True:
+            for epoch in sorted(self.statedir.published_epochs(), reverse=True):
+                snapshot = self.statedir.load(epoch)
+                if snapshot is not None and snapshot.id == snapshot_id:
+                    return snapshot
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.01)
 
     def _publish_resumed(self, resume: resuming.ResumeState, state: dict, force: bool) -> Snapshot:
         """Publishes the saved snapshot as its epoch's and makes that epoch the next one iterated."""

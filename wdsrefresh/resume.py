@@ -5,17 +5,24 @@ snapshot. The split is a pure function of (snapshot, seed, epoch, world size, wo
 consumer's position is small: the piece it is in and how many of that piece's samples it has
 passed. ``RefreshingWebDataset.state_dict()`` returns it as a plain dict of plain values::
 
-    {"format": "wdsrefresh.resume", "version": 2,
+    {"format": "wdsrefresh.resume", "version": 3,
      "source": "directory '/data/shards'", "seed": 0, "shardshuffle": True, "partial": False,
      "epoch": 3,
-     "snapshot": {"id": ..., "epoch": 3,
-                  "shards": [[url, path, size, mtime_ns, inode, device, nsamples, digest,
-                              blocks_hex, block_size, name], ...]},
+     "snapshot": {"id": ..., "epoch": 3, ...columns},   # see snapshot_columns.py
      "world_size": 1, "num_workers": 2,
      "consumers": [{"rank": 0, "worker": 1, "piece": 4, "offset": 17,
                     "stats": {"yielded": ..., "padded": ..., ...},
-                    "pieces": [[shard, start, stop], ...]   # only when not the split's own
+                    "pieces": b"...",    # only when not the split's own: int64 (shard, start, stop)s
+                    "shuffle": {"rng": [...], "buffer": b"..."},   # a .shuffle() buffer's positions
                    }]}
+
+The snapshot is carried once per rank: by worker 0's state (the only consumer's without
+DataLoader workers). The other workers' states name it by id only (``{"id", "epoch"}``) and
+find it, when loaded, in the whole state (a StatefulDataLoader's holds every worker's) or in
+the dataset's state directory where worker 0's load published it. A consumer's own part is a
+few hundred bytes, plus 24 bytes per piece after a resume on another layout and 16 bytes per
+sample in a shuffle buffer; torchdata's StatefulDataLoader sends a worker's state as a delta
+against the previous step, so the unchanged snapshot crosses the worker's pipe once.
 
 Each DataLoader worker's state holds its own consumer; ``merge()`` combines the states of
 several consumers (of a StatefulDataLoader state, or of several ranks) into one.
@@ -54,14 +61,17 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from . import snapshot_columns
 from .slot import Slot
 from .snapshot import ShardInfo, Snapshot, snapshot_id
+from .snapshot_columns import pack_int64, unpack_int64
 from .split import Assignment, Piece, slot_range
 
 log = logging.getLogger("wdsrefresh")
 
 FORMAT = "wdsrefresh.resume"
-VERSION = 2  # 2: shards carry their name below the source root; snapshot ids hash names, not paths
+VERSION = 3  # 3: columnar snapshot carried by worker 0 only; packed pieces and shuffle buffers
+READABLE = (2, 3)  # 2: shards carry their name below the source root; snapshot ids hash names, not paths
 _STATS_COUNTS = ("yielded", "quota", "skipped", "padded")
 _STATS_URLS = ("replaced", "deleted", "corrupt")
 
@@ -86,9 +96,10 @@ class SavedPosition:
         doc = {"rank": self.rank, "worker": self.worker, "piece": self.piece, "offset": self.offset,
                "stats": dict(self.stats)}
         if self.pieces is not None:
-            doc["pieces"] = [[p.shard, p.start, p.stop] for p in self.pieces]
+            doc["pieces"] = pack_int64(v for p in self.pieces for v in (p.shard, p.start, p.stop))
         if self.shuffle is not None:
-            doc["shuffle"] = self.shuffle
+            buffer = pack_int64(v for position in self.shuffle["buffer"] for v in position)
+            doc["shuffle"] = {"rng": self.shuffle["rng"], "buffer": buffer}
         return doc
 
     def buffered(self) -> list[Piece]:
@@ -110,8 +121,15 @@ class ResumeState:
 
 # ---------------------------------------------------------------------------- encoding
 
-def snapshot_doc(snapshot: Snapshot) -> dict:
-    """A snapshot as plain values: enough to rebuild it exactly (see ``snapshot_from_doc``)."""
+def snapshot_doc(snapshot: Snapshot, carry: bool = True) -> dict:
+    """The snapshot as a state holds it: its columns (``carry``), or only its id and epoch."""
+    if not carry:
+        return {"id": snapshot.id, "epoch": snapshot.epoch}
+    return snapshot_columns.encode(snapshot)
+
+
+def snapshot_rows(snapshot: Snapshot) -> dict:
+    """A snapshot as version 2 states held it, one row per shard (for tests of old states)."""
     return {
         "id": snapshot.id,
         "epoch": snapshot.epoch,
@@ -123,8 +141,8 @@ def snapshot_doc(snapshot: Snapshot) -> dict:
     }
 
 
-def snapshot_from_doc(doc: object) -> Snapshot:
-    """Rebuilds a snapshot; ResumeError when the document is malformed or its id does not match."""
+def snapshot_from_rows(doc: object) -> Snapshot:
+    """Rebuilds a version 2 snapshot; ResumeError when it is malformed or its id does not match."""
     doc = _expect(doc, dict, "snapshot")
     sid = _expect(doc.get("id"), str, "snapshot.id")
     epoch = _expect(doc.get("epoch"), int, "snapshot.epoch")
@@ -173,18 +191,19 @@ def make_state(fingerprint: dict, epoch: int | None, snapshot: dict | None, worl
             "world_size": world_size, "num_workers": num_workers, "consumers": consumers}
 
 
-def parse(state: object, fingerprint: dict) -> ResumeState | None:
-    """Validates ``state`` against a dataset's fingerprint; None for a state saved before any epoch."""
+def parse(state: object, fingerprint: dict, find_snapshot=None) -> ResumeState | None:
+    """Validates ``state`` against a dataset's fingerprint; None for a state saved before any epoch.
+
+    ``find_snapshot(id)`` is asked for the snapshot of a state that names it without carrying it
+    (the state of a DataLoader worker other than 0); None from it is an error saying what to load.
+    """
     if not isinstance(state, dict):
         raise ResumeError(f"expected a dict from RefreshingWebDataset.state_dict(), got {type(state).__name__}")
     if state.get("format") != FORMAT:
         raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
     if state.get("mode") == "stream":
         raise ResumeError("a stream-mode state cannot resume an epoch (mode='epoch')")
-    if state.get("version") != VERSION:
-        raise ResumeError(
-            f"state version {state.get('version')!r} is not supported: this wdsrefresh reads version {VERSION} "
-            f"(version 1 states, of wdsrefresh 0.1, name snapshots by path; start that epoch afresh)")
+    _check_version(state)
     for key, want in fingerprint.items():
         if state.get(key) != want:
             raise ResumeError(
@@ -193,7 +212,7 @@ def parse(state: object, fingerprint: dict) -> ResumeState | None:
     if state.get("epoch") is None:
         return None
     epoch = _expect(state.get("epoch"), int, "epoch")
-    snapshot = snapshot_from_doc(state.get("snapshot"))
+    snapshot = _snapshot_of(state, find_snapshot)
     world_size = _expect(state.get("world_size"), int, "world_size")
     num_workers = _expect(state.get("num_workers"), int, "num_workers")
     if world_size < 1 or num_workers < 1:
@@ -209,6 +228,34 @@ def parse(state: object, fingerprint: dict) -> ResumeState | None:
     return ResumeState(epoch, snapshot, world_size, num_workers, tuple(seen.values()), token)
 
 
+def _check_version(state: dict) -> None:
+    if state.get("version") not in READABLE:
+        raise ResumeError(
+            f"state version {state.get('version')!r} is not supported: this wdsrefresh reads versions "
+            f"{', '.join(map(str, READABLE))} (version 1 states, of wdsrefresh 0.1, name snapshots by path; "
+            f"start that epoch afresh)")
+
+
+def _snapshot_of(state: dict, find_snapshot) -> Snapshot:
+    """The snapshot a state carries or names (see ``parse``)."""
+    doc = state.get("snapshot")
+    if state["version"] == 2:
+        return snapshot_from_rows(doc)
+    doc = _expect(doc, dict, "snapshot")
+    if "count" in doc:
+        try:
+            return snapshot_columns.decode(doc)
+        except snapshot_columns.ColumnsError as exn:
+            raise ResumeError(str(exn)) from None
+    sid = _expect(doc.get("id"), str, "snapshot.id")
+    found = find_snapshot(sid) if find_snapshot is not None else None
+    if found is None:
+        raise ResumeError(
+            f"this state names snapshot {sid} without carrying it (only DataLoader worker 0's state carries "
+            f"the snapshot): load the whole state, e.g. the StatefulDataLoader's or merge() of every worker's")
+    return found
+
+
 def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_workers: int) -> SavedPosition:
     doc = _expect(doc, dict, where)
     rank = _expect(doc.get("rank"), int, f"{where}.rank")
@@ -222,7 +269,7 @@ def _consumer(doc: object, where: str, snapshot: Snapshot, world_size: int, num_
     pieces = None
     if doc.get("pieces") is not None:
         pieces = []
-        for j, p in enumerate(_expect(doc["pieces"], list, f"{where}.pieces")):
+        for j, p in enumerate(_triples(doc["pieces"], 3, f"{where}.pieces")):
             if not (isinstance(p, (list, tuple)) and len(p) == 3 and all(isinstance(v, int) for v in p)):
                 raise ResumeError(f"{where}.pieces[{j}]: expected [shard, start, stop], got {p!r:.60}")
             shard, start, stop = p
@@ -250,12 +297,25 @@ def _shuffle_doc(doc: object, where: str, snapshot: Snapshot) -> dict | None:
         random.Random().setstate((rng[0], tuple(rng[1]), rng[2]))
     except (TypeError, ValueError) as exn:
         raise ResumeError(f"{where}.rng: not a random.Random state ({exn})") from None
-    buffer = _expect(doc.get("buffer"), list, f"{where}.buffer")
+    buffer = _triples(doc.get("buffer"), 2, f"{where}.buffer")
     for j, p in enumerate(buffer):
         if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
                 and 0 <= p[0] < len(snapshot.shards) and 0 <= p[1] < (snapshot.shards[p[0]].nsamples or 0)):
             raise ResumeError(f"{where}.buffer[{j}]: {p!r:.40} is not a sample of the snapshot")
     return {"rng": rng, "buffer": buffer}
+
+
+def _triples(value: object, width: int, where: str) -> list[list]:
+    """Rows of ``width`` ints: packed int64s (version 3) or lists (version 2)."""
+    if not isinstance(value, bytes):
+        return _expect(value, list, where)
+    try:
+        flat = unpack_int64(value, len(value) // 8, where) if len(value) % (8 * width) == 0 else None
+    except snapshot_columns.ColumnsError:
+        flat = None
+    if flat is None:
+        raise ResumeError(f"{where}: {len(value)} bytes is not a whole number of {width}-value rows")
+    return [list(flat[i:i + width]) for i in range(0, len(flat), width)]
 
 
 def merge(states: object) -> dict:
@@ -283,7 +343,9 @@ def merge(states: object) -> dict:
                 f"epoch/snapshot/world/workers {key(first)[:4]} vs {key(s)[:4]}"
             )
         consumers.extend(s.get("consumers") or [])
-    return {**first, "consumers": consumers}
+    carriers = [s["snapshot"] for s in started if isinstance(s.get("snapshot"), dict) and "count" in s["snapshot"]]
+    snapshot = carriers[0] if carriers else first.get("snapshot")
+    return {**first, "snapshot": snapshot, "consumers": consumers}
 
 
 def _find(obj: object) -> Iterator[dict]:
@@ -424,8 +486,7 @@ def parse_stream(states: object, source: str) -> StreamResume:
     for state in found:
         if state.get("mode") != "stream":
             raise ResumeError("an epoch-mode state cannot resume a stream (mode='stream')")
-        if state.get("version") != VERSION:
-            raise ResumeError(f"state version {state.get('version')!r} is not supported: this wdsrefresh reads {VERSION}")
+        _check_version(state)
         if state.get("source") != source:
             raise ResumeError(f"state was saved by another stream: its source is {state.get('source')!r}, "
                               f"this one's is {source!r}")

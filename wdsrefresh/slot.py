@@ -60,6 +60,12 @@ def current_slot(recorded_rank: int, recorded_world_size: int) -> Slot:
     return Slot(rank, world_size, info.id, info.num_workers)
 
 
+def in_dataloader_worker() -> bool:
+    import torch.utils.data
+
+    return torch.utils.data.get_worker_info() is not None
+
+
 class RankZeroError(RuntimeError):
     """Rank 0 failed to resolve the epoch's snapshot; raised on the other ranks."""
 
