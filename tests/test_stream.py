@@ -160,3 +160,88 @@ def test_stream_checkpoint_resumes_each_sample_once_on_any_layout(tmp_path, work
     after, _state, loader = read(second, workers_after, sum(sizes) - 13, state)
     second.close()
     assert collections.Counter(before + after) == everything
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_partial_batch_arrives_when_no_new_sample_comes(tmp_path, num_workers):
+    """13 samples, batches of 8: the last 5 come as a partial batch with no further input,
+    and a shard dropped later starts a new batch."""
+    d = str(tmp_path)
+    write_shard(d, "a.tar", 6)
+    write_shard(d, "b.tar", 7)
+    ds = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(8, partial_after=0.2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers)
+    it = iter(loader)
+    try:
+        first, second = next(it)[0], next(it)[0]  # the second is partial: its wait is bounded by the timeout mark
+        assert (len(first), len(second)) == (8, 5)
+        assert set(first) | set(second) == {f"{s}/{j:06d}" for s, n in (("a", 6), ("b", 7)) for j in range(n)}
+        write_shard(d, "c.tar", 3)
+        third = next(it)[0]
+        assert sorted(third) == [f"c/{j:06d}" for j in range(3)]
+    finally:
+        ds.close()
+        del it
+
+
+@pytest.mark.timeout(120)
+def test_stream_checkpoint_between_partial_batches_resumes_each_sample_once(tmp_path):
+    """States taken after partial batches (the stage holds samples pulled by its thread, or one
+    in transit) resume with every sample exactly once."""
+    import copy
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    d = str(tmp_path)
+    sizes = [5, 3, 6]
+    for i, n in enumerate(sizes):
+        write_shard(d, f"s{i}.tar", n)
+    everything = collections.Counter(f"s{i}/{j:06d}" for i, n in enumerate(sizes) for j in range(n))
+    ds = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(4, partial_after=0.2)
+    loader = StatefulDataLoader(ds, batch_size=None, num_workers=1)
+    it = iter(loader)
+    before = []
+    while len(before) < sum(sizes):  # 4, 4, 4, then 2 as a partial batch
+        before.extend(next(it)[0])
+    state = copy.deepcopy(loader.state_dict())
+    write_shard(d, "s3.tar", 5)
+    extra = next(it)[0]  # 4 of s3 in a full batch; the fifth stays held by the stage
+    state_mid = copy.deepcopy(loader.state_dict())
+    ds.close()
+    del it, loader
+    everything.update(f"s3/{j:06d}" for j in range(5))
+
+    def resume(state, count):
+        again = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(4, partial_after=0.2)
+        again.load_state_dict(state)
+        got, it = [], iter(StatefulDataLoader(again, batch_size=None, num_workers=1))
+        while len(got) < count:
+            got.extend(next(it)[0])
+        again.close()
+        return got
+
+    assert collections.Counter(before + resume(state, 5)) == everything
+    assert collections.Counter(before + extra + resume(state_mid, 1)) == everything
+
+
+def test_samples_held_by_a_waiting_batch_are_read_again_after_a_resume(tmp_path):
+    """A state taken while .batched() holds samples that arrived after a partial batch (pulled by
+    its thread, not yet in any batch) names them: the resumed stream yields them."""
+    d = str(tmp_path)
+    write_shard(d, "s0.tar", 6)
+    ds = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(4, partial_after=0.2)
+    it = iter(ds)
+    before = list(next(it)[0]) + list(next(it)[0])  # 4, then 2 as a partial batch
+    write_shard(d, "s1.tar", 3)
+    stage = ds.pipeline[-1]
+    deadline = time.monotonic() + 30
+    while not stage.held():  # the thread pulls s1's first sample into the waiting batch
+        assert time.monotonic() < deadline, "the new shard's sample never reached the batch stage"
+        time.sleep(0.01)
+    state = ds.state_dict()
+    ds.close()
+    again = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(4, partial_after=0.2)
+    again.load_state_dict(state)
+    after = list(next(iter(again))[0])
+    again.close()
+    assert before + after == [f"s0/{j:06d}" for j in range(6)] + [f"s1/{j:06d}" for j in range(3)]

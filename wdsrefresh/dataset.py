@@ -20,7 +20,7 @@ from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
 from .resolver import INVALID_POLICIES
 from .sample_source import SampleSource
-from .batching import Batched
+from .batching import DEFAULT_PARTIAL_AFTER, Batched
 from .shuffle import EpochShuffle
 from .snapshot import Snapshot
 from .sources import NoShardsError
@@ -146,7 +146,9 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         shuffles = [stage for stage in self.pipeline if isinstance(stage, EpochShuffle)]
         if len(shuffles) > 1:
             raise RuntimeError("state_dict(): a pipeline with two .shuffle() buffers cannot be checkpointed")
-        return self.sample_source.state_dict(shuffle=shuffles[0].checkpoint() if shuffles else None)
+        held = [position for stage in self.pipeline if isinstance(stage, Batched) for position in stage.held()]
+        shuffle = shuffles[0].checkpoint() if shuffles else None
+        return self.sample_source.state_dict(shuffle=shuffle, held=held)
 
     def load_state_dict(self, state: Any) -> None:
         """Resumes from ``state`` at the next iteration: the saved epoch, its saved snapshot, each
@@ -250,10 +252,15 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         ``set_epoch``; raises EpochLengthUnknown (a TypeError) before it."""
         return self.epoch_length()
 
-    def batched(self, batchsize: int, collation_fn: Callable | None = default_collation_fn, partial: bool = True):
+    def batched(self, batchsize: int, collation_fn: Callable | None = default_collation_fn, partial: bool = True,
+                *, partial_after: float = DEFAULT_PARTIAL_AFTER):
         """Batches of ``batchsize`` samples, as webdataset's ``batched`` (same collation), yielded
-        the moment they are full, so a checkpoint after any batch is exact."""
-        return self.compose(Batched(batchsize, collation_fn, partial))
+        the moment they are full, so a checkpoint after any batch is exact. In ``mode="stream"``
+        a partial batch is yielded once no new sample arrived for ``partial_after`` seconds."""
+        from .stream import StreamSource
+
+        stream = self.sample_source if isinstance(self.sample_source, StreamSource) else None
+        return self.compose(Batched(batchsize, collation_fn, partial, partial_after, stream))
 
     def shuffle(self, size: int, initial: int = 100, *, seed: int | None = None, rng: random.Random | None = None):
         """A sample shuffle buffer of ``size`` samples, yielding from ``initial`` on.

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import select
+import threading
 import statistics
 import time
 import weakref
@@ -126,7 +127,16 @@ class StreamSource:
         self.current: Consumer | None = None
         self._loop: _StreamLoop | None = None
         self._resume: resuming.StreamResume | None = None
+        self.lock = threading.Lock()  # the consumer's position, asked while a stage pulls in a thread
+        self.tracks_transit = False  # set by a stage that takes each sample's position (batching.py)
         weakref.finalize(self, self.statedir.cleanup)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     # main process
     def set_epoch(self, epoch: int) -> Snapshot:
@@ -161,14 +171,21 @@ class StreamSource:
     def shuffle_resume(self) -> tuple[None, None]:
         return None, None
 
-    def state_dict(self, shuffle: dict | None = None) -> dict:
+    def take_in_transit(self) -> tuple[str, int] | None:
+        """(shard name, sample index) of the sample yielded last, no longer in transit once taken:
+        a .batched() stage holding it then names it. Call under ``lock``."""
+        return self._loop.take_in_transit() if self._loop is not None else None
+
+    def state_dict(self, shuffle: dict | None = None, held: list | None = None) -> dict:
         """This consumer's place in the stream: the shards it finished and how far it is into the
         one it reads (names below the directory). A resume on any layout skips the finished
-        shards, continues the started ones where they stopped, and reads the rest."""
+        shards, continues the started ones where they stopped, and reads the rest. ``held`` are
+        the positions of samples a later stage took in and did not yield: they are read again."""
         if shuffle is not None:
             raise RuntimeError('state_dict(): mode="stream" cannot checkpoint a .shuffle() buffer yet')
         loop = self._loop
-        consumer = {"done": [], "reading": {}} if loop is None else loop.position()
+        with self.lock:
+            consumer = {"done": [], "reading": {}} if loop is None else loop.position(held or [])
         if loop is not None:
             consumer |= {"rank": loop.slot.rank, "worker": loop.slot.worker}
         return resuming.stream_state(self.source.describe(), [consumer])
@@ -209,6 +226,8 @@ class _StreamLoop:
         self.totals: dict[str, int | set] = {}  # ReadStats summed over shards (counts, or sets of urls)
         self.shards = 0
         self.latencies: list[float] = []
+        self.lock = stream.lock  # position() may be asked from another thread (see batching.py)
+        self.in_transit: tuple[str, int] | None = None  # the sample yielded last, until a stage takes it
 
     def stopped(self) -> bool:
         return not os.path.isdir(self.control) or os.path.exists(os.path.join(self.control, _STOP))
@@ -279,8 +298,18 @@ class _StreamLoop:
         name = os.path.relpath(url, self.source.path)
         return name not in self.finished and owner(name, self.slot.count) == self.slot.index
 
-    def position(self) -> dict:
-        return {"done": sorted(self.finished), "reading": dict(self.started)}
+    def position(self, held: list) -> dict:
+        """What this consumer read, less the samples still ``held`` by later stages or in transit
+        to them (positions (shard name, index)). Call under the stream's lock."""
+        done, reading = set(self.finished), dict(self.started)
+        for name, index in [p for p in held + [self.in_transit] if p is not None]:
+            done.discard(name)
+            reading[name] = min(reading.get(name, index), index)
+        return {"done": sorted(done), "reading": reading}
+
+    def take_in_transit(self) -> tuple[str, int] | None:
+        position, self.in_transit = self.in_transit, None
+        return position
 
     def _ready(self, url: str) -> tuple[ShardInfo, float] | None:
         """The shard at ``url`` and its arrival time, if it is this consumer's, unread, and ready."""
@@ -329,10 +358,14 @@ class _StreamLoop:
                 first = False
                 self.latencies.append(max(0.0, time.time() - arrival))
                 del self.latencies[:-_KEEP_LATENCIES]
-            self.started[name] = start + stats.yielded
+            with self.lock:
+                self.started[name] = start + stats.yielded
+                if self.stream.tracks_transit:
+                    self.in_transit = (name, start + stats.yielded - 1)
             yield sample
-        self.started.pop(name, None)
-        self.finished.add(name)
+        with self.lock:
+            self.started.pop(name, None)
+            self.finished.add(name)
         self.shards += 1
         for key, value in stats.as_dict().items():
             if isinstance(value, list):
