@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import copy
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from shardutil import write_shard
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import wdsrefresh as wr
-from wdsrefresh.resume import ResumeError, merge, restart, parse
+from wdsrefresh.resume import ResumeError, merge, parse, restart, snapshot_rows
 from wdsrefresh.slot import Slot
 from wdsrefresh.split import split
 
@@ -76,6 +77,33 @@ def test_persistent_workers_resume_and_continue(shard_dir):
     loader.load_state_dict(state)
     assert before + list(loader) == uninterrupted[0]
     assert list(loader) == uninterrupted[1]
+
+
+def test_a_loaders_state_carries_the_snapshot_once_and_each_worker_resumes_from_it(shard_dir):
+    """With 2 workers the loader's state holds one copy of the snapshot (worker 0's); worker 1,
+    whose state only names it, still resumes exactly."""
+    make_shards(shard_dir)
+    _, loader = make_loader(shard_dir, 2)
+    uninterrupted = list(loader)
+    before, state = run_interrupted(shard_dir, 2, stop=3, every=3)
+    assert pickle.dumps(state).count(b"s03.tar") == 1
+    _, loader = make_loader(shard_dir, 2)
+    loader.load_state_dict(state)
+    assert before + list(loader) == uninterrupted
+
+
+def test_a_version_2_state_still_loads(shard_dir):
+    """A state saved by the previous release (one row per shard, in every consumer) resumes."""
+    make_shards(shard_dir)
+    _, loader = make_loader(shard_dir, 0)
+    uninterrupted = list(loader)
+    before, state = run_interrupted(shard_dir, 0, stop=2, every=2)
+    old = merge(state)
+    snap = parse(old, wr.RefreshingWebDataset(shard_dir, watch=False).sample_source.fingerprint()).snapshot
+    old = {**old, "version": 2, "snapshot": snapshot_rows(snap)}
+    ds, loader = make_loader(shard_dir, 0)
+    ds.load_state_dict(old)
+    assert before + list(loader) == uninterrupted
 
 
 def test_set_epoch_after_loading_a_merged_state_keeps_the_saved_epoch(shard_dir):
