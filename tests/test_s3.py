@@ -526,7 +526,7 @@ def test_storage_options_reach_spawned_workers_and_credentials_are_never_shown(s
         with pytest.raises(ObjectReadError) as failure:
             list(ds)
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("wdsrefresh"))
-    shown = [pickle.dumps(snap), json.dumps(ds.state_dict()), repr(source), repr(source.store),
+    shown = [pickle.dumps(snap), pickle.dumps(ds.state_dict()), repr(source), repr(source.store),
              source.describe(), str(failure.value), ours]
     for text in shown:
         text = text.decode("latin-1") if isinstance(text, bytes) else text
