@@ -245,3 +245,30 @@ def test_samples_held_by_a_waiting_batch_are_read_again_after_a_resume(tmp_path)
     after = list(next(iter(again))[0])
     again.close()
     assert before + after == [f"s0/{j:06d}" for j in range(6)] + [f"s1/{j:06d}" for j in range(3)]
+
+
+@pytest.mark.parametrize("close_first", [True, False])
+def test_abandoned_stream_batches_leave_no_thread_behind(tmp_path, close_first):
+    """The helper thread of a stream's .batched() ends when the batches are dropped or the
+    dataset closed, with a pull in flight (waiting for a shard) or not."""
+    import gc
+    import threading
+
+    def helpers() -> int:
+        return sum(t.name == "wdsrefresh-batched" for t in threading.enumerate())
+
+    write_shard(str(tmp_path), "a.tar", 6)
+    before = helpers()
+    ds = wr.RefreshingWebDataset(str(tmp_path), mode="stream").batched(4, partial_after=0.1)
+    it = iter(ds)
+    assert [len(next(it)["__key__"]), len(next(it)["__key__"])] == [4, 2]  # a pull is in flight now
+    if close_first:
+        ds.close()
+    del it
+    gc.collect()
+    if not close_first:
+        ds.close()
+    deadline = time.monotonic() + 30
+    while helpers() > before:
+        assert time.monotonic() < deadline, "the .batched() helper thread outlived its stream"
+        time.sleep(0.01)

@@ -85,6 +85,7 @@ class _TimedBatches:
         self.batch: list = []
         self.positions: list = []  # of the samples in self.batch, then of one pulled and not yet taken
         self.pulling = False
+        self.closed = False
 
     def held(self) -> list:
         with self.lock:
@@ -93,6 +94,9 @@ class _TimedBatches:
     def _pull(self) -> None:
         while True:
             self.wanted.acquire()
+            if self.closed:  # the batches were abandoned: end the input (its watcher, its files) here
+                self.data.close()
+                return
             try:
                 sample = next(self.data)
             except StopIteration:
@@ -117,6 +121,13 @@ class _TimedBatches:
 
     def batches(self) -> Iterator:
         threading.Thread(target=self._pull, name="wdsrefresh-batched", daemon=True).start()
+        try:
+            yield from self._batches()
+        finally:  # a pull in flight ends when the stream yields again or is closed
+            self.closed = True
+            self.wanted.release()
+
+    def _batches(self) -> Iterator:
         stage = self.stage
         while True:
             try:
