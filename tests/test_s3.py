@@ -11,6 +11,9 @@ import json
 import logging
 import math
 import pickle
+import re
+import subprocess
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -435,17 +438,59 @@ def test_a_listing_that_keeps_failing_makes_set_epoch_raise_naming_the_prefix(s3
         wr.RefreshingWebDataset(source).set_epoch(0)
 
 
-def test_resumed_s3_epoch_refuses_to_read_unpinned_while_checkpoints_lack_etags(s3):
-    s3.put_shard("s/a.tar", 6)
+RESUME_SCRIPT = """
+import json, sys, torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+import wdsrefresh as wr
+url, checkpoint, on_change = sys.argv[1:4]
+ds = wr.RefreshingWebDataset(url, shardshuffle=False, on_change=on_change)
+loader = StatefulDataLoader(ds, batch_size=2, num_workers=2, collate_fn=list)
+loader.load_state_dict(torch.load(checkpoint, weights_only=False))
+try:
+    rest = [[s["__key__"], s["ver"].decode(), s["bin"].decode("latin-1")] for b in loader for s in b]
+except Exception as exn:
+    print(json.dumps({"error": str(exn)}))
+else:
+    print(json.dumps({"rest": rest, "replaced": ds.stats(0).replaced}))
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("versioned,on_change", [(True, "reload"), (False, "reload"), (False, "raise")])
+def test_epoch_resumed_in_a_fresh_process_after_a_replacement_reads_the_checkpointed_version(
+        s3, tmp_path, versioned, on_change):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if versioned:
+        s3.enable_versioning()
+    for name in "ab":
+        s3.put_shard(f"s/{name}.tar", 8, version="v1")
     ds = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
-    ds.set_epoch(0)
-    it = iter(ds)
-    next(it)
-    state = ds.state_dict()
-    resumed = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
-    resumed.load_state_dict(state)
-    with pytest.raises(ValueError, match=r"s3://.*/s/a\.tar: .*never read unpinned"):
-        list(resumed)
+    loader = StatefulDataLoader(ds, batch_size=2, num_workers=2, collate_fn=list)
+    it = iter(loader)
+    before = [s for _ in range(3) for s in next(it)]
+    state = loader.state_dict()
+    del it, loader
+    json.dumps(state)  # plain values: the pins travel in it, no credential does
+    torch.save(state, tmp_path / "checkpoint.pt")
+    for name in "ab":  # same keys and counts, new bytes: replaced after the checkpoint
+        s3.put_shard(f"s/{name}.tar", 8, version="v2")
+
+    run = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, s3.url("s/"), str(tmp_path / "checkpoint.pt"),
+                          on_change], capture_output=True, text=True, timeout=150, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if on_change == "raise":  # unversioned: 412 at the first GET -> ShardChangedError naming the object
+        assert re.search(r"s3://.*/s/[ab]\.tar.*replaced", out["error"]), out
+        return
+    rest = out["rest"]
+    assert sorted(keys_of(before) + [k for k, _, _ in rest]) == expected_keys(a=8, b=8)  # exactly once
+    assert all(payload.startswith(f"[{ver}]") for _, ver, payload in rest)  # none torn
+    versions = {ver for _, ver, _ in rest}
+    if versioned:  # pinned by the checkpoint's VersionIds: the old bytes, exactly
+        assert versions == {"v1"} and out["replaced"] == 0
+    else:  # 412: reloaded, the unread samples come from the current version
+        assert versions == {"v2"} and out["replaced"] == 2
 
 
 def cached(s3, proxy, tmp_path, limit: str = "64MB", **options) -> dict:

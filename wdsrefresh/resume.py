@@ -10,7 +10,7 @@ passed. ``RefreshingWebDataset.state_dict()`` returns it as a plain dict of plai
      "epoch": 3,
      "snapshot": {"id": ..., "epoch": 3,
                   "shards": [[url, path, size, mtime_ns, inode, device, nsamples, digest,
-                              blocks_hex, block_size, name], ...]},
+                              blocks_hex, block_size, name, etag, version_id], ...]},  # etag, version_id: objects only
      "world_size": 1, "num_workers": 2,
      "consumers": [{"rank": 0, "worker": 1, "piece": 4, "offset": 17,
                     "stats": {"yielded": ..., "padded": ..., ...},
@@ -112,15 +112,7 @@ class ResumeState:
 
 def snapshot_doc(snapshot: Snapshot) -> dict:
     """A snapshot as plain values: enough to rebuild it exactly (see ``snapshot_from_doc``)."""
-    return {
-        "id": snapshot.id,
-        "epoch": snapshot.epoch,
-        "shards": [
-            [s.url, s.path, s.size, s.mtime_ns, s.inode, s.device, s.nsamples, s.digest,
-             s.blocks.hex() if s.blocks is not None else None, s.block_size, s.name]
-            for s in snapshot.shards
-        ],
-    }
+    return {"id": snapshot.id, "epoch": snapshot.epoch, "shards": [s.to_doc() for s in snapshot.shards]}
 
 
 def snapshot_from_doc(doc: object) -> Snapshot:
@@ -131,25 +123,10 @@ def snapshot_from_doc(doc: object) -> Snapshot:
     rows = _expect(doc.get("shards"), list, "snapshot.shards")
     shards = []
     for i, row in enumerate(rows):
-        where = f"snapshot.shards[{i}]"
-        if not isinstance(row, (list, tuple)) or len(row) != 11:
-            raise ResumeError(f"{where}: expected a list of 11 values, got {row!r:.80}")
-        url, path, size, mtime_ns, inode, device, nsamples, digest, blocks, block_size, name = row
         try:
-            shards.append(ShardInfo(
-                url=_expect(url, str, f"{where} url"), path=_expect(path, str, f"{where} path"),
-                size=_expect(size, int, f"{where} size"), mtime_ns=_expect(mtime_ns, int, f"{where} mtime_ns"),
-                inode=_expect(inode, int, f"{where} inode"), device=_expect(device, int, f"{where} device"),
-                nsamples=_expect(nsamples, int, f"{where} nsamples"),
-                digest=None if digest is None else _expect(digest, str, f"{where} digest"),
-                blocks=None if blocks is None else bytes.fromhex(_expect(blocks, str, f"{where} blocks")),
-                block_size=_expect(block_size, int, f"{where} block_size"),
-                name=_expect(name, str, f"{where} name"),
-            ))
+            shards.append(ShardInfo.from_doc(row))
         except ValueError as exn:
-            if isinstance(exn, ResumeError):
-                raise
-            raise ResumeError(f"{where}: {exn}") from exn
+            raise ResumeError(f"snapshot.shards[{i}] {exn}") from exn
     shards = tuple(shards)
     if snapshot_id(shards) != sid:
         raise ResumeError(f"snapshot.id {sid!r} does not match its shards (corrupted state?)")

@@ -54,6 +54,34 @@ class ShardInfo:
     def file_id(self) -> FileId:
         return FileId(self.device, self.inode, self.size, self.mtime_ns)
 
+    def to_doc(self) -> list:
+        """This entry as a list of plain values (JSON-able), from which ``from_doc`` rebuilds it
+        exactly; an object's ETag and VersionId are in it (a resumed epoch reads the object pinned
+        to them), a local file's row has no such fields."""
+        row = [self.url, self.path, self.size, self.mtime_ns, self.inode, self.device, self.nsamples, self.digest,
+               self.blocks.hex() if self.blocks is not None else None, self.block_size, self.name]
+        if self.etag is not None or self.version_id is not None:
+            row += [self.etag, self.version_id]
+        return row
+
+    @classmethod
+    def from_doc(cls, row: object) -> ShardInfo:
+        """The entry ``to_doc`` wrote; ValueError naming the field that does not fit."""
+        if not isinstance(row, (list, tuple)) or len(row) not in (_ROW_FIELDS, _ROW_FIELDS + 2):
+            raise ValueError(f"expected a list of {_ROW_FIELDS} (file) or {_ROW_FIELDS + 2} (object) values, "
+                             f"got {row!r:.80}")
+        url, path, size, mtime_ns, inode, device, nsamples, digest, blocks, block_size, name = row[:_ROW_FIELDS]
+        etag, version_id = row[_ROW_FIELDS:] or (None, None)
+        return cls(
+            url=_field(url, str, "url"), path=_field(path, str, "path"), size=_field(size, int, "size"),
+            mtime_ns=_field(mtime_ns, int, "mtime_ns"), inode=_field(inode, int, "inode"),
+            device=_field(device, int, "device"), nsamples=_field(nsamples, int, "nsamples"),
+            digest=_field(digest, str, "digest", optional=True),
+            blocks=None if blocks is None else _hex(_field(blocks, str, "blocks"), "blocks"),
+            block_size=_field(block_size, int, "block_size"), name=_field(name, str, "name"),
+            etag=_field(etag, str, "etag", optional=True), version_id=_field(version_id, str, "version_id", optional=True),
+        )
+
     def expected(self, with_digest: bool = True) -> Expected:
         """What a reader should find when it opens this shard."""
         return Expected(
@@ -64,6 +92,24 @@ class ShardInfo:
             blocks=self.blocks if with_digest else None,
             block_size=self.block_size,
         )
+
+
+_ROW_FIELDS = 11  # the values of a local file's ShardInfo.to_doc row
+
+
+def _field(value: object, kind: type, what: str, optional: bool = False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{what}: expected {kind.__name__}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _hex(value: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{what}: expected hex digits, got {value!r:.40}") from None
 
 
 @dataclass(frozen=True)
