@@ -15,6 +15,8 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -367,10 +369,44 @@ def test_worker_forked_while_the_main_process_reads_ahead_reads_on_its_own(s3):
     assert sorted(keys_of(loader)) == expected_keys(a=2, b=48)
 
 
+def readahead_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "wdsrefresh-readahead" and t.is_alive()]
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_read_ahead_threads_end_with_their_reader_and_with_an_abandoned_epoch(s3):
+    for name in "abc":
+        s3.put_shard(f"t/{name}.tar", 24, BIG)  # three blocks each
+    ds = wr.RefreshingWebDataset(s3.url("t/"), shardshuffle=False)
+    snap = ds.set_epoch(0)
+    assert readahead_threads() == []  # indexing joined its own
+    shard = snap.shards[1]
+    reader, close = open_object(shard.url, shard.expected(), shard.etag, shard.version_id)
+    next(reader.samples(0, 1))
+    assert len(readahead_threads()) == 1
+    close()
+    assert readahead_threads() == []  # joined by close()
+
+    it = iter(ds)
+    next(it)  # a.tar is read ahead, b.tar prefetched
+    assert wait_until(lambda: len(readahead_threads()) == 2)
+    it.close()  # the consumer abandons its epoch
+    assert wait_until(lambda: readahead_threads() == [])
+
+
 def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, fault_proxy):
     for i, n in enumerate([6, 3, 9, 4]):
         s3.put_shard(f"f/s{i}.tar", n)
-    opts = via(s3, fault_proxy, config_kwargs={"read_timeout": 1, "connect_timeout": 2})
+    # more attempts than faults: all of them may fall on one object's requests
+    opts = via(s3, fault_proxy, attempts=8, config_kwargs={"read_timeout": 1, "connect_timeout": 2})
     ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("f/"), storage_options=opts))
     listing = fault_proxy.inject("status", times=2, path="list-type=2")  # the listing is retried too
     ds.set_epoch(0)
