@@ -11,7 +11,12 @@ import json
 import logging
 import math
 import pickle
+import re
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -364,10 +369,44 @@ def test_worker_forked_while_the_main_process_reads_ahead_reads_on_its_own(s3):
     assert sorted(keys_of(loader)) == expected_keys(a=2, b=48)
 
 
+def readahead_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "wdsrefresh-readahead" and t.is_alive()]
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_read_ahead_threads_end_with_their_reader_and_with_an_abandoned_epoch(s3):
+    for name in "abc":
+        s3.put_shard(f"t/{name}.tar", 24, BIG)  # three blocks each
+    ds = wr.RefreshingWebDataset(s3.url("t/"), shardshuffle=False)
+    snap = ds.set_epoch(0)
+    assert readahead_threads() == []  # indexing joined its own
+    shard = snap.shards[1]
+    reader, close = open_object(shard.url, shard.expected(), shard.etag, shard.version_id)
+    next(reader.samples(0, 1))
+    assert len(readahead_threads()) == 1
+    close()
+    assert readahead_threads() == []  # joined by close()
+
+    it = iter(ds)
+    next(it)  # a.tar is read ahead, b.tar prefetched
+    assert wait_until(lambda: len(readahead_threads()) == 2)
+    it.close()  # the consumer abandons its epoch
+    assert wait_until(lambda: readahead_threads() == [])
+
+
 def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, fault_proxy):
     for i, n in enumerate([6, 3, 9, 4]):
         s3.put_shard(f"f/s{i}.tar", n)
-    opts = via(s3, fault_proxy, config_kwargs={"read_timeout": 1, "connect_timeout": 2})
+    # more attempts than faults: all of them may fall on one object's requests
+    opts = via(s3, fault_proxy, attempts=8, config_kwargs={"read_timeout": 1, "connect_timeout": 2})
     ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("f/"), storage_options=opts))
     listing = fault_proxy.inject("status", times=2, path="list-type=2")  # the listing is retried too
     ds.set_epoch(0)
@@ -435,17 +474,58 @@ def test_a_listing_that_keeps_failing_makes_set_epoch_raise_naming_the_prefix(s3
         wr.RefreshingWebDataset(source).set_epoch(0)
 
 
-def test_resumed_s3_epoch_refuses_to_read_unpinned_while_checkpoints_lack_etags(s3):
-    s3.put_shard("s/a.tar", 6)
+RESUME_SCRIPT = """
+import json, sys, torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+import wdsrefresh as wr
+url, checkpoint, on_change = sys.argv[1:4]
+ds = wr.RefreshingWebDataset(url, shardshuffle=False, on_change=on_change)
+loader = StatefulDataLoader(ds, batch_size=2, num_workers=2, collate_fn=list)
+loader.load_state_dict(torch.load(checkpoint, weights_only=False))
+try:
+    rest = [[s["__key__"], s["ver"].decode(), s["bin"].decode("latin-1")] for b in loader for s in b]
+except Exception as exn:
+    print(json.dumps({"error": str(exn)}))
+else:
+    print(json.dumps({"rest": rest, "replaced": ds.stats(0).replaced}))
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("versioned,on_change", [(True, "reload"), (False, "reload"), (False, "raise")])
+def test_epoch_resumed_in_a_fresh_process_after_a_replacement_reads_the_checkpointed_version(
+        s3, tmp_path, versioned, on_change):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if versioned:
+        s3.enable_versioning()
+    for name in "ab":
+        s3.put_shard(f"s/{name}.tar", 8, version="v1")
     ds = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
-    ds.set_epoch(0)
-    it = iter(ds)
-    next(it)
-    state = ds.state_dict()
-    resumed = wr.RefreshingWebDataset(s3.url("s/"), shardshuffle=False)
-    resumed.load_state_dict(state)
-    with pytest.raises(ValueError, match=r"s3://.*/s/a\.tar: .*never read unpinned"):
-        list(resumed)
+    loader = StatefulDataLoader(ds, batch_size=2, num_workers=2, collate_fn=list)
+    it = iter(loader)
+    before = [s for _ in range(3) for s in next(it)]
+    state = loader.state_dict()
+    del it, loader
+    torch.save(state, tmp_path / "checkpoint.pt")
+    for name in "ab":  # same keys and counts, new bytes: replaced after the checkpoint
+        s3.put_shard(f"s/{name}.tar", 8, version="v2")
+
+    run = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, s3.url("s/"), str(tmp_path / "checkpoint.pt"),
+                          on_change], capture_output=True, text=True, timeout=150, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if on_change == "raise":  # unversioned: 412 at the first GET -> ShardChangedError naming the object
+        assert re.search(r"s3://.*/s/[ab]\.tar.*replaced", out["error"]), out
+        return
+    rest = out["rest"]
+    assert sorted(keys_of(before) + [k for k, _, _ in rest]) == expected_keys(a=8, b=8)  # exactly once
+    assert all(payload.startswith(f"[{ver}]") for _, ver, payload in rest)  # none torn
+    versions = {ver for _, ver, _ in rest}
+    if versioned:  # pinned by the checkpoint's VersionIds: the old bytes, exactly
+        assert versions == {"v1"} and out["replaced"] == 0
+    else:  # 412: reloaded, the unread samples come from the current version
+        assert versions == {"v2"} and out["replaced"] == 2
 
 
 def cached(s3, proxy, tmp_path, limit: str = "64MB", **options) -> dict:

@@ -110,6 +110,7 @@ def read_assignment(
     stats.started = stats.started or time.time()
     # keeping samples alive costs the allocator fresh pages per payload: only when padding may need them
     recent: deque[dict] = deque(maxlen=_RECENT if options.equalize else 0)
+    prefetched: list = []
     try:
         pieces = assignment.pieces
         for index in range(cursor.piece, len(pieces)):
@@ -121,7 +122,7 @@ def read_assignment(
                 piece = Piece(piece.shard, min(piece.start + cursor.offset, piece.stop), piece.stop)
             shard = snapshot.shards[piece.shard]
             if index + 1 < len(pieces):
-                _prefetch(snapshot.shards[pieces[index + 1].shard], options)
+                prefetched.append(_prefetch(snapshot.shards[pieces[index + 1].shard], options))
             for sample in _read_piece(shard, piece, options, stats):
                 recent.append(sample)
                 stats.yielded += 1
@@ -133,6 +134,9 @@ def read_assignment(
         if not options.equalize:
             stats.ended = time.time()
             return
+    finally:  # an epoch ended or abandoned (generator closed) leaves no read-ahead running
+        for key in prefetched:
+            remote.discard(key)
     shortfall = assignment.quota - stats.yielded - stats.padded
     if shortfall > 0 and options.equalize:
         if not recent:
@@ -324,10 +328,13 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
         close()
 
 
-def _prefetch(shard: ShardInfo, options: ReadOptions) -> None:
-    """An object in a store is read from while the piece before it is parsed (local files: nothing)."""
+def _prefetch(shard: ShardInfo, options: ReadOptions) -> tuple | None:
+    """An object in a store is read from while the piece before it is parsed (local files: nothing);
+    the key ``remote.discard`` takes."""
     if is_remote(shard.url):
-        remote.prefetch(shard.url, shard.expected(with_digest=options.verify != "off"), shard.etag, shard.version_id)
+        return remote.prefetch(shard.url, shard.expected(with_digest=options.verify != "off"), shard.etag,
+                               shard.version_id)
+    return None
 
 
 def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,

@@ -36,6 +36,7 @@ from .store import ObjectChangedError, ObjectStat, ObjectVanishedError, Store, s
 log = logging.getLogger("wdsrefresh")
 
 _CHUNK = 1 << 20  # most bytes handed to the tar reader per refill (a copy out of the block)
+_JOIN_SECONDS = 10.0  # how long closing a reader waits for a block in flight
 _INF = float("inf")
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -79,6 +80,8 @@ class BlockFetcher:
         self.next = 0  # the next block the thread fetches
         self.fetched = 0  # blocks fetched so far (in order when recording)
         self.closed = False
+        self.finished = False  # every block it will fetch was fetched (or it failed, or was closed)
+        self.followers: list[BlockFetcher] = []  # started once this one's first block is here
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -87,6 +90,27 @@ class BlockFetcher:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="wdsrefresh-readahead", daemon=True)
                 self.thread.start()
+
+    def start_after(self, other: BlockFetcher) -> None:
+        """Starts ``other`` once this fetcher has its first block (or has stopped): the block a
+        reader waits for first never shares the store with a prefetch, and the next object's
+        request is served while the rest of this one streams and is parsed."""
+        with self.cond:
+            if not self.finished and self.fetched == 0 and self.thread is not None:
+                self.followers.append(other)
+                return
+        other.start()
+
+    def _release_followers(self) -> None:
+        """(Under ``cond``.)"""
+        followers, self.followers = self.followers, []
+        for other in followers:
+            other.start()
+
+    def _finish(self) -> None:
+        """(Under ``cond``.) Nothing more to fetch."""
+        self.finished = True
+        self._release_followers()
 
     def get(self, i: int) -> bytes:
         """Block ``i`` (checked); raises the error that fetching it met."""
@@ -130,11 +154,20 @@ class BlockFetcher:
                 self.cond.wait()
 
     def close(self) -> None:
-        """Stops fetching; a request in flight finishes in the background and is dropped."""
+        """Stops fetching and joins the read-ahead thread: it ends at once unless a block is in
+        flight, which it finishes reading first (at most ``_JOIN_SECONDS``: past that, a stalled
+        read is left to end in the background and dropped)."""
         with self.cond:
             self.closed = True
             self.ready.clear()
+            self._finish()
             self.cond.notify_all()
+            thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_JOIN_SECONDS)
+            if thread.is_alive():
+                log.debug("%s: a read-ahead request still in flight after %.0f s; left to end", self.url,
+                          _JOIN_SECONDS)
 
     def _run(self) -> None:
         blocks: Iterator | None = None  # one streamed GET, positioned at block ``at``
@@ -144,6 +177,8 @@ class BlockFetcher:
                 with self.cond:
                     while not self.closed and (self.next >= self.nblocks
                                                or self.next > max(self.wanted, self.floor) + self.readahead):
+                        if self.next >= self.nblocks and not self.finished:
+                            self._finish()
                         self.cond.wait()
                     if self.closed:
                         return
@@ -189,10 +224,13 @@ class BlockFetcher:
                     self.fetched += 1
                     if i >= self.floor and not self.closed:
                         self.ready[i] = data
+                    self._release_followers()
                     self.cond.notify_all()
         finally:
             if blocks is not None:
                 blocks.close()
+            with self.cond:
+                self._finish()
 
     def _check(self, i: int, data: bytes, etag: str | None, version_id: str | None) -> None:
         if self.version_id is None and version_id is not None:
@@ -313,6 +351,9 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
         fetcher = BlockFetcher(store_for(url), url, expected.size, etag=etag, version_id=version_id,
                                digests=expected.blocks, block_size=expected.block_size)
     try:
+        fetcher.start()
+        while _waiting:  # the objects prefetched for after this one: fetched once this one is
+            fetcher.start_after(_waiting.pop(0))
         source = _byte_source(fetcher)
     except BaseException:
         fetcher.close()
@@ -322,27 +363,47 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
 
 _PREFETCHED_AT_MOST = 2  # per process (a DataLoader worker is one consumer): the next object or two
 _prefetched: dict[tuple, BlockFetcher] = {}
-# a forked child (a DataLoader worker) inherits the parent's fetchers but not their threads
-os.register_at_fork(after_in_child=_prefetched.clear)
+_waiting: list[BlockFetcher] = []  # prefetched, to start once the next object opened is fetched
 
 
-def prefetch(url: str, expected: Expected, etag: str | None, version_id: str | None) -> None:
-    """Starts reading the object a consumer will open next, so that its first blocks arrive while
-    the current one is parsed; ``open_object`` with the same arguments takes it over."""
+def _forget_in_child() -> None:  # a forked child (a DataLoader worker) inherits fetchers, not their threads
+    _prefetched.clear()
+    _waiting.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def prefetch(url: str, expected: Expected, etag: str | None, version_id: str | None) -> tuple | None:
+    """Reads the object a consumer will open after the one it opens next: its first blocks are
+    fetched once that one's are (so they never compete), while it is parsed. ``open_object``
+    with the same arguments takes it over; ``discard`` with the key returned drops it."""
     key = (url, expected, etag, version_id)
     if key in _prefetched or not (etag or version_id) or expected.size is None or (
             expected.digest and expected.blocks is None):
-        return
+        return None
     while len(_prefetched) >= _PREFETCHED_AT_MOST:
-        _prefetched.pop(next(iter(_prefetched))).close()
+        discard(next(iter(_prefetched)))
     fetcher = BlockFetcher(store_for(url), url, expected.size, etag=etag, version_id=version_id,
                            digests=expected.blocks, block_size=expected.block_size)
-    fetcher.start()
     _prefetched[key] = fetcher
+    _waiting.append(fetcher)
+    return key
+
+
+def discard(key: tuple | None) -> None:
+    """Stops a prefetch that no reader took over (a consumer that ended or abandoned its epoch)."""
+    fetcher = _prefetched.pop(key, None) if key is not None else None
+    if fetcher is not None:
+        if fetcher in _waiting:
+            _waiting.remove(fetcher)
+        fetcher.close()
 
 
 def _take_prefetched(url: str, expected: Expected, etag: str | None, version_id: str | None) -> BlockFetcher | None:
     fetcher = _prefetched.pop((url, expected, etag, version_id), None)
+    if fetcher in _waiting:
+        _waiting.remove(fetcher)
     if fetcher is not None and fetcher.failed is not None:  # failed early (retries spent ahead of time): anew
         fetcher.close()
         return None
