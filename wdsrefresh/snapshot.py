@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .format.digest import BLOCK_SIZE
@@ -76,7 +77,7 @@ class Snapshot:
     """
 
     epoch: int
-    shards: tuple[ShardInfo, ...]
+    shards: Sequence[ShardInfo]  # a tuple, or a ShardTable that builds them on access
     id: str
     rejected: tuple[tuple[str, str], ...] = ()
     pending: tuple[str, ...] = ()
@@ -85,7 +86,13 @@ class Snapshot:
 
     @property
     def nsamples(self) -> int:
-        return sum(s.nsamples or 0 for s in self.shards)
+        return sum(self.sample_counts())
+
+    def sample_counts(self) -> list[int]:
+        """Each shard's sample count (0 where unknown), in order; from the column when the shards
+        are a ``snapshot_columns.ShardTable``, without building them."""
+        counts = getattr(self.shards, "sample_counts", None)
+        return counts() if counts is not None else [s.nsamples or 0 for s in self.shards]
 
     def __len__(self) -> int:
         return self.nsamples

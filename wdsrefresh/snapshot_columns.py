@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Sequence
+
+import numpy
 
 from .snapshot import ShardInfo, Snapshot, snapshot_id
 
 SEPARATOR = "\0"  # cannot occur in a file name or an object key
+_TEXT_COLUMNS = ("names", "urls", "paths", "digests", "etags", "version_ids")
 _INT_COLUMNS = ("size", "mtime_ns", "inode", "device", "nsamples", "block_size")
 _HAS_DIGEST, _HAS_BLOCKS, _HAS_NSAMPLES = 1, 2, 4
 _BLOCK_DIGEST_SIZE = 8
@@ -63,42 +67,131 @@ def encode(snapshot: Snapshot) -> dict:
 
 
 def decode(doc: object) -> Snapshot:
-    """The snapshot ``encode`` made of ``doc``; ColumnsError naming the column that is wrong."""
-    doc = _get(doc, None, dict, "snapshot")
-    count = _get(doc, "count", int, "snapshot")
-    if count < 0:
-        raise ColumnsError(f"snapshot.count: {count} is negative")
-    names = _split(doc, "names", count)
-    urls = [_get(doc, "root", str, "snapshot") + n for n in names] if "urls" not in doc else _split(doc, "urls", count)
-    paths = _split(doc, "paths", count) if "paths" in doc else urls
-    ints = {column: unpack_int64(_get(doc, column, bytes, "snapshot"), count, f"snapshot.{column}")
-            for column in _INT_COLUMNS}
-    flags = _get(doc, "flags", bytes, "snapshot")
-    if len(flags) != count:
-        raise ColumnsError(f"snapshot.flags: {len(flags)} bytes for {count} shards")
-    digests = _split(doc, "digests", count)
-    etags = _split(doc, "etags", count) if "etags" in doc else [""] * count
-    version_ids = _split(doc, "version_ids", count) if "version_ids" in doc else [""] * count
-    blocks = _BlockReader(_get(doc, "blocks", bytes, "snapshot"))
-    shards = []
-    for i in range(count):
-        size, block_size = ints["size"][i], ints["block_size"][i]
-        if size < 0 or block_size <= 0:
-            raise ColumnsError(f"snapshot shard {i} ({names[i]!r}): size {size}, block size {block_size}")
-        shards.append(ShardInfo(
-            url=urls[i], path=paths[i], size=size, mtime_ns=ints["mtime_ns"][i], inode=ints["inode"][i],
-            device=ints["device"][i],
-            nsamples=ints["nsamples"][i] if flags[i] & _HAS_NSAMPLES else None,
-            digest=digests[i] if flags[i] & _HAS_DIGEST else None,
-            blocks=blocks.take(-(-size // block_size), names[i]) if flags[i] & _HAS_BLOCKS else None,
-            block_size=block_size, name=names[i], etag=etags[i] or None, version_id=version_ids[i] or None,
-        ))
-    blocks.check_consumed()
-    shards = tuple(shards)
-    sid = _get(doc, "id", str, "snapshot")
-    if snapshot_id(shards) != sid:
-        raise ColumnsError(f"snapshot.id {sid!r} does not match its shards (corrupted state?)")
-    return Snapshot(_get(doc, "epoch", int, "snapshot"), shards, sid)
+    """The snapshot ``encode`` made of ``doc``, every shard built and the id checked against them;
+    ColumnsError naming the column that is wrong. For documents from outside (checkpoints)."""
+    table = ShardTable(doc)
+    for column in _TEXT_COLUMNS:
+        table.text(column)  # every value checked, even those no shard uses
+    shards = tuple(table)
+    if snapshot_id(shards) != table.id:
+        raise ColumnsError(f"snapshot.id {table.id!r} does not match its shards (corrupted state?)")
+    return Snapshot(table.epoch, shards, table.id)
+
+
+def decode_lazy(doc: object) -> Snapshot:
+    """The snapshot of ``doc`` with its shards built only when asked for (``ShardTable``): a
+    consumer reading a few shards of 100k loads in milliseconds. The columns are checked, the id
+    is trusted: for documents this process's own kind wrote (the state directory)."""
+    table = ShardTable(doc)
+    return Snapshot(table.epoch, table, table.id)
+
+
+class ShardTable(Sequence):
+    """A snapshot's shards as columns: a read-only sequence of ``ShardInfo`` built on access."""
+
+    def __init__(self, doc: object):
+        doc = _get(doc, None, dict, "snapshot")
+        self.doc = doc
+        self.id = _get(doc, "id", str, "snapshot")
+        self.epoch = _get(doc, "epoch", int, "snapshot")
+        count = self.count = _get(doc, "count", int, "snapshot")
+        if count < 0:
+            raise ColumnsError(f"snapshot.count: {count} is negative")
+        for column in _TEXT_COLUMNS:
+            if column in doc:
+                _get(doc, column, str, "snapshot")
+        if "urls" not in doc:
+            _get(doc, "root", str, "snapshot")
+        self.ints = {column: _int64_column(doc, column, count) for column in _INT_COLUMNS}
+        self.flags = numpy.frombuffer(_get(doc, "flags", bytes, "snapshot"), dtype=numpy.uint8)
+        if len(self.flags) != count:
+            raise ColumnsError(f"snapshot.flags: {len(self.flags)} bytes for {count} shards")
+        self._text: dict[str, list[str] | None] = {}  # split on first use: most consumers build few shards
+        self.blocks = _get(doc, "blocks", bytes, "snapshot")
+        self.block_starts = self._block_starts()
+        self._built: dict[int, ShardInfo] = {}
+
+    def text(self, column: str) -> list[str] | None:
+        """A text column split into its values (None if the document has no such column)."""
+        if column not in self._text:
+            self._text[column] = _split(self.doc, column, self.count) if column in self.doc else None
+        return self._text[column]
+
+    def _block_starts(self):
+        """Where each shard's block digests start in the blocks column (one more: the end)."""
+        size, block_size = self.ints["size"], self.ints["block_size"]
+        bad = numpy.flatnonzero((size < 0) | (block_size <= 0))
+        if len(bad):
+            i = int(bad[0])
+            raise ColumnsError(f"snapshot shard {i} ({self.text('names')[i]!r}): size {size[i]}, "
+                               f"block size {block_size[i]}")
+        nblocks = numpy.where(self.flags & _HAS_BLOCKS, -(-size // block_size), 0)
+        if (nblocks > len(self.blocks) // _BLOCK_DIGEST_SIZE).any():  # also keeps the sum below from overflowing
+            i = int(numpy.argmax(nblocks))
+            raise ColumnsError(f"snapshot.blocks: {len(self.blocks)} bytes, shard {i} ({self.text('names')[i]!r}) alone "
+                               f"calls for {nblocks[i]} block digests")
+        starts = numpy.concatenate(([0], numpy.cumsum(nblocks * _BLOCK_DIGEST_SIZE)))
+        if starts[-1] != len(self.blocks):
+            raise ColumnsError(f"snapshot.blocks: {len(self.blocks)} bytes, the shards' sizes call for {starts[-1]}")
+        return starts
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(self.count)))
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(f"shard {index} of a snapshot of {self.count}")
+        shard = self._built.get(index)
+        if shard is None:
+            shard = self._built[index] = self._build(index)
+        return shard
+
+    def _build(self, i: int) -> ShardInfo:
+        ints, flags, name = {k: int(v[i]) for k, v in self.ints.items()}, int(self.flags[i]), self.text("names")[i]
+        urls, paths, etags, version_ids = (self.text(c) for c in ("urls", "paths", "etags", "version_ids"))
+        url = urls[i] if urls is not None else self.doc["root"] + name
+        return ShardInfo(
+            url=url, path=paths[i] if paths is not None else url, size=ints["size"],
+            mtime_ns=ints["mtime_ns"], inode=ints["inode"], device=ints["device"],
+            nsamples=ints["nsamples"] if flags & _HAS_NSAMPLES else None,
+            digest=self.text("digests")[i] if flags & _HAS_DIGEST else None,
+            blocks=self.blocks[self.block_starts[i]:self.block_starts[i + 1]] if flags & _HAS_BLOCKS else None,
+            block_size=ints["block_size"], name=name,
+            etag=(etags[i] or None) if etags is not None else None,
+            version_id=(version_ids[i] or None) if version_ids is not None else None,
+        )
+
+    def sample_counts(self) -> list[int]:
+        """Every shard's sample count (0 where unknown), in order, without building the shards."""
+        return self.sample_count_array().tolist()
+
+    def sample_count_array(self):
+        return numpy.where(self.flags & _HAS_NSAMPLES, self.ints["nsamples"], 0)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __reduce__(self):
+        return ShardTable, (self.doc,)
+
+    def __repr__(self) -> str:
+        return f"ShardTable({self.count} shards, snapshot {self.id})"
+
+
+def _int64_column(doc: dict, column: str, count: int):
+    data = _get(doc, column, bytes, "snapshot")
+    if len(data) != 8 * count:
+        raise ColumnsError(f"snapshot.{column}: {len(data)} bytes for {count} values (expected {8 * count})")
+    return numpy.frombuffer(data, dtype="<i8")
 
 
 def _flags(s: ShardInfo) -> int:
@@ -153,25 +246,6 @@ def unpack_int64(data: bytes, count: int, what: str) -> array:
     if sys.byteorder == "big":
         values.byteswap()
     return values
-
-
-class _BlockReader:
-    """Hands out each shard's block digests from the concatenated column, checking the lengths."""
-
-    def __init__(self, data: bytes):
-        self.data, self.offset = data, 0
-
-    def take(self, nblocks: int, name: str) -> bytes:
-        end = self.offset + nblocks * _BLOCK_DIGEST_SIZE
-        if end > len(self.data):
-            raise ColumnsError(f"snapshot.blocks: ends at byte {len(self.data)}, shard {name!r} needs bytes "
-                               f"{self.offset}..{end}")
-        chunk, self.offset = self.data[self.offset:end], end
-        return chunk
-
-    def check_consumed(self) -> None:
-        if self.offset != len(self.data):
-            raise ColumnsError(f"snapshot.blocks: {len(self.data) - self.offset} bytes beyond the last shard's")
 
 
 def _get(doc: object, key: str | None, kind: type, where: str):

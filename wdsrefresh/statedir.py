@@ -7,7 +7,10 @@ main process when the dataset is built, before any worker starts:
 
 - ``control.json``: the epoch last set by ``set_epoch``, a generation counter, rank and world size.
 - ``snapshot-<epoch>.pkl``: the published snapshot of each epoch, written once (under a lock,
-  temporary name then rename) and only read afterwards.
+  temporary name then rename) and only read afterwards. Its shards are in a
+  ``columns-<pid>-<n>.pkl`` file of packed columns (``snapshot_columns``) that epochs with an
+  unchanged snapshot share, so publishing one costs a small file; a consumer builds only the
+  shards it reads, so its epoch starts in milliseconds.
 - ``counter-<num_workers>-<worker>.json``: how many epochs this worker slot has iterated
   since the last ``set_epoch``, so iteration without ``set_epoch`` advances the epoch in
   every kind of worker (a DataLoader worker calls ``iter(dataset)`` once per epoch).
@@ -27,9 +30,10 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from . import snapshot_columns
 from .format.atomic import write_atomic
 from .snapshot import Snapshot
 
@@ -42,6 +46,13 @@ def _read_json(path: str, default: dict) -> dict:
             return json.load(f)
     except (FileNotFoundError, ValueError):
         return default
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class StateDirectory:
@@ -58,9 +69,12 @@ class StateDirectory:
         self.directory = tempfile.mkdtemp(prefix="wdsrefresh-", dir=parent)
         self.owner_pid = os.getpid()
         self._recent: dict[int, tuple[int, Snapshot]] = {}  # epoch -> (file inode, snapshot) seen here
+        # the shards last published here and their columns file: an unchanged snapshot reuses it
+        self._columns: tuple[Sequence, str] | None = None
+        self._files_written = 0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_recent": {}}
+        return {**self.__dict__, "_recent": {}, "_columns": None, "_files_written": 0}
 
     def cleanup(self) -> None:
         if os.getpid() == self.owner_pid:
@@ -133,7 +147,7 @@ class StateDirectory:
                 cached = self._recent.get(epoch)
                 if cached is not None and cached[0] == inode:
                     return cached[1]
-                snapshot = pickle.load(f)
+                snapshot = self._from_published(pickle.load(f))
         except FileNotFoundError:
             return None
         self._remember(inode, snapshot)
@@ -165,21 +179,53 @@ class StateDirectory:
 
     def publish(self, snapshot: Snapshot) -> None:
         path = self._snapshot_path(snapshot.epoch)
-        write_atomic(path, pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL))
+        write_atomic(path, pickle.dumps(self._published(snapshot), protocol=pickle.HIGHEST_PROTOCOL))
         self._remember(os.stat(path).st_ino, snapshot)
         for epoch in sorted(self._published_epochs())[:-KEEP_SNAPSHOTS]:
             if epoch < snapshot.epoch:
                 self._forget(epoch)
 
+    def _published(self, snapshot: Snapshot) -> dict:
+        """What ``publish`` writes: the name of the shards' columns file (written when they
+        changed since the last publish here) and the rest of the snapshot."""
+        if self._columns is None or not (self._columns[0] is snapshot.shards or (
+                len(self._columns[0]) == len(snapshot.shards) and self._columns[0] == snapshot.shards)):
+            self._files_written += 1
+            name = f"columns-{os.getpid()}-{self._files_written}.pkl"
+            columns = getattr(snapshot.shards, "doc", None) or snapshot_columns.encode(snapshot)
+            write_atomic(self.path(name), pickle.dumps(columns, protocol=pickle.HIGHEST_PROTOCOL))
+            self._columns = (snapshot.shards, name)
+        return {"columns": self._columns[1], "epoch": snapshot.epoch, "id": snapshot.id,
+                "rejected": snapshot.rejected, "pending": snapshot.pending, "resolved_at": snapshot.resolved_at,
+                "resolve_seconds": snapshot.resolve_seconds}
+
+    def _from_published(self, doc: dict) -> Snapshot:
+        with open(self.path(doc["columns"]), "rb") as f:
+            columns = pickle.load(f)
+        table = snapshot_columns.decode_lazy({**columns, "epoch": doc["epoch"]})
+        return Snapshot(doc["epoch"], table.shards, table.id, doc["rejected"], doc["pending"], doc["resolved_at"],
+                        doc["resolve_seconds"])
+
     def _forget(self, epoch: int) -> None:
-        """Removes an old epoch's snapshot and consumer stats, so long runs do not pile up files."""
+        """Removes an old epoch's snapshot, consumer stats and the columns files no kept epoch
+        uses, so long runs do not pile up files."""
         stats_prefix = f"stats-{epoch:09d}-"
         names = [n for n in os.listdir(self.directory) if n.startswith(stats_prefix)]
         for path in [self._snapshot_path(epoch)] + [self.path(n) for n in names]:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            _unlink(path)
+        used = {self._columns_file(e) for e in self._published_epochs()}
+        if self._columns is not None:
+            used.add(self._columns[1])
+        for name in os.listdir(self.directory):
+            if name.startswith("columns-") and name not in used:
+                _unlink(self.path(name))
+
+    def _columns_file(self, epoch: int) -> str | None:
+        try:
+            with open(self._snapshot_path(epoch), "rb") as f:
+                return pickle.load(f)["columns"]
+        except FileNotFoundError:
+            return None
 
     def get_or_resolve(self, epoch: int, resolve: Callable[[Snapshot | None], Snapshot]) -> Snapshot:
         """The published snapshot of ``epoch``; the first caller resolves and publishes it."""
