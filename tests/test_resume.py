@@ -7,6 +7,7 @@ import collections
 import copy
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 import wdsrefresh as wr
 from wdsrefresh.resume import ResumeError, merge, parse, restart, snapshot_rows
 from wdsrefresh.slot import Slot
-from wdsrefresh.split import split
+from wdsrefresh.split import epoch_seed, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,18 +93,22 @@ def test_a_loaders_state_carries_the_snapshot_once_and_each_worker_resumes_from_
     assert before + list(loader) == uninterrupted
 
 
-def test_a_version_2_state_still_loads(shard_dir):
-    """A state saved by the previous release (one row per shard, in every consumer) resumes."""
+def test_a_version_2_state_still_loads_and_resumes_its_own_shard_order(shard_dir):
+    """A state saved by the previous release (one row per shard in every consumer, shards
+    ordered by random.shuffle) resumes the rest of that release's epoch, exactly."""
     make_shards(shard_dir)
-    _, loader = make_loader(shard_dir, 0)
-    uninterrupted = list(loader)
-    before, state = run_interrupted(shard_dir, 0, stop=2, every=2)
-    old = merge(state)
-    snap = parse(old, wr.RefreshingWebDataset(shard_dir, watch=False).sample_source.fingerprint()).snapshot
-    old = {**old, "version": 2, "snapshot": snapshot_rows(snap)}
-    ds, loader = make_loader(shard_dir, 0)
-    ds.load_state_dict(old)
-    assert before + list(loader) == uninterrupted
+    ds = wr.RefreshingWebDataset(shard_dir, watch=False)
+    snap = ds.set_epoch(0)
+    order = list(range(len(snap.shards)))  # the previous release's order, written out independently
+    random.Random(epoch_seed(snap.id, 0, 0)).shuffle(order)
+    keys = [f"{snap.shards[i].name[:-4]}/{j:06d}" for i in order for j in range(snap.shards[i].nsamples)]
+    consumer = {"rank": 0, "worker": 0, "piece": 1, "offset": 2}  # 2 samples into the second shard
+    old = {"format": "wdsrefresh.resume", "version": 2, **ds.sample_source.fingerprint(), "epoch": 0,
+           "snapshot": snapshot_rows(snap), "world_size": 1, "num_workers": 1, "consumers": [consumer]}
+    resumed, loader = make_loader(shard_dir, 0)
+    resumed.load_state_dict(old)
+    read = snap.shards[order[0]].nsamples + 2
+    assert flat(loader) == keys[read:]
 
 
 def test_set_epoch_after_loading_a_merged_state_keeps_the_saved_epoch(shard_dir):

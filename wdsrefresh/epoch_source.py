@@ -314,7 +314,7 @@ class EpochSource:
 
         def assignment_of(saved: Slot) -> Assignment:
             return split(resume.snapshot, seed=self.seed, epoch=epoch, slot=saved, shuffle=self.shardshuffle,
-                         partial=self.partial)
+                         partial=self.partial, order=resume.order)
 
         start = resuming.restart(resume, assignment_of, slot, partial=self.partial)
         stats = resuming.read_stats(start.stats, ReadStats)

@@ -65,7 +65,7 @@ from . import snapshot_columns
 from .slot import Slot
 from .snapshot import ShardInfo, Snapshot, snapshot_id
 from .snapshot_columns import pack_int64, unpack_int64
-from .split import Assignment, Piece, slot_range
+from .split import ORDER, ORDERS, Assignment, Piece, slot_range
 
 log = logging.getLogger("wdsrefresh")
 
@@ -117,6 +117,7 @@ class ResumeState:
     num_workers: int
     consumers: tuple[SavedPosition, ...]
     token: str
+    order: int = ORDER  # how the saved epoch ordered its shards (split.ORDER when it was saved)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -188,7 +189,7 @@ def fingerprint(source: str, seed: int, shardshuffle: bool, partial: bool) -> di
 def make_state(fingerprint: dict, epoch: int | None, snapshot: dict | None, world_size: int, num_workers: int,
                consumers: list[dict]) -> dict:
     return {"format": FORMAT, "version": VERSION, **fingerprint, "epoch": epoch, "snapshot": snapshot,
-            "world_size": world_size, "num_workers": num_workers, "consumers": consumers}
+            "order": ORDER, "world_size": world_size, "num_workers": num_workers, "consumers": consumers}
 
 
 def parse(state: object, fingerprint: dict, find_snapshot=None) -> ResumeState | None:
@@ -224,8 +225,11 @@ def parse(state: object, fingerprint: dict, find_snapshot=None) -> ResumeState |
     for c in consumers:
         if seen.setdefault((c.rank, c.worker), c) != c:
             raise ResumeError(f"consumers: two different positions for rank {c.rank} worker {c.worker}")
+    order = 1 if state["version"] == 2 else _expect(state.get("order"), int, "order")
+    if order not in ORDERS:
+        raise ResumeError(f"order {order}: this wdsrefresh orders shards in ways {ORDERS}")
     token = f"{epoch}:{snapshot.id}:{world_size}:{num_workers}"
-    return ResumeState(epoch, snapshot, world_size, num_workers, tuple(seen.values()), token)
+    return ResumeState(epoch, snapshot, world_size, num_workers, tuple(seen.values()), token, order)
 
 
 def _check_version(state: dict) -> None:
