@@ -31,7 +31,7 @@ from .inotify import Change
 from .probe import Readiness, Ready, Rejected
 from .resolver import Resolver
 from .snapshot import FileId, ShardInfo, Snapshot, shard_key, snapshot_id
-from .sources import DirectorySource, NoShardsError
+from .sources import Candidate, DirectorySource, NoShardsError
 from .watch import Watcher, new_watcher, poll_interval, watch_or_poll
 
 log = logging.getLogger("wdsrefresh")
@@ -248,6 +248,7 @@ class DirectoryIndex:
                 self._rescan_locked()
             for url in dirty:
                 self._refresh(url)
+            self.resolver.flush_cache(force=False)
             return len(dirty)
 
     def rescan(self) -> None:
@@ -275,17 +276,19 @@ class DirectoryIndex:
             candidates = []
         urls = {c.url for c in candidates}
         for cand in candidates:
-            self._refresh(cand.url)
+            self._refresh(cand.url, cand)
         with self._cond:
             gone = [u for u in self._entries if u not in urls]
         for url in gone:
             self._refresh(url)
+        self.resolver.flush_cache()
         self.last_rescan = time.monotonic()
         log.debug("%s: full rescan of %d files in %.3f s", self.source.describe(), len(candidates),
                   self.last_rescan - started)
 
-    def _refresh(self, url: str) -> None:
-        """Re-probes one file, unless it is ready or rejected in this very version already."""
+    def _refresh(self, url: str, cand: Candidate | None = None) -> None:
+        """Re-probes one file, unless it is ready or rejected in this very version already;
+        ``cand`` is the listing's candidate for it (else the source makes one)."""
         try:
             st = os.stat(url)
             file_id = FileId.of(st)
@@ -297,7 +300,7 @@ class DirectoryIndex:
             return
         with self._cond:
             renamed = url in self._renamed
-        outcome = self.resolver.probe(self.source.candidate(url), st=st, renamed=renamed)
+        outcome = self.resolver.probe(cand or self.source.candidate(url), st=st, renamed=renamed)
         if outcome is None:
             self._set(url, None)
         elif isinstance(outcome, Ready):
@@ -322,7 +325,7 @@ class DirectoryIndex:
                     i = bisect.bisect_left(self._ready_urls, url)
                     del self._ready_urls[i], self._ready_infos[i], self._ready_keys[i]
                     if entry is None or entry.error is not None:  # a pending file's old version
-                        self.resolver.known.pop(old.info.path, None)  # tells it is being rewritten
+                        self.resolver.forget(old.info.path)  # tells it is being rewritten
             if entry is not None:
                 self._entries[url] = entry
                 if entry.info is not None:

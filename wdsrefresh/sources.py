@@ -38,6 +38,7 @@ class Candidate:
     filesize: int | None = None
     mtime_ns: int | None = None  # with filesize: the file version the manifest describes
     name: str = ""  # below the source's root (a directory's relative path, a manifest's url)
+    real_path: str = ""  # the path with symlinks resolved, when the listing knew it ("": resolve it)
 
 
 class ShardSource:
@@ -65,22 +66,29 @@ class DirectorySource(ShardSource):
     def candidates(self) -> list[Candidate]:
         if not os.path.isdir(self.path):
             raise NoShardsError(f"shard directory {self.path!r} does not exist")
-        names = []
+        listed: dict[str, str] = {}  # path -> real path ("" for a symlink: resolved when probed)
         if self.recursive:
             for root, dirs, files in os.walk(self.path, followlinks=True):
                 dirs[:] = sorted(d for d in dirs if not is_temporary(d))
-                names.extend(os.path.join(root, f) for f in files)
+                real_root = os.path.realpath(root)
+                for f in files:
+                    path = os.path.join(root, f)
+                    listed[path] = "" if os.path.islink(path) else os.path.join(real_root, f)
         else:
+            real_root = os.path.realpath(self.path)
             with os.scandir(self.path) as entries:
-                names = [e.path for e in entries if not e.is_dir()]
+                for e in entries:
+                    if not e.is_dir():  # one resolution of the directory, not one per file
+                        listed[e.path] = "" if e.is_symlink() else os.path.join(real_root, e.name)
         known = self._manifest_entries()
-        return [self._candidate(n, known) for n in sorted(names) if is_shard_name(n)]
+        return [self._candidate(n, known, listed[n]) for n in sorted(listed) if is_shard_name(n)]
 
     def candidate(self, path: str) -> Candidate:
         return self._candidate(path, self._manifest_entries())
 
-    def _candidate(self, path: str, known: dict) -> Candidate:
-        return _with_manifest(path, known.get(os.path.normpath(path)), self._name(path))
+    def _candidate(self, path: str, known: dict, real_path: str = "") -> Candidate:
+        return _with_manifest(path, known.get(os.path.normpath(path)) if known else None, self._name(path),
+                              real_path)
 
     def _name(self, path: str) -> str:
         """``path`` below the directory (what snapshot ids hash); the listing joins it to the root."""
@@ -228,11 +236,11 @@ def _named(path: str) -> Candidate:
     return Candidate(url=path, path=path, name=os.path.basename(path))
 
 
-def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str) -> Candidate:
+def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str, real_path: str = "") -> Candidate:
     if entry is None:
-        return Candidate(url=path, path=path, name=name)
+        return Candidate(url=path, path=path, name=name, real_path=real_path)
     return Candidate(url=path, path=path, nsamples=entry.nsamples, digest=entry.digest, blocks=entry.blocks,
-                     filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name)
+                     filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name, real_path=real_path)
 
 
 def make_source(spec: object, storage_options: dict | None = None) -> ShardSource:
