@@ -66,22 +66,25 @@ class DirectorySource(ShardSource):
     def candidates(self) -> list[Candidate]:
         if not os.path.isdir(self.path):
             raise NoShardsError(f"shard directory {self.path!r} does not exist")
-        listed: dict[str, str] = {}  # path -> real path ("" for a symlink: resolved when probed)
+        # One resolution of each directory's real path, not one per file; "" for a symlinked
+        # file: the probe resolves it.
+        listed: list[tuple[str, str]] = []  # (path, real path)
         if self.recursive:
             for root, dirs, files in os.walk(self.path, followlinks=True):
                 dirs[:] = sorted(d for d in dirs if not is_temporary(d))
                 real_root = os.path.realpath(root)
                 for f in files:
-                    path = os.path.join(root, f)
-                    listed[path] = "" if os.path.islink(path) else os.path.join(real_root, f)
+                    if is_shard_name(f):
+                        path = os.path.join(root, f)
+                        listed.append((path, "" if os.path.islink(path) else os.path.join(real_root, f)))
         else:
             real_root = os.path.realpath(self.path)
             with os.scandir(self.path) as entries:
-                for e in entries:
-                    if not e.is_dir():  # one resolution of the directory, not one per file
-                        listed[e.path] = "" if e.is_symlink() else os.path.join(real_root, e.name)
+                listed = [(e.path, "" if e.is_symlink() else os.path.join(real_root, e.name))
+                          for e in entries if is_shard_name(e.name) and not e.is_dir()]
+        listed.sort()
         known = self._manifest_entries()
-        return [self._candidate(n, known, listed[n]) for n in sorted(listed) if is_shard_name(n)]
+        return [self._candidate(path, known, real) for path, real in listed]
 
     def candidate(self, path: str) -> Candidate:
         return self._candidate(path, self._manifest_entries())
@@ -92,8 +95,12 @@ class DirectorySource(ShardSource):
 
     def _name(self, path: str) -> str:
         """``path`` below the directory (what snapshot ids hash); the listing joins it to the root."""
-        prefix = os.path.join(self.path, "")
+        prefix = self._prefix
         return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.path)
+
+    @property
+    def _prefix(self) -> str:
+        return os.path.join(self.path, "")
 
     def would_list(self, path: str) -> bool:
         """Whether ``candidates()`` would name ``path`` (by name only: the file may not exist)."""
@@ -119,9 +126,14 @@ class DirectorySource(ShardSource):
         key = tuple(_version(p) for p in files)
         if self._manifest_cache[0] != key:
             by_path: dict[str, manifestmod.ManifestEntry] = {}
+            root = os.path.normpath(self.path)
+            root = "" if root == os.curdir else root  # so that joined names are normalized paths too
             for path, version in zip(files, key):
                 for e in _usable_entries(path) if version is not None else ():
-                    by_path.setdefault(os.path.normpath(os.path.join(self.path, e.url)), e)
+                    url = e.url
+                    where = os.path.join(root, url) if manifestmod.is_plain_name(url) else os.path.normpath(
+                        os.path.join(self.path, url))
+                    by_path.setdefault(where, e)
             self._manifest_cache = (key, by_path)
         return self._manifest_cache[1]
 
