@@ -114,10 +114,19 @@ def _dataset(directory: str, state_root: str, index_cache) -> wr.RefreshingWebDa
                                    state_dir=tempfile.mkdtemp(dir=state_root))
 
 
-def first_set_epoch(directory: str, state_root: str, index_cache) -> tuple[float, wr.RefreshingWebDataset]:
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def first_set_epoch(directory: str, state_root: str, index_cache,
+                    cpu: dict | None = None, key: str = "") -> tuple[float, wr.RefreshingWebDataset]:
+    """Seconds the first set_epoch of a new dataset takes (and the CPU seconds in ``cpu[key]``)."""
     ds = _dataset(directory, state_root, index_cache)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_seconds()
     ds.set_epoch(0)
+    if cpu is not None:
+        cpu[key] = _cpu_seconds() - c  # this process alone: what other load on the machine cannot inflate much
     return time.perf_counter() - t, ds
 
 
@@ -146,14 +155,15 @@ def scale_figures(root: str, n: int, state_root: str, reps: int = 3) -> dict:
     plain, listed = ensure_scale_dirs(str(root), n)
     figures: dict = {"shards": n}
     figures["read_files"] = min(read_files(plain) for _ in range(2))  # the second: warm page cache
+    cpu: dict = {}
     for key, directory in (("first_files", plain), ("first_manifest", listed)):
-        seconds, ds = first_set_epoch(directory, state_root, index_cache=False)
+        seconds, ds = first_set_epoch(directory, state_root, False, cpu, key)
         ds.close()
         figures[key] = seconds
     cache = tempfile.mkdtemp(prefix="index-cache-", dir=state_root)
     _, ds = first_set_epoch(plain, state_root, index_cache=cache)  # the first job fills the cache
     ds.close()
-    figures["restart"], ds = first_set_epoch(plain, state_root, index_cache=cache)
+    figures["restart"], ds = first_set_epoch(plain, state_root, cache, cpu, "restart")
     try:
         unchanged = []
         for epoch in range(1, reps + 1):
@@ -165,13 +175,16 @@ def scale_figures(root: str, n: int, state_root: str, reps: int = 3) -> dict:
     finally:
         ds.close()
     figures["memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures.update((f"{key}_cpu", seconds) for key, seconds in cpu.items())
     return figures
 
 
 def print_scale(sizes: list[int], root: str, reps: int) -> None:
-    print("scale: seconds (memory: peak resident MB of this process)")
-    columns = ("read_files", "first_files", "first_manifest", "restart", "set_epoch_unchanged", "epoch_start")
-    heads = ("read files", "first/files", "first/manif.", "restart", "unchanged", "epoch start")
+    print("scale: seconds (memory: peak resident MB of this process; cpu: CPU seconds of this process)")
+    columns = ("read_files", "first_files", "first_manifest", "restart", "set_epoch_unchanged", "epoch_start",
+               "first_files_cpu", "first_manifest_cpu", "restart_cpu")
+    heads = ("read files", "first/files", "first/manif.", "restart", "unchanged", "epoch start", "cpu files",
+             "cpu manif.", "cpu restart")
     print(f"{'shards':>8} " + " ".join(f"{h:>12}" for h in heads) + f" {'memory':>8}")
     with tempfile.TemporaryDirectory(prefix="bench-scale-state-") as state_root:
         for n in sizes:
