@@ -317,14 +317,18 @@ def data_loader(reader, workers: int, batch: int, members: tuple[str, ...] = ("b
     return one_pass, close
 
 
-def interleaved_rates(readers, expected: int, rounds: int, round_time: float) -> list[tuple[float, int]]:
-    """Samples per second of each reader: the median over ``rounds`` rounds.
+def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
+                      per_round: list[list[float]] | None = None) -> list[tuple[float, int]]:
+    """Samples per second of each reader: the median over ``rounds`` rounds (each round's rates
+    are appended to ``per_round``, one list per reader, when given).
 
     After one untimed warm-up pass each (page cache, worker start), every round gives each
     reader in turn at least ``round_time`` seconds of passes, so load from other processes on
     the machine falls on all readers alike rather than on whichever ran at the wrong moment.
     """
-    per_round: list[list[float]] = [[] for _ in readers]
+    if per_round is None:
+        per_round = []
+    per_round[:] = [[] for _ in readers]
     passes = [0] * len(readers)
     for round_no in range(rounds + 1):
         for i, (reader, one_pass) in enumerate(readers):
@@ -351,9 +355,10 @@ class Row:
     shard_set: str
     mode: str
     reader: str
-    rate: float
+    rate: float  # the median of the rounds' rates
     passes: int
     mbps: float
+    rounds: list[float]  # each round's rate, in round order: ratios are taken round by round
 
 
 ONE_PROC = "1 proc"
@@ -387,14 +392,16 @@ def bench_set(root: Path, spec: ShardSet, args, state_root: str) -> list[Row]:
         else:
             wrapped = [data_loader(reader, args.workers, args.batch, spec.extensions, collate)
                        for _, reader, collate in readers]
+        per_round: list[list[float]] = []
         try:
             rates = interleaved_rates([(reader, one_pass) for (_, reader, _), (one_pass, _) in zip(readers, wrapped)],
-                                      spec.samples, args.repeat, args.min_time)
+                                      spec.samples, args.repeat, args.min_time, per_round)
         finally:
             for _, close in wrapped:
                 close()
-        for (name, _, _), (rate, passes) in zip(readers, rates):
-            rows.append(Row(spec.name, mode, name, rate, passes, rate * spec.payload_bytes / spec.samples / 1e6))
+        for (name, _, _), (rate, passes), rounds in zip(readers, rates, per_round):
+            rows.append(Row(spec.name, mode, name, rate, passes, rate * spec.payload_bytes / spec.samples / 1e6,
+                            rounds))
             print(f"  {spec.name:12s} {mode:16s} {name:36s} {rate:12,.0f} samples/s ({passes} passes)",
                   file=sys.stderr, flush=True)
     return rows
@@ -426,12 +433,13 @@ class Target:
 
 
 def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
-    rate = {(r.shard_set, r.mode, r.reader): r.rate for r in rows}
+    rounds = {(r.shard_set, r.mode, r.reader): r.rounds for r in rows}
     sets = {r.shard_set for r in rows}
     targets = []
 
     def ratio(name, mode, a, b):
-        return rate[(name, mode, a)] / rate[(name, mode, b)]
+        """The median of the rounds' ratios: both readers ran in the same round, under the same load."""
+        return statistics.median(x / y for x, y in zip(rounds[(name, mode, a)], rounds[(name, mode, b)]))
 
     for name, label in (("small-pax", "1 KiB x3, PAX"), ("small-plain", "1 KiB x3, plain")):
         if name not in sets:
@@ -483,7 +491,8 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     lines = [
         f"wdsrefresh {wr.__version__} vs webdataset {wds.__version__}; Python {platform.python_version()}, "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs; readers and floors interleaved, median of "
-        f"{args.repeat} rounds, warm page cache{'; --quick' if args.quick else ''}",
+        f"{args.repeat} rounds (targets: median of the rounds' paired ratios), warm page cache"
+        f"{'; --quick' if args.quick else ''}; load average at the end: {os.getloadavg()[0]:.1f}",
         "",
         "| shards | mode | reader | samples/s | MB/s | x webdataset | x bare walker |",
         "|---|---|---|---:|---:|---:|---:|",
