@@ -111,7 +111,8 @@ def bench_set(client, endpoint: str, root: Path, spec, args, state_root: str) ->
     rows = []
     modes = [("1 proc", one_process)]
     if args.workers > 0:
-        modes.append((f"loader {args.workers}w b{args.batch}", lambda r: data_loader(r, args.workers, args.batch)))
+        modes.append((f"loader {args.workers}w b{args.batch}",
+                      lambda r: data_loader(r, args.workers, args.batch, spec.extensions)))
     for mode, wrap in modes:
         readers = []
         if mode == "1 proc":

@@ -74,10 +74,12 @@ class ReadOptions:
     equalize: bool = True
     settle: float = DEFAULT_SETTLE
     max_sample_bytes: int = MAX_SAMPLE_BYTES
+    index_cache: str | None = None  # the persistent index cache's directory; None: none
 
     @property
     def readiness(self) -> Readiness:
-        return Readiness(with_digest=self.verify != "off", settle=self.settle, max_sample_bytes=self.max_sample_bytes)
+        return Readiness(with_digest=self.verify != "off", settle=self.settle, max_sample_bytes=self.max_sample_bytes,
+                         index_cache=self.index_cache)
 
 
 @dataclass
