@@ -156,6 +156,15 @@ def test_listing_pages_through_2000_keys_and_an_unchanged_prefix_costs_one_listi
     assert len(manifest_gets) == 1  # answered 304 Not Modified: fetched again only when its ETag changes
 
 
+def test_keys_with_spaces_and_symbols_are_listed_and_read_by_their_exact_names(s3):
+    names = ["a b+c.tar", "x&y<z>.tar", "é%20ü.tar"]
+    for name in names:
+        s3.put_shard(f"sym/{name}", 2, prefix=name.split(".")[0])
+    snap = wr.RefreshingWebDataset(s3.url("sym/"), shardshuffle=False).set_epoch(0)
+    assert sorted(s.name for s in snap.shards) == sorted(names)
+    assert all(s.url == s3.url(f"sym/{s.name}") and s.nsamples == 2 for s in snap.shards)
+
+
 def test_manifest_url_lists_relative_and_absolute_urls(s3):
     a = shard_bytes("a", 4)
     a_etag = s3.put("m/a.tar", a)["ETag"]
@@ -409,7 +418,10 @@ def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, faul
     opts = via(s3, fault_proxy, attempts=8, config_kwargs={"read_timeout": 1, "connect_timeout": 2})
     ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("f/"), storage_options=opts))
     listing = fault_proxy.inject("status", times=2, path="list-type=2")  # the listing is retried too
+    error_page = fault_proxy.inject("status", times=1, status=200, path="list-type=2")  # an error in a 200
+    cut_page = fault_proxy.inject("cut-body", times=1, path="list-type=2")
     ds.set_epoch(0)
+    assert (error_page.injected, cut_page.injected) == (1, 1)
     faults = [fault_proxy.inject("status", times=2, ranged=True),
               fault_proxy.inject("reset-body", times=1, ranged=True),
               fault_proxy.inject("reset", times=1, ranged=True),
