@@ -226,6 +226,40 @@ def test_junk_and_truncated_objects_are_left_out_naming_the_url_once(s3, caplog)
     assert sorted(keys_of(ds)) == expected_keys(good=3)
 
 
+def claiming_size(data: bytes, size: int) -> bytes:
+    """``data`` (a tar) with its first member's header claiming ``size`` bytes (checksum fixed)."""
+    h = bytearray(data[:512])
+    h[124:136] = b"%011o\0" % size
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h) + data[512:]
+
+
+def test_member_sizes_are_checked_while_an_object_is_indexed(s3):
+    import tracemalloc
+
+    s3.put_shard("h/small.tar", 3, 100)
+    s3.put_shard("h/big.tar", 2, 5000)  # members larger than the strict dataset's max_sample_bytes
+    s3.put("h/hostile.tar", claiming_size(shard_bytes("x", 2), (1 << 33) - 1))  # 8 GiB claimed in 3 KB
+    strict = wr.RefreshingWebDataset(s3.url("h/"), shardshuffle=False, max_sample_bytes=4000)
+    snap = strict.set_epoch(0)
+    assert [s.name for s in snap.shards] == ["small.tar"]
+    assert "max_sample_bytes=4000" in dict(snap.rejected)[s3.url("h/big.tar")]
+
+    source = wr.ObjectSource(s3.url("h/"))
+    source.store.client()  # made before the count: botocore's models weigh megabytes
+    lenient = wr.RefreshingWebDataset(source, shardshuffle=False, max_sample_bytes=1 << 62)
+    tracemalloc.start()
+    try:
+        snap = lenient.set_epoch(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s.name for s in snap.shards] == ["big.tar", "small.tar"]
+    assert "before its end-of-archive marker" in dict(snap.rejected)[s3.url("h/hostile.tar")]
+    assert peak < 16 << 20, f"indexing allocated {peak} bytes"
+
+
 def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     for name in "abc":
         s3.put_shard(f"c/{name}.tar", 3)

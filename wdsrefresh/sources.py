@@ -53,6 +53,10 @@ class ShardSource:
         """The candidate for one file this source names (a watcher saw it change)."""
         return _named(path)
 
+    def limit_samples(self, max_sample_bytes: int) -> None:
+        """A source whose candidates arrive indexed (objects) refuses shards holding a member
+        larger than this, as the resolver refuses files; others have nothing to do."""
+
 
 class DirectorySource(ShardSource):
     """The shards in a directory; counts and digests come from its manifest.json when it has one."""
