@@ -276,9 +276,19 @@ def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     assert third.id != first.id and [s.nsamples for s in third.shards] == [3, 4, 3]
 
 
-def test_other_protocols_are_refused_with_a_clear_error():
-    with pytest.raises(NotImplementedError, match=r"gs://.*cannot be read consistently"):
-        wr.RefreshingWebDataset("gs://bucket/shards/")
+@pytest.mark.parametrize("spec", ["gs://bucket/shards/", "az://container/shards/", "https://host/manifest.json",
+                                  "http://host/shard-{0..9}.tar", ["s3://bucket/a.tar", "gs://bucket/b.tar"]])
+def test_other_protocols_are_refused_saying_why(spec):
+    with pytest.raises(NotImplementedError, match=r"(gs|az|https?)://.*cannot be read consistently.*pinned"):
+        wr.RefreshingWebDataset(spec)
+
+
+def test_stream_mode_and_pipe_commands_are_refused_saying_what_to_use(s3):
+    s3.put_shard("st/a.tar", 2)
+    with pytest.raises(ValueError, match=r'mode="stream" reads a local directory.*mode="epoch"'):
+        wr.RefreshingWebDataset(s3.url("st/"), mode="stream")
+    with pytest.raises(NotImplementedError, match=r"pipe: command cannot be listed again"):
+        wr.RefreshingWebDataset("pipe:aws s3 cp s3://bucket/a.tar -")
 
 
 # --------------------------------------------------------------------------- changes during an epoch

@@ -256,6 +256,9 @@ def make_source(spec: object, storage_options: dict | None = None) -> ShardSourc
         spec = os.fspath(spec)
     if not isinstance(spec, str):
         raise TypeError(f"cannot make a shard source from {spec!r}")
+    if spec.startswith("pipe:"):
+        raise NotImplementedError(f"{spec!r}: a pipe: command cannot be listed again at each epoch nor checked for "
+                                  "changes; give a directory, a manifest, or an s3:// URL")
     if os.path.isdir(spec):
         return DirectorySource(spec)
     if spec.endswith(".json"):

@@ -410,14 +410,21 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
+def _why_not(scheme: str) -> str:
+    if scheme == "file":
+        return "give the local path itself"
+    return ("wdsrefresh reads object stores through s3:// only, where every ranged read is pinned to a "
+            "VersionId or an ETag (a read that is not could mix two versions of a replaced object); "
+            "S3-compatible stores (MinIO, R2, Ceph, GCS's XML API) are read as s3:// URLs with "
+            "storage_options={'endpoint_url': ...}")
+
+
 def _plan(spec: str) -> _Plan:
     if not isinstance(spec, str):
         raise TypeError(f"cannot make a shard source from {spec!r}")
     scheme = spec.partition("://")[0].lower()
     if scheme != "s3":
-        raise NotImplementedError(
-            f"{spec!r}: {scheme}:// cannot be read consistently here: wdsrefresh reads object stores "
-            "through s3:// only (boto3; every ranged read pinned to a VersionId or ETag)")
+        raise NotImplementedError(f"{spec!r}: {scheme}:// cannot be read consistently here: {_why_not(scheme)}")
     where = ObjectUrl.parse(spec)
     key = where.key
     if "{" in key and "}" in key:
