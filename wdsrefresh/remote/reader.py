@@ -193,6 +193,7 @@ class BlockFetcher:
                         self.fetched += 1
                         if i >= self.floor and not self.closed:
                             self.ready[i] = cached
+                        self._release_followers()
                         self.cond.notify_all()
                     continue
                 try:
