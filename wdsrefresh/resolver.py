@@ -27,6 +27,7 @@ class Resolver:
     def __init__(self, source: ShardSource, rules: Readiness = Readiness(), on_invalid: str = "warn"):
         self.source = source
         self.rules = rules
+        source.limit_samples(rules.max_sample_bytes)
         self.on_invalid = on_invalid
         self.known: dict[str, ShardInfo] = {}
         self._warned: set[tuple[str, FileId | None]] = set()

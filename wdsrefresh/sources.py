@@ -54,6 +54,10 @@ class ShardSource:
         """The candidate for one file this source names (a watcher saw it change)."""
         return _named(path)
 
+    def limit_samples(self, max_sample_bytes: int) -> None:
+        """A source whose candidates arrive indexed (objects) refuses shards holding a member
+        larger than this, as the resolver refuses files; others have nothing to do."""
+
 
 class DirectorySource(ShardSource):
     """The shards in a directory; counts and digests come from its manifest.json when it has one."""
@@ -272,6 +276,9 @@ def make_source(spec: object, storage_options: dict | None = None) -> ShardSourc
         spec = os.fspath(spec)
     if not isinstance(spec, str):
         raise TypeError(f"cannot make a shard source from {spec!r}")
+    if spec.startswith("pipe:"):
+        raise NotImplementedError(f"{spec!r}: a pipe: command cannot be listed again at each epoch nor checked for "
+                                  "changes; give a directory, a manifest, or an s3:// URL")
     if os.path.isdir(spec):
         return DirectorySource(spec)
     if spec.endswith(".json"):

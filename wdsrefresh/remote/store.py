@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ..format.tario import ShardChangedError
+from . import listing
 
 log = logging.getLogger("wdsrefresh")
 
@@ -217,7 +218,11 @@ class Store:
         config.update(options.pop("config_kwargs", None) or {})
         kwargs = dict(options.pop("client_kwargs", None) or {})
         kwargs.update((_CLIENT_OPTIONS[k], v) for k, v in options.items())
-        return session.client("s3", config=Config(**config), **kwargs)
+        client = session.client("s3", config=Config(**config), **kwargs)
+        # first: before botocore's own check of 200 responses for embedded errors, which parses the
+        # whole page once more (listing.parse_page makes that check)
+        client.meta.events.register_first("before-parse.s3.ListObjectsV2", listing.keep_page)
+        return client
 
     # ------------------------------------------------------------------ requests
     def call(self, url: str, what: str, request: Callable[[], T], start: int | None = None,
@@ -331,12 +336,12 @@ class Store:
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
-            page = self.call(url, "LIST", lambda: self.client().list_objects_v2(**kwargs))
-            for obj in page.get("Contents", ()):
-                yield ObjectStat(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"], _ns(obj["LastModified"]))
-            if not page.get("IsTruncated"):
+            objects, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs)))
+            for key, size, etag, modified in objects:
+                yield ObjectStat(f"s3://{bucket}/{key}", size, etag, _ns(_timestamp(modified)))
+            if token is None:
                 return
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            kwargs["ContinuationToken"] = token
 
     def versioning(self, bucket: str) -> bool | None:
         """Whether versioning is enabled on ``bucket``; None when the store will not say."""
@@ -346,6 +351,16 @@ class Store:
         except ObjectReadError:
             return None
         return r.get("Status") == "Enabled"
+
+
+def _page(response: dict) -> tuple[list[tuple[str, int, str, str]], str | None]:
+    """A ListObjectsV2 page's objects and continuation token, from the body ``listing.keep_page``
+    kept (else as botocore parsed it: a client made without that handler)."""
+    raw = response.get(listing.RAW_PAGE)
+    if raw is not None:
+        return listing.parse_page(raw)
+    objects = [(o["Key"], o["Size"], o["ETag"], o["LastModified"].isoformat()) for o in response.get("Contents", ())]
+    return objects, response.get("NextContinuationToken") if response.get("IsTruncated") else None
 
 
 class _ShortBody(Exception):
@@ -373,7 +388,7 @@ def _version(version_id: str | None) -> str | None:
 
 def _classify(exn: BaseException) -> str:
     """ "changed" (412), "gone" (404), "not modified" (304), "retry", or "fail"."""
-    if isinstance(exn, _ShortBody):
+    if isinstance(exn, (_ShortBody, listing.PageError)):
         return "retry"
     try:
         import botocore.exceptions as bx
