@@ -155,6 +155,7 @@ def scale_figures(root: str, n: int, state_root: str, reps: int = 3) -> dict:
     plain, listed = ensure_scale_dirs(str(root), n)
     figures: dict = {"shards": n}
     figures["read_files"] = min(read_files(plain) for _ in range(2))  # the second: warm page cache
+    print(f"  {n:,} shards: read in {figures['read_files']:.2f} s; indexing ...", file=sys.stderr, flush=True)
     cpu: dict = {}
     for key, directory in (("first_files", plain), ("first_manifest", listed)):
         seconds, ds = first_set_epoch(directory, state_root, False, cpu, key)
@@ -180,6 +181,8 @@ def scale_figures(root: str, n: int, state_root: str, reps: int = 3) -> dict:
         ds.close()
     figures["memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     figures.update((f"{key}_cpu", seconds) for key, seconds in cpu.items())
+    print(f"  {n:,} shards: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float)),
+          file=sys.stderr, flush=True)
     return figures
 
 
