@@ -384,8 +384,8 @@ def _classify(exn: BaseException) -> str:
         error = exn.response.get("Error", {})
         status = exn.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = str(error.get("Code", ""))
-        if status == 412 or code == "PreconditionFailed":
-            return "changed"
+        if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return "changed"  # 409 ConditionalRequestConflict: a conditional write raced another one
         if status == 304 or code == "304":
             return "not modified"
         if status == 404 or code in _GONE_CODES:
