@@ -10,6 +10,7 @@ entries in ``manifest.d/`` (see ``publish.py``).
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from ..format.manifest import ManifestEntry
 from ..format.names import SHARD_PATTERNS, is_shard_name
 from ..format.tario import TarError, index_shard
 from .publish import fragment_entries, reserved_names
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -175,10 +178,15 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return 0
 
 
-def check(target: str) -> Report:
-    """Checks every shard of ``target`` (a directory, a manifest or one shard file): in
-    manifest order, then shards of manifest.d/, then shards present but not listed (a
-    problem when there is a manifest). No shard at all is a problem too."""
+def check(target: str, storage_options: dict | None = None) -> Report:
+    """Checks every shard of ``target`` (a directory, a manifest or one shard file, or an
+    ``s3://`` URL of one: ``verify_remote.py``): in manifest order, then shards of
+    manifest.d/, then shards present but not listed (a problem when there is a manifest).
+    No shard at all is a problem too."""
+    if _URL.match(target):
+        from .verify_remote import check_remote
+
+        return check_remote(target, storage_options)
     t = _resolve(target)
     entries, pending, unlisted = _entries(t)
     problems: list[Problem] = []
@@ -205,9 +213,14 @@ def verify(target: str) -> list[Problem]:
     return check(target).problems
 
 
-def listing(target: str) -> list[Listing]:
+def listing(target: str, storage_options: dict | None = None) -> list[Listing]:
     """One row per shard of ``target``: what the manifest (or manifest.d/) says, with size
-    and age from the file system; shards listed by neither are counted by a header walk."""
+    and age from the file system; shards listed by neither are counted by a header walk.
+    ``s3://`` URLs are listed by ``verify_remote.py``."""
+    if _URL.match(target):
+        from .verify_remote import listing_remote
+
+        return listing_remote(target, storage_options)
     t = _resolve(target)
     entries, pending, unlisted = _entries(t)
     now = time.time()
