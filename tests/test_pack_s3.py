@@ -28,7 +28,7 @@ from wdsrefresh.remote.source import ObjectSource
 from wdsrefresh.remote.store import ObjectChangedError, Store
 from wdsrefresh.write.destination import S3Destination
 from wdsrefresh.write.ingest import IngestConfig, Ingester
-from wdsrefresh.write.pack import collect, open_plan, pack, plan_shards, run_task
+from wdsrefresh.write.pack import PackError, collect, open_plan, pack, plan_shards, run_task
 
 FIXTURES = (fault_proxy, moto_server, s3)  # pytest finds fixtures among the module's names
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
@@ -190,27 +190,33 @@ def test_publishing_never_replaces_an_object_and_a_stale_counter_write_is_refuse
         dest._put_json(".wdsrefresh/numbers.json", {"next": {"shard": 3}}, if_match=stale)
 
 
-def test_concurrent_packs_into_one_prefix_take_disjoint_numbers(s3, tmp_path):
-    sources = []
-    for i in range(3):
-        path = str(tmp_path / f"src{i}")
-        sources.append((path, {f"p{i}/{k}" for k in make_inputs(os.path.join(path, f"p{i}"), 4, 100, seed=i)}))
-    errors = []
+def test_a_pack_into_a_prefix_with_an_unfinished_pack_takes_numbers_after_its_reservation(s3, src, tmp_path):
+    path, expected = src
+    other = str(tmp_path / "other")
+    more = {f"x/{k}" for k in make_inputs(os.path.join(other, "x"), 3, 100, seed=1)}
+    groups = plan_shards(collect([path]), 1, 10**9)
+    with open_plan(s3.url("out/"), [path], groups, "shard", 1, 10**9) as plan:
+        run_task(plan.out, plan.hash, plan.tasks[0])  # then killed: 11 of its 12 names reserved, not used yet
+    entries = pack([other], s3.url("out/"), maxcount=1)
+    assert [e.url for e in entries] == ["shard-000012.tar", "shard-000013.tar", "shard-000014.tar"]
+    pack([path], s3.url("out/"), maxcount=1)  # finishes the first pack under the names it reserved
+    assert_packed_exactly_once(s3, expected | more)
 
-    def run(path):
-        try:
-            pack([path], s3.url("out/"), maxcount=1)
-        except BaseException as exn:  # noqa: BLE001 - reported below
-            errors.append(exn)
 
-    threads = [threading.Thread(target=run, args=(p,)) for p, _ in sources]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors
-    assert shard_keys(s3) == [f"shard-{i:06d}.tar" for i in range(12)]
-    assert_packed_exactly_once(s3, set().union(*(k for _, k in sources)))
+def test_a_shard_under_a_reserved_name_is_kept_only_if_it_holds_the_planned_bytes(s3, src):
+    path, expected = src
+    groups = plan_shards(collect([path]), 5, 10**9)
+    with open_plan(s3.url("out/"), [path], groups, "shard", 5, 10**9) as plan:
+        run_task(plan.out, plan.hash, plan.tasks[1])
+    key = "out/" + plan.tasks[1].shard
+    planned = s3.client.get_object(Bucket=s3.name, Key=key)["Body"].read()
+    s3.delete(f"out/manifest.d/part-{plan.hash[:16]}-00001.json")  # the state a kill before the fragment leaves
+    s3.put(key, shard_bytes("s", 5, size=3000))  # and something else under the name: 5 samples too
+    with pytest.raises(PackError, match="shard-000001.tar: reserved for 5 samples .* holds something else"):
+        pack([path], s3.url("out/"), maxcount=5)
+    s3.put(key, planned)
+    pack([path], s3.url("out/"), maxcount=5)
+    assert_packed_exactly_once(s3, expected)
 
 
 # ---------------------------------------------------------------------------- kill -9

@@ -342,6 +342,7 @@ class Ingester:
                 self._remove_inputs(doc["inputs"])
             else:
                 log.info("recovery: rolling back unpublished %s", self.dest.location(entry.url))
+                self.dest.sweep(self.tag, [entry.url])  # an upload in parts the kill cut short
             os.unlink(path)
             fsync_dir_named(self.journal_dir)
         self.dest.commit(None)

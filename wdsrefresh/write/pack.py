@@ -474,25 +474,23 @@ def _refuse_overlapping_plans(dest: Destination, sources: Sequence[str]) -> None
 def run_task(out: str | Destination, digest: str, task: Task, progress: Callable[[int], None] | None = None,
              ) -> ManifestEntry:
     """Publishes the task's shard under its reserved name, then its fragment; returns its
-    entry. Idempotent: a finished task is not redone, a shard already published is indexed
-    (after checking it is the planned one) instead of being written again. ``out`` is a
-    directory, an ``s3://`` URL or a ``destination.Destination``."""
+    entry. Idempotent: a finished task is not redone; a shard already published under the
+    name (by a killed run of this plan) is kept if it holds exactly the bytes planned (same
+    digest), and is never replaced. ``out`` is a directory, an ``s3://`` URL or a
+    ``destination.Destination``."""
     dest = open_destination(out)
     done = dest.load_fragment(digest, task.index)
     if done:
         return done[0]
-    entry = None
-    if not dest.exists(task.shard):
-        written = write_shard(task.samples, dest.temporary(digest, task.index), progress)
-        # None: published meanwhile by a worker of a killed run of this plan
-        entry = dest.publish(written.tmp_path, written.entry(task.shard))
+    written = write_shard(task.samples, dest.temporary(digest, task.index), progress)
+    entry = dest.publish(written.tmp_path, written.entry(task.shard))  # None: the name exists
     if entry is None:
-        entry = _existing_entry(dest, task)
+        entry = _existing_entry(dest, task, written.digest)
     dest.write_fragment(digest, task.index, [entry])
     return entry
 
 
-def _existing_entry(dest: Destination, task: Task) -> ManifestEntry:
+def _existing_entry(dest: Destination, task: Task, planned_digest: str) -> ManifestEntry:
     """The entry of a shard found under a task's reserved name, if it is the planned one."""
     path = dest.location(task.shard)
     try:
@@ -501,7 +499,7 @@ def _existing_entry(dest: Destination, task: Task) -> ManifestEntry:
         entry, complete, why = None, False, str(exn)
     if entry is not None:
         why = f"{entry.nsamples} samples, {entry.filesize} bytes{'' if complete else ', incomplete'}"
-        if complete and entry.nsamples == len(task.samples) and entry.filesize == task.size:
+        if complete and entry.digest == planned_digest:
             return entry
     raise PackError(f"{path}: reserved for {len(task.samples)} samples in {task.size} bytes by this pack's "
                     f"plan, but holds something else ({why}); not listing it")
