@@ -95,7 +95,7 @@ def src(tmp_path):
 
 def test_pack_to_s3_publishes_shards_with_size_and_etag_and_readers_read_exactly_the_samples(s3, src, capsys):
     path, expected = src
-    assert main(["pack", path, "-o", s3.url("out/"), "--maxcount", "5"]) == 0
+    assert main(["pack", path, "-o", s3.url("out/"), "--maxcount", "5", "--jobs", "2"]) == 0
     assert "packed 12 samples into 3 shards in s3://" in capsys.readouterr().out
     assert shard_keys(s3) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert_packed_exactly_once(s3, expected)
@@ -371,5 +371,9 @@ def test_storage_options_reach_the_store_and_values_are_never_printed(s3, src, m
     assert main(["pack", path, "-o", s3.url("out/"), "--storage-option", "sekret=SUPERSECRET-2"]) == 1
     err = capsys.readouterr().err
     assert "ls: error: s3://" in err and "unknown option(s) sekret" in err
+    assert main(["pack", path, "-o", "s3://no-such-bucket-here/x/", "--storage-option",
+                 f"endpoint_url={s3.endpoint}"]) == 1
+    assert "s3://no-such-bucket-here/x/: no such bucket (no-such-bucket-here); create it first" in \
+        capsys.readouterr().err
     assert "SUPERSECRET" not in err
 

@@ -61,7 +61,7 @@ _FRAGMENT_RE = re.compile(r"part-([0-9a-f]+)-(\d+)\.json$")
 _PLAN_RE = re.compile(r"plan-([0-9a-f]+)\.json$")
 
 
-class DestinationError(RuntimeError):
+class DestinationError(OSError):
     """The destination cannot be written as asked; the message names it and says why."""
 
 
@@ -247,7 +247,12 @@ class S3Destination(Destination):
 
     def prepare(self) -> None:
         """Checks the bucket can be listed (a missing bucket or no credentials fail here, first)."""
-        next(iter(self._list(FRAGMENTS_DIR + "/")), None)
+        from ..remote.store import ObjectVanishedError
+
+        try:
+            next(iter(self._list(FRAGMENTS_DIR + "/")), None)
+        except ObjectVanishedError:
+            raise DestinationError(f"{self.url}: no such bucket ({self.bucket}); create it first") from None
 
     # ---- requests
     def _client(self) -> Any:
