@@ -6,7 +6,8 @@ non-shard names are never listed):
 - ``s3://bucket/prefix/``: every shard-named object directly under the prefix (as a directory
   is read: not below a further ``/``); its ``manifest.json``, when there is one, gives counts
   and digests for the objects its entries describe, and so do the fragments of packs not yet
-  committed (``manifest.d/part-*.json``), listed only when some object is not described;
+  committed (``manifest.d/part-*.json``), listed only when there are some and some object is
+  not described;
 - ``s3://bucket/prefix/*.tar``: a glob (``*`` and ``?`` stay within one ``/`` level, ``**``
   crosses levels); ``s3://bucket/shard-{000..099}.tar``: a brace pattern (objects that do not
   exist are left out); ``s3://bucket/one.tar``: one object;
@@ -308,7 +309,8 @@ class _Prefix(_Plan):
         self.bucket, self.prefix = where.bucket, where.key
 
     def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        stats = list(_listing(source.store, self.bucket, self.prefix, "/"))
+        folders: list[str] = []
+        stats = list(_listing(source.store, self.bucket, self.prefix, "/", folders))
         manifest_url = f"s3://{self.bucket}/{self.prefix}{manifestmod.DEFAULT_NAME}"
         entries: dict[str, manifestmod.ManifestEntry] = {}
         if any(s.url == manifest_url for s in stats):
@@ -318,7 +320,8 @@ class _Prefix(_Plan):
                 log.warning("%s; indexing the objects instead", exn)
         shards = {stat.url[len(f"s3://{self.bucket}/{self.prefix}"):]: stat for stat in stats}
         shards = {name: stat for name, stat in shards.items() if is_shard_name(name)}
-        if any(not _describes(entries.get(name), stat) for name, stat in shards.items()):
+        pending = f"{self.prefix}{manifestmod.FRAGMENTS_DIR}/" in folders  # fragments of packs not committed
+        if pending and any(not _describes(entries.get(name), stat) for name, stat in shards.items()):
             for entry in source.fragment_entries(self.bucket, self.prefix):  # shards of packs not committed yet
                 stat = shards.get(entry.url)
                 if stat is not None and not _describes(entries.get(entry.url), stat):
@@ -413,9 +416,10 @@ class _Manifest(_Plan):
                 yield _Listed(item.stat, entry.url, entry)
 
 
-def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None) -> Iterator[ObjectStat]:
+def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None,
+             subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
     try:
-        yield from store.list(bucket, prefix, delimiter)
+        yield from store.list(bucket, prefix, delimiter, subprefixes)
     except ObjectVanishedError as exn:
         raise NoShardsError(f"s3://{bucket}/{prefix}: {exn}") from exn
 

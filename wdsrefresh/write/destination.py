@@ -523,16 +523,7 @@ class S3Destination(Destination):
             got = self._get_json(manifestmod.DEFAULT_NAME)
             etag = got[1] if got is not None else None
             entries = [] if got is None else _entries(got[0], self.location(manifestmod.DEFAULT_NAME), self.url)
-            listed = {e.url for e in entries}
-            merged, new = [], []
-            for name, owner, frag in self.fragments():
-                if owner != digest and owner in plans:
-                    continue  # another pack's, still running: it commits its own
-                merged.append(name)
-                for e in frag:
-                    if e.url not in listed:
-                        listed.add(e.url)
-                        new.append(e)
+            merged, new = publish.merge_fragments(entries, self.fragments(), digest, plans)
             if not new and got is not None:
                 break
             try:

@@ -58,7 +58,7 @@ from ..format.tarwriter import TarWriteError
 from ..watch import Change, new_watcher
 from .pack import (
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_local, check_name,
-    check_prefix, paths_overlap, plan_shards, write_shard,
+    check_prefix, paths_overlap, plan_shards, write_shard, WrittenShard,
 )
 from .destination import DestinationError, open_destination
 from .publish import (
@@ -443,12 +443,8 @@ class Ingester:
         """Writes one shard from ``batch``, publishes it, then removes (or archives) its inputs."""
         if self.dest.remote:
             return self._publish_remote(batch)
-        self._counter += 1
-        tmp_name = f".ingest-{self.tag}-{os.getpid()}-{self._counter}.tar.tmp"
-        written = write_shard([s for s, _ in batch], os.path.join(self.out, tmp_name))
-        packed = {i.path for i in written.inputs}
-        markers = [i for _, ids in batch for i in ids if i.path not in packed]
-        inputs = [_as_dict(i) for i in written.inputs + tuple(markers)]
+        tmp_name = f".ingest-{self.tag}-{os.getpid()}-{self._counter + 1}.tar.tmp"
+        written, inputs = self._write(batch, os.path.join(self.out, tmp_name))
         with out_lock(self.out):
             entries = current_entries(self.out)
             name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, [e.url for e in entries]))
@@ -466,14 +462,19 @@ class Ingester:
             self.on_publish(entry)
         return entry
 
-    def _publish_remote(self, batch: Sequence[tuple[Sample, list[InputId]]]) -> ManifestEntry:
-        """``publish`` into an object store: journal, upload, fragment, then the inputs go."""
+    def _write(self, batch: Sequence[tuple[Sample, list[InputId]]], tmp_path: str) -> tuple[WrittenShard, list[dict]]:
+        """The batch's shard, written durably to ``tmp_path``, and every input it consumes
+        (its files, and markers, which are not packed)."""
         self._counter += 1
-        tmp_name = f".ingest-{os.getpid()}-{self._counter}.tar.tmp"
-        written = write_shard([s for s, _ in batch], os.path.join(self.journal_dir, tmp_name))
+        written = write_shard([s for s, _ in batch], tmp_path)
         packed = {i.path for i in written.inputs}
         markers = [i for _, ids in batch for i in ids if i.path not in packed]
-        inputs = [_as_dict(i) for i in written.inputs + tuple(markers)]
+        return written, [_as_dict(i) for i in written.inputs + tuple(markers)]
+
+    def _publish_remote(self, batch: Sequence[tuple[Sample, list[InputId]]]) -> ManifestEntry:
+        """``publish`` into an object store: journal, upload, fragment, then the inputs go."""
+        tmp_name = f".ingest-{os.getpid()}-{self._counter + 1}.tar.tmp"
+        written, inputs = self._write(batch, os.path.join(self.journal_dir, tmp_name))
         name = self.dest.reserve_names(self.cfg.prefix, 1)[0]
         journal = os.path.join(self.journal_dir, name + ".json")
         manifestmod.write_json_atomic(journal, _journal_doc(written.entry(name), tmp_name, inputs))

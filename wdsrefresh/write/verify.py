@@ -153,13 +153,20 @@ def _check_shard(path: str, entry: ManifestEntry) -> tuple[list[Problem], int]:
         index = index_shard(path, url=url, algo=algo)
     except TarError as exn:
         return problems + [Problem(url, "tar", str(exn))], 0
+    return problems + index_problems(entry, index, size), index.nsamples
+
+
+def index_problems(entry: ManifestEntry, index, size: int) -> list[Problem]:
+    """How what reading a shard found (``index``: complete, digest, blocks, nsamples) differs
+    from its entry."""
+    problems = []
     if not index.complete:
-        problems.append(Problem(url, "truncated", f"ends before its end-of-archive marker ({size} bytes)"))
+        problems.append(Problem(entry.url, "truncated", f"ends before its end-of-archive marker ({size} bytes)"))
     if index.digest is not None:
         problems += _digest_problems(entry, index.digest, index.blocks)
     if entry.nsamples is not None and index.complete and index.nsamples != entry.nsamples:
-        problems.append(Problem(url, "nsamples", f"{index.nsamples} samples, manifest says {entry.nsamples}"))
-    return problems, index.nsamples
+        problems.append(Problem(entry.url, "nsamples", f"{index.nsamples} samples, manifest says {entry.nsamples}"))
+    return problems
 
 
 def _digest_problems(entry: ManifestEntry, digest: str, blocks: bytes | None) -> list[Problem]:

@@ -20,7 +20,7 @@ from ..format.manifest import ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import TarError
 from .destination import S3Destination
-from .verify import Listing, Problem, Report, _digest_problems
+from .verify import Listing, Problem, Report, index_problems
 
 THREADS = 8  # objects read at once by verify
 
@@ -74,13 +74,7 @@ def _check_object(dest: S3Destination, stat, entry: ManifestEntry) -> tuple[list
         return problems + [Problem(url, "changed", f"changed while it was read: {exn}")], 0
     except TarError as exn:
         return problems + [Problem(url, "tar", str(exn))], 0
-    if not index.complete:
-        problems.append(Problem(url, "truncated", f"ends before its end-of-archive marker ({stat.size} bytes)"))
-    if index.digest is not None:
-        problems += _digest_problems(entry, index.digest, index.blocks)
-    if entry.nsamples is not None and index.complete and index.nsamples != entry.nsamples:
-        problems.append(Problem(url, "nsamples", f"{index.nsamples} samples, manifest says {entry.nsamples}"))
-    return problems, index.nsamples
+    return problems + index_problems(entry, index, stat.size), index.nsamples
 
 
 def check_remote(url: str, storage_options: dict | None = None) -> Report:
