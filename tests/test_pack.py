@@ -245,11 +245,11 @@ def test_prefix_that_is_not_a_plain_name_is_refused_before_anything_is_written(t
     assert shard_files(str(out))[0] == "v2.train_part-A-000000.tar"
 
 
-def test_output_url_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path, monkeypatch, capsys):
+def test_output_url_other_than_s3_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path, monkeypatch, capsys):
     src, _ = tree
     monkeypatch.chdir(tmp_path)
-    assert main(["pack", src, "-o", "s3://bucket/shards"]) == 1
-    assert "s3://bucket/shards: remote locations are not supported yet" in capsys.readouterr().err
+    assert main(["pack", src, "-o", "gs://bucket/shards"]) == 1
+    assert "gs://bucket/shards: only s3:// URLs and local directories can be written" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 

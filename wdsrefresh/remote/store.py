@@ -323,15 +323,19 @@ class Store:
                 return None
             raise
 
-    def list(self, bucket: str, prefix: str, delimiter: str | None = "/") -> Iterator[ObjectStat]:
+    def list(self, bucket: str, prefix: str, delimiter: str | None = "/",
+             subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
         """The objects whose keys start with ``prefix`` (with ``delimiter``: not below a further
-        ``/``), in key order, over as many ListObjectsV2 pages as it takes."""
+        ``/``), in key order, over as many ListObjectsV2 pages as it takes. The "folders" the
+        delimiter rolled up (``prefix/sub/``) are appended to ``subprefixes`` when given."""
         url = f"s3://{bucket}/{prefix}"
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
             page = self.call(url, "LIST", lambda: self.client().list_objects_v2(**kwargs))
+            if subprefixes is not None:
+                subprefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
             for obj in page.get("Contents", ()):
                 yield ObjectStat(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"], _ns(obj["LastModified"]))
             if not page.get("IsTruncated"):
@@ -384,8 +388,8 @@ def _classify(exn: BaseException) -> str:
         error = exn.response.get("Error", {})
         status = exn.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = str(error.get("Code", ""))
-        if status == 412 or code == "PreconditionFailed":
-            return "changed"
+        if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return "changed"  # 409 ConditionalRequestConflict: a conditional write raced another one
         if status == 304 or code == "304":
             return "not modified"
         if status == 404 or code in _GONE_CODES:

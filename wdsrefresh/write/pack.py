@@ -19,6 +19,10 @@ A pack runs in three steps (the files are described in ``publish.py``):
   the plan is renamed ``done-<hash>.json``, so running the same pack again finds it done
   and does nothing (a kill can land after the commit, before the command returns).
 
+``OUT`` may be an ``s3://bucket/prefix/`` URL: the same steps with an object store's
+primitives (conditional PUTs instead of locks and renames), described in ``destination.py``,
+which is where every step above touches the output.
+
 Guarantees of ``pack``:
 - every input is checked (names, symlinks, readability, duplicate keys) before any shard is
   written; on any such error nothing is written;
@@ -30,7 +34,6 @@ Guarantees of ``pack``:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -46,13 +49,10 @@ from dataclasses import dataclass
 
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
-from ..format.tario import TarError, index_shard
+from ..format.tario import TarError
 from ..format.tarwriter import TarWriter, archive_overhead, member_size
-from .publish import (
-    commit, create_plan, done_path, fragment_path, fsync_dir_named, load_fragment, load_plan, manifest_entries, named,
-    next_number, out_lock, plan_path, plan_paths, rename_without_replacing, shard_name, sweep_plan_temporaries,
-    sweep_task_temporaries, write_fragment,
-)
+from .destination import Destination, DestinationError, PlanBusy, open_destination
+from .publish import named
 
 log = logging.getLogger("wdsrefresh")
 
@@ -141,9 +141,15 @@ def check_prefix(prefix: str) -> None:
 
 
 def check_local(path: str) -> None:
-    """Raises PackError for a URL (``scheme://...``): only local directories are written."""
+    """Raises PackError for a URL (``scheme://...``): for inputs, which are local files."""
     if _URL_RE.match(path):
-        raise PackError(f"{path}: remote locations are not supported yet; give a local directory")
+        raise PackError(f"{path}: remote locations are not supported here; give a local path")
+
+
+def check_destination(out: str | Destination) -> None:
+    """Raises PackError for a URL that cannot be written: only ``s3://`` URLs can."""
+    if isinstance(out, str) and _URL_RE.match(out) and not out.lower().startswith("s3://"):
+        raise PackError(f"{out}: only s3:// URLs and local directories can be written")
 
 
 # ---- collecting inputs -------------------------------------------------------------------
@@ -357,12 +363,17 @@ class Plan:
     path: str
     tasks: tuple[Task, ...]
     committed: bool = False  # done before: nothing to do
+    dest: Destination | None = None  # where ``out`` is (made from ``out`` when not given)
+
+    @property
+    def destination(self) -> Destination:
+        return self.dest if self.dest is not None else open_destination(self.out)
 
     def unfinished(self) -> list[Task]:
         """Tasks with neither a fragment nor an entry in the committed manifest."""
-        committed = {e.url for e in manifest_entries(self.out)}
-        return [t for t in self.tasks
-                if t.shard not in committed and not os.path.exists(fragment_path(self.out, self.hash, t.index))]
+        committed = self.destination.committed_urls()
+        finished = self.destination.finished_tasks(self.hash)
+        return [t for t in self.tasks if t.shard not in committed and t.index not in finished]
 
 
 def plan_hash(sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str, maxcount: int,
@@ -389,45 +400,43 @@ def paths_overlap(a: str, b: str) -> bool:
 
 
 @contextmanager
-def open_plan(out: str, sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str,
+def open_plan(out: str | Destination, sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str,
               maxcount: int, maxsize: int) -> Iterator[Plan]:
     """The plan for these inputs: found in ``out`` (committed, or unfinished by an earlier
-    run) or made now, reserving its shard names. Held exclusively until the block ends.
+    run) or made now, reserving its shard names. Held exclusively until the block ends
+    (in a local directory; see ``destination.py`` for object stores).
 
     Raises PackError when another process is running this plan, or when an unfinished plan
     of overlapping sources exists with other inputs (packing now would pack some twice).
     """
+    dest = open_destination(out)
     digest = plan_hash(sources, groups, prefix, maxcount, maxsize)
-    path, done = plan_path(out, digest), done_path(out, digest)
-    fd = None
-    with out_lock(out):
-        sweep_plan_temporaries(out)
-        if os.path.exists(done):
-            path, names = done, _planned_names(done, len(groups))
+    release = None
+    with dest.numbering():
+        found = dest.find_plan(digest)
+        if found is not None and found.committed:
+            path, names = found.location, _planned_names(found.location, found.doc, len(groups))
         else:
-            if os.path.exists(path):
-                names = _planned_names(path, len(groups))
+            if found is not None:
+                path, names = found.location, _planned_names(found.location, found.doc, len(groups))
             else:
-                _refuse_overlapping_plans(out, sources)
-                first = next_number(out, prefix)
-                names = [shard_name(prefix, first + i) for i in range(len(groups))]
-                create_plan(out, digest, _plan_doc(digest, sources, groups, names, prefix, maxcount, maxsize))
-            fd = os.open(path, os.O_RDONLY)
+                _refuse_overlapping_plans(dest, sources)
+                names, path = dest.reserve_plan(digest, prefix, len(groups), lambda names: _plan_doc(
+                    digest, sources, groups, names, prefix, maxcount, maxsize))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise PackError(f"{out}: another pack of the same inputs is running (plan {path})") from None
+                release = dest.hold_plan(digest)
+            except PlanBusy:
+                raise PackError(f"{dest.url}: another pack of the same inputs is running (plan {path})") from None
     try:
         tasks = tuple(Task(i, name, tuple(group)) for i, (name, group) in enumerate(zip(names, groups)))
-        yield Plan(out, digest, path, tasks, committed=fd is None)
+        yield Plan(dest.url, digest, path, tasks, committed=release is None, dest=dest)
     finally:
-        if fd is not None:
-            os.close(fd)
+        if release is not None:
+            release()
 
 
-def _planned_names(path: str, ntasks: int) -> list[str]:
-    names = [t["shard"] for t in load_plan(path)["tasks"]]
+def _planned_names(path: str, doc: dict, ntasks: int) -> list[str]:
+    names = [t["shard"] for t in doc["tasks"]]
     if len(names) != ntasks:
         raise PackError(f"{path}: plan has {len(names)} shards, these inputs make {ntasks}; "
                         "the plan is damaged: remove it to abandon that pack")
@@ -450,57 +459,48 @@ def _plan_doc(digest: str, sources: Sequence[str], groups: Sequence[Sequence[Sam
     }
 
 
-def _refuse_overlapping_plans(out: str, sources: Sequence[str]) -> None:
+def _refuse_overlapping_plans(dest: Destination, sources: Sequence[str]) -> None:
     mine = _real_sources(sources)
-    for other in plan_paths(out).values():
-        try:
-            theirs = load_plan(other).get("sources", [])
-        except FileNotFoundError:
-            continue
+    for other, doc in dest.unfinished_plans().values():
+        theirs = doc.get("sources", [])
         if any(paths_overlap(a, b) for a in mine for b in theirs):
             raise PackError(
-                f"{out}: an unfinished pack of {', '.join(theirs)} is there (plan {other}), made from other "
+                f"{dest.url}: an unfinished pack of {', '.join(theirs)} is there (plan {other}), made from other "
                 "inputs or options than these: packing now would pack its finished shards' inputs again. "
                 "Rerun it with the inputs and options it was made with to finish it, or remove the plan "
                 "file to abandon it (the shards it finished stay and are listed by the next pack)")
 
 
-def run_task(out: str, digest: str, task: Task, progress: Callable[[int], None] | None = None) -> ManifestEntry:
+def run_task(out: str | Destination, digest: str, task: Task, progress: Callable[[int], None] | None = None,
+             ) -> ManifestEntry:
     """Publishes the task's shard under its reserved name, then its fragment; returns its
-    entry. Idempotent: a finished task is not redone, a shard already renamed into place is
-    indexed (after checking it is the planned one) instead of being written again."""
-    fragment = fragment_path(out, digest, task.index)
-    if os.path.exists(fragment):
-        return load_fragment(fragment)[1][0]
-    final = os.path.join(out, task.shard)
-    entry = None
-    if not os.path.lexists(final):
-        tmp = os.path.join(out, f".pack-{digest[:16]}-{task.index:05d}.{os.getpid()}.tar.tmp")
-        written = write_shard(task.samples, tmp, progress)
-        try:
-            rename_without_replacing(tmp, final)
-            entry = written.entry(task.shard)
-        except FileExistsError:  # published meanwhile by a worker of a killed run of this plan
-            _unlink_quietly(tmp)
-        fsync_dir_named(out)
+    entry. Idempotent: a finished task is not redone; a shard already published under the
+    name (by a killed run of this plan) is kept if it holds exactly the bytes planned (same
+    digest), and is never replaced. ``out`` is a directory, an ``s3://`` URL or a
+    ``destination.Destination``."""
+    dest = open_destination(out)
+    done = dest.load_fragment(digest, task.index)
+    if done:
+        return done[0]
+    written = write_shard(task.samples, dest.temporary(digest, task.index), progress)
+    entry = dest.publish(written.tmp_path, written.entry(task.shard))  # None: the name exists
     if entry is None:
-        entry = _existing_entry(final, task)
-    write_fragment(out, digest, task.index, [entry])
+        entry = _existing_entry(dest, task, written.digest)
+    dest.write_fragment(digest, task.index, [entry])
     return entry
 
 
-def _existing_entry(path: str, task: Task) -> ManifestEntry:
+def _existing_entry(dest: Destination, task: Task, planned_digest: str) -> ManifestEntry:
     """The entry of a shard found under a task's reserved name, if it is the planned one."""
+    path = dest.location(task.shard)
     try:
-        index = index_shard(path, url=task.shard)
+        entry, complete = dest.indexed(task.shard)
     except TarError as exn:
-        index, why = None, str(exn)
-    st = os.stat(path)
-    size = st.st_size
-    if index is not None:
-        why = f"{index.nsamples} samples, {size} bytes{'' if index.complete else ', incomplete'}"
-        if index.complete and index.nsamples == len(task.samples) and size == task.size:
-            return ManifestEntry(task.shard, index.nsamples, size, index.digest, index.blocks, st.st_mtime_ns)
+        entry, complete, why = None, False, str(exn)
+    if entry is not None:
+        why = f"{entry.nsamples} samples, {entry.filesize} bytes{'' if complete else ', incomplete'}"
+        if complete and entry.digest == planned_digest:
+            return entry
     raise PackError(f"{path}: reserved for {len(task.samples)} samples in {task.size} bytes by this pack's "
                     f"plan, but holds something else ({why}); not listing it")
 
@@ -525,7 +525,7 @@ def _run_tasks(plan: Plan, todo: Sequence[Task], jobs: int) -> None:
     with _progress_bar(sum(t.input_bytes for t in todo)) as bar:
         if jobs == 1 or len(todo) < 2:
             for task in todo:
-                run_task(plan.out, plan.hash, task, bar.update)
+                run_task(plan.destination, plan.hash, task, bar.update)
             return
         import multiprocessing
         from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -533,7 +533,7 @@ def _run_tasks(plan: Plan, todo: Sequence[Task], jobs: int) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=_die_with_parent,
                                  initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(run_task, plan.out, plan.hash, task): task for task in todo}
+            futures = {pool.submit(run_task, plan.destination, plan.hash, task): task for task in todo}
             pending = set(futures)
             try:
                 while pending:
@@ -567,57 +567,65 @@ class PackReport:
 
 def run_pack(
     sources: Sequence[str],
-    out: str,
+    out: str | Destination,
     maxcount: int = DEFAULT_MAXCOUNT,
     maxsize: int | str = DEFAULT_MAXSIZE,
     prefix: str = DEFAULT_PREFIX,
     jobs: int = 1,
     follow_symlinks: bool = False,
+    storage_options: dict | None = None,
 ) -> PackReport:
     """Packs the files under ``sources`` into new shards in ``out``; says what it did.
 
+    ``out`` is a local directory or an ``s3://bucket/prefix/`` URL (``storage_options`` as
+    ``remote.store.Store`` takes them; by default the AWS chain and ``AWS_ENDPOINT_URL``).
     Bad input or options raise PackError (or ValueError) before anything is written. After a
     failure or a kill, the same call finishes the same pack; once it is finished, the same
     call does nothing (see the module docstring). ``jobs`` shards are written at once, each
     in its own process.
     """
     check_prefix(prefix)
-    check_local(out)
+    check_destination(out)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1 (got {jobs})")
     maxsize = parse_size(maxsize)
+    try:
+        dest = open_destination(out, storage_options)
+    except DestinationError as exn:
+        raise PackError(str(exn)) from None
     samples = collect(sources, follow_symlinks)
     groups = plan_shards(samples, maxcount, maxsize)
-    os.makedirs(out, exist_ok=True)
-    with open_plan(out, sources, groups, prefix, maxcount, maxsize) as plan:
+    dest.prepare()
+    with open_plan(dest, sources, groups, prefix, maxcount, maxsize) as plan:
         if plan.committed:
-            by_url = {e.url: e for e in manifest_entries(out)}
+            by_url = {e.url: e for e in dest.manifest_entries()}
             entries = [by_url[t.shard] for t in plan.tasks if t.shard in by_url]
             log.warning("%s: these inputs were packed there before (%s to %s); nothing to do. To pack them "
-                        "again, remove %s", out, plan.tasks[0].shard, plan.tasks[-1].shard, plan.path)
+                        "again, remove %s", dest.url, plan.tasks[0].shard, plan.tasks[-1].shard, plan.path)
             return PackReport(entries, 0, 0, True, plan.path)
-        sweep_task_temporaries(out, plan.hash)
+        dest.sweep(plan.hash, [t.shard for t in plan.tasks])
         todo = plan.unfinished()
         if len(todo) < len(plan.tasks):
             log.warning("%s: finishing an unfinished pack of the same inputs: %d of %d shards were written "
-                        "before (plan %s)", out, len(plan.tasks) - len(todo), len(plan.tasks), plan.path)
+                        "before (plan %s)", dest.url, len(plan.tasks) - len(todo), len(plan.tasks), plan.path)
         _run_tasks(plan, todo, jobs)
-        entries = commit(out, plan.hash)
+        entries = dest.commit(plan.hash)
     if [e.url for e in entries] != [t.shard for t in plan.tasks]:
-        raise RuntimeError(f"{out}: committed {len(entries)} of the plan's {len(plan.tasks)} shards")
-    log.info("packed %d samples into %d shards in %s", len(samples), len(entries), out)
-    return PackReport(entries, len(todo), len(plan.tasks) - len(todo), False, done_path(out, plan.hash))
+        raise RuntimeError(f"{dest.url}: committed {len(entries)} of the plan's {len(plan.tasks)} shards")
+    log.info("packed %d samples into %d shards in %s", len(samples), len(entries), dest.url)
+    return PackReport(entries, len(todo), len(plan.tasks) - len(todo), False, dest.done_location(plan.hash))
 
 
 def pack(
     sources: Sequence[str],
-    out: str,
+    out: str | Destination,
     maxcount: int = DEFAULT_MAXCOUNT,
     maxsize: int | str = DEFAULT_MAXSIZE,
     prefix: str = DEFAULT_PREFIX,
     jobs: int = 1,
     follow_symlinks: bool = False,
+    storage_options: dict | None = None,
 ) -> list[ManifestEntry]:
-    """Packs the files under ``sources`` into new shards in ``out``; returns the entries of
-    the pack's shards. ``run_pack`` (which this calls) says more."""
-    return run_pack(sources, out, maxcount, maxsize, prefix, jobs, follow_symlinks).entries
+    """Packs the files under ``sources`` into new shards in ``out`` (a directory or an
+    ``s3://`` URL); returns the entries of the pack's shards. ``run_pack`` says more."""
+    return run_pack(sources, out, maxcount, maxsize, prefix, jobs, follow_symlinks, storage_options).entries
