@@ -357,5 +357,5 @@ def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path
     finally:
         os.close(controller)
     assert r.returncode == 0
-    assert b"pack: 100%" in shown
+    assert b"pack: 100%" in shown and b"MB/s" in shown and re.search(rb"23/23 samples, [\d,]+ samples/s", shown)
     assert r.stdout.startswith(f"packed {len(expected)} samples into 1 shards in {out}: ")

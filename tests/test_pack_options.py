@@ -11,7 +11,6 @@ import webdataset as wds
 
 import wdsrefresh as wr
 from shardutil import write_shard
-from wdsrefresh.format import manifest
 from wdsrefresh.write.pack import DuplicateKeysError, PackError, pack
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
