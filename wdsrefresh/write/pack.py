@@ -1,9 +1,10 @@
 """Packing files into tar shards: grouping into samples, planning, idempotent tasks, a commit.
 
 Files are grouped into samples by webdataset's key rule (``names.split_key``: ``dir/a.b.c``
-is extension ``b.c`` of sample ``dir/a``). Samples are written in key order, members of a
-sample in extension order, with ``tarwriter``'s fixed metadata, so the same tree always
-packs to the same bytes.
+is extension ``b.c`` of sample ``dir/a``). Samples are written in key order (or in the order
+a ``shuffle`` seed fixes), members of a sample in extension order, with ``tarwriter``'s fixed
+metadata, so the same tree and options always pack to the same bytes. ``label_from_dir``
+adds a ``.cls`` member per sample (``labels.py``).
 
 A pack runs in three steps (the files are described in ``publish.py``):
 - **plan**: the inputs are listed, checked and split into tasks (a task is the samples of
@@ -19,9 +20,17 @@ A pack runs in three steps (the files are described in ``publish.py``):
   the plan is renamed ``done-<hash>.json``, so running the same pack again finds it done
   and does nothing (a kill can land after the commit, before the command returns).
 
+Tasks run on an engine (``engines.py``: local processes or Ray). An array job under a
+scheduler runs ``tasks`` copies of the same pack, copy ``task_index`` running the tasks whose
+index is ``task_index`` modulo ``tasks`` (strided, so shard sizes even out across copies);
+they share the plan (a shared lock instead of an exclusive one), and the copy that finds
+every task finished after its own commits (the last to finish; two at once both commit,
+which is harmless).
+
 Guarantees of ``pack``:
-- every input is checked (names, symlinks, readability, duplicate keys) before any shard is
-  written; on any such error nothing is written;
+- every input is checked (names, symlinks, readability, duplicate keys among the inputs and
+  against the keys OUT's shards hold, ``keys.py``) before any shard is written; on any such
+  error nothing is written;
 - killed or failing at any moment (out of space included), the same command run again
   finishes the same plan, or finds it finished: every input ends in exactly one shard, every
   shard is listed once;
@@ -532,8 +541,7 @@ def _refuse_duplicate_keys(out: str, groups: Sequence[Sequence[Sample]]) -> None
     message = (f"{out}: {len(found)} of the keys being packed are in its shards already, e.g. {shown}; "
                "packing them again would make readers yield those samples twice. Nothing was written. "
                "Pack other inputs, or pass --allow-duplicate-keys (allow_duplicate_keys=True) if that is meant")
-    log.warning("%s", message)
-    raise DuplicateKeysError(message)
+    raise DuplicateKeysError(message)  # the message is the warning: the command prints it once
 
 
 def run_task(out: str, digest: str, task: Task, progress: Callable[[int], None] | None = None) -> ManifestEntry:
