@@ -8,7 +8,9 @@ The same input trees (generated once under ``--data``, reused) are packed, in on
 - ``wr.pack(jobs=1)``: the same in this process, without the command's start-up (Python, imports);
 - ``webdataset ShardWriter``: the loop a webdataset user writes: walk the tree, group files into
   samples by key, read each file, ``ShardWriter.write({"__key__": ..., ext: bytes})`` (its
-  defaults: float mtimes, so a PAX header before every member; no fsync).
+  defaults: float mtimes, so a PAX header before every member; no fsync);
+- ``ShardWriter + fsync``: the same, then each shard fsynced, as ``pack`` does before it
+  publishes a shard: the same durability, so the difference is the rest of the work.
 
 Each packer writes into a fresh directory; packers take turns (one untimed warm-up pass each,
 then ``--repeat`` rounds), a packer's rate is its median over the rounds. files/s counts input
@@ -120,8 +122,20 @@ def pack_in_process(src: str, out: str, spec: InputSet) -> int:
     return wr.pack([src], out, maxcount=spec.maxcount, jobs=1).nsamples
 
 
+def pack_with_shardwriter_fsynced(src: str, out: str, spec: InputSet) -> int:
+    count = pack_with_shardwriter(src, out, spec)
+    for name in sorted(os.listdir(out)):
+        fd = os.open(os.path.join(out, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return count
+
+
 PACKERS = [
     ("webdataset ShardWriter", pack_with_shardwriter),
+    ("ShardWriter + fsync", pack_with_shardwriter_fsynced),
     ("wr.pack(jobs=1)", pack_in_process),
     ("wdsrefresh pack --jobs 1", pack_with_wdsrefresh(1)),
     ("wdsrefresh pack --jobs 2", pack_with_wdsrefresh(2)),
