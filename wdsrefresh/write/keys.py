@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ..format.atomic import write_atomic
 from ..format.names import is_shard_name, split_key
-from .publish import PRIVATE_DIR, done_path, fragment_entries, manifest_entries, plan_path, plans_dir
+from .publish import PRIVATE_DIR, done_path, fragment_entries, manifest_entries, plan_path, reserved_names
 
 log = logging.getLogger("wdsrefresh")
 
@@ -106,21 +106,8 @@ def _shards_in(out: str) -> set[str]:
     """Every shard name a reader of ``out`` may list or a plan has reserved."""
     names = {e.url for e in manifest_entries(out) + fragment_entries(out)}
     names.update(n for n in os.listdir(out) if is_shard_name(n) and os.path.isfile(os.path.join(out, n)))
-    for path in _plan_files(out):
-        try:
-            with open(path, encoding="utf-8") as f:
-                names.update(t["shard"] for t in json.load(f).get("tasks", []))
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            continue
+    names.update(reserved_names(out))
     return names
-
-
-def _plan_files(out: str) -> list[str]:
-    try:
-        return [os.path.join(plans_dir(out), n) for n in os.listdir(plans_dir(out))
-                if n.startswith("plan-") and n.endswith(".json")]
-    except FileNotFoundError:
-        return []
 
 
 def shard_keys(out: str, shard: str, planned: Sequence[Sequence[str]] = ()) -> list[str]:
