@@ -68,7 +68,7 @@ def read_keys(url, storage_options=None):
 
 def leftovers(bucket, prefix="out/"):
     """Fragments, unfinished plans and unfinished multipart uploads under the prefix."""
-    found = [k for k in keys(bucket, prefix) if k.startswith("manifest.d/") or "/plan-" in k]
+    found = [k for k in keys(bucket, prefix) if k.startswith("manifest.d/") or "plans/plan-" in k]  # not keys/plan-*: kept
     uploads = bucket.client.list_multipart_uploads(Bucket=bucket.name, Prefix=prefix).get("Uploads", [])
     return found + [u["Key"] for u in uploads]
 

@@ -27,6 +27,7 @@ over the same files: no reader that copies the bytes out of the page cache can b
     .venv/bin/python tools/bench.py            # full run, a few minutes
     .venv/bin/python tools/bench.py --quick    # smaller sets, under a minute
     .venv/bin/python tools/bench.py --remote   # the same shards from an S3 server on 127.0.0.1
+    .venv/bin/python tools/bench.py --pack     # packing speed: pack --jobs 1/2 vs ShardWriter
 """
 
 from __future__ import annotations
@@ -384,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
                              "100k files, about 400 MB on disk); empty to skip (default: 1000,10000; quick: 1000)")
     parser.add_argument("--remote", action="store_true",
                         help="read from an S3 server on 127.0.0.1 instead (tools/bench_remote.py; boto3, moto[server])")
+    parser.add_argument("--pack", action="store_true",
+                        help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
+                             "on the same input files (tools/bench_pack.py)")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
@@ -393,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench_remote import run_remote
 
         return run_remote(args)
+    if args.pack:
+        from bench_pack import run_pack_bench
+
+        return run_pack_bench(args)
     if args.resolve_sizes is None:
         args.resolve_sizes = "1000" if args.quick else "1000,10000"
     sizes = [int(s) for s in args.resolve_sizes.split(",") if s.strip()]

@@ -34,14 +34,22 @@ def _fail(command: str, exn: BaseException) -> int:
     return 1
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: a whole number no smaller than ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_at_least_one = _at_least(1)
+_at_least_zero = _at_least(0)
 
 
 def _storage_option(text: str) -> tuple[str, object]:
@@ -91,22 +99,39 @@ def _run_pack(args: argparse.Namespace) -> int:
 
     from .write.pack import PackError, run_pack
 
+    if args.task_index is not None and args.tasks is None:
+        return _fail("pack", ValueError("--task-index needs --tasks"))
+    tasks, task_index = args.tasks or 1, args.task_index or 0
     start = time.monotonic()
     try:
         report = run_pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
                           prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks,
-                          storage_options=_options(args))
+                          shuffle=args.shuffle, label_from_dir=args.label_from_dir, exclude=args.exclude,
+                          strict=args.strict, allow_duplicate_keys=args.allow_duplicate_keys, engine=args.engine,
+                          tasks=tasks, task_index=task_index, storage_options=_options(args))
     except (PackError, OSError, ValueError, TypeError) as exn:  # TypeError: an unknown storage option
         return _fail("pack", exn)
     seconds = time.monotonic() - start
-    if report.committed_before:
-        print(f"nothing to do: these inputs were packed into {args.out} before "
-              f"({report.nsamples} samples in {len(report.entries)} shards)")
-        return 0
-    earlier = f"; {report.earlier} of them written by an earlier, interrupted run" if report.earlier else ""
-    print(f"packed {report.nsamples} samples into {len(report.entries)} shards in {args.out}: "
-          f"{report.nbytes / 1e6:.1f} MB in {seconds:.1f} s{earlier}")
+    print(_pack_summary(args, report, tasks, task_index, seconds))
     return 0
+
+
+def _pack_summary(args: argparse.Namespace, report, tasks: int, task_index: int, seconds: float) -> str:
+    """The one line `pack` prints: what it did, how fast, what it skipped."""
+    n = len(report.strays)
+    skipped = f"; skipped {n} file{'s' * (n != 1)} that belong{'s' * (n == 1)} to no sample" if n else ""
+    if report.committed_before:
+        return (f"nothing to do: these inputs were packed into {args.out} before "
+                f"({report.nsamples} samples in {len(report.entries)} shards){skipped}")
+    share = f" (task {task_index} of {tasks})" if tasks > 1 else ""
+    earlier = f"; {report.earlier} of them written by an earlier, interrupted run" if report.earlier else ""
+    rate = f"{report.nsamples / seconds:,.0f} samples/s, {report.nbytes / 1e6 / seconds:,.1f} MB/s" if seconds else ""
+    if report.pending:
+        state = f"; {report.pending} shards of the pack left to other tasks (the last to finish commits)"
+    else:
+        state = ""
+    return (f"packed {report.nsamples} samples into {len(report.entries)} shards in {args.out}{share}: "
+            f"{report.nbytes / 1e6:.1f} MB in {seconds:.1f} s ({rate}){earlier}{state}{skipped}")
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
@@ -123,16 +148,44 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "replaces an object, its manifest.d/ entry (size, ETag, digests, count) is written after it, and "
         "manifest.json is updated with a conditional PUT, so readers listing the prefix at any moment see "
         "only complete shards. All inputs are checked first: unreadable files, "
-        "names without an extension, symlinks leading outside SRC, duplicate keys and an empty "
-        "SRC are errors, and nothing is written. Hidden files are skipped. Interrupted (killed, out "
+        "symlinks leading outside SRC, duplicate keys, keys OUT's shards hold already and an empty "
+        "SRC are errors, and nothing is written. Hidden files are skipped, and so are files with no "
+        "extension (a README), with a warning (--strict makes them errors). Interrupted (killed, out "
         "of space), the same command run again finishes the same pack without packing any input "
-        "twice; run once more after it finished, it does nothing. A progress bar shows on a "
+        "twice; run once more after it finished, it does nothing. Array jobs (Slurm): start the same "
+        "command with --tasks N --task-index I in N jobs; they agree on one plan, each writes its "
+        "share, and the last to finish commits the manifest (if one fails, rerun it, or rerun the "
+        "command without --tasks to finish everything). A progress bar (MB/s, samples/s) shows on a "
         "terminal; a summary line is printed at the end.",
     )
     p.add_argument("src", nargs="+", metavar="SRC", help="directory (names relative to it) or file (its base name)")
     _add_shard_options(p)
-    p.add_argument("--jobs", type=_at_least_one, default=1, help="shards written in parallel, each in its own "
-                   "process (default: %(default)s)")
+    p.add_argument("--shuffle", type=int, metavar="SEED", help="spread samples over the shards in a random order "
+                   "fixed by SEED (an integer; the same SEED and inputs pack the same bytes). Without it samples "
+                   "go in key order, so a folder per class packs shards of one class each")
+    p.add_argument("--label-from-dir", action="store_true", help="add a .cls member to each sample: the number "
+                   "of its top folder under SRC, folders numbered in sorted order of their names (as torchvision's "
+                   "ImageFolder does); the numbering is written to OUT/classes.json. If OUT has a classes.json, "
+                   "its numbering is used, and a pack with a class it lacks is refused")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files and folders whose "
+                   "path relative to SRC, or base name, matches GLOB (fnmatch: *, ?, [..]; '*' also matches '/'); "
+                   "repeat for more globs, e.g. --exclude '*.txt' --exclude 'raw/*'")
+    p.add_argument("--strict", action="store_true", help="a file with no extension (which belongs to no sample) "
+                   "is an error instead of being skipped with a warning")
+    p.add_argument("--allow-duplicate-keys", action="store_true", help="pack even when OUT's shards (listed, "
+                   "uncommitted or reserved) already hold some of the keys being packed; without it such a pack "
+                   "is refused, naming some of the keys, since readers would yield those samples twice")
+    p.add_argument("--jobs", type=_at_least_one, default=1, help="shards written in parallel: processes with "
+                   "--engine local; CPUs of the local Ray cluster started with --engine ray (default: %(default)s)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="where the shards are written: "
+                   "local (processes on this machine) or ray (Ray tasks on the cluster at RAY_ADDRESS, or on a local "
+                   "one started for this pack; pip install 'wdsrefresh[ray]'; every node must see SRC and OUT at the "
+                   "same paths). Both write the same bytes (default: %(default)s)")
+    p.add_argument("--tasks", type=_at_least_one, metavar="N", help="run as one of N array tasks (Slurm: "
+                   "$SLURM_ARRAY_TASK_COUNT): this one writes the plan's shards whose number in the plan is "
+                   "congruent to --task-index modulo N")
+    p.add_argument("--task-index", type=_at_least_zero, metavar="I", help="this array task's index, 0 to N-1 "
+                   "(Slurm: $SLURM_ARRAY_TASK_ID, if the array starts at 0)")
     p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks even when they lead outside SRC")
     p.set_defaults(run=_run_pack)
 

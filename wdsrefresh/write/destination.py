@@ -33,6 +33,7 @@ shards; the fragments and the manifest only spare readers from indexing them.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import posixpath
@@ -43,10 +44,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..format import manifest as manifestmod
+from ..format.atomic import write_atomic
 from ..format.manifest import FRAGMENTS_DIR, ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import index_shard
@@ -148,11 +150,12 @@ class LocalDestination(Destination):
         names = [publish.shard_name(prefix, first + i) for i in range(count)]
         return names, publish.create_plan(self.path, digest, doc_for(names))
 
-    def hold_plan(self, digest: str) -> Callable[[], None]:
-        """Holds the plan until the returned function is called; PlanBusy when another holds it."""
+    def hold_plan(self, digest: str, shared: bool = False) -> Callable[[], None]:
+        """Holds the plan until the returned function is called: exclusively, or ``shared`` with
+        the other array tasks of the plan; PlanBusy when another holds it otherwise."""
         fd = os.open(publish.plan_path(self.path, digest), os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise PlanBusy(publish.plan_path(self.path, digest)) from None
@@ -174,8 +177,8 @@ class LocalDestination(Destination):
         except FileNotFoundError:
             return None
 
-    def temporary(self, digest: str, task: int) -> str:
-        return os.path.join(self.path, f".pack-{digest[:16]}-{task:05d}.{os.getpid()}.tar.tmp")
+    def temporary(self, digest: str, task: int, kind: str = "pack") -> str:
+        return os.path.join(self.path, f".{kind}-{digest[:16]}-{task:05d}.{os.getpid()}.tar.tmp")
 
     def exists(self, name: str) -> bool:
         return os.path.lexists(os.path.join(self.path, name))
@@ -200,8 +203,80 @@ class LocalDestination(Destination):
         return ManifestEntry(name, index.nsamples, st.st_size, index.digest, index.blocks, st.st_mtime_ns), \
             index.complete
 
+    def publish_next(self, tmp_path: str, prefix: str, entry: ManifestEntry) -> ManifestEntry:
+        """Puts the finished shard ``tmp_path`` under the next free name ``PREFIX-NNNNNN.tar``
+        (``entry.url`` is replaced by it); its entry (``wr.Writer``)."""
+        with publish.out_lock(self.path):
+            name = publish.shard_name(prefix, publish.next_number(self.path, prefix))
+            published = self.publish(tmp_path, replace(entry, url=name))
+        if published is None:
+            raise DestinationError(f"{self.location(name)}: appeared while it was being published")
+        return published
+
     def write_fragment(self, digest: str, task: int, entries: Sequence[ManifestEntry]) -> None:
         publish.write_fragment(self.path, digest, task, entries)
+
+    # ---- what readers may list, and small records beside the shards (keys.py, labels.py)
+    def shard_names(self) -> set[str]:
+        """Shard-named files directly in the directory."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return set()
+        return {n for n in names if is_shard_name(n) and os.path.isfile(os.path.join(self.path, n))}
+
+    def fragment_entries(self) -> list[ManifestEntry]:
+        return publish.fragment_entries(self.path)
+
+    def reserved_names(self) -> set[str]:
+        return publish.reserved_names(self.path)
+
+    def shard_identity(self, name: str) -> tuple[int, object] | None:
+        """``(size, mtime_ns)`` of the shard file ``name`` (a change of either is a new file); None without one."""
+        try:
+            st = os.stat(os.path.join(self.path, name))
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    @contextmanager
+    def open_shard(self, name: str) -> Iterator[Any]:
+        """The shard ``name`` as a binary file, read from its start."""
+        with open(os.path.join(self.path, name), "rb") as f:
+            yield f
+
+    def read_record(self, name: str) -> bytes | None:
+        """The bytes of the small file ``name`` (relative to the directory); None without one."""
+        try:
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def list_records(self, folder: str) -> list[str]:
+        """The base names in ``folder`` (relative to the directory)."""
+        try:
+            return sorted(os.listdir(os.path.join(self.path, folder)))
+        except FileNotFoundError:
+            return []
+
+    def write_record(self, name: str, data: bytes, create: bool = False) -> bool:
+        """Writes the small file ``name`` atomically and durably; with ``create``, only if there is
+        none (False when there was one)."""
+        path = os.path.join(self.path, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not create:
+            write_atomic(path, data, durable=True)
+            return True
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        write_atomic(tmp, data, durable=True)
+        try:
+            publish.rename_without_replacing(tmp, path)
+        except FileExistsError:
+            _unlink_quietly(tmp)
+            return False
+        publish.fsync_dir_named(os.path.dirname(path))
+        return True
 
     def sweep(self, digest: str, names: Sequence[str]) -> None:
         """Removes what killed tasks of the plan left (call holding the plan)."""
@@ -360,7 +435,7 @@ class S3Destination(Destination):
         raise DestinationError(f"{self.location(NUMBERS_KEY)}: could not take shard numbers in {CAS_ATTEMPTS} "
                                "attempts (other writers kept changing it)")
 
-    def hold_plan(self, digest: str) -> Callable[[], None]:
+    def hold_plan(self, digest: str, shared: bool = False) -> Callable[[], None]:
         return lambda: None  # no lock on an object store: see the module docstring
 
     def done_location(self, digest: str) -> str:
@@ -378,8 +453,9 @@ class S3Destination(Destination):
         got = self._get_json(name)
         return None if got is None else _entries(got[0], self.location(name), self.url)
 
-    def temporary(self, digest: str, task: int) -> str:
-        return os.path.join(tempfile.gettempdir(), f".wdsrefresh-pack-{digest[:16]}-{task:05d}.{os.getpid()}.tar.tmp")
+    def temporary(self, digest: str, task: int, kind: str = "pack") -> str:
+        return os.path.join(tempfile.gettempdir(),
+                            f".wdsrefresh-{kind}-{digest[:16]}-{task:05d}.{os.getpid()}.tar.tmp")
 
     def exists(self, name: str) -> bool:
         return self.store.head(self.location(name)) is not None
@@ -445,6 +521,67 @@ class S3Destination(Destination):
             self._client().abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
         except Exception:  # noqa: BLE001 - best effort: the sweep of the next run aborts it too
             pass
+
+    def publish_next(self, tmp_path: str, prefix: str, entry: ManifestEntry) -> ManifestEntry:
+        """Uploads the finished shard ``tmp_path`` under a shard name taken from the counter
+        (``entry.url`` is replaced by it); its entry with the object's ETag (``wr.Writer``)."""
+        name = self.reserve_names(prefix, 1)[0]
+        published = self.publish(tmp_path, replace(entry, url=name))
+        if published is None:
+            raise DestinationError(f"{self.location(name)}: exists already, though the counter "
+                                   f"{self.location(NUMBERS_KEY)} gave its number out as free")
+        return published
+
+    # ---- what readers may list, and small records beside the shards (keys.py, labels.py)
+    def shard_names(self) -> set[str]:
+        return set(self.shard_objects())
+
+    def reserved_names(self) -> set[str]:
+        return {t["shard"] for _, doc in self.unfinished_plans().values() for t in doc["tasks"]}
+
+    def shard_identity(self, name: str) -> tuple[int, object] | None:
+        """``(size, ETag)`` of the object ``name``; None without one."""
+        stat = self.store.head(self.location(name))
+        return None if stat is None else (stat.size, stat.etag)
+
+    @contextmanager
+    def open_shard(self, name: str) -> Iterator[Any]:
+        """The object ``name`` as a binary stream (one GET pinned to its ETag)."""
+        import io
+
+        from ..remote.store import ObjectVanishedError
+
+        stat = self.store.head(self.location(name))
+        if stat is None:
+            raise ObjectVanishedError(self.location(name), "no such object")
+        block = 2**20
+        blocks = self.store.read_blocks(stat.url, 0, -(-stat.size // block), block, stat.size, etag=stat.etag,
+                                        version_id=stat.version_id)
+        stream = io.BufferedReader(_BlockStream(data for data, _, _ in blocks))
+        try:
+            yield stream
+        finally:
+            blocks.close()
+
+    def read_record(self, name: str) -> bytes | None:
+        got = self._get(name)
+        return None if got is None else got[0]
+
+    def list_records(self, folder: str) -> list[str]:
+        return sorted(posixpath.basename(s.url) for s in self._list(folder.rstrip("/") + "/"))
+
+    def write_record(self, name: str, data: bytes, create: bool = False) -> bool:
+        """PUTs the small object ``name``; with ``create``, only if there is none (``If-None-Match``;
+        False when there was one)."""
+        from ..remote.store import ObjectChangedError
+
+        try:
+            self._put(name, data, create=create)
+        except ObjectChangedError:
+            if not create:
+                raise
+            return False
+        return True
 
     def indexed(self, name: str) -> tuple[ManifestEntry, bool]:
         from ..remote.reader import index_object
@@ -546,6 +683,26 @@ class S3Destination(Destination):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+class _BlockStream(io.RawIOBase):
+    """An iterator of byte strings as a readable raw stream (for ``tarfile``'s stream mode)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks, self._left = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            self._left = next(self._chunks, b"")
+            if not self._left:
+                return 0
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
 
 
 def _plan_name(kind: str, digest: str) -> str:
