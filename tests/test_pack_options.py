@@ -178,20 +178,31 @@ def test_packing_keys_out_already_holds_is_refused_naming_them_and_writes_nothin
     assert [e.url for e in entries] == ["shard-000005.tar", "shard-000006.tar", "shard-000007.tar"]
 
 
+def write_made_samples(out, **options):
+    """Three samples keyed made/0, made/1, made/2 through wr.Writer, two per shard."""
+    with wr.Writer(out, maxcount=2, **options) as w:
+        for i in range(3):
+            w.write({"__key__": f"made/{i}", "txt": "x"})
+
+
+def files_again(root, *names):
+    """A source holding a file under each of ``names`` (keys packed before); returns its path."""
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"again")
+    return str(root)
+
+
 def test_duplicate_keys_are_found_in_shards_written_by_other_tools_and_by_the_writer(tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
     write_shard(out, "foreign-000000.tar", 3)  # keys foreign-000000/000000 ... (no record: its headers are read)
-    with wr.Writer(out, maxcount=2) as w:
-        for i in range(3):
-            w.write({"__key__": f"made/{i}", "txt": "x"})
-    src = tmp_path / "src"
-    (src / "foreign-000000").mkdir(parents=True)
-    (src / "foreign-000000" / "000001.bin").write_bytes(b"again")
+    write_made_samples(out)
+    src = files_again(tmp_path / "src", "foreign-000000/000001.bin")
     with pytest.raises(DuplicateKeysError, match=r"1 of the keys .* 'foreign-000000/000001' \(in foreign-000000.tar\)"):
         pack([str(src)], out)
-    (src / "made").mkdir()
-    (src / "made" / "2.txt").write_bytes(b"again")
+    files_again(tmp_path / "src", "made/2.txt")
     with pytest.raises(DuplicateKeysError, match=r"2 of the keys .*'made/2' \(in shard-000001.tar\)"):
         pack([str(src)], out)
     assert os.listdir(os.path.join(out, ".wdsrefresh", "keys"))  # what was read is recorded for next time

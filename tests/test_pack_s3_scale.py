@@ -15,7 +15,7 @@ import pytest
 
 import wdsrefresh as wr
 from s3fixtures import moto_server, s3
-from test_pack_options import class_tree
+from test_pack_options import class_tree, files_again, write_made_samples
 from test_pack_s3 import get_json, keys, read_keys, shard_keys
 from wdsrefresh.write.pack import DuplicateKeysError, PackError
 
@@ -104,19 +104,13 @@ def test_labels_and_duplicate_keys_on_s3_are_kept_as_objects_in_the_prefix(s3, s
         wr.pack([other], url, label_from_dir=True)
 
     s3.put_shard("out/foreign-000000.tar", 3)  # another tool's shard: no key record, its headers are streamed
-    with wr.Writer(url, maxcount=2) as w:
-        for i in range(3):
-            w.write({"__key__": f"made/{i}", "txt": "x"})
-    dup = tmp_path / "dup"
-    (dup / "foreign-000000").mkdir(parents=True)
-    (dup / "foreign-000000" / "000001.bin").write_bytes(b"again")
-    (dup / "made").mkdir()
-    (dup / "made" / "2.txt").write_bytes(b"again")
+    write_made_samples(url)
+    dup = files_again(tmp_path / "dup", "foreign-000000/000001.bin", "made/2.txt")
     with pytest.raises(DuplicateKeysError, match=r"2 of the keys .*'foreign-000000/000001' \(in foreign-000000\.tar\)"
                                                  r", 'made/2' \(in shard-000003\.tar\)"):
-        wr.pack([str(dup)], url)
+        wr.pack([dup], url)
     assert ".wdsrefresh/keys/shard-foreign-000000.tar.json.gz" in keys(s3, "out/")  # read once, recorded
-    assert [e.url for e in wr.pack([str(dup)], url, allow_duplicate_keys=True).entries] == ["shard-000004.tar"]
+    assert [e.url for e in wr.pack([dup], url, allow_duplicate_keys=True).entries] == ["shard-000004.tar"]
 
 
 def test_writer_to_s3_publishes_whole_shards_listed_in_the_manifest(s3, monkeypatch):
