@@ -179,8 +179,9 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
                    "--engine local; CPUs of the local Ray cluster started with --engine ray (default: %(default)s)")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="where the shards are written: "
                    "local (processes on this machine) or ray (Ray tasks on the cluster at RAY_ADDRESS, or on a local "
-                   "one started for this pack; pip install 'wdsrefresh[ray]'; every node must see SRC and OUT at the "
-                   "same paths). Both write the same bytes (default: %(default)s)")
+                   "one started for this pack; pip install 'wdsrefresh[ray]'; every node must see SRC at the same path, "
+                   "and OUT: a shared directory, or an s3:// prefix, reached with the same --storage-option values). "
+                   "Both write the same bytes (default: %(default)s)")
     p.add_argument("--tasks", type=_at_least_one, metavar="N", help="run as one of N array tasks (Slurm: "
                    "$SLURM_ARRAY_TASK_COUNT): this one writes the plan's shards whose number in the plan is "
                    "congruent to --task-index modulo N")

@@ -1,8 +1,9 @@
 """Where a pack's tasks run: this machine's processes (``local``) or a Ray cluster (``ray``).
 
-An engine is given ``call`` (a picklable ``call(task, progress=None) -> entry``, the same
-``run_task`` whatever the engine) and the tasks to run; it runs each once and reports each
-finished task to ``progress``. Task outputs are pure functions of the plan, so every engine
+An engine is given ``call`` (a picklable ``call(task, progress=None) -> entry``: the same
+``run_task`` bound to the plan's destination whatever the engine, so an ``s3://`` output's
+storage options travel with it to every worker) and the tasks to run; it runs each once and
+reports each finished task to ``progress``. Task outputs are pure functions of the plan, so every engine
 writes the same bytes. A failure stops the engine: tasks already finished keep their
 fragments, running ones are cancelled (their temporaries are swept by the next run).
 
@@ -89,7 +90,8 @@ def _ray_call(call: Callable, task: Any) -> Any:
 def run_ray(call: Callable, tasks: Sequence, jobs: int, progress: Progress) -> None:
     """As Ray tasks: on the cluster at ``RAY_ADDRESS``, on the one this process already joined,
     or on a local one started here with ``jobs`` CPUs and shut down at the end. Every node must
-    see OUT and the inputs at the same paths (a shared file system)."""
+    see the inputs at the same paths, and OUT: a shared file system, or an object store that
+    ``call``'s destination (with its storage options) reaches."""
     try:
         import ray
     except ImportError:
