@@ -70,3 +70,10 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_home(tmp_path_factory):
+    """The persistent index cache (default: $XDG_CACHE_HOME/wdsrefresh) goes to a temporary
+    directory, for this process and the subprocesses it starts, never to the user's own."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))

@@ -156,6 +156,15 @@ def test_listing_pages_through_2000_keys_and_an_unchanged_prefix_costs_one_listi
     assert len(manifest_gets) == 1  # answered 304 Not Modified: fetched again only when its ETag changes
 
 
+def test_keys_with_spaces_and_symbols_are_listed_and_read_by_their_exact_names(s3):
+    names = ["a b+c.tar", "x&y<z>.tar", "é%20ü.tar"]
+    for name in names:
+        s3.put_shard(f"sym/{name}", 2, prefix=name.split(".")[0])
+    snap = wr.RefreshingWebDataset(s3.url("sym/"), shardshuffle=False).set_epoch(0)
+    assert sorted(s.name for s in snap.shards) == sorted(names)
+    assert all(s.url == s3.url(f"sym/{s.name}") and s.nsamples == 2 for s in snap.shards)
+
+
 def test_manifest_url_lists_relative_and_absolute_urls(s3):
     a = shard_bytes("a", 4)
     a_etag = s3.put("m/a.tar", a)["ETag"]
@@ -217,6 +226,40 @@ def test_junk_and_truncated_objects_are_left_out_naming_the_url_once(s3, caplog)
     assert sorted(keys_of(ds)) == expected_keys(good=3)
 
 
+def claiming_size(data: bytes, size: int) -> bytes:
+    """``data`` (a tar) with its first member's header claiming ``size`` bytes (checksum fixed)."""
+    h = bytearray(data[:512])
+    h[124:136] = b"%011o\0" % size
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h) + data[512:]
+
+
+def test_member_sizes_are_checked_while_an_object_is_indexed(s3):
+    import tracemalloc
+
+    s3.put_shard("h/small.tar", 3, 100)
+    s3.put_shard("h/big.tar", 2, 5000)  # members larger than the strict dataset's max_sample_bytes
+    s3.put("h/hostile.tar", claiming_size(shard_bytes("x", 2), (1 << 33) - 1))  # 8 GiB claimed in 3 KB
+    strict = wr.RefreshingWebDataset(s3.url("h/"), shardshuffle=False, max_sample_bytes=4000)
+    snap = strict.set_epoch(0)
+    assert [s.name for s in snap.shards] == ["small.tar"]
+    assert "max_sample_bytes=4000" in dict(snap.rejected)[s3.url("h/big.tar")]
+
+    source = wr.ObjectSource(s3.url("h/"))
+    source.store.client()  # made before the count: botocore's models weigh megabytes
+    lenient = wr.RefreshingWebDataset(source, shardshuffle=False, max_sample_bytes=1 << 62)
+    tracemalloc.start()
+    try:
+        snap = lenient.set_epoch(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s.name for s in snap.shards] == ["big.tar", "small.tar"]
+    assert "before its end-of-archive marker" in dict(snap.rejected)[s3.url("h/hostile.tar")]
+    assert peak < 16 << 20, f"indexing allocated {peak} bytes"
+
+
 def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     for name in "abc":
         s3.put_shard(f"c/{name}.tar", 3)
@@ -233,9 +276,19 @@ def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     assert third.id != first.id and [s.nsamples for s in third.shards] == [3, 4, 3]
 
 
-def test_other_protocols_are_refused_with_a_clear_error():
-    with pytest.raises(NotImplementedError, match=r"gs://.*cannot be read consistently"):
-        wr.RefreshingWebDataset("gs://bucket/shards/")
+@pytest.mark.parametrize("spec", ["gs://bucket/shards/", "az://container/shards/", "https://host/manifest.json",
+                                  "http://host/shard-{0..9}.tar", ["s3://bucket/a.tar", "gs://bucket/b.tar"]])
+def test_other_protocols_are_refused_saying_why(spec):
+    with pytest.raises(NotImplementedError, match=r"(gs|az|https?)://.*cannot be read consistently.*pinned"):
+        wr.RefreshingWebDataset(spec)
+
+
+def test_stream_mode_and_pipe_commands_are_refused_saying_what_to_use(s3):
+    s3.put_shard("st/a.tar", 2)
+    with pytest.raises(ValueError, match=r'mode="stream" reads a local directory.*mode="epoch"'):
+        wr.RefreshingWebDataset(s3.url("st/"), mode="stream")
+    with pytest.raises(NotImplementedError, match=r"pipe: command cannot be listed again"):
+        wr.RefreshingWebDataset("pipe:aws s3 cp s3://bucket/a.tar -")
 
 
 # --------------------------------------------------------------------------- changes during an epoch
@@ -409,7 +462,10 @@ def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, faul
     opts = via(s3, fault_proxy, attempts=8, config_kwargs={"read_timeout": 1, "connect_timeout": 2})
     ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("f/"), storage_options=opts))
     listing = fault_proxy.inject("status", times=2, path="list-type=2")  # the listing is retried too
+    error_page = fault_proxy.inject("status", times=1, status=200, path="list-type=2")  # an error in a 200
+    cut_page = fault_proxy.inject("cut-body", times=1, path="list-type=2")
     ds.set_epoch(0)
+    assert (error_page.injected, cut_page.injected) == (1, 1)
     faults = [fault_proxy.inject("status", times=2, ranged=True),
               fault_proxy.inject("reset-body", times=1, ranged=True),
               fault_proxy.inject("reset", times=1, ranged=True),

@@ -1,33 +1,40 @@
 #!/usr/bin/env python
-"""Read speed of wdsrefresh against webdataset 1.0.2, on the same shards, in the same run.
+"""Read speed of wdsrefresh against webdataset 1.0.2 and against the floors, in one run.
 
 Generates shards once into a directory (default ./bench_data, reused when present):
 
-- ``small-pax``:   1 KiB samples (a 1 KiB ``bin`` and a 1-byte ``cls`` member) written by
-                   ``webdataset.TarWriter`` with its default float mtime, which puts a PAX
-                   header before every member;
+- ``small-pax``:   1 KiB samples of 3 members, like image + label + metadata (a 1 KiB ``jpg``,
+                   a 1-byte ``cls``, a ~60-byte ``json``), written by ``webdataset.TarWriter``
+                   with its default float mtime, which puts a PAX header before every member;
 - ``small-plain``: the same samples with an integer mtime: plain ustar headers, as the packer
                    writes them;
-- ``large``:       256 KiB samples, plain headers.
+- ``large``:       256 KiB samples (a 256 KiB ``bin`` and a 1-byte ``cls``), plain headers.
 
-For each set it times ``webdataset.WebDataset(urls, shardshuffle=False)`` and
+For each set it times, in one process: ``webdataset.WebDataset(urls, shardshuffle=False)``,
 ``wdsrefresh.RefreshingWebDataset(dir, shardshuffle=False, verify=...)`` for ``verify`` in
-``inline`` and ``off``: in one process, and through a torch DataLoader with 2 workers and
-batching. The snapshot is resolved (``set_epoch``) before the clock starts; resolution is
-measured on its own, on directories of 1k, 10k (and optionally 100k) one-sample shards: cold
-(every shard indexed and digested) and warm (the next epoch, nothing changed).
+``inline`` and ``off``, tario's reader alone, and two floors: the "bare walker" (a minimal
+pure-Python loop over the same bytes that walks tar headers and slices payloads to ``bytes``:
+what any pure-Python reader must at least do) and ``os.pread`` of the files in 1 MiB reads
+(no parsing at all). Through a torch DataLoader with 2 workers and batches of 64 it times
+webdataset's default collation and wdsrefresh's, plain and with ``wr.collate_tensors``.
+
+Scale (``--scale``, default 100000 one-sample shards, generated once): ``set_epoch`` with the
+watcher when nothing changed, a worker's epoch start, the first index with and without a
+manifest (against reading the files), and the first ``set_epoch`` of a restart on unchanged
+shards (the persistent index cache). ``tools/bench_resolve.py`` prints more of these.
 
 The readers take turns: after one untimed warm-up pass each (page cache warm, the
-DataLoader's persistent workers started), each round gives every reader in turn at least
-``--min-time`` seconds of passes, and a reader's rate is its median over ``--repeat`` rounds,
-so load from other processes falls on all readers alike. MB/s counts payload bytes (the members' contents), the same
-number for every reader. For the 256 KiB set it also prints what ``os.pread`` alone reaches
-over the same files: no reader that copies the bytes out of the page cache can beat it.
+DataLoader's persistent workers started), each round gives every reader in turn, the floors
+included, at least ``--min-time`` seconds of passes, and a reader's rate is its median over
+``--repeat`` rounds, so load from other processes falls on all readers alike. MB/s counts
+payload bytes (the members' contents), the same number for every reader. The TARGETS table
+at the end states each target of issue 17 as a ratio measured in this run, PASS or MISS.
 
-    .venv/bin/python tools/bench.py            # full run, a few minutes
-    .venv/bin/python tools/bench.py --quick    # smaller sets, under a minute
-    .venv/bin/python tools/bench.py --remote   # the same shards from an S3 server on 127.0.0.1
-    .venv/bin/python tools/bench.py --pack     # packing speed: pack --jobs 1/2 vs ShardWriter
+    .venv/bin/python tools/bench.py              # full run, about 8 minutes here
+    .venv/bin/python tools/bench.py --quick      # smaller sets, 10k-shard scale, about 2 minutes
+    .venv/bin/python tools/bench.py --scale 1000000   # the scale rows at 1M shards (slow: 4 GB of files)
+    .venv/bin/python tools/bench.py --remote     # the same shards from an S3 server on 127.0.0.1
+    .venv/bin/python tools/bench.py --pack       # packing speed: pack --jobs 1/2 vs ShardWriter
 """
 
 from __future__ import annotations
@@ -44,22 +51,24 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import webdataset as wds  # noqa: E402
 
 import wdsrefresh as wr  # noqa: E402
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ShardSet:
     name: str
     describe: str
-    payload: int  # bytes of the "bin" member
+    members: tuple[tuple[str, int], ...]  # (extension, payload bytes) of each sample
     pax: bool
     shards: int
     samples_per_shard: int
@@ -72,17 +81,25 @@ class ShardSet:
         return self.shards * self.samples_per_shard
 
     @property
+    def extensions(self) -> tuple[str, ...]:
+        return tuple(ext for ext, _ in self.members)
+
+    @property
     def payload_bytes(self) -> int:
-        return self.samples * (self.payload + 1)
+        return self.samples * sum(size for _, size in self.members)
+
+
+SMALL_MEMBERS = (("jpg", 1024), ("cls", 1), ("json", 60))
+LARGE_MEMBERS = (("bin", 256 << 10), ("cls", 1))
 
 
 def shard_sets(quick: bool) -> list[ShardSet]:
-    """About 190 MB in all (30 MB with --quick)."""
-    shards, small, large = (2, 1500, 16) if quick else (4, 5000, 48)
+    """About 200 MB in all (60 MB with --quick)."""
+    shards, small, large = (2, 1500, 16) if quick else (4, 2500, 48)
     return [
-        ShardSet("small-pax", "1 KiB, PAX headers", 1024, True, shards, small),
-        ShardSet("small-plain", "1 KiB, plain headers", 1024, False, shards, small),
-        ShardSet("large", "256 KiB, plain headers", 256 << 10, False, shards, large),
+        ShardSet("small-pax", "1 KiB x3 members, PAX", SMALL_MEMBERS, True, shards, small),
+        ShardSet("small-plain", "1 KiB x3 members, plain", SMALL_MEMBERS, False, shards, small),
+        ShardSet("large", "256 KiB, plain", LARGE_MEMBERS, False, shards, large),
     ]
 
 
@@ -94,13 +111,25 @@ def _payload(i: int, size: int) -> bytes:
     return (seed * (size // len(seed) + 1))[:size]
 
 
-def write_shard(path: Path, first: int, count: int, size: int, pax: bool) -> None:
+def _sample(i: int, members: tuple[tuple[str, int], ...]) -> dict:
+    sample = {"__key__": f"s{i:09d}"}
+    for ext, size in members:
+        if ext == "cls":
+            sample[ext] = str(i % 10).encode()[:size]
+        elif ext == "json":
+            sample[ext] = json.dumps({"id": i, "w": 640, "h": 480, "src": "bench"}).encode().ljust(size)[:size]
+        else:
+            sample[ext] = _payload(i, size)
+    return sample
+
+
+def write_shard(path: Path, first: int, count: int, spec: ShardSet) -> None:
     """One shard through webdataset's TarWriter; a float mtime makes it write PAX headers."""
     tmp = path.with_name("_tmp." + path.name)
-    mtime = None if pax else 1_700_000_000
+    mtime = None if spec.pax else 1_700_000_000
     with open(tmp, "wb") as f, wds.TarWriter(f, mtime=mtime) as writer:
         for i in range(first, first + count):
-            writer.write({"__key__": f"s{i:09d}", "bin": _payload(i, size), "cls": str(i % 10).encode()})
+            writer.write(_sample(i, spec.members))
     os.replace(tmp, path)
 
 
@@ -114,7 +143,7 @@ def ensure_set(root: Path, spec: ShardSet) -> list[str]:
         directory.mkdir(parents=True)
         print(f"generating {directory} ...", file=sys.stderr, flush=True)
         for i, path in enumerate(paths):
-            write_shard(path, i * spec.samples_per_shard, spec.samples_per_shard, spec.payload, spec.pax)
+            write_shard(path, i * spec.samples_per_shard, spec.samples_per_shard, spec)
         marker.write_text(json.dumps(FORMAT_VERSION))
     return [str(p) for p in paths]
 
@@ -130,31 +159,16 @@ def tiny_shard_bytes() -> bytes:
     return buf.getvalue()[: 512 * 4]
 
 
-def ensure_tiny(root: Path, count: int) -> Path:
-    directory = root / f"tiny-{count}"
-    marker = directory / ".complete"
-    if not marker.exists():
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        print(f"generating {directory} ...", file=sys.stderr, flush=True)
-        data = tiny_shard_bytes()
-        for i in range(count):
-            with open(directory / f"t-{i:06d}.tar", "wb") as f:
-                f.write(data)
-        marker.write_text(json.dumps(FORMAT_VERSION))
-    return directory
-
-
 # --------------------------------------------------------------------------- readers
 
 
 class Refreshing:
     """RefreshingWebDataset; each pass's snapshot is resolved (set_epoch) before the clock starts."""
 
-    def __init__(self, directory: str, verify: str, state_dir: str):
+    def __init__(self, directory: str, verify: str, state_dir: str, **options):
         # settle=0: the shards were written whole (maybe just now, in place): read them at once
         self.ds = wr.RefreshingWebDataset(directory, shardshuffle=False, verify=verify, watch=False,
-                                          state_dir=state_dir, settle=0)
+                                          state_dir=state_dir, settle=0, **options)
         self.epoch = 0
 
     def prepare(self) -> None:
@@ -199,7 +213,84 @@ class ReaderAlone:
                 os.close(fd)
 
 
+BARE_CHUNK = 1 << 20
+_REGULAR_TYPES = (48, 0)  # b"0", and b"\0" of old tars
+
+
+def bare_walk(path: str) -> Iterator[dict]:
+    """The floor of any pure-Python tar reader: walks the headers of the file in 1 MiB reads,
+    slices each payload to ``bytes`` (a payload past the chunk is read on its own) and groups
+    members by key into webdataset-like dicts. Checks nothing: no checksum, no bounds, no digest."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf, base, p = b"", 0, 0
+        key = sample = None
+        while True:
+            if p + 512 > len(buf):
+                base += p
+                buf, p = os.pread(fd, BARE_CHUNK, base), 0
+            if len(buf) < 512 or buf[p] == 0:
+                break
+            size = int(buf[p + 124 : p + 135], 8)
+            kind = buf[p + 156]
+            start = p + 512
+            p = start + ((size + 511) & -512)
+            if kind not in _REGULAR_TYPES:  # PAX headers and the like: skipped
+                continue
+            z = buf.find(b"\0", start - 512, start - 412)
+            member_key, _, ext = buf[start - 512 : z if z >= 0 else start - 412].partition(b".")
+            data = buf[start : start + size] if start + size <= len(buf) else os.pread(fd, size, base + start)
+            if member_key != key:
+                if sample is not None:
+                    yield sample
+                key = member_key
+                sample = {"__key__": member_key.decode(), "__url__": path}
+            sample[ext.decode()] = data
+        if sample is not None:
+            yield sample
+    finally:
+        os.close(fd)
+
+
+class BareWalker:
+    """``bare_walk`` over every shard: the floor rows' reader."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.ds = self
+
+    def prepare(self) -> None:
+        pass
+
+    def __iter__(self):
+        for url in self.urls:
+            yield from bare_walk(url)
+
+
+class PreadFloor:
+    """``os.pread`` of the shards in 1 MiB reads, no parsing; a pass counts the set's samples."""
+
+    def __init__(self, urls: list[str], samples: int):
+        self.urls = urls
+        self.samples = samples
+
+    def prepare(self) -> None:
+        pass
+
+    def one_pass(self) -> int:
+        for path in self.urls:
+            fd = os.open(path, os.O_RDONLY)
+            offset = 0
+            while data := os.pread(fd, BARE_CHUNK, offset):
+                offset += len(data)
+            os.close(fd)
+        return self.samples
+
+
 def one_process(reader):
+    if isinstance(reader, PreadFloor):
+        return reader.one_pass, lambda: None
+
     def one_pass() -> int:
         n = 0
         for _ in reader.ds:
@@ -209,12 +300,14 @@ def one_process(reader):
     return one_pass, lambda: None
 
 
-def data_loader(reader, workers: int, batch: int):
-    """A DataLoader with persistent workers, so passes after the first time reading, not forking."""
+def data_loader(reader, workers: int, batch: int, members: tuple[str, ...] = ("bin", "cls"), collate=None):
+    """A DataLoader with persistent workers, so passes after the first time reading, not forking.
+    ``collate``: the ``.batched()`` collation (default: the pipeline's own, webdataset's)."""
     import torch.utils.data
 
-    loader = torch.utils.data.DataLoader(reader.ds.to_tuple("bin", "cls").batched(batch), batch_size=None,
-                                         num_workers=workers, persistent_workers=True)
+    pipeline = reader.ds.to_tuple(*members)
+    pipeline = pipeline.batched(batch) if collate is None else pipeline.batched(batch, collation_fn=collate)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=True)
 
     def one_pass() -> int:
         return sum(len(b[0]) for b in loader)
@@ -225,14 +318,18 @@ def data_loader(reader, workers: int, batch: int):
     return one_pass, close
 
 
-def interleaved_rates(readers, expected: int, rounds: int, round_time: float) -> list[tuple[float, int]]:
-    """Samples per second of each reader: the median over ``rounds`` rounds.
+def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
+                      per_round: list[list[float]] | None = None) -> list[tuple[float, int]]:
+    """Samples per second of each reader: the median over ``rounds`` rounds (each round's rates
+    are appended to ``per_round``, one list per reader, when given).
 
     After one untimed warm-up pass each (page cache, worker start), every round gives each
     reader in turn at least ``round_time`` seconds of passes, so load from other processes on
     the machine falls on all readers alike rather than on whichever ran at the wrong moment.
     """
-    per_round: list[list[float]] = [[] for _ in readers]
+    if per_round is None:
+        per_round = []
+    per_round[:] = [[] for _ in readers]
     passes = [0] * len(readers)
     for round_no in range(rounds + 1):
         for i, (reader, one_pass) in enumerate(readers):
@@ -259,108 +356,163 @@ class Row:
     shard_set: str
     mode: str
     reader: str
-    rate: float
+    rate: float  # the median of the rounds' rates
     passes: int
     mbps: float
+    rounds: list[float]  # each round's rate, in round order: ratios are taken round by round
+
+
+ONE_PROC = "1 proc"
+WEBDATASET, INLINE, OFF = "webdataset", "wdsrefresh inline", "wdsrefresh off"
+TENSORS = "wdsrefresh inline, collate_tensors"
+ALONE, BARE, PREAD = "(tario alone, inline)", "bare walker (floor)", "os.pread 1 MiB (floor)"
+
+
+def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str) -> list[tuple]:
+    """(name, reader, collate) of every reader timed in ``mode``."""
+    def refreshing(verify: str) -> Refreshing:
+        return Refreshing(directory, verify, tempfile.mkdtemp(dir=state_root))
+
+    if mode == ONE_PROC:
+        return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
+                (OFF, refreshing("off"), None), (ALONE, ReaderAlone(urls), None),
+                (BARE, BareWalker(urls), None), (PREAD, PreadFloor(urls, spec.samples), None)]
+    return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
+            (TENSORS, refreshing("inline"), wr.collate_tensors)]
 
 
 def bench_set(root: Path, spec: ShardSet, args, state_root: str) -> list[Row]:
     urls = ensure_set(root, spec)
     directory = str(spec.directory(root))
-    modes = [("1 proc", one_process)]
-    if args.workers > 0:
-        modes.append((f"loader {args.workers}w b{args.batch}",
-                      lambda reader: data_loader(reader, args.workers, args.batch)))
+    modes = [ONE_PROC] + ([f"loader {args.workers}w b{args.batch}"] if args.workers > 0 else [])
     rows = []
-    for mode, wrap in modes:
-        readers = [("webdataset", Plain(urls))]
-        readers += [(f"wdsrefresh {verify}", Refreshing(directory, verify, tempfile.mkdtemp(dir=state_root)))
-                    for verify in ("inline", "off")]
-        if mode == "1 proc":
-            readers.append(("(tario alone, inline)", ReaderAlone(urls)))
-        wrapped = [wrap(reader) for _, reader in readers]
+    for mode in modes:
+        readers = readers_for(mode, spec, urls, directory, state_root)
+        if mode == ONE_PROC:
+            wrapped = [one_process(reader) for _, reader, _ in readers]
+        else:
+            wrapped = [data_loader(reader, args.workers, args.batch, spec.extensions, collate)
+                       for _, reader, collate in readers]
+        per_round: list[list[float]] = []
         try:
-            rates = interleaved_rates([(reader, one_pass) for (_, reader), (one_pass, _) in zip(readers, wrapped)],
-                                      spec.samples, args.repeat, args.min_time)
+            rates = interleaved_rates([(reader, one_pass) for (_, reader, _), (one_pass, _) in zip(readers, wrapped)],
+                                      spec.samples, args.repeat, args.min_time, per_round)
         finally:
             for _, close in wrapped:
                 close()
-        for (name, _), (rate, passes) in zip(readers, rates):
-            rows.append(Row(spec.name, mode, name, rate, passes, rate * spec.payload_bytes / spec.samples / 1e6))
-            print(f"  {spec.name:12s} {mode:16s} {name:22s} {rate:12,.0f} samples/s ({passes} passes)",
+        for (name, _, _), (rate, passes), rounds in zip(readers, rates, per_round):
+            rows.append(Row(spec.name, mode, name, rate, passes, rate * spec.payload_bytes / spec.samples / 1e6,
+                            rounds))
+            print(f"  {spec.name:12s} {mode:16s} {name:36s} {rate:12,.0f} samples/s ({passes} passes)",
                   file=sys.stderr, flush=True)
     return rows
 
 
-def bench_resolution(root: Path, sizes: list[int], state_root: str) -> list[tuple[int, float, float]]:
-    results = []
-    for count in sizes:
-        directory = ensure_tiny(root, count)
-        ds = wr.RefreshingWebDataset(str(directory), shardshuffle=False, verify="inline", watch=False,
-                                     state_dir=tempfile.mkdtemp(dir=state_root), settle=0)
-        t0 = time.perf_counter()
-        snap = ds.set_epoch(0)
-        cold = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ds.set_epoch(1)
-        warm = time.perf_counter() - t0
-        if len(snap.shards) != count:
-            raise SystemExit(f"resolution of {directory}: {len(snap.shards)} shards, expected {count}")
-        results.append((count, cold, warm))
-        print(f"  resolve {count:>7,} shards: cold {cold:.2f} s, warm {warm:.2f} s", file=sys.stderr, flush=True)
-    return results
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 17: ``value`` (a ratio, or seconds) against ``limit``."""
+
+    what: str
+    value: float
+    limit: float
+    at_least: bool  # True: value >= limit passes; False: value <= limit passes
+    unit: str = "x"  # "x" a ratio, "%" a cost, "s" seconds
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
+
+    def shown(self, value: float) -> str:
+        if self.unit == "%":
+            return f"{value:+.1%}"
+        if self.unit == "s":
+            return f"{value * 1000:,.0f} ms" if value < 1 else f"{value:.2f} s"
+        return f"{value:.2f}x"
+
+
+def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
+    rounds = {(r.shard_set, r.mode, r.reader): r.rounds for r in rows}
+    sets = {r.shard_set for r in rows}
+    targets = []
+
+    def ratio(name, mode, a, b):
+        """The median of the rounds' ratios: both readers ran in the same round, under the same load."""
+        return statistics.median(x / y for x, y in zip(rounds[(name, mode, a)], rounds[(name, mode, b)]))
+
+    for name, label in (("small-pax", "1 KiB x3, PAX"), ("small-plain", "1 KiB x3, plain")):
+        if name not in sets:
+            continue
+        targets += [
+            Target(f"{label}, 1 proc: inline / bare walker", ratio(name, ONE_PROC, INLINE, BARE), 0.90, True),
+            Target(f"{label}, 1 proc: inline / webdataset", ratio(name, ONE_PROC, INLINE, WEBDATASET), 20, True),
+            Target(f"{label}, 1 proc: inline cost (off / inline - 1)", ratio(name, ONE_PROC, OFF, INLINE) - 1,
+                   0.05, False, "%"),
+        ]
+        if workers_mode:
+            targets.append(Target(f"{label}, {workers_mode}: inline / webdataset",
+                                  ratio(name, workers_mode, INLINE, WEBDATASET), 8, True))
+    if "large" in sets:
+        label = "256 KiB"
+        targets += [
+            Target(f"{label}, 1 proc: inline cost (off / inline - 1)", ratio("large", ONE_PROC, OFF, INLINE) - 1,
+                   0.25, False, "%"),
+            Target(f"{label}, 1 proc: inline / webdataset", ratio("large", ONE_PROC, INLINE, WEBDATASET), 3, True),
+            Target(f"{label}, 1 proc: off / bare walker", ratio("large", ONE_PROC, OFF, BARE), 0.95, True),
+        ]
+        if workers_mode:
+            targets.append(Target(f"{label}, {workers_mode}: collate_tensors / webdataset default",
+                                  ratio("large", workers_mode, TENSORS, WEBDATASET), 2.5, True))
+    return targets
+
+
+def scale_targets(scale: dict) -> list[Target]:
+    n = f"{scale['shards']:,} shards"
+    return [
+        Target(f"{n}: set_epoch, watcher, nothing changed", scale["set_epoch_unchanged"], 0.100, False, "s"),
+        Target(f"{n}: a worker's epoch start (snapshot loaded, share computed)", scale["epoch_start"], 0.050,
+               False, "s"),
+        Target(f"{n}: first index from a manifest", scale["first_manifest"], 2.0, False, "s"),
+        Target(f"{n}: first index without one / reading the files", scale["first_files"] / scale["read_files"],
+               2.0, False),
+        Target(f"{n}: first set_epoch of a restart, no manifest (index cache)", scale["restart"], 2.0, False, "s"),
+    ]
 
 
 # --------------------------------------------------------------------------- report
 
 
-def pread_ceiling(root: Path, spec: ShardSet) -> float:
-    """MB/s of payload that os.pread alone reaches over the shards (256 KiB reads, no parsing)."""
-    paths = ensure_set(root, spec)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            offset = 0
-            while data := os.pread(fd, 256 << 10, offset):
-                offset += len(data)
-            os.close(fd)
-        best = min(best, time.perf_counter() - t0)
-    return spec.payload_bytes / best / 1e6
-
-
-def report(rows: list[Row], specs: list[ShardSet], resolution, ceilings: dict[str, float], args) -> str:
+def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale: dict | None, args) -> str:
     import platform
 
     import torch
 
     lines = [
         f"wdsrefresh {wr.__version__} vs webdataset {wds.__version__}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs; readers interleaved, median of "
-        f"{args.repeat} rounds, warm page cache{'; --quick' if args.quick else ''}",
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs; readers and floors interleaved, median of "
+        f"{args.repeat} rounds (targets: median of the rounds' paired ratios), warm page cache"
+        f"{'; --quick' if args.quick else ''}; load average at the end: {os.getloadavg()[0]:.1f}",
         "",
-        "| shards | mode | reader | samples/s | MB/s | x webdataset |",
-        "|---|---|---|---:|---:|---:|",
+        "| shards | mode | reader | samples/s | MB/s | x webdataset | x bare walker |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    base = {(r.shard_set, r.mode): r for r in rows if r.reader == "webdataset"}
+    base = {(r.shard_set, r.mode): r for r in rows if r.reader == WEBDATASET}
+    bare = {r.shard_set: r for r in rows if r.reader == BARE}
     described = {s.name: f"{s.describe} ({s.shards}x{s.samples_per_shard})" for s in specs}
     for r in rows:
         ratio = r.rate / base[(r.shard_set, r.mode)].rate
+        floor = f"{r.rate / bare[r.shard_set].rate:.2f}" if r.mode == ONE_PROC and r.shard_set in bare else ""
         lines.append(f"| {described[r.shard_set]} | {r.mode} | {r.reader} | {r.rate:,.0f} | {r.mbps:,.0f} | "
-                     f"{ratio:.1f}x |")
-    lines += ["", "| shards | mode | inline digest overhead vs verify=off |", "|---|---|---:|"]
-    by_key = {(r.shard_set, r.mode, r.reader): r for r in rows}
-    for name, mode in base:
-        inline, off = by_key[(name, mode, "wdsrefresh inline")], by_key[(name, mode, "wdsrefresh off")]
-        lines.append(f"| {described[name]} | {mode} | {off.rate / inline.rate - 1:+.1%} |")
-    if ceilings:
-        lines += ["", "| shards | os.pread alone, no parsing (the ceiling of any reader here) |", "|---|---:|"]
-        lines += [f"| {described[name]} | {mbps:,.0f} MB/s |" for name, mbps in ceilings.items()]
-    if resolution:
-        lines += ["", "| one-sample shards in the directory | first set_epoch (stat, index, digest each) "
-                  "| next set_epoch (nothing changed) |", "|---:|---:|---:|"]
-        lines += [f"| {count:,} | {cold:.2f} s | {warm:.2f} s |" for count, cold, warm in resolution]
+                     f"{ratio:.1f}x | {floor} |")
+    if scale:
+        lines += ["", f"Scale, {scale['shards']:,} one-sample shards (seconds): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in scale.items() if isinstance(v, float))]
+    lines += ["", "TARGETS (issue 17)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
+    for t in targets:
+        limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
+        lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
     return "\n".join(lines)
 
 
@@ -371,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="bench_data",
                         help="where shards are generated, and reused on later runs (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller shard sets, shorter timing, resolution of 1k shards only (under 60 s)")
+                        help="smaller shard sets, shorter timing, scale rows at 10k shards (about 2 minutes)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed rounds; each reader's rate is its median over them (default: 5; quick: 3)")
     parser.add_argument("--min-time", type=float, default=None,
@@ -380,9 +532,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="DataLoader workers; 0 skips the DataLoader runs (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="batch size in the DataLoader runs (default: %(default)s)")
     parser.add_argument("--sets", default=None, help="a comma-separated subset of: small-pax,small-plain,large")
-    parser.add_argument("--resolve-sizes", default=None,
-                        help="shard counts to time snapshot resolution on, e.g. 1000,10000,100000 (100k writes "
-                             "100k files, about 400 MB on disk); empty to skip (default: 1000,10000; quick: 1000)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="one-sample shards for the scale rows; 0 skips them (default: 100000, about 400 MB of "
+                             "files generated once; quick: 10000)")
     parser.add_argument("--remote", action="store_true",
                         help="read from an S3 server on 127.0.0.1 instead (tools/bench_remote.py; boto3, moto[server])")
     parser.add_argument("--pack", action="store_true",
@@ -401,9 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         from bench_pack import run_pack_bench
 
         return run_pack_bench(args)
-    if args.resolve_sizes is None:
-        args.resolve_sizes = "1000" if args.quick else "1000,10000"
-    sizes = [int(s) for s in args.resolve_sizes.split(",") if s.strip()]
+    if args.scale is None:
+        args.scale = 10_000 if args.quick else 100_000
     specs = shard_sets(args.quick)
     if args.sets:
         wanted = set(args.sets.split(","))
@@ -411,13 +562,19 @@ def main(argv: list[str] | None = None) -> None:
 
     root = Path(args.data)
     root.mkdir(parents=True, exist_ok=True)
+    workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
     with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
         rows = []
         for spec in specs:
             rows += bench_set(root, spec, args, state_root)
-        ceilings = {spec.name: pread_ceiling(root, spec) for spec in specs if spec.name == "large"}
-        resolution = bench_resolution(root, sizes, state_root) if sizes else []
-    print(report(rows, specs, resolution, ceilings, args))
+        targets = read_targets(rows, workers_mode)
+        scale = None
+        if args.scale:
+            from bench_resolve import scale_figures
+
+            scale = scale_figures(root, args.scale, state_root)
+            targets += scale_targets(scale)
+    print(report(rows, specs, targets, scale, args))
 
 
 if __name__ == "__main__":

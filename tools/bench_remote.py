@@ -13,7 +13,8 @@ as in bench.py (median of rounds):
 
 Snapshot resolution is timed on N one-sample objects: with a manifest that records their
 ETags (one listing, the manifest), then without (every object indexed once: one pinned GET
-each, 8 at a time), and the next epoch (nothing changed: the listing only).
+each, 8 at a time), and the next epoch (nothing changed: the listing only), against one plain
+paginated boto3 listing of the same prefix (the store's own listing cost, in the same run).
 
 A loopback server on a 2-core machine shares the CPUs with the readers: the numbers compare
 readers on the same server, not with a real store's throughput.
@@ -111,7 +112,8 @@ def bench_set(client, endpoint: str, root: Path, spec, args, state_root: str) ->
     rows = []
     modes = [("1 proc", one_process)]
     if args.workers > 0:
-        modes.append((f"loader {args.workers}w b{args.batch}", lambda r: data_loader(r, args.workers, args.batch)))
+        modes.append((f"loader {args.workers}w b{args.batch}",
+                      lambda r: data_loader(r, args.workers, args.batch, spec.extensions)))
     for mode, wrap in modes:
         readers = []
         if mode == "1 proc":
@@ -151,6 +153,13 @@ def bench_resolution(client, count: int, state_root: str) -> tuple[float, float,
                       Body=json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1,
                                        "shardlist": entries}).encode())
 
+    def plain_listing() -> float:
+        """One paginated ListObjectsV2 pass over the prefix with boto3, pages dropped: the listing's ceiling."""
+        t0 = time.perf_counter()
+        for _ in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/", Delimiter="/"):
+            pass
+        return time.perf_counter() - t0
+
     def timed(source) -> tuple[float, float]:
         ds = wr.RefreshingWebDataset(source, shardshuffle=False, state_dir=tempfile.mkdtemp(dir=state_root))
         t0 = time.perf_counter()
@@ -163,10 +172,13 @@ def bench_resolution(client, count: int, state_root: str) -> tuple[float, float,
         return cold, time.perf_counter() - t0
 
     with_manifest, warm = timed(f"s3://{BUCKET}/{prefix}/")
+    listing = plain_listing()
     indexed, warm_indexed = timed(f"s3://{BUCKET}/{prefix}/*.tar")  # a glob: the manifest is not used
+    listing = statistics.median([listing, plain_listing()])
     print(f"  resolve {count:>7,} objects: manifest {with_manifest:.2f} s, indexed {indexed:.2f} s, next epoch "
-          f"{statistics.median([warm, warm_indexed]):.2f} s", file=sys.stderr, flush=True)
-    return count, with_manifest, indexed, max(warm, warm_indexed)
+          f"{statistics.median([warm, warm_indexed]):.2f} s, plain listing {listing:.2f} s",
+          file=sys.stderr, flush=True)
+    return count, with_manifest, indexed, max(warm, warm_indexed), listing
 
 
 def run_remote(args) -> None:
@@ -206,6 +218,8 @@ def run_remote(args) -> None:
                      f"{mbps:,.0f} | {rate / ceiling[spec.name]:.2f}x |")
     if resolution:
         lines += ["", "| one-sample objects | set_epoch, manifest with ETags | set_epoch, every object indexed "
-                  "| next set_epoch (nothing changed) |", "|---:|---:|---:|---:|"]
-        lines += [f"| {n:,} | {m:.2f} s | {i:.2f} s | {w:.2f} s |" for n, m, i, w in resolution]
+                  "| next set_epoch (nothing changed) | plain boto3 listing of the prefix | next set_epoch x listing |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n:,} | {m:.2f} s | {i:.2f} s | {w:.2f} s | {p:.2f} s | {w / p:.2f}x |"
+                  for n, m, i, w, p in resolution]
     print("\n".join(lines))

@@ -27,6 +27,8 @@ _EXPORTS = {
     "TarError": "format.tario",
     "NotEnoughShardsError": "index",
     "StreamStats": "stream",
+    "collate_tensors": "tensors",
+    "PackedBytes": "tensors",
     "resume": None,
     "pack": "write.pack:run_pack",  # the write side: imported only when these are used
     "PackReport": "write.pack",

@@ -15,6 +15,7 @@ from webdataset.handlers import reraise_exception
 from .compat import check_ported, shard_shuffle
 from .epoch_source import EpochSource, EpochStats
 from .format.tario import MAX_SAMPLE_BYTES
+from .index_cache import cache_directory
 from .length import Batching, EpochLengthUnknown, find_batching, rank_items
 from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
@@ -64,6 +65,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         on_invalid: str = "warn",
         max_sample_bytes: int = MAX_SAMPLE_BYTES,
         stats_dir: str | None = None,
+        index_cache: bool | str = True,
         **webdataset_args: Any,
     ):
         # webdataset's own arguments (nodesplitter, resampled, empty_check, ...): see compat.py
@@ -80,7 +82,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         if settle < 0:
             raise ValueError(f"settle={settle!r}: expected seconds >= 0")
         options = ReadOptions(verify=verify, on_change=on_change, handler=handler, equalize=equalize, settle=settle,
-                              max_sample_bytes=max_sample_bytes)
+                              max_sample_bytes=max_sample_bytes, index_cache=cache_directory(index_cache))
         if stats_dir is not None and mode == "stream":
             raise ValueError('stats_dir= writes one line per epoch, and mode="stream" has no epochs: '
                              "read ds.stats() (a StreamStats) instead")
@@ -288,7 +290,7 @@ def _refuse_stages_holding_samples(stages: list) -> None:
 
 _OWN_ARGUMENTS = (
     "shardshuffle", "seed", "verify", "on_change", "handler", "watch", "mode", "partial", "equalize", "state_dir",
-    "min_shards", "timeout", "poll", "settle", "on_invalid", "stats_dir",
+    "min_shards", "timeout", "poll", "settle", "on_invalid", "stats_dir", "index_cache",
 )
 
 

@@ -103,7 +103,8 @@ class EpochSource:
         snapshot = resolve_waiting(once, describe=self.source.describe(), min_shards=self.min_shards,
                                    timeout=self.timeout, index=index, poll=poll_interval(self.poll, 1.0))
         snapshot = replace(snapshot, resolved_at=time.time(), resolve_seconds=time.monotonic() - started)
-        log.info("%s", snapshot.describe(previous))
+        if log.isEnabledFor(logging.INFO):  # the diff in the line costs a pass over every shard
+            log.info("%s", snapshot.describe(previous))
         return snapshot
 
     def _rescanner(self) -> Resolver:

@@ -31,7 +31,7 @@ from .inotify import Change
 from .probe import Readiness, Ready, Rejected
 from .resolver import Resolver
 from .snapshot import FileId, ShardInfo, Snapshot, shard_key, snapshot_id
-from .sources import DirectorySource, NoShardsError
+from .sources import Candidate, DirectorySource, NoShardsError
 from .watch import Watcher, new_watcher, poll_interval, watch_or_poll
 
 log = logging.getLogger("wdsrefresh")
@@ -49,6 +49,11 @@ class _Entry:
     file_id: FileId | None
     info: ShardInfo | None = None  # ready
     error: BaseException | None = None  # rejected
+    key: bytes = b""  # a ready shard's shard_key (what the snapshot id hashes)
+
+
+_UNCHANGED = object()  # what _probe returns for a file already known in this very version
+_REBUILD_AT = 64  # changes applied at once above which the sorted ready lists are rebuilt, not edited
 
 
 class _Shared:
@@ -246,8 +251,8 @@ class DirectoryIndex:
                 rescan, self._rescan_wanted = self._rescan_wanted, False
             if rescan:
                 self._rescan_locked()
-            for url in dirty:
-                self._refresh(url)
+            self._apply({url: self._probe(url) for url in dirty})
+            self.resolver.flush_cache(force=False)
             return len(dirty)
 
     def rescan(self) -> None:
@@ -273,71 +278,87 @@ class DirectoryIndex:
             candidates = self.source.candidates()
         except NoShardsError:
             candidates = []
-        urls = {c.url for c in candidates}
-        for cand in candidates:
-            self._refresh(cand.url)
+        changes = {cand.url: self._probe(cand.url, cand) for cand in candidates}
         with self._cond:
-            gone = [u for u in self._entries if u not in urls]
-        for url in gone:
-            self._refresh(url)
+            gone = [u for u in self._entries if u not in changes]
+        changes.update((url, self._probe(url)) for url in gone)
+        self._apply(changes)
+        self.resolver.flush_cache()
         self.last_rescan = time.monotonic()
         log.debug("%s: full rescan of %d files in %.3f s", self.source.describe(), len(candidates),
                   self.last_rescan - started)
 
-    def _refresh(self, url: str) -> None:
-        """Re-probes one file, unless it is ready or rejected in this very version already."""
+    def _probe(self, url: str, cand: Candidate | None = None) -> _Entry | None | object:
+        """What one file is now: an _Entry, None (no such file), or _UNCHANGED when it is ready
+        or rejected in this very version already; ``cand`` is the listing's candidate for it
+        (else the source makes one)."""
         try:
             st = os.stat(url)
-            file_id = FileId.of(st)
         except OSError:
-            st = file_id = None
-        with self._cond:
-            old = self._entries.get(url)
-        if st is not None and old is not None and old.file_id == file_id and (old.info or old.error):
+            st = None
+        old = self._entries.get(url)  # only the indexer (under _indexing) changes entries
+        if st is not None and old is not None and (old.info or old.error) and old.file_id == FileId.of(st):
+            return _UNCHANGED
+        outcome = self.resolver.probe(cand or self.source.candidate(url), st=st, renamed=url in self._renamed)
+        if outcome is None:
+            return None
+        if isinstance(outcome, Ready):
+            return _Entry(outcome.file_id, info=outcome.info, key=shard_key(outcome.info))
+        if isinstance(outcome, Rejected):
+            return _Entry(outcome.file_id, error=outcome.error)
+        return _Entry(outcome.file_id)
+
+    def _apply(self, changes: dict[str, _Entry | None | object]) -> None:
+        """Records what ``_probe`` found for each url, under one lock and one version bump."""
+        changes = {url: entry for url, entry in changes.items() if entry is not _UNCHANGED}
+        if not changes:
             return
         with self._cond:
-            renamed = url in self._renamed
-        outcome = self.resolver.probe(self.source.candidate(url), st=st, renamed=renamed)
-        if outcome is None:
-            self._set(url, None)
-        elif isinstance(outcome, Ready):
-            self._set(url, _Entry(outcome.file_id, info=outcome.info))
-        elif isinstance(outcome, Rejected):
-            self._set(url, _Entry(outcome.file_id, error=outcome.error))
-        else:
-            self._set(url, _Entry(outcome.file_id))
+            rebuild = len(changes) > _REBUILD_AT
+            changed = False
+            for url, entry in changes.items():
+                changed |= self._set(url, entry, edit_ready=not rebuild)
+            if rebuild:
+                ready = sorted((url, e) for url, e in self._entries.items() if e.info is not None)
+                self._ready_urls = [url for url, _ in ready]
+                self._ready_infos = [e.info for _, e in ready]
+                self._ready_keys = [e.key for _, e in ready]
+            if changed:
+                self.version += 1
+                self._cond.notify_all()
 
-    def _set(self, url: str, entry: _Entry | None) -> None:
-        with self._cond:
-            old = self._entries.pop(url, None)
-            if old is not None and entry is not None and old.info is not None and old.info is entry.info:
-                self._entries[url] = entry
-                return
-            if entry is None:
-                self._renamed.discard(url)
-            if old is not None:
-                self._pending.discard(url)
-                self._rejected.discard(url)
-                if old.info is not None:
+    def _set(self, url: str, entry: _Entry | None, edit_ready: bool) -> bool:
+        """One url's new entry (under _cond); ``edit_ready``: keep the sorted ready lists current
+        (else the caller rebuilds them). Whether anything a snapshot shows changed."""
+        old = self._entries.pop(url, None)
+        if old is not None and entry is not None and old.info is not None and old.info is entry.info:
+            self._entries[url] = entry
+            return False
+        if entry is None:
+            self._renamed.discard(url)
+        if old is not None:
+            self._pending.discard(url)
+            self._rejected.discard(url)
+            if old.info is not None:
+                if edit_ready:
                     i = bisect.bisect_left(self._ready_urls, url)
                     del self._ready_urls[i], self._ready_infos[i], self._ready_keys[i]
-                    if entry is None or entry.error is not None:  # a pending file's old version
-                        self.resolver.known.pop(old.info.path, None)  # tells it is being rewritten
-            if entry is not None:
-                self._entries[url] = entry
-                if entry.info is not None:
+                if entry is None or entry.error is not None:  # a pending file's old version
+                    self.resolver.forget(old.info.path)  # tells it is being rewritten
+        if entry is not None:
+            self._entries[url] = entry
+            if entry.info is not None:
+                if edit_ready:
                     i = bisect.bisect_left(self._ready_urls, url)
                     self._ready_urls.insert(i, url)
                     self._ready_infos.insert(i, entry.info)
-                    self._ready_keys.insert(i, shard_key(entry.info))
-                    self.resolver.known[entry.info.path] = entry.info
-                elif entry.error is not None:
-                    self._rejected.add(url)
-                else:
-                    self._pending.add(url)
-            if old is not None or entry is not None:
-                self.version += 1
-                self._cond.notify_all()
+                    self._ready_keys.insert(i, entry.key)
+                self.resolver.known[entry.info.path] = entry.info
+            elif entry.error is not None:
+                self._rejected.add(url)
+            else:
+                self._pending.add(url)
+        return old is not None or entry is not None
 
     # reading
     def snapshot(self, epoch: int) -> Snapshot:

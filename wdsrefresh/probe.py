@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from .format.digest import DEFAULT_ALGO, split_digest
 from .format.tario import MAX_SAMPLE_BYTES, ShardChangedError, TarError, index_shard
+from .index_cache import IndexCache
 from .remote.source import ObjectCandidate
 from .snapshot import FileId, ShardInfo
 from .sources import Candidate
@@ -44,6 +45,7 @@ class Readiness:
     with_digest: bool = True
     settle: float = DEFAULT_SETTLE
     max_sample_bytes: int = MAX_SAMPLE_BYTES
+    index_cache: str | None = None  # the persistent index cache's directory (index_cache.py); None: none
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,12 @@ def _changed_after_last_write(st: os.stat_result) -> bool:
 
 
 def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Readiness(), *,
-          st: os.stat_result | None = None, renamed: bool = False) -> Outcome:
+          st: os.stat_result | None = None, renamed: bool = False, cache: IndexCache | None = None) -> Outcome:
     """What ``cand`` is now. ``known`` maps real paths to what was found before (reused while
     the file is unchanged); ``st`` is a stat of ``cand.path`` the caller already took;
-    ``renamed`` says a watcher saw the file renamed into place, with no write since."""
+    ``renamed`` says a watcher saw the file renamed into place, with no write since; ``cache``,
+    a persistent index cache that stands in for indexing a file version it holds (the
+    readiness rule is applied first, the same either way)."""
     if isinstance(cand, ObjectCandidate):
         if cand.error is not None:
             return Rejected(cand.file_id, cand.error)
@@ -103,7 +107,7 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
         return Rejected(None, exn)
     if not stat.S_ISREG(st.st_mode):
         return None
-    path = os.path.realpath(cand.path)
+    path = cand.real_path or os.path.realpath(cand.path)
     file_id = FileId.of(st)
     old = known.get(path)
     if old is not None and old.file_id == file_id and (old.digest or not rules.with_digest):
@@ -115,13 +119,23 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
         if settled:
             return Rejected(file_id, TruncatedShard(cand.url, 0, "empty file, no longer being written"))
         return Pending(file_id, "empty (just created)")
-    base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, name=cand.name)
     if describes and cand.nsamples is not None and (
             not rules.with_digest or (cand.digest and cand.blocks is not None)):
-        return Ready(replace(base, nsamples=cand.nsamples, digest=cand.digest, blocks=cand.blocks))
+        return Ready(ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, cand.nsamples,
+                               cand.digest, cand.blocks, name=cand.name))
+    base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, name=cand.name)
     if not settled:
         return Pending(file_id, f"written in place; ready once it has not changed for {rules.settle:g} s")
-    return _indexed(cand, base, rules, cand.digest if describes else None)
+    expected_digest = cand.digest if describes else None
+    if cache is None or expected_digest is not None:
+        return _indexed(cand, base, rules, expected_digest)
+    cached = cache.get(base, st, rules.max_sample_bytes)
+    if cached is not None:
+        return Ready(cached)
+    outcome = _indexed(cand, base, rules, None)
+    if isinstance(outcome, Ready):
+        cache.put(outcome.info, st, rules.max_sample_bytes)
+    return outcome
 
 
 def _indexed(cand: Candidate, base: ShardInfo, rules: Readiness, expected_digest: str | None) -> Outcome:

@@ -74,10 +74,12 @@ class ReadOptions:
     equalize: bool = True
     settle: float = DEFAULT_SETTLE
     max_sample_bytes: int = MAX_SAMPLE_BYTES
+    index_cache: str | None = None  # the persistent index cache's directory; None: none
 
     @property
     def readiness(self) -> Readiness:
-        return Readiness(with_digest=self.verify != "off", settle=self.settle, max_sample_bytes=self.max_sample_bytes)
+        return Readiness(with_digest=self.verify != "off", settle=self.settle, max_sample_bytes=self.max_sample_bytes,
+                         index_cache=self.index_cache)
 
 
 @dataclass
@@ -296,7 +298,7 @@ def _corrupt(exn: TarError | ObjectReadError, shard: ShardInfo, unread: int, opt
 def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
     """What the shard's current content is, if it is ready by the one readiness rule (probe.py)."""
     if is_remote(shard.url):
-        return remote.reload(shard.url, shard.name)
+        return remote.reload(shard.url, shard.name, options.max_sample_bytes)
     outcome = probe(Candidate(shard.url, shard.path, name=shard.name), {shard.path: shard}, options.readiness)
     if not isinstance(outcome, Ready):
         return None
@@ -342,6 +344,7 @@ def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,
     """A reader of ``shard`` as ``expected``, and what closes it: a local file, or an object read
     pinned to its snapshot version (remote/reader.py)."""
     if is_remote(shard.url):  # refused, naming the URL, if the entry lost its ETag (never read unpinned)
-        return remote.open_object(shard.url, expected, shard.etag, shard.version_id)
+        return remote.open_object(shard.url, expected, shard.etag, shard.version_id,
+                                  max_sample_bytes=options.max_sample_bytes)
     reader, fd = open_shard(shard.path, shard.url, expected, counters, max_sample_bytes=options.max_sample_bytes)
     return reader, lambda: os.close(fd)

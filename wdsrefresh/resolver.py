@@ -6,6 +6,7 @@ import logging
 import os
 
 from .format.names import SHARD_PATTERNS
+from .index_cache import IndexCache
 from .probe import Outcome, Pending, Readiness, Ready, Rejected, probe
 from .snapshot import FileId, ShardInfo, Snapshot, snapshot_id
 from .sources import Candidate, NoShardsError, ShardSource
@@ -26,9 +27,11 @@ class Resolver:
     def __init__(self, source: ShardSource, rules: Readiness = Readiness(), on_invalid: str = "warn"):
         self.source = source
         self.rules = rules
+        source.limit_samples(rules.max_sample_bytes)
         self.on_invalid = on_invalid
         self.known: dict[str, ShardInfo] = {}
         self._warned: set[tuple[str, FileId | None]] = set()
+        self.cache = IndexCache(rules.index_cache) if rules.index_cache else None
 
     def remember(self, snapshot: Snapshot | None) -> None:
         if snapshot is not None:
@@ -36,7 +39,18 @@ class Resolver:
                 self.known.setdefault(shard.path, shard)
 
     def probe(self, cand: Candidate, st=None, renamed: bool = False) -> Outcome:
-        return probe(cand, self.known, self.rules, st=st, renamed=renamed)
+        return probe(cand, self.known, self.rules, st=st, renamed=renamed, cache=self.cache)
+
+    def flush_cache(self, force: bool = True) -> None:
+        """Writes what was indexed to the persistent index cache (``force=False``: at most every 30 s)."""
+        if self.cache is not None:
+            self.cache.flush(force)
+
+    def forget(self, path: str) -> None:
+        """The file at ``path`` (a real path) is gone: neither known nor cached any more."""
+        self.known.pop(path, None)
+        if self.cache is not None:
+            self.cache.forget(path)
 
     def resolve(self, epoch: int, candidates: list[Candidate] | None = None) -> Snapshot:
         """The snapshot for ``epoch``; raises NoShardsError when the source names no shard."""
@@ -57,12 +71,16 @@ class Resolver:
         if not shards and not pending and not rejected:
             raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
         self._keep_known(shards, waiting)
+        self.flush_cache()
         ordered = tuple(shards)
         return Snapshot(epoch, ordered, snapshot_id(ordered), tuple(rejected), tuple(pending))
 
     def _keep_known(self, shards: list[ShardInfo], waiting: set[str]) -> None:
         """Forgets files gone; a pending file's last version stays known: it tells a rewrite in place."""
         live = {s.path for s in shards} | waiting
+        if self.cache is not None:
+            for path in self.known.keys() - live:
+                self.cache.forget(path)
         self.known = {p: s for p, s in self.known.items() if p in live}
         self.known.update((s.path, s) for s in shards)
 

@@ -67,6 +67,31 @@ class ShardInfo:
         )
 
 
+class LazySequence(Sequence):
+    """A read-only sequence whose items are made when asked for (``_item``); equal to any
+    sequence of equal items, as a tuple would be."""
+
+    def _item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self._item(i) for i in range(*index.indices(len(self))))
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} of {len(self)}")
+        return self._item(index)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The shards an epoch reads, in a deterministic order; ``id`` names its content.
@@ -116,6 +141,9 @@ class Snapshot:
 
     def diff(self, previous: Snapshot | None) -> tuple[list[str], list[str]]:
         """Urls added and removed since ``previous``."""
+        if previous is not None and type(previous.shards) is tuple and type(self.shards) is tuple \
+                and previous.shards == self.shards:  # the same entries: compared by identity first, in C
+            return [], []
         before = set(previous.urls) if previous is not None else set()
         now = set(self.urls)
         return sorted(now - before), sorted(before - now)

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Sequence
-
 import numpy
 
-from .snapshot import ShardInfo, Snapshot, snapshot_id
+from .snapshot import LazySequence, ShardInfo, Snapshot, snapshot_id
 
 SEPARATOR = "\0"  # cannot occur in a file name or an object key
 _TEXT_COLUMNS = ("names", "urls", "paths", "digests", "etags", "version_ids")
@@ -86,7 +84,7 @@ def decode_lazy(doc: object) -> Snapshot:
     return Snapshot(table.epoch, table, table.id)
 
 
-class ShardTable(Sequence):
+class ShardTable(LazySequence):
     """A snapshot's shards as columns: a read-only sequence of ``ShardInfo`` built on access."""
 
     def __init__(self, doc: object):
@@ -138,13 +136,7 @@ class ShardTable(Sequence):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return tuple(self[i] for i in range(*index.indices(self.count)))
-        if index < 0:
-            index += self.count
-        if not 0 <= index < self.count:
-            raise IndexError(f"shard {index} of a snapshot of {self.count}")
+    def _item(self, index: int) -> ShardInfo:
         shard = self._built.get(index)
         if shard is None:
             shard = self._built[index] = self._build(index)
@@ -171,14 +163,6 @@ class ShardTable(Sequence):
 
     def sample_count_array(self):
         return numpy.where(self.flags & _HAS_NSAMPLES, self.ints["nsamples"], 0)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-
-    def __hash__(self) -> int:
-        return hash(tuple(self))
 
     def __reduce__(self):
         return ShardTable, (self.doc,)

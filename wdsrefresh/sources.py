@@ -38,6 +38,7 @@ class Candidate:
     filesize: int | None = None
     mtime_ns: int | None = None  # with filesize: the file version the manifest describes
     name: str = ""  # below the source's root (a directory's relative path, a manifest's url)
+    real_path: str = ""  # the path with symlinks resolved, when the listing knew it ("": resolve it)
 
 
 class ShardSource:
@@ -53,6 +54,10 @@ class ShardSource:
         """The candidate for one file this source names (a watcher saw it change)."""
         return _named(path)
 
+    def limit_samples(self, max_sample_bytes: int) -> None:
+        """A source whose candidates arrive indexed (objects) refuses shards holding a member
+        larger than this, as the resolver refuses files; others have nothing to do."""
+
 
 class DirectorySource(ShardSource):
     """The shards in a directory; counts and digests come from its manifest.json when it has one."""
@@ -65,27 +70,41 @@ class DirectorySource(ShardSource):
     def candidates(self) -> list[Candidate]:
         if not os.path.isdir(self.path):
             raise NoShardsError(f"shard directory {self.path!r} does not exist")
-        names = []
+        # One resolution of each directory's real path, not one per file; "" for a symlinked
+        # file: the probe resolves it.
+        listed: list[tuple[str, str]] = []  # (path, real path)
         if self.recursive:
             for root, dirs, files in os.walk(self.path, followlinks=True):
                 dirs[:] = sorted(d for d in dirs if not is_temporary(d))
-                names.extend(os.path.join(root, f) for f in files)
+                real_root = os.path.realpath(root)
+                for f in files:
+                    if is_shard_name(f):
+                        path = os.path.join(root, f)
+                        listed.append((path, "" if os.path.islink(path) else os.path.join(real_root, f)))
         else:
+            real_root = os.path.realpath(self.path)
             with os.scandir(self.path) as entries:
-                names = [e.path for e in entries if not e.is_dir()]
+                listed = [(e.path, "" if e.is_symlink() else os.path.join(real_root, e.name))
+                          for e in entries if is_shard_name(e.name) and not e.is_dir()]
+        listed.sort()
         known = self._manifest_entries()
-        return [self._candidate(n, known) for n in sorted(names) if is_shard_name(n)]
+        return [self._candidate(path, known, real) for path, real in listed]
 
     def candidate(self, path: str) -> Candidate:
         return self._candidate(path, self._manifest_entries())
 
-    def _candidate(self, path: str, known: dict) -> Candidate:
-        return _with_manifest(path, known.get(os.path.normpath(path)), self._name(path))
+    def _candidate(self, path: str, known: dict, real_path: str = "") -> Candidate:
+        return _with_manifest(path, known.get(os.path.normpath(path)) if known else None, self._name(path),
+                              real_path)
 
     def _name(self, path: str) -> str:
         """``path`` below the directory (what snapshot ids hash); the listing joins it to the root."""
-        prefix = os.path.join(self.path, "")
+        prefix = self._prefix
         return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, self.path)
+
+    @property
+    def _prefix(self) -> str:
+        return os.path.join(self.path, "")
 
     def would_list(self, path: str) -> bool:
         """Whether ``candidates()`` would name ``path`` (by name only: the file may not exist)."""
@@ -111,9 +130,14 @@ class DirectorySource(ShardSource):
         key = tuple(_version(p) for p in files)
         if self._manifest_cache[0] != key:
             by_path: dict[str, manifestmod.ManifestEntry] = {}
+            root = os.path.normpath(self.path)
+            root = "" if root == os.curdir else root  # so that joined names are normalized paths too
             for path, version in zip(files, key):
                 for e in _usable_entries(path) if version is not None else ():
-                    by_path.setdefault(os.path.normpath(os.path.join(self.path, e.url)), e)
+                    url = e.url
+                    where = os.path.join(root, url) if manifestmod.is_plain_name(url) else os.path.normpath(
+                        os.path.join(self.path, url))
+                    by_path.setdefault(where, e)
             self._manifest_cache = (key, by_path)
         return self._manifest_cache[1]
 
@@ -228,11 +252,11 @@ def _named(path: str) -> Candidate:
     return Candidate(url=path, path=path, name=os.path.basename(path))
 
 
-def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str) -> Candidate:
+def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str, real_path: str = "") -> Candidate:
     if entry is None:
-        return Candidate(url=path, path=path, name=name)
+        return Candidate(url=path, path=path, name=name, real_path=real_path)
     return Candidate(url=path, path=path, nsamples=entry.nsamples, digest=entry.digest, blocks=entry.blocks,
-                     filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name)
+                     filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name, real_path=real_path)
 
 
 def make_source(spec: object, storage_options: dict | None = None) -> ShardSource:
@@ -252,6 +276,9 @@ def make_source(spec: object, storage_options: dict | None = None) -> ShardSourc
         spec = os.fspath(spec)
     if not isinstance(spec, str):
         raise TypeError(f"cannot make a shard source from {spec!r}")
+    if spec.startswith("pipe:"):
+        raise NotImplementedError(f"{spec!r}: a pipe: command cannot be listed again at each epoch nor checked for "
+                                  "changes; give a directory, a manifest, or an s3:// URL")
     if os.path.isdir(spec):
         return DirectorySource(spec)
     if spec.endswith(".json"):

@@ -20,7 +20,7 @@ import numpy
 import numpy.random  # imported here, in the main process, and not at a worker's first epoch
 
 from .slot import Slot
-from .snapshot import Snapshot
+from .snapshot import LazySequence, Snapshot
 
 # How shard_order permutes: 2 = numpy's legacy MT19937 RandomState (frozen by numpy: the same in
 # every numpy release), about 100x faster than 1 = random.shuffle, which version 2 checkpoints used.
@@ -40,7 +40,7 @@ class Piece(NamedTuple):
         return self.stop - self.start
 
 
-class Pieces(Sequence):
+class Pieces(LazySequence):
     """A consumer's pieces as three columns, each ``Piece`` made when asked for: a share of 100k
     shards costs no 50k objects at the epoch's start."""
 
@@ -50,21 +50,11 @@ class Pieces(Sequence):
     def __len__(self) -> int:
         return len(self.shards)
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return tuple(self[i] for i in range(*index.indices(len(self))))
+    def _item(self, index: int) -> Piece:
         return Piece(int(self.shards[index]), int(self.starts[index]), int(self.stops[index]))
 
     def total(self) -> int:
         return int((self.stops - self.starts).sum())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-
-    def __hash__(self) -> int:
-        return hash(tuple(self))
 
     def __repr__(self) -> str:
         return f"Pieces({list(self)!r:.200})"

@@ -36,6 +36,7 @@ from .format.atomic import write_atomic
 from .inotify import Change
 from .probe import Pending, Rejected
 from .reading import ReadOptions, ReadStats, read_shard
+from .remote.source import ObjectSource
 from .resolver import Resolver
 from .sample_source import Consumer
 from .slot import Slot, current_slot, dist_info
@@ -107,7 +108,10 @@ class StreamSource:
                  equal_ranks: bool = True):
         self.source = make_source(source)
         if not isinstance(self.source, DirectorySource):
-            raise ValueError(f'mode="stream" reads a directory, not {self.source.describe()}')
+            hint = (': objects are read with mode="epoch", which lists the store again at every epoch'
+                    if isinstance(self.source, ObjectSource) else "")
+            raise ValueError(f'mode="stream" reads a local directory (it follows file events), not '
+                             f'{self.source.describe()}{hint}')
         self.options = replace(options, equalize=False)
         self.seed = seed
         self.poll = poll

@@ -107,7 +107,8 @@ def parse(doc: object, path: str, base: str, *, contained: bool = False,
             errors.append((i, ManifestError(f"{path}: {_where(i, item)}: {exn}")))
     first: dict[str, int] = {}
     repeated: set[str] = set()
-    keys = [_file_key(entry.url, base) for _, entry in checked]
+    file_key = _file_key if _SCHEME.match(base) else _local_key(base)
+    keys = [file_key(entry.url, base) for _, entry in checked]
     for (i, entry), key in zip(checked, keys):
         if key in first:
             repeated.add(key)
@@ -231,7 +232,7 @@ def _url(url: object, contained: bool) -> str:
         raise _BadField("url", f"expected a non-empty string, got {url!r}")
     if "\0" in url:
         raise _BadField("url", "contains a NUL character")
-    if contained:
+    if contained and not is_plain_name(url):
         norm = os.path.normpath(url)
         if os.path.isabs(url) or _SCHEME.match(url) or norm in (".", "..") or norm.startswith("../"):
             raise _BadField("url", "expected a relative path inside the manifest's directory "
@@ -295,6 +296,19 @@ def _max_samples(url: str, filesize: int) -> int:
     if url.endswith((".gz", ".tgz")):
         return filesize * _MAX_DEFLATE_RATIO // _TAR_BLOCK
     return filesize // _TAR_BLOCK
+
+
+def is_plain_name(url: str) -> bool:
+    """A file name of the manifest's own directory: no separator, not "." or "..", no scheme
+    (a scheme needs "://"). Its path is the directory joined with it, no normalizing needed."""
+    return "/" not in url and url != "." and url != ".." and (os.altsep is None or os.altsep not in url)
+
+
+def _local_key(base: str):
+    """``_file_key`` for a manifest in a local directory ``base`` (absolute, normalized)."""
+    def key(url: str, _base: str) -> str:
+        return os.path.join(base, url) if is_plain_name(url) else _file_key(url, base)
+    return key
 
 
 def _file_key(url: str, base: str) -> str:

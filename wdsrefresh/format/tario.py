@@ -37,6 +37,7 @@ from typing import Protocol
 import xxhash
 
 from .digest import BLOCK_SIZE, DEFAULT_ALGO, block_at, new_hasher, split_digest
+from .heap import keep_freed_memory
 
 ZERO_BLOCK = bytes(512)
 
@@ -426,6 +427,8 @@ class _LocalSource:
                 head = buf[q : check.hashed - base]
         if not self._holds(start + size):  # before allocating what the header merely claims
             raise _truncated(self.url, hoff, size, max(self.file_size - start, 0), self.position)
+        if check.blocks is not None:  # held until its block checks out: reuse memory, not fresh pages
+            keep_freed_memory()
         data = _timed_pread(self.fd, size - len(head), start + len(head), self.counters)
         if len(data) < size - len(head):
             raise _truncated(self.url, hoff, size, len(head) + len(data), self.position)

@@ -2,6 +2,7 @@
 
 - ``store.py``: one store's client (made lazily in each process, never pickled), listing,
   pinned ranged reads, retries with backoff, and the errors that name the URL.
+- ``listing.py``: ListObjectsV2 pages read from their XML, not by botocore's generic parser.
 - ``reader.py``: a pinned object read block by block, each block checked against its digest
   before the tar reader sees a byte of it, with read-ahead in a background thread.
 - ``source.py``: ``ObjectSource``, the shard source of ``s3://`` URLs: a listing (or a

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ..format import tario
 from ..format.digest import BLOCK_SIZE, DEFAULT_ALGO, FileDigester, block_at, block_digest, split_digest
-from ..format.tario import Expected, ShardReader, TarError
+from ..format.tario import MAX_SAMPLE_BYTES, Expected, ShardReader, TarError
 from .store import ObjectChangedError, ObjectStat, ObjectVanishedError, Store, store_for
 
 log = logging.getLogger("wdsrefresh")
@@ -193,6 +193,7 @@ class BlockFetcher:
                         self.fetched += 1
                         if i >= self.floor and not self.closed:
                             self.ready[i] = cached
+                        self._release_followers()
                         self.cond.notify_all()
                     continue
                 try:
@@ -331,12 +332,13 @@ def _byte_source(fetcher: BlockFetcher):
     return ObjectByteSource(fetcher)
 
 
-def open_object(url: str, expected: Expected, etag: str | None, version_id: str | None) -> tuple[
-        ShardReader, Callable[[], None]]:
+def open_object(url: str, expected: Expected, etag: str | None, version_id: str | None, *,
+                max_sample_bytes: int = MAX_SAMPLE_BYTES) -> tuple[ShardReader, Callable[[], None]]:
     """A reader of the object version pinned by ``version_id`` (else ``etag``) as ``expected``
     says it is, and the function that closes it. ``ObjectExpected`` pins override the arguments
     (a shard reloaded after a replacement). Raises ObjectChangedError, ObjectVanishedError,
-    ObjectReadError as the first block's read does."""
+    ObjectReadError as the first block's read does; a member larger than ``max_sample_bytes``
+    is refused unread (TarError)."""
     if isinstance(expected, ObjectExpected):
         etag, version_id = expected.etag, expected.version_id
     if not etag and not version_id:
@@ -358,7 +360,7 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
     except BaseException:
         fetcher.close()
         raise
-    return ShardReader(source, url, local_path=url), fetcher.close
+    return ShardReader(source, url, local_path=url, max_sample_bytes=max_sample_bytes), fetcher.close
 
 
 _PREFETCHED_AT_MOST = 2  # per process (a DataLoader worker is one consumer): the next object or two
@@ -423,19 +425,20 @@ class ObjectIndex:
     version_id: str | None
 
 
-def index_object(store: Store, stat: ObjectStat, algo: str = DEFAULT_ALGO) -> ObjectIndex:
+def index_object(store: Store, stat: ObjectStat, algo: str = DEFAULT_ALGO, *,
+                 max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ObjectIndex:
     """Counts the samples of the object version ``stat`` names and digests every block, in one
     streamed pass, pinned to that version (the first response names its VersionId, if any).
 
     ``complete`` is False for an object that ends before its end-of-archive marker (objects are
     published whole: such an object is broken, not in progress). Raises TarError for an object
     that is not a tar; ObjectChangedError / ObjectVanishedError when it was replaced / deleted
-    since ``stat``.
+    since ``stat``; TarError for a member larger than ``max_sample_bytes``, as reading it would.
     """
     digester = FileDigester(algo)
     fetcher = BlockFetcher(store, stat.url, stat.size, etag=stat.etag, version_id=stat.version_id, record=digester)
     try:
-        reader = ShardReader(_byte_source(fetcher), stat.url)
+        reader = ShardReader(_byte_source(fetcher), stat.url, max_sample_bytes=max_sample_bytes)
         try:
             nsamples = reader.count()
         except TarError as exn:
@@ -450,7 +453,7 @@ def index_object(store: Store, stat: ObjectStat, algo: str = DEFAULT_ALGO) -> Ob
         fetcher.close()
 
 
-def reload(url: str, name: str) -> ObjectExpected | None:
+def reload(url: str, name: str, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ObjectExpected | None:
     """What the object at ``url`` is now, indexed (``on_change="reload"``); None when it is gone,
     changes again while it is indexed, or is not a complete tar."""
     store = store_for(url)
@@ -458,7 +461,7 @@ def reload(url: str, name: str) -> ObjectExpected | None:
         stat = store.head(url)
         if stat is None:
             return None
-        index = index_object(store, stat)
+        index = index_object(store, stat, max_sample_bytes=max_sample_bytes)
     except (ObjectChangedError, ObjectVanishedError, TarError) as exn:
         log.warning("%s: cannot reload: %s", name or url, exn)
         return None

@@ -39,7 +39,7 @@ import braceexpand
 from ..format import manifest as manifestmod
 from ..format.digest import DEFAULT_ALGO, split_digest
 from ..format.names import is_shard_name, is_temporary
-from ..format.tario import TarError
+from ..format.tario import MAX_SAMPLE_BYTES, TarError
 from ..snapshot import FileId, ShardInfo
 from ..sources import Candidate, NoShardsError, ShardSource
 from .reader import ObjectCorruptError, check_digest, index_object
@@ -94,6 +94,7 @@ class ObjectSource(ShardSource):
         self.plans = [_plan(s) for s in self.specs]
         self.store = Store(storage_options)
         self.threads = max(1, threads)
+        self.max_sample_bytes = MAX_SAMPLE_BYTES
         self._init_caches()
         register(self.buckets, self.store)
 
@@ -125,6 +126,11 @@ class ObjectSource(ShardSource):
 
     def candidate(self, path: str) -> Candidate:
         raise NotImplementedError("objects are listed, never watched")
+
+    def limit_samples(self, max_sample_bytes: int) -> None:
+        if max_sample_bytes != self.max_sample_bytes:
+            self.max_sample_bytes = max_sample_bytes
+            self._known.clear()  # found under another limit
 
     # ------------------------------------------------------------------ listing
     def candidates(self) -> list[Candidate]:
@@ -181,7 +187,7 @@ class ObjectSource(ShardSource):
         algo = split_digest(expected_digest)[0] if expected_digest else DEFAULT_ALGO
         for _ in range(3):
             try:
-                index = index_object(self.store, stat, algo)
+                index = index_object(self.store, stat, algo, max_sample_bytes=self.max_sample_bytes)
                 break
             except ObjectChangedError:  # replaced between the listing and the index: take the version there is now
                 stat = self.store.head(stat.url)
@@ -451,14 +457,21 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
+def _why_not(scheme: str) -> str:
+    if scheme == "file":
+        return "give the local path itself"
+    return ("wdsrefresh reads object stores through s3:// only, where every ranged read is pinned to a "
+            "VersionId or an ETag (a read that is not could mix two versions of a replaced object); "
+            "S3-compatible stores (MinIO, R2, Ceph, GCS's XML API) are read as s3:// URLs with "
+            "storage_options={'endpoint_url': ...}")
+
+
 def _plan(spec: str) -> _Plan:
     if not isinstance(spec, str):
         raise TypeError(f"cannot make a shard source from {spec!r}")
     scheme = spec.partition("://")[0].lower()
     if scheme != "s3":
-        raise NotImplementedError(
-            f"{spec!r}: {scheme}:// cannot be read consistently here: wdsrefresh reads object stores "
-            "through s3:// only (boto3; every ranged read pinned to a VersionId or ETag)")
+        raise NotImplementedError(f"{spec!r}: {scheme}:// cannot be read consistently here: {_why_not(scheme)}")
     where = ObjectUrl.parse(spec)
     key = where.key
     if "{" in key and "}" in key:

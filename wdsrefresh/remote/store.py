@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ..format.tario import ShardChangedError
+from . import listing
 
 log = logging.getLogger("wdsrefresh")
 
@@ -217,7 +218,11 @@ class Store:
         config.update(options.pop("config_kwargs", None) or {})
         kwargs = dict(options.pop("client_kwargs", None) or {})
         kwargs.update((_CLIENT_OPTIONS[k], v) for k, v in options.items())
-        return session.client("s3", config=Config(**config), **kwargs)
+        client = session.client("s3", config=Config(**config), **kwargs)
+        # first: before botocore's own check of 200 responses for embedded errors, which parses the
+        # whole page once more (listing.parse_page makes that check)
+        client.meta.events.register_first("before-parse.s3.ListObjectsV2", listing.keep_page)
+        return client
 
     # ------------------------------------------------------------------ requests
     def call(self, url: str, what: str, request: Callable[[], T], start: int | None = None,
@@ -332,15 +337,16 @@ class Store:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
         if delimiter:
             kwargs["Delimiter"] = delimiter
+        found: list[str] = []  # the page's rolled-up folders (a retried page starts again from none)
         while True:
-            page = self.call(url, "LIST", lambda: self.client().list_objects_v2(**kwargs))
+            objects, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs), found))
             if subprefixes is not None:
-                subprefixes += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
-            for obj in page.get("Contents", ()):
-                yield ObjectStat(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"], _ns(obj["LastModified"]))
-            if not page.get("IsTruncated"):
+                subprefixes += found
+            for key, size, etag, modified in objects:
+                yield ObjectStat(f"s3://{bucket}/{key}", size, etag, _ns(_timestamp(modified)))
+            if token is None:
                 return
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            kwargs["ContinuationToken"] = token
 
     def versioning(self, bucket: str) -> bool | None:
         """Whether versioning is enabled on ``bucket``; None when the store will not say."""
@@ -350,6 +356,19 @@ class Store:
         except ObjectReadError:
             return None
         return r.get("Status") == "Enabled"
+
+
+def _page(response: dict, prefixes: list[str]) -> tuple[list[tuple[str, int, str, str]], str | None]:
+    """A ListObjectsV2 page's objects and continuation token, from the body ``listing.keep_page``
+    kept (else as botocore parsed it: a client made without that handler); its rolled-up folders
+    replace the contents of ``prefixes``."""
+    prefixes.clear()
+    raw = response.get(listing.RAW_PAGE)
+    if raw is not None:
+        return listing.parse_page(raw, prefixes)
+    prefixes += [p["Prefix"] for p in response.get("CommonPrefixes", ())]
+    objects = [(o["Key"], o["Size"], o["ETag"], o["LastModified"].isoformat()) for o in response.get("Contents", ())]
+    return objects, response.get("NextContinuationToken") if response.get("IsTruncated") else None
 
 
 class _ShortBody(Exception):
@@ -377,7 +396,7 @@ def _version(version_id: str | None) -> str | None:
 
 def _classify(exn: BaseException) -> str:
     """ "changed" (412), "gone" (404), "not modified" (304), "retry", or "fail"."""
-    if isinstance(exn, _ShortBody):
+    if isinstance(exn, (_ShortBody, listing.PageError)):
         return "retry"
     try:
         import botocore.exceptions as bx
