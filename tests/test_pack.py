@@ -127,7 +127,7 @@ def test_manifest_counts_and_digests_are_exact(tree, tmp_path):
 def test_numbering_continues_after_highest_existing_shard(tree, tmp_path):
     src, _ = tree
     more = tmp_path / "more"
-    make_tree(str(more), n=30)
+    make_tree(str(more / "extra"), n=30)  # other keys: the same ones would be refused as duplicates
     out = str(tmp_path / "out")
     os.makedirs(out)
     write_shard(out, "shard-000007.tar", 3)
@@ -190,7 +190,7 @@ def test_duplicate_keys_are_refused(tmp_path, second):
     assert_nothing_published(out)
 
 
-def test_empty_source_and_name_without_extension_are_refused(tmp_path):
+def test_empty_source_and_name_without_extension_under_strict_are_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / ".hidden.jpg").write_bytes(b"skipped")
@@ -198,8 +198,11 @@ def test_empty_source_and_name_without_extension_are_refused(tmp_path):
     with pytest.raises(PackError, match="nothing to pack"):
         pack([str(src)], out)
     (src / "README").write_bytes(b"x")
-    with pytest.raises(PackError, match="README.*no extension"):
+    with pytest.raises(PackError, match="nothing to pack"):  # a stray file alone is no sample
         pack([str(src)], out)
+    (src / "a.jpg").write_bytes(b"x")
+    with pytest.raises(PackError, match="README.*no extension"):
+        pack([str(src)], out, strict=True)
     assert_nothing_published(out)
 
 
@@ -222,8 +225,8 @@ def test_cli_pack_prints_summary_and_help_explains(tree, tmp_path):
     r = subprocess.run(CLI + ["pack", src, "-o", out, "--maxcount", "10", "--prefix", "part"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert re.fullmatch(rf"packed {len(expected)} samples into 3 shards in {out}: 5\.\d MB in \d+\.\d s\n",
-                        r.stdout), r.stdout
+    assert re.fullmatch(rf"packed {len(expected)} samples into 3 shards in {out}: 5\.\d MB in \d+\.\d s "
+                        r"\([\d,]+ samples/s, [\d,.]+ MB/s\)\n", r.stdout), r.stdout
     assert shard_files(out) == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
     assert r.stderr == ""  # no progress bar when stderr is not a terminal
     help_text = subprocess.run(CLI + ["pack", "--help"], capture_output=True, text=True, timeout=60).stdout
@@ -245,11 +248,11 @@ def test_prefix_that_is_not_a_plain_name_is_refused_before_anything_is_written(t
     assert shard_files(str(out))[0] == "v2.train_part-A-000000.tar"
 
 
-def test_output_url_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path, monkeypatch, capsys):
+def test_output_url_other_than_s3_is_refused_instead_of_becoming_a_local_folder(tree, tmp_path, monkeypatch, capsys):
     src, _ = tree
     monkeypatch.chdir(tmp_path)
-    assert main(["pack", src, "-o", "s3://bucket/shards"]) == 1
-    assert "s3://bucket/shards: remote locations are not supported yet" in capsys.readouterr().err
+    assert main(["pack", src, "-o", "gs://bucket/shards"]) == 1
+    assert "gs://bucket/shards: only s3:// URLs and local directories can be written" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
@@ -354,5 +357,5 @@ def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path
     finally:
         os.close(controller)
     assert r.returncode == 0
-    assert b"pack: 100%" in shown
+    assert b"pack: 100%" in shown and b"MB/s" in shown and re.search(rb"23/23 samples, [\d,]+ samples/s", shown)
     assert r.stdout.startswith(f"packed {len(expected)} samples into 1 shards in {out}: ")

@@ -34,6 +34,7 @@ at the end states each target of issue 17 as a ratio measured in this run, PASS 
     .venv/bin/python tools/bench.py --quick      # smaller sets, 10k-shard scale, about 2 minutes
     .venv/bin/python tools/bench.py --scale 1000000   # the scale rows at 1M shards (slow: 4 GB of files)
     .venv/bin/python tools/bench.py --remote     # the same shards from an S3 server on 127.0.0.1
+    .venv/bin/python tools/bench.py --pack       # packing speed: pack --jobs 1/2 vs ShardWriter
 """
 
 from __future__ import annotations
@@ -536,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
                              "files generated once; quick: 10000)")
     parser.add_argument("--remote", action="store_true",
                         help="read from an S3 server on 127.0.0.1 instead (tools/bench_remote.py; boto3, moto[server])")
+    parser.add_argument("--pack", action="store_true",
+                        help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
+                             "on the same input files (tools/bench_pack.py)")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
@@ -545,6 +549,10 @@ def main(argv: list[str] | None = None) -> None:
         from bench_remote import run_remote
 
         return run_remote(args)
+    if args.pack:
+        from bench_pack import run_pack_bench
+
+        return run_pack_bench(args)
     if args.scale is None:
         args.scale = 10_000 if args.quick else 100_000
     specs = shard_sets(args.quick)

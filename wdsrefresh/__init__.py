@@ -30,6 +30,9 @@ _EXPORTS = {
     "collate_tensors": "tensors",
     "PackedBytes": "tensors",
     "resume": None,
+    "pack": "write.pack:run_pack",  # the write side: imported only when these are used
+    "PackReport": "write.pack",
+    "Writer": "write.writer",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -39,9 +42,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'wdsrefresh' has no attribute {name!r}")
-    module = _EXPORTS[name]
-    value = import_module(f".{name}" if module is None else f".{module}", __name__)
-    if module is not None:
-        value = getattr(value, name)
+    module, _, attr = (_EXPORTS[name] or "").partition(":")
+    value = import_module(f".{module or name}", __name__)
+    if module:
+        value = getattr(value, attr or name)
     globals()[name] = value
     return value

@@ -34,27 +34,64 @@ def _fail(command: str, exn: BaseException) -> int:
     return 1
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: a whole number no smaller than ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_at_least_one = _at_least(1)
+_at_least_zero = _at_least(0)
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (a VALUE starting with '{' is read as JSON, for client_kwargs and
+    config_kwargs). Errors name the key, never the value: it may be a secret."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
+    if value.startswith("{"):
+        import json
+
+        try:
+            return key, json.loads(value)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"{key}: a value starting with '{{' must be a JSON object") from None
+    return key, value
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", dest="storage_options", action="append", type=_storage_option, default=[],
+                   metavar="KEY=VALUE", help="for s3:// URLs (repeatable): endpoint_url, region_name, profile, "
+                   "key, secret, token, attempts, backoff, client_kwargs={...}, config_kwargs={...}; unset "
+                   "ones come from the standard AWS chain (environment, AWS_ENDPOINT_URL, profiles, roles). "
+                   "Values are never printed")
+
+
+def _options(args: argparse.Namespace) -> dict | None:
+    return dict(args.storage_options) or None
 
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
     from .write.pack import DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, format_size
 
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="shard directory (created if needed; "
-                   "a local path)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="where the shards go: a local directory "
+                   "(created if needed) or an object-store prefix, s3://bucket/prefix/ (see --storage-option)")
     p.add_argument("--maxcount", type=_at_least_one, default=DEFAULT_MAXCOUNT,
                    help="samples per shard at most (default: %(default)s)")
     p.add_argument("--maxsize", default=format_size(DEFAULT_MAXSIZE), help="bytes per shard at most, e.g. "
                    "500MB, 1GiB (default: %(default)s); a bigger sample gets a shard of its own, with a warning")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="shard names are PREFIX-NNNNNN.tar; a plain name of "
                    "letters, digits, '-', '_' and '.', not starting with '.' (default: %(default)s)")
+    _add_storage_options(p)
 
 
 def _run_pack(args: argparse.Namespace) -> int:
@@ -62,21 +99,39 @@ def _run_pack(args: argparse.Namespace) -> int:
 
     from .write.pack import PackError, run_pack
 
+    if args.task_index is not None and args.tasks is None:
+        return _fail("pack", ValueError("--task-index needs --tasks"))
+    tasks, task_index = args.tasks or 1, args.task_index or 0
     start = time.monotonic()
     try:
         report = run_pack(args.src, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
-                          prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks)
-    except (PackError, OSError, ValueError) as exn:
+                          prefix=args.prefix, jobs=args.jobs, follow_symlinks=args.follow_symlinks,
+                          shuffle=args.shuffle, label_from_dir=args.label_from_dir, exclude=args.exclude,
+                          strict=args.strict, allow_duplicate_keys=args.allow_duplicate_keys, engine=args.engine,
+                          tasks=tasks, task_index=task_index, storage_options=_options(args))
+    except (PackError, OSError, ValueError, TypeError) as exn:  # TypeError: an unknown storage option
         return _fail("pack", exn)
     seconds = time.monotonic() - start
-    if report.committed_before:
-        print(f"nothing to do: these inputs were packed into {args.out} before "
-              f"({report.nsamples} samples in {len(report.entries)} shards)")
-        return 0
-    earlier = f"; {report.earlier} of them written by an earlier, interrupted run" if report.earlier else ""
-    print(f"packed {report.nsamples} samples into {len(report.entries)} shards in {args.out}: "
-          f"{report.nbytes / 1e6:.1f} MB in {seconds:.1f} s{earlier}")
+    print(_pack_summary(args, report, tasks, task_index, seconds))
     return 0
+
+
+def _pack_summary(args: argparse.Namespace, report, tasks: int, task_index: int, seconds: float) -> str:
+    """The one line `pack` prints: what it did, how fast, what it skipped."""
+    n = len(report.strays)
+    skipped = f"; skipped {n} file{'s' * (n != 1)} that belong{'s' * (n == 1)} to no sample" if n else ""
+    if report.committed_before:
+        return (f"nothing to do: these inputs were packed into {args.out} before "
+                f"({report.nsamples} samples in {len(report.entries)} shards){skipped}")
+    share = f" (task {task_index} of {tasks})" if tasks > 1 else ""
+    earlier = f"; {report.earlier} of them written by an earlier, interrupted run" if report.earlier else ""
+    rate = f"{report.nsamples / seconds:,.0f} samples/s, {report.nbytes / 1e6 / seconds:,.1f} MB/s" if seconds else ""
+    if report.pending:
+        state = f"; {report.pending} shards of the pack left to other tasks (the last to finish commits)"
+    else:
+        state = ""
+    return (f"packed {report.nsamples} samples into {len(report.entries)} shards in {args.out}{share}: "
+            f"{report.nbytes / 1e6:.1f} MB in {seconds:.1f} s ({rate}){earlier}{state}{skipped}")
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
@@ -88,17 +143,50 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "named PREFIX-NNNNNN.tar, numbered after the highest shard already in OUT (or reserved by a "
         "pack still running there), each written under a hidden temporary name, fsynced and renamed, "
         "its manifest entry saved in OUT/manifest.d/; at the end OUT/manifest.json (wids shard index "
-        "v1 plus digests) is updated atomically. All inputs are checked first: unreadable files, "
-        "names without an extension, symlinks leading outside SRC, duplicate keys and an empty "
-        "SRC are errors, and nothing is written. Hidden files are skipped. Interrupted (killed, out "
+        "v1 plus digests) is updated atomically. OUT may be an object-store prefix, s3://bucket/prefix/: "
+        "each shard is then uploaded whole (multipart above 64 MiB) with a conditional PUT that never "
+        "replaces an object, its manifest.d/ entry (size, ETag, digests, count) is written after it, and "
+        "manifest.json is updated with a conditional PUT, so readers listing the prefix at any moment see "
+        "only complete shards. All inputs are checked first: unreadable files, "
+        "symlinks leading outside SRC, duplicate keys, keys OUT's shards hold already and an empty "
+        "SRC are errors, and nothing is written. Hidden files are skipped, and so are files with no "
+        "extension (a README), with a warning (--strict makes them errors). Interrupted (killed, out "
         "of space), the same command run again finishes the same pack without packing any input "
-        "twice; run once more after it finished, it does nothing. A progress bar shows on a "
+        "twice; run once more after it finished, it does nothing. Array jobs (Slurm): start the same "
+        "command with --tasks N --task-index I in N jobs; they agree on one plan, each writes its "
+        "share, and the last to finish commits the manifest (if one fails, rerun it, or rerun the "
+        "command without --tasks to finish everything). A progress bar (MB/s, samples/s) shows on a "
         "terminal; a summary line is printed at the end.",
     )
     p.add_argument("src", nargs="+", metavar="SRC", help="directory (names relative to it) or file (its base name)")
     _add_shard_options(p)
-    p.add_argument("--jobs", type=_at_least_one, default=1, help="shards written in parallel, each in its own "
-                   "process (default: %(default)s)")
+    p.add_argument("--shuffle", type=int, metavar="SEED", help="spread samples over the shards in a random order "
+                   "fixed by SEED (an integer; the same SEED and inputs pack the same bytes). Without it samples "
+                   "go in key order, so a folder per class packs shards of one class each")
+    p.add_argument("--label-from-dir", action="store_true", help="add a .cls member to each sample: the number "
+                   "of its top folder under SRC, folders numbered in sorted order of their names (as torchvision's "
+                   "ImageFolder does); the numbering is written to OUT/classes.json. If OUT has a classes.json, "
+                   "its numbering is used, and a pack with a class it lacks is refused")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files and folders whose "
+                   "path relative to SRC, or base name, matches GLOB (fnmatch: *, ?, [..]; '*' also matches '/'); "
+                   "repeat for more globs, e.g. --exclude '*.txt' --exclude 'raw/*'")
+    p.add_argument("--strict", action="store_true", help="a file with no extension (which belongs to no sample) "
+                   "is an error instead of being skipped with a warning")
+    p.add_argument("--allow-duplicate-keys", action="store_true", help="pack even when OUT's shards (listed, "
+                   "uncommitted or reserved) already hold some of the keys being packed; without it such a pack "
+                   "is refused, naming some of the keys, since readers would yield those samples twice")
+    p.add_argument("--jobs", type=_at_least_one, default=1, help="shards written in parallel: processes with "
+                   "--engine local; CPUs of the local Ray cluster started with --engine ray (default: %(default)s)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="where the shards are written: "
+                   "local (processes on this machine) or ray (Ray tasks on the cluster at RAY_ADDRESS, or on a local "
+                   "one started for this pack; pip install 'wdsrefresh[ray]'; every node must see SRC at the same path, "
+                   "and OUT: a shared directory, or an s3:// prefix, reached with the same --storage-option values). "
+                   "Both write the same bytes (default: %(default)s)")
+    p.add_argument("--tasks", type=_at_least_one, metavar="N", help="run as one of N array tasks (Slurm: "
+                   "$SLURM_ARRAY_TASK_COUNT): this one writes the plan's shards whose number in the plan is "
+                   "congruent to --task-index modulo N")
+    p.add_argument("--task-index", type=_at_least_zero, metavar="I", help="this array task's index, 0 to N-1 "
+                   "(Slurm: $SLURM_ARRAY_TASK_ID, if the array starts at 0)")
     p.add_argument("--follow-symlinks", action="store_true", help="follow symlinks even when they lead outside SRC")
     p.set_defaults(run=_run_pack)
 
@@ -112,7 +200,8 @@ def _run_ingest(args: argparse.Namespace) -> int:
     try:
         config = IngestConfig(args.inbox, args.out, maxcount=args.maxcount, maxsize=parse_size(args.maxsize),
                               settle=args.settle, flush=args.flush, archive=args.archive, prefix=args.prefix,
-                              require_done=args.require_done)
+                              require_done=args.require_done, storage_options=_options(args),
+                              journal_dir=args.journal_dir)
         def published(entry) -> None:
             print(f"published {os.path.join(args.out, entry.url)}: {entry.nsamples} samples, {entry.filesize} bytes",
                   flush=True)
@@ -120,7 +209,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
         with Ingester(config, on_publish=published) as ingester:
             signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
             ingester.run_once() if args.once else ingester.run_forever()
-    except (IngestError, OSError, ValueError) as exn:
+    except (IngestError, OSError, ValueError, TypeError) as exn:
         return _fail("ingest", exn)
     return 0
 
@@ -137,7 +226,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "is removed, not packed), or else when all its files were closed after writing and stayed "
         "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
         "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
-        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). One ingest at a "
+        "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). OUT may be an "
+        "s3://bucket/prefix/ URL: shards are uploaded whole, each described by a manifest.d/ fragment "
+        "after it exists, then compacted into manifest.json; the journal then lives on local disk, in "
+        "--journal-dir (default INBOX/.wdsrefresh/, never packed). One ingest at a "
         "time per inbox: it holds INBOX/.wdsrefresh-ingest.lock while it runs. Prints one line per "
         "published shard.",
     )
@@ -152,6 +244,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    "oldest sample has waited this many seconds (default: %(default)s)")
     p.add_argument("--archive", metavar="DIR", help="move inputs here instead of deleting them (same file system)")
     p.add_argument("--require-done", action="store_true", help="take only samples that have a KEY.done marker")
+    p.add_argument("--journal-dir", metavar="DIR", help="with an s3:// OUT: the local directory of the crash "
+                   "journal and temporary shards (default: INBOX/.wdsrefresh/ingest-<tag of OUT>/)")
     p.set_defaults(run=_run_ingest)
 
 
@@ -159,8 +253,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     from .write.verify import check
 
     try:
-        report = check(args.target)
-    except (OSError, ValueError) as exn:
+        report = check(args.target, storage_options=_options(args))
+    except (OSError, ValueError, TypeError) as exn:
         return _fail("verify", exn)
     if report.problems:
         _print_table(["SHARD", "PROBLEM", "DETAIL"], [[p.shard, p.kind, p.detail] for p in report.problems])
@@ -173,14 +267,17 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="re-hash every shard and check it against the manifest",
-        description="Reads every shard of OUT (or of MANIFEST, or the one SHARD) once: checks size, "
+        description="Reads every shard of OUT (or of MANIFEST, or the one SHARD; each may be an s3:// URL, "
+        "e.g. s3://bucket/prefix/, whose objects are re-read pinned to their ETag) once: checks size, "
         "whole-file and block digests, sample count and tar structure against the manifest (shards "
         "of a pack not yet committed: against their entries in OUT/manifest.d/), and reports shard "
         "files the manifest does not list. Without a manifest, a walk of each shard's tar structure "
         "is the check. Prints a table of problems, then a line saying what was checked and what was "
         "not; exits with status 1 when there is any problem (no shard at all is one), 0 otherwise.",
     )
-    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file")
+    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file, "
+                   "or an s3:// URL of one")
+    _add_storage_options(p)
     p.set_defaults(run=_run_verify)
 
 
@@ -189,8 +286,8 @@ def _run_ls(args: argparse.Namespace) -> int:
     from .write.verify import listing
 
     try:
-        rows = listing(args.target)
-    except (OSError, ValueError) as exn:
+        rows = listing(args.target, storage_options=_options(args))
+    except (OSError, ValueError, TypeError) as exn:
         return _fail("ls", exn)
     if not rows:
         print(f"{args.target}: no shards")
@@ -205,12 +302,16 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ls",
         help="list shards with samples, size, digest and age",
-        description="Lists the shards of OUT (or of MANIFEST, or the one SHARD): sample count and "
-        "digest from the manifest, size and age (time since last modification) from the file system. "
+        description="Lists the shards of OUT (or of MANIFEST, or the one SHARD; each may be an s3:// URL): "
+        "sample count and digest from the manifest, size and age (time since last modification) from the "
+        "file system or the object listing. "
         "Shards of a pack not yet committed (listed in OUT/manifest.d/) are marked (uncommitted); "
-        "shards in neither are marked (unlisted) and counted by reading their headers.",
+        "shards in neither are marked (unlisted) and counted by reading their headers (objects in a store: "
+        "not counted, shown as '?').",
     )
-    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file")
+    p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file, "
+                   "or an s3:// URL of one")
+    _add_storage_options(p)
     p.set_defaults(run=_run_ls)
 
 

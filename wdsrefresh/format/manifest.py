@@ -145,14 +145,19 @@ def load(path: str, *, contained: bool = False) -> list[ManifestEntry]:
 
 def save(path: str, entries: Iterable[ManifestEntry], name: str | None = None) -> None:
     """Writes the manifest atomically: readers see the old or the new file, never a part."""
-    doc = {
+    write_json_atomic(path, document(entries, name or os.path.basename(os.path.dirname(os.path.abspath(path)))),
+                      indent=1)
+
+
+def document(entries: Iterable[ManifestEntry], name: str) -> dict:
+    """The manifest document listing ``entries`` (what ``save`` writes; an object store's is PUT)."""
+    return {
         "__kind__": KIND,
         "wids_version": 1,
         VERSION_KEY: VERSION,
-        "name": name or os.path.basename(os.path.dirname(os.path.abspath(path))),
+        "name": name,
         "shardlist": [e.to_json() for e in entries],
     }
-    write_json_atomic(path, doc, indent=1)
 
 
 def write_json_atomic(path: str, doc: object, indent: int | None = None) -> None:

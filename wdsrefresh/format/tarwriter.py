@@ -167,6 +167,12 @@ class TarWriter:
         self.sink.write(bytes(-size % RECORD))
         return st.st_ino, st.st_size, st.st_mtime_ns
 
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """Adds ``data`` (bytes held in memory) as member ``name``."""
+        self.sink.write(member_headers(name, len(data), self.mtime))
+        self.sink.write(data)
+        self.sink.write(bytes(-len(data) % RECORD))
+
     def close(self) -> None:
         """Writes the end-of-archive marker and finalises the digests (does not close the file)."""
         self.sink.write(bytes(archive_overhead()))

@@ -29,11 +29,12 @@ class PageError(Exception):
     as botocore retries them)."""
 
 
-def parse_page(body: bytes) -> tuple[list[tuple[str, int, str, str]], str | None]:
+def parse_page(body: bytes, prefixes: list[str] | None = None) -> tuple[list[tuple[str, int, str, str]], str | None]:
     """The objects of one page as (key, size, etag, last-modified text), in the page's order,
-    and the continuation token when the listing goes on. Keys are decoded as botocore decodes
-    them (``EncodingType=url``, which botocore asks for); ETags keep their quotes. PageError for
-    a body that is not a whole page."""
+    and the continuation token when the listing goes on; the "folders" a delimiter rolled up
+    (``CommonPrefixes``) are appended to ``prefixes`` when given. Keys are decoded as botocore
+    decodes them (``EncodingType=url``, which botocore asks for); ETags keep their quotes.
+    PageError for a body that is not a whole page."""
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exn:
@@ -49,5 +50,9 @@ def parse_page(body: bytes) -> tuple[list[tuple[str, int, str, str]], str | None
         key = fields[key_tag]
         objects.append((unquote_plus(key) if encoded else key, int(fields[size_tag]), fields[etag_tag],
                         fields[modified_tag]))
+    if prefixes is not None:
+        for item in root.iterfind(f"{ns}CommonPrefixes"):
+            prefix = item.findtext(f"{ns}Prefix") or ""
+            prefixes.append(unquote_plus(prefix) if encoded else prefix)
     truncated = root.findtext(f"{ns}IsTruncated") == "true"
     return objects, (root.findtext(f"{ns}NextContinuationToken") if truncated else None)

@@ -5,7 +5,9 @@ non-shard names are never listed):
 
 - ``s3://bucket/prefix/``: every shard-named object directly under the prefix (as a directory
   is read: not below a further ``/``); its ``manifest.json``, when there is one, gives counts
-  and digests for the objects its entries describe;
+  and digests for the objects its entries describe, and so do the fragments of packs not yet
+  committed (``manifest.d/part-*.json``), listed only when there are some and some object is
+  not described;
 - ``s3://bucket/prefix/*.tar``: a glob (``*`` and ``?`` stay within one ``/`` level, ``**``
   crosses levels); ``s3://bucket/shard-{000..099}.tar``: a brace pattern (objects that do not
   exist are left out); ``s3://bucket/one.tar``: one object;
@@ -99,11 +101,12 @@ class ObjectSource(ShardSource):
     def _init_caches(self) -> None:
         self._known: dict[str, _Known] = {}  # url -> what its current version is
         self._manifests: dict[str, tuple[str, list, list]] = {}  # url -> (etag, entries, errors)
+        self._fragments: dict[str, tuple[str, list]] = {}  # fragment url -> (etag, entries)
         self._versioned: dict[str, bool | None] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_known", "_manifests", "_versioned"):
+        for key in ("_known", "_manifests", "_fragments", "_versioned"):
             state.pop(key)  # what the resolving process learned stays there
         return state
 
@@ -237,6 +240,42 @@ class ObjectSource(ShardSource):
         return entries
 
 
+    def fragment_entries(self, bucket: str, prefix: str) -> list[manifestmod.ManifestEntry]:
+        """The entries of the fragments under ``s3://bucket/prefix/manifest.d/``, in name order;
+        each fragment is fetched once per ETag (a fragment that cannot be read is ignored, with a
+        warning: its objects are indexed)."""
+        found, entries = {}, []
+        for stat in _listing(self.store, bucket, f"{prefix}{manifestmod.FRAGMENTS_DIR}/", "/"):
+            if not _FRAGMENT_RE.match(posixpath.basename(stat.url)):
+                continue
+            cached = self._fragments.get(stat.url)
+            if cached is None or not same_etag(cached[0], stat.etag):
+                try:
+                    data, etag = self.store.get_if_changed(stat.url, None)
+                    parsed, errors = manifestmod.parse(manifestmod.decode(data, stat.url), stat.url,
+                                                       f"s3://{bucket}/{prefix}", contained=True)
+                except ObjectVanishedError:
+                    continue  # merged into manifest.json and removed since the listing
+                except (ObjectReadError, manifestmod.ManifestError) as exn:
+                    log.warning("%s; ignored, its objects are indexed instead", exn)
+                    continue
+                for exn in errors:
+                    log.warning("%s; entry ignored, the object is indexed instead", exn)
+                cached = (etag, parsed)
+            found[stat.url] = cached
+            entries += cached[1]
+        self._fragments = found
+        return entries
+
+
+_FRAGMENT_RE = re.compile(r"part-[0-9a-f]+-\d+\.json$")
+
+
+def _describes(entry: manifestmod.ManifestEntry | None, stat: ObjectStat) -> bool:
+    """Whether ``entry`` describes this version of the object (so it need not be indexed)."""
+    return entry is not None and entry.filesize == stat.size and same_etag(entry.etag, stat.etag)
+
+
 def _candidate(item: _Listed, known: _Known | None) -> ObjectCandidate:
     """The candidate for a listed object; neither info nor error when it was deleted since."""
     stat = item.stat
@@ -276,7 +315,8 @@ class _Prefix(_Plan):
         self.bucket, self.prefix = where.bucket, where.key
 
     def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        stats = list(_listing(source.store, self.bucket, self.prefix, "/"))
+        folders: list[str] = []
+        stats = list(_listing(source.store, self.bucket, self.prefix, "/", folders))
         manifest_url = f"s3://{self.bucket}/{self.prefix}{manifestmod.DEFAULT_NAME}"
         entries: dict[str, manifestmod.ManifestEntry] = {}
         if any(s.url == manifest_url for s in stats):
@@ -284,10 +324,16 @@ class _Prefix(_Plan):
                 entries = {e.url: e for e in source.manifest(manifest_url, contained=True)}
             except (ObjectVanishedError, ObjectReadError) as exn:
                 log.warning("%s; indexing the objects instead", exn)
-        for stat in stats:
-            name = stat.url[len(f"s3://{self.bucket}/{self.prefix}"):]
-            if is_shard_name(name):
-                yield _Listed(stat, name, entries.get(name))
+        shards = {stat.url[len(f"s3://{self.bucket}/{self.prefix}"):]: stat for stat in stats}
+        shards = {name: stat for name, stat in shards.items() if is_shard_name(name)}
+        pending = f"{self.prefix}{manifestmod.FRAGMENTS_DIR}/" in folders  # fragments of packs not committed
+        if pending and any(not _describes(entries.get(name), stat) for name, stat in shards.items()):
+            for entry in source.fragment_entries(self.bucket, self.prefix):  # shards of packs not committed yet
+                stat = shards.get(entry.url)
+                if stat is not None and not _describes(entries.get(entry.url), stat):
+                    entries[entry.url] = entry
+        for name, stat in shards.items():
+            yield _Listed(stat, name, entries.get(name))
 
 
 class _Glob(_Plan):
@@ -376,9 +422,10 @@ class _Manifest(_Plan):
                 yield _Listed(item.stat, entry.url, entry)
 
 
-def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None) -> Iterator[ObjectStat]:
+def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None,
+             subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
     try:
-        yield from store.list(bucket, prefix, delimiter)
+        yield from store.list(bucket, prefix, delimiter, subprefixes)
     except ObjectVanishedError as exn:
         raise NoShardsError(f"s3://{bucket}/{prefix}: {exn}") from exn
 

@@ -328,15 +328,20 @@ class Store:
                 return None
             raise
 
-    def list(self, bucket: str, prefix: str, delimiter: str | None = "/") -> Iterator[ObjectStat]:
+    def list(self, bucket: str, prefix: str, delimiter: str | None = "/",
+             subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
         """The objects whose keys start with ``prefix`` (with ``delimiter``: not below a further
-        ``/``), in key order, over as many ListObjectsV2 pages as it takes."""
+        ``/``), in key order, over as many ListObjectsV2 pages as it takes. The "folders" the
+        delimiter rolled up (``prefix/sub/``) are appended to ``subprefixes`` when given."""
         url = f"s3://{bucket}/{prefix}"
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
         if delimiter:
             kwargs["Delimiter"] = delimiter
+        found: list[str] = []  # the page's rolled-up folders (a retried page starts again from none)
         while True:
-            objects, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs)))
+            objects, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs), found))
+            if subprefixes is not None:
+                subprefixes += found
             for key, size, etag, modified in objects:
                 yield ObjectStat(f"s3://{bucket}/{key}", size, etag, _ns(_timestamp(modified)))
             if token is None:
@@ -353,12 +358,15 @@ class Store:
         return r.get("Status") == "Enabled"
 
 
-def _page(response: dict) -> tuple[list[tuple[str, int, str, str]], str | None]:
+def _page(response: dict, prefixes: list[str]) -> tuple[list[tuple[str, int, str, str]], str | None]:
     """A ListObjectsV2 page's objects and continuation token, from the body ``listing.keep_page``
-    kept (else as botocore parsed it: a client made without that handler)."""
+    kept (else as botocore parsed it: a client made without that handler); its rolled-up folders
+    replace the contents of ``prefixes``."""
+    prefixes.clear()
     raw = response.get(listing.RAW_PAGE)
     if raw is not None:
-        return listing.parse_page(raw)
+        return listing.parse_page(raw, prefixes)
+    prefixes += [p["Prefix"] for p in response.get("CommonPrefixes", ())]
     objects = [(o["Key"], o["Size"], o["ETag"], o["LastModified"].isoformat()) for o in response.get("Contents", ())]
     return objects, response.get("NextContinuationToken") if response.get("IsTruncated") else None
 
@@ -399,8 +407,8 @@ def _classify(exn: BaseException) -> str:
         error = exn.response.get("Error", {})
         status = exn.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = str(error.get("Code", ""))
-        if status == 412 or code == "PreconditionFailed":
-            return "changed"
+        if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return "changed"  # 409 ConditionalRequestConflict: a conditional write raced another one
         if status == 304 or code == "304":
             return "not modified"
         if status == 404 or code in _GONE_CODES:

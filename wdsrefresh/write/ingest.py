@@ -24,6 +24,17 @@ same name after it was packed is a new input, never removed by mistake.
 One ingest at a time owns an inbox: it holds ``INBOX/.wdsrefresh-ingest.lock`` (a hidden
 name, never packed), whatever its output directory. The inbox must exist; OUT and the
 archive may be neither the inbox nor inside it, nor contain it.
+
+OUT may be an ``s3://bucket/prefix/`` URL. Each shard is then written to a local temporary
+file, numbered by the store's counter (``destination.py``), journaled, uploaded whole (a
+conditional PUT that never replaces an object), and described by a fragment
+``manifest.d/part-<inbox tag>-<number>.json`` carrying its ETag; only then are its inputs
+removed. The fragments are compacted into ``manifest.json`` (a conditional PUT) every
+``COMPACT_EVERY`` shards and when the ingest stops. The journal and the temporary files live
+on local disk, in ``--journal-dir`` (default ``INBOX/.wdsrefresh/ingest-<tag of OUT>/``, a
+hidden name the inbox scan skips). After a kill, the restart finds each journaled shard: in
+the store with the journaled digest (read back once), its publication is completed; absent,
+it is rolled back and its inputs are packed again later.
 """
 
 from __future__ import annotations
@@ -47,8 +58,9 @@ from ..format.tarwriter import TarWriteError
 from ..watch import Change, new_watcher
 from .pack import (
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_local, check_name,
-    check_prefix, paths_overlap, plan_shards, write_shard,
+    check_prefix, paths_overlap, plan_shards, write_shard, WrittenShard,
 )
+from .destination import DestinationError, open_destination
 from .publish import (
     PRIVATE_DIR, add_to_manifest, current_entries, fsync_dir_named, next_number, out_lock, rename_without_replacing,
     shard_name,
@@ -59,6 +71,7 @@ log = logging.getLogger("wdsrefresh")
 INBOX_LOCK_NAME = ".wdsrefresh-ingest.lock"
 MARKER_EXT = "done"
 JOURNAL_VERSION = 1
+COMPACT_EVERY = 32  # shards published into an object store between compactions of their fragments
 
 
 class IngestError(RuntimeError):
@@ -77,6 +90,8 @@ class IngestConfig:
     prefix: str = DEFAULT_PREFIX
     require_done: bool = False
     poll: float = 5.0
+    storage_options: dict | None = None  # for an s3:// OUT (remote.store.Store's options)
+    journal_dir: str | None = None  # for an s3:// OUT: where the local journal lives
 
 
 @dataclass
@@ -171,10 +186,22 @@ class Ingester:
         self.cfg = config
         self.on_publish = on_publish
         self.inbox = os.path.abspath(config.inbox)
-        self.out = os.path.abspath(config.out)
         self.tag = xxhash.xxh3_64_hexdigest(os.path.realpath(self.inbox).encode())
-        self.private_dir = os.path.join(self.out, PRIVATE_DIR)
-        self.journal_dir = os.path.join(self.private_dir, f"ingest-{self.tag}")
+        try:
+            self.dest = open_destination(config.out, config.storage_options)
+        except (DestinationError, ValueError) as exn:
+            raise IngestError(str(exn)) from None
+        if self.dest.remote:
+            self.out = self.dest.url
+            self.journal_dir = os.path.abspath(config.journal_dir or os.path.join(
+                self.inbox, PRIVATE_DIR, "ingest-" + xxhash.xxh3_64_hexdigest(self.out.encode())))
+        else:
+            if config.journal_dir:
+                raise IngestError("--journal-dir is for an s3:// output; a local one keeps its journal in "
+                                  f"{os.path.join(config.out, PRIVATE_DIR)}")
+            self.out = os.path.abspath(config.out)
+            self.journal_dir = os.path.join(self.out, PRIVATE_DIR, f"ingest-{self.tag}")
+        self._unmerged = 0  # fragments written into an object store since the last compaction
         self.tracker = _Tracker(config.settle)
         self._wake_r, self._wake_w = _nonblocking_pipe()  # stop() wakes the loop, even from a signal handler
         self._counter = 0
@@ -192,7 +219,7 @@ class Ingester:
         self._check_directories()
         self._lock_inbox()
         try:
-            for d in (self.out, self.journal_dir):
+            for d in ([] if self.dest.remote else [self.out]) + [self.journal_dir]:
                 os.makedirs(d, exist_ok=True)
             if self.cfg.archive:
                 os.makedirs(self.cfg.archive, exist_ok=True)
@@ -204,7 +231,8 @@ class Ingester:
             raise
 
     def _check_directories(self) -> None:
-        for path in (self.cfg.inbox, self.cfg.out, self.cfg.archive or ""):
+        local = [self.cfg.inbox, self.cfg.archive or ""] + ([] if self.dest.remote else [self.cfg.out])
+        for path in local:
             try:
                 check_local(path)
             except PackError as exn:
@@ -217,11 +245,13 @@ class Ingester:
             what = "not a directory" if os.path.exists(self.inbox) else "no such directory"
             raise IngestError(f"inbox {self.cfg.inbox}: {what} (create it first; ingest does not)")
         inbox = os.path.realpath(self.inbox)
-        for role, path in (("output directory", self.cfg.out), ("archive", self.cfg.archive)):
+        for role, path in (("output directory", None if self.dest.remote else self.cfg.out),
+                           ("archive", self.cfg.archive)):
             if path and paths_overlap(inbox, os.path.realpath(path)):
                 raise IngestError(f"{role} {path} and inbox {self.cfg.inbox} overlap (one is, or is inside, the "
                                   f"other): ingest would take its own files as inputs")
-        if self.cfg.archive and paths_overlap(os.path.realpath(self.cfg.archive), os.path.realpath(self.out)):
+        if self.cfg.archive and not self.dest.remote and paths_overlap(os.path.realpath(self.cfg.archive),
+                                                                        os.path.realpath(self.out)):
             raise IngestError(f"archive {self.cfg.archive} and output directory {self.cfg.out} overlap: "
                               "archived inputs would sit among the shards")
 
@@ -275,6 +305,9 @@ class Ingester:
 
     def recover(self) -> None:
         """Finishes each journaled publication whose shard was renamed; rolls back the others."""
+        if self.dest.remote:
+            self._recover_remote()
+            return
         with out_lock(self.out):
             for name in sorted(os.listdir(self.journal_dir)):
                 path = os.path.join(self.journal_dir, name)
@@ -291,6 +324,39 @@ class Ingester:
                 os.unlink(path)
                 fsync_dir_named(self.journal_dir)
             self._sweep_temporaries()
+
+    def _recover_remote(self) -> None:
+        """Finishes each journaled publication whose object is in the store with the journaled
+        digest; rolls back the others (their inputs stay in the inbox); then compacts."""
+        for name in sorted(os.listdir(self.journal_dir)):
+            path = os.path.join(self.journal_dir, name)
+            if name.startswith(("_tmp.", ".ingest-")):
+                os.unlink(path)
+                continue
+            doc = _load_journal(path)
+            entry = _entry_from(doc)
+            published = self._published_remote(entry)
+            if published is not None:
+                log.info("recovery: completing publication of %s", self.dest.location(entry.url))
+                self.dest.write_fragment(self.tag, _number(entry.url), [published])
+                self._remove_inputs(doc["inputs"])
+            else:
+                log.info("recovery: rolling back unpublished %s", self.dest.location(entry.url))
+                self.dest.sweep(self.tag, [entry.url])  # an upload in parts the kill cut short
+            os.unlink(path)
+            fsync_dir_named(self.journal_dir)
+        self.dest.commit(None)
+
+    def _published_remote(self, entry: ManifestEntry) -> ManifestEntry | None:
+        """The entry (with its ETag) of the journaled shard if it is in the store, else None."""
+        if not self.dest.exists(entry.url):
+            return None
+        found, complete = self.dest.indexed(entry.url)
+        if not complete or found.digest != entry.digest:
+            raise IngestError(f"{self.dest.location(entry.url)}: journaled in {self.journal_dir} with digest "
+                              f"{entry.digest}, the store holds other bytes ({found.digest}); not removing its "
+                              "inputs: check that no other writer uses this prefix without reserving numbers")
+        return found
 
     def _sweep_temporaries(self) -> None:
         for name in os.listdir(self.out):
@@ -375,12 +441,10 @@ class Ingester:
 
     def publish(self, batch: Sequence[tuple[Sample, list[InputId]]]) -> ManifestEntry:
         """Writes one shard from ``batch``, publishes it, then removes (or archives) its inputs."""
-        self._counter += 1
-        tmp_name = f".ingest-{self.tag}-{os.getpid()}-{self._counter}.tar.tmp"
-        written = write_shard([s for s, _ in batch], os.path.join(self.out, tmp_name))
-        packed = {i.path for i in written.inputs}
-        markers = [i for _, ids in batch for i in ids if i.path not in packed]
-        inputs = [_as_dict(i) for i in written.inputs + tuple(markers)]
+        if self.dest.remote:
+            return self._publish_remote(batch)
+        tmp_name = f".ingest-{self.tag}-{os.getpid()}-{self._counter + 1}.tar.tmp"
+        written, inputs = self._write(batch, os.path.join(self.out, tmp_name))
         with out_lock(self.out):
             entries = current_entries(self.out)
             name = shard_name(self.cfg.prefix, next_number(self.out, self.cfg.prefix, [e.url for e in entries]))
@@ -397,6 +461,44 @@ class Ingester:
         if self.on_publish is not None:
             self.on_publish(entry)
         return entry
+
+    def _write(self, batch: Sequence[tuple[Sample, list[InputId]]], tmp_path: str) -> tuple[WrittenShard, list[dict]]:
+        """The batch's shard, written durably to ``tmp_path``, and every input it consumes
+        (its files, and markers, which are not packed)."""
+        self._counter += 1
+        written = write_shard([s for s, _ in batch], tmp_path)
+        packed = {i.path for i in written.inputs}
+        markers = [i for _, ids in batch for i in ids if i.path not in packed]
+        return written, [_as_dict(i) for i in written.inputs + tuple(markers)]
+
+    def _publish_remote(self, batch: Sequence[tuple[Sample, list[InputId]]]) -> ManifestEntry:
+        """``publish`` into an object store: journal, upload, fragment, then the inputs go."""
+        tmp_name = f".ingest-{os.getpid()}-{self._counter + 1}.tar.tmp"
+        written, inputs = self._write(batch, os.path.join(self.journal_dir, tmp_name))
+        name = self.dest.reserve_names(self.cfg.prefix, 1)[0]
+        journal = os.path.join(self.journal_dir, name + ".json")
+        manifestmod.write_json_atomic(journal, _journal_doc(written.entry(name), tmp_name, inputs))
+        entry = self.dest.publish(written.tmp_path, written.entry(name))
+        if entry is None:
+            raise IngestError(f"{self.dest.location(name)}: exists already, though its number was just taken "
+                              "from the store's counter: another writer uses this prefix without reserving numbers")
+        self.dest.write_fragment(self.tag, _number(name), [entry])
+        self._remove_inputs(inputs)
+        os.unlink(journal)
+        self._unmerged += 1
+        if self._unmerged >= COMPACT_EVERY:
+            self.compact()
+        self.tracker.forget([i["path"] for i in inputs])
+        log.info("published %s: %d samples, %d bytes", self.dest.location(name), entry.nsamples, entry.filesize)
+        if self.on_publish is not None:
+            self.on_publish(entry)
+        return entry
+
+    def compact(self) -> None:
+        """Merges the fragments of an object-store output into its manifest.json."""
+        if self.dest.remote and self._unmerged:
+            self.dest.commit(None)
+            self._unmerged = 0
 
     def _remove_inputs(self, inputs: Sequence[dict]) -> None:
         dirs = set()
@@ -437,12 +539,16 @@ class Ingester:
             batches = batches[:-1]  # every batch but the last is full by construction
         else:
             self._oldest_ready = None
-        for batch in batches:
-            try:
-                self.publish(batch)
-            except (FileNotFoundError, TarWriteError) as exn:
-                log.warning("%s; will retry at the next scan", exn)
-                return later
+        try:
+            for batch in batches:
+                try:
+                    self.publish(batch)
+                except (FileNotFoundError, TarWriteError) as exn:
+                    log.warning("%s; will retry at the next scan", exn)
+                    return later
+        finally:
+            if final:
+                self.compact()
         return later
 
     def run_once(self) -> None:
@@ -537,6 +643,11 @@ def _load_journal(path: str) -> dict:
     if doc.get("version") != JOURNAL_VERSION:
         raise IngestError(f"{path}: unknown ingest journal version {doc.get('version')!r}")
     return doc
+
+
+def _number(name: str) -> int:
+    """The number of shard ``PREFIX-NNNNNN.tar``."""
+    return int(name.rsplit("-", 1)[1].split(".", 1)[0])
 
 
 def _entry_from(doc: dict) -> ManifestEntry:

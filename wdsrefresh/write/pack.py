@@ -1,9 +1,10 @@
 """Packing files into tar shards: grouping into samples, planning, idempotent tasks, a commit.
 
 Files are grouped into samples by webdataset's key rule (``names.split_key``: ``dir/a.b.c``
-is extension ``b.c`` of sample ``dir/a``). Samples are written in key order, members of a
-sample in extension order, with ``tarwriter``'s fixed metadata, so the same tree always
-packs to the same bytes.
+is extension ``b.c`` of sample ``dir/a``). Samples are written in key order (or in the order
+a ``shuffle`` seed fixes), members of a sample in extension order, with ``tarwriter``'s fixed
+metadata, so the same tree and options always pack to the same bytes. ``label_from_dir``
+adds a ``.cls`` member per sample (``labels.py``).
 
 A pack runs in three steps (the files are described in ``publish.py``):
 - **plan**: the inputs are listed, checked and split into tasks (a task is the samples of
@@ -19,9 +20,22 @@ A pack runs in three steps (the files are described in ``publish.py``):
   the plan is renamed ``done-<hash>.json``, so running the same pack again finds it done
   and does nothing (a kill can land after the commit, before the command returns).
 
+Tasks run on an engine (``engines.py``: local processes or Ray). An array job under a
+scheduler runs ``tasks`` copies of the same pack, copy ``task_index`` running the tasks whose
+index is ``task_index`` modulo ``tasks`` (strided, so shard sizes even out across copies);
+they share the plan (a shared lock instead of an exclusive one), and the copy that finds
+every task finished after its own commits (the last to finish; two at once both commit,
+which is harmless).
+
+``OUT`` may be an ``s3://bucket/prefix/`` URL: the same steps with an object store's
+primitives (conditional PUTs instead of locks and renames), described in ``destination.py``,
+which is where every step above touches the output. Every engine runs its tasks against the
+plan's destination, storage options included.
+
 Guarantees of ``pack``:
-- every input is checked (names, symlinks, readability, duplicate keys) before any shard is
-  written; on any such error nothing is written;
+- every input is checked (names, symlinks, readability, duplicate keys among the inputs and
+  against the keys OUT's shards hold, ``keys.py``) before any shard is written; on any such
+  error nothing is written;
 - killed or failing at any moment (out of space included), the same command run again
   finishes the same plan, or finds it finished: every input ends in exactly one shard, every
   shard is listed once;
@@ -30,15 +44,15 @@ Guarantees of ``pack``:
 
 from __future__ import annotations
 
-import fcntl
+import fnmatch
+import functools
 import hashlib
 import json
 import logging
 import os
+import random
 import re
-import signal
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,13 +60,12 @@ from dataclasses import dataclass
 
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
-from ..format.tario import TarError, index_shard
+from ..format.tario import TarError
 from ..format.tarwriter import TarWriter, archive_overhead, member_size
-from .publish import (
-    commit, create_plan, done_path, fragment_path, fsync_dir_named, load_fragment, load_plan, manifest_entries, named,
-    next_number, out_lock, plan_path, plan_paths, rename_without_replacing, shard_name, sweep_plan_temporaries,
-    sweep_task_temporaries, write_fragment,
-)
+from .destination import Destination, DestinationError, PlanBusy, open_destination
+from .keys import duplicates as duplicate_keys
+from .keys import record_plan as record_plan_keys
+from .publish import named
 
 log = logging.getLogger("wdsrefresh")
 
@@ -73,9 +86,10 @@ class PackError(ValueError):
 @dataclass(frozen=True)
 class Member:
     name: str
-    path: str
+    path: str  # the input file ("" for a member made in memory)
     size: int
     mtime_ns: int = 0
+    data: bytes | None = None  # the member's bytes, when made in memory (a --label-from-dir label)
 
 
 @dataclass(frozen=True)
@@ -141,9 +155,15 @@ def check_prefix(prefix: str) -> None:
 
 
 def check_local(path: str) -> None:
-    """Raises PackError for a URL (``scheme://...``): only local directories are written."""
+    """Raises PackError for a URL (``scheme://...``): for inputs, which are local files."""
     if _URL_RE.match(path):
-        raise PackError(f"{path}: remote locations are not supported yet; give a local directory")
+        raise PackError(f"{path}: remote locations are not supported here; give a local path")
+
+
+def check_destination(out: str | Destination) -> None:
+    """Raises PackError for a URL that cannot be written: only ``s3://`` URLs can."""
+    if isinstance(out, str) and _URL_RE.match(out) and not out.lower().startswith("s3://"):
+        raise PackError(f"{out}: only s3:// URLs and local directories can be written")
 
 
 # ---- collecting inputs -------------------------------------------------------------------
@@ -177,12 +197,19 @@ def _check_symlink(path: str, root_real: str, root: str, follow: bool) -> None:
         )
 
 
-def walk_tree(root: str, follow_symlinks: bool = False) -> Iterator[tuple[str, str]]:
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` (relative to its source) or its base name matches one of the globs."""
+    base = name.rpartition("/")[2]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
+
+
+def walk_tree(root: str, follow_symlinks: bool = False, exclude: Sequence[str] = ()) -> Iterator[tuple[str, str]]:
     """Yields ``(name relative to root, path)`` of the regular files under ``root``.
 
-    Hidden names (starting with '.') are skipped. Symlinks whose target lies outside
-    ``root`` raise PackError unless ``follow_symlinks``; symlinked directories inside
-    ``root`` are skipped (their files are packed under their real names).
+    Hidden names (starting with '.') are skipped, and so are files and directories matching
+    an ``exclude`` glob. Symlinks whose target lies outside ``root`` raise PackError unless
+    ``follow_symlinks``; symlinked directories inside ``root`` are skipped (their files are
+    packed under their real names).
     """
     root_real = os.path.realpath(root)
     visited = {root_real}
@@ -192,7 +219,7 @@ def walk_tree(root: str, follow_symlinks: bool = False) -> Iterator[tuple[str, s
         with os.scandir(directory) as it:
             entries = list(it)
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or (exclude and excluded(rel + entry.name, exclude)):
                 continue
             if entry.is_symlink():
                 _check_symlink(entry.path, root_real, root, follow_symlinks)
@@ -224,12 +251,13 @@ def _stat_readable(path: str) -> os.stat_result:
     return st
 
 
-def group_samples(files: Iterable[tuple[str, str, str]]) -> list[Sample]:
+def group_samples(files: Iterable[tuple[str, str, str]], strays: list[str] | None = None) -> list[Sample]:
     """Groups ``(origin, name, path)`` triples into samples by webdataset's key rule.
 
-    Returns samples sorted by key, members sorted by name. Raises PackError for a name
-    without an extension, for two files that would be the same member of a sample
-    (extensions compare lower-cased, as readers do), and for a key found in two origins.
+    Returns samples sorted by key, members sorted by name. Raises PackError for two files
+    that would be the same member of a sample (extensions compare lower-cased, as readers
+    do), for a key found in two origins, and for a name without an extension, which belongs
+    to no sample; given a ``strays`` list, such a file's path is appended there instead.
     """
     by_key: dict[str, dict[str, Member]] = {}
     origin_of: dict[str, str] = {}
@@ -237,7 +265,10 @@ def group_samples(files: Iterable[tuple[str, str, str]]) -> list[Sample]:
         check_name(name, path)
         key, ext = split_key(name)
         if key is None or not ext:
-            raise PackError(f"{path}: name {name!r} has no extension, so it belongs to no sample")
+            if strays is None:
+                raise PackError(f"{path}: name {name!r} has no extension, so it belongs to no sample")
+            strays.append(path)
+            continue
         if origin_of.setdefault(key, origin) != origin:
             raise PackError(f"{path}: duplicate key {key!r}: also in {origin_of[key]}")
         members = by_key.setdefault(key, {})
@@ -252,20 +283,24 @@ def group_samples(files: Iterable[tuple[str, str, str]]) -> list[Sample]:
     ]
 
 
-def collect(sources: Sequence[str], follow_symlinks: bool = False) -> list[Sample]:
+def collect(sources: Sequence[str], follow_symlinks: bool = False, exclude: Sequence[str] = (),
+            strays: list[str] | None = None) -> list[Sample]:
     """The samples in ``sources`` (directories, whose files are named relative to them, or
-    single files, named by their base name). Raises PackError on any bad input or none."""
+    single files, named by their base name), less the files matching an ``exclude`` glob.
+    Raises PackError on any bad input or none; files that belong to no sample (no extension)
+    are bad input too, unless a ``strays`` list is given to collect their paths."""
     def files() -> Iterator[tuple[str, str, str]]:
         for src in sources:
             if os.path.isdir(src):
-                for name, path in walk_tree(src, follow_symlinks):
+                for name, path in walk_tree(src, follow_symlinks, exclude):
                     yield src, name, path
             elif os.path.lexists(src):
-                yield src, os.path.basename(src), src
+                if not excluded(os.path.basename(src), exclude):
+                    yield src, os.path.basename(src), src
             else:
                 raise PackError(f"{src}: no such file or directory")
 
-    samples = group_samples(files())
+    samples = group_samples(files(), strays)
     if not samples:
         raise PackError(f"nothing to pack: no files in {', '.join(sources) or 'no source given'}")
     return samples
@@ -306,7 +341,7 @@ def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[in
             writer = TarWriter(f)
             for sample in samples:
                 for m in sample.members:
-                    inputs.append(InputId(m.path, *writer.add_file(m.name, m.path, m.size)))
+                    _add_member(writer, m, inputs)
                     if progress:
                         progress(m.size)
             writer.close()
@@ -320,6 +355,20 @@ def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[in
     assert writer.digest is not None and writer.blocks is not None
     return WrittenShard(tmp_path, len(samples), writer.size, writer.digest, writer.blocks, tuple(inputs),
                         os.stat(tmp_path).st_mtime_ns)
+
+
+def _add_member(writer: TarWriter, member: Member, inputs: list[InputId]) -> None:
+    if member.data is not None:
+        writer.add_bytes(member.name, member.data)
+    else:
+        inputs.append(InputId(member.path, *writer.add_file(member.name, member.path, member.size)))
+
+
+def shuffled(samples: Sequence[Sample], seed: int) -> list[Sample]:
+    """``samples`` in an order that is a pure function of their keys and ``seed``."""
+    order = sorted(samples, key=lambda s: s.key)
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def _unlink_quietly(path: str) -> None:
@@ -357,24 +406,32 @@ class Plan:
     path: str
     tasks: tuple[Task, ...]
     committed: bool = False  # done before: nothing to do
+    dest: Destination | None = None  # where ``out`` is (made from ``out`` when not given)
+
+    @property
+    def destination(self) -> Destination:
+        return self.dest if self.dest is not None else open_destination(self.out)
 
     def unfinished(self) -> list[Task]:
         """Tasks with neither a fragment nor an entry in the committed manifest."""
-        committed = {e.url for e in manifest_entries(self.out)}
-        return [t for t in self.tasks
-                if t.shard not in committed and not os.path.exists(fragment_path(self.out, self.hash, t.index))]
+        committed = self.destination.committed_urls()
+        finished = self.destination.finished_tasks(self.hash)
+        return [t for t in self.tasks if t.shard not in committed and t.index not in finished]
 
 
 def plan_hash(sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str, maxcount: int,
-              maxsize: int) -> str:
-    """What identifies a pack: its sources, its inputs (names, sizes, mtimes) and options."""
+              maxsize: int, options: dict | None = None) -> str:
+    """What identifies a pack: its sources, its inputs (names, sizes, mtimes), members made in
+    memory (labels), the order and grouping, and the options (``options``: those set, such as
+    ``shuffle``; unset ones leave the hash as it was before they existed)."""
     h = hashlib.sha256()
     head = {"version": PLAN_VERSION, "sources": _real_sources(sources), "prefix": prefix,
-            "maxcount": maxcount, "maxsize": maxsize}
+            "maxcount": maxcount, "maxsize": maxsize, **(options or {})}
     h.update(json.dumps(head, sort_keys=True).encode() + b"\n")
     for i, group in enumerate(groups):
         for sample in group:
-            row = [i, sample.key, [[m.name, m.size, m.mtime_ns] for m in sample.members]]
+            row = [i, sample.key, [[m.name, m.size, m.mtime_ns] if m.data is None else [m.name, m.data.hex()]
+                                   for m in sample.members]]
             h.update(json.dumps(row).encode() + b"\n")
     return h.hexdigest()
 
@@ -388,46 +445,65 @@ def paths_overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
-@contextmanager
-def open_plan(out: str, sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str,
-              maxcount: int, maxsize: int) -> Iterator[Plan]:
-    """The plan for these inputs: found in ``out`` (committed, or unfinished by an earlier
-    run) or made now, reserving its shard names. Held exclusively until the block ends.
+class DuplicateKeysError(PackError):
+    """Keys being packed are in OUT's shards already."""
 
-    Raises PackError when another process is running this plan, or when an unfinished plan
-    of overlapping sources exists with other inputs (packing now would pack some twice).
+
+@contextmanager
+def open_plan(out: str | Destination, sources: Sequence[str], groups: Sequence[Sequence[Sample]], prefix: str,
+              maxcount: int, maxsize: int, *, options: dict | None = None, shared: bool = False,
+              allow_duplicate_keys: bool = True, classes: Sequence[str] | None = None) -> Iterator[Plan]:
+    """The plan for these inputs: found in ``out`` (committed, or unfinished by an earlier
+    run) or made now, reserving its shard names. Held until the block ends: exclusively, or
+    ``shared`` with the other array tasks of the same plan (each runs tasks no other runs);
+    in a local directory (see ``destination.py`` for object stores, where nothing is held).
+
+    Concurrent callers with the same inputs agree on one plan: it is created under the
+    directory lock with an exclusive create, and the others find it. Making a plan records
+    its keys (``keys.py``) and writes ``classes`` to ``OUT/classes.json`` (``labels.py``).
+
+    Raises PackError when another process holds this plan (exclusively, or shared while this
+    caller wants it exclusively), when an unfinished plan of overlapping sources exists with
+    other inputs (packing now would pack some twice), and, unless ``allow_duplicate_keys``,
+    DuplicateKeysError when a new plan would pack keys that OUT's shards hold already.
     """
-    digest = plan_hash(sources, groups, prefix, maxcount, maxsize)
-    path, done = plan_path(out, digest), done_path(out, digest)
-    fd = None
-    with out_lock(out):
-        sweep_plan_temporaries(out)
-        if os.path.exists(done):
-            path, names = done, _planned_names(done, len(groups))
+    dest = open_destination(out)
+    digest = plan_hash(sources, groups, prefix, maxcount, maxsize, options)
+    release = None
+    with dest.numbering():
+        found = dest.find_plan(digest)
+        if found is not None and found.committed:
+            path, names = found.location, _planned_names(found.location, found.doc, len(groups))
         else:
-            if os.path.exists(path):
-                names = _planned_names(path, len(groups))
+            if found is not None:
+                path, names = found.location, _planned_names(found.location, found.doc, len(groups))
             else:
-                _refuse_overlapping_plans(out, sources)
-                first = next_number(out, prefix)
-                names = [shard_name(prefix, first + i) for i in range(len(groups))]
-                create_plan(out, digest, _plan_doc(digest, sources, groups, names, prefix, maxcount, maxsize))
-            fd = os.open(path, os.O_RDONLY)
+                _refuse_overlapping_plans(dest, sources)
+                if not allow_duplicate_keys:
+                    _refuse_duplicate_keys(dest, digest, groups)
+                if classes is not None:
+                    from .labels import save_classes
+
+                    save_classes(dest, classes)
+                record_plan_keys(dest, digest, [[s.key for s in group] for group in groups])
+                names, path = dest.reserve_plan(digest, prefix, len(groups), lambda names: {**_plan_doc(
+                    digest, sources, groups, names, prefix, maxcount, maxsize), **(options or {})})
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise PackError(f"{out}: another pack of the same inputs is running (plan {path})") from None
+                release = dest.hold_plan(digest, shared=shared)
+            except PlanBusy:
+                running = "a pack of the same inputs without --tasks is" if shared else \
+                    "another pack (or array tasks, --tasks) of the same inputs is"
+                raise PackError(f"{dest.url}: {running} running (plan {path})") from None
     try:
         tasks = tuple(Task(i, name, tuple(group)) for i, (name, group) in enumerate(zip(names, groups)))
-        yield Plan(out, digest, path, tasks, committed=fd is None)
+        yield Plan(dest.url, digest, path, tasks, committed=release is None, dest=dest)
     finally:
-        if fd is not None:
-            os.close(fd)
+        if release is not None:
+            release()
 
 
-def _planned_names(path: str, ntasks: int) -> list[str]:
-    names = [t["shard"] for t in load_plan(path)["tasks"]]
+def _planned_names(path: str, doc: dict, ntasks: int) -> list[str]:
+    names = [t["shard"] for t in doc["tasks"]]
     if len(names) != ntasks:
         raise PackError(f"{path}: plan has {len(names)} shards, these inputs make {ntasks}; "
                         "the plan is damaged: remove it to abandon that pack")
@@ -450,111 +526,83 @@ def _plan_doc(digest: str, sources: Sequence[str], groups: Sequence[Sequence[Sam
     }
 
 
-def _refuse_overlapping_plans(out: str, sources: Sequence[str]) -> None:
+def _refuse_overlapping_plans(dest: Destination, sources: Sequence[str]) -> None:
     mine = _real_sources(sources)
-    for other in plan_paths(out).values():
-        try:
-            theirs = load_plan(other).get("sources", [])
-        except FileNotFoundError:
-            continue
+    for other, doc in dest.unfinished_plans().values():
+        theirs = doc.get("sources", [])
         if any(paths_overlap(a, b) for a in mine for b in theirs):
             raise PackError(
-                f"{out}: an unfinished pack of {', '.join(theirs)} is there (plan {other}), made from other "
+                f"{dest.url}: an unfinished pack of {', '.join(theirs)} is there (plan {other}), made from other "
                 "inputs or options than these: packing now would pack its finished shards' inputs again. "
                 "Rerun it with the inputs and options it was made with to finish it, or remove the plan "
                 "file to abandon it (the shards it finished stay and are listed by the next pack)")
 
 
-def run_task(out: str, digest: str, task: Task, progress: Callable[[int], None] | None = None) -> ManifestEntry:
+def _refuse_duplicate_keys(dest: Destination, digest: str, groups: Sequence[Sequence[Sample]]) -> None:
+    found = duplicate_keys(dest, (s.key for group in groups for s in group), own_plan=digest)
+    if not found:
+        return
+    shown = ", ".join(f"{key!r} (in {shard})" for key, shard in found[:5])
+    message = (f"{dest.url}: {len(found)} of the keys being packed are in its shards already, e.g. {shown}; "
+               "packing them again would make readers yield those samples twice. Nothing was written. "
+               "Pack other inputs, or pass --allow-duplicate-keys (allow_duplicate_keys=True) if that is meant")
+    raise DuplicateKeysError(message)  # the message is the warning: the command prints it once
+
+
+def run_task(out: str | Destination, digest: str, task: Task, progress: Callable[[int], None] | None = None,
+             ) -> ManifestEntry:
     """Publishes the task's shard under its reserved name, then its fragment; returns its
-    entry. Idempotent: a finished task is not redone, a shard already renamed into place is
-    indexed (after checking it is the planned one) instead of being written again."""
-    fragment = fragment_path(out, digest, task.index)
-    if os.path.exists(fragment):
-        return load_fragment(fragment)[1][0]
-    final = os.path.join(out, task.shard)
-    entry = None
-    if not os.path.lexists(final):
-        tmp = os.path.join(out, f".pack-{digest[:16]}-{task.index:05d}.{os.getpid()}.tar.tmp")
-        written = write_shard(task.samples, tmp, progress)
-        try:
-            rename_without_replacing(tmp, final)
-            entry = written.entry(task.shard)
-        except FileExistsError:  # published meanwhile by a worker of a killed run of this plan
-            _unlink_quietly(tmp)
-        fsync_dir_named(out)
+    entry. Idempotent: a finished task is not redone; a shard already published under the
+    name (by a killed run of this plan) is kept if it holds exactly the bytes planned (same
+    digest), and is never replaced. ``out`` is a directory, an ``s3://`` URL or a
+    ``destination.Destination``."""
+    dest = open_destination(out)
+    done = dest.load_fragment(digest, task.index)
+    if done:
+        return done[0]
+    written = write_shard(task.samples, dest.temporary(digest, task.index), progress)
+    entry = dest.publish(written.tmp_path, written.entry(task.shard))  # None: the name exists
     if entry is None:
-        entry = _existing_entry(final, task)
-    write_fragment(out, digest, task.index, [entry])
+        entry = _existing_entry(dest, task, written.digest)
+    dest.write_fragment(digest, task.index, [entry])
     return entry
 
 
-def _existing_entry(path: str, task: Task) -> ManifestEntry:
+def _existing_entry(dest: Destination, task: Task, planned_digest: str) -> ManifestEntry:
     """The entry of a shard found under a task's reserved name, if it is the planned one."""
+    path = dest.location(task.shard)
     try:
-        index = index_shard(path, url=task.shard)
+        entry, complete = dest.indexed(task.shard)
     except TarError as exn:
-        index, why = None, str(exn)
-    st = os.stat(path)
-    size = st.st_size
-    if index is not None:
-        why = f"{index.nsamples} samples, {size} bytes{'' if index.complete else ', incomplete'}"
-        if index.complete and index.nsamples == len(task.samples) and size == task.size:
-            return ManifestEntry(task.shard, index.nsamples, size, index.digest, index.blocks, st.st_mtime_ns)
+        entry, complete, why = None, False, str(exn)
+    if entry is not None:
+        why = f"{entry.nsamples} samples, {entry.filesize} bytes{'' if complete else ', incomplete'}"
+        if complete and entry.digest == planned_digest:
+            return entry
     raise PackError(f"{path}: reserved for {len(task.samples)} samples in {task.size} bytes by this pack's "
                     f"plan, but holds something else ({why}); not listing it")
 
 
-def _progress_bar(total: int):
-    from tqdm import tqdm
+def _run_tasks(plan: Plan, todo: Sequence[Task], jobs: int, engine: str = "local") -> None:
+    from .engines import run_tasks
+    from .progress import PackProgress
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="pack", disable=not sys.stderr.isatty())
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: a pack killed with -9 leaves no worker writing behind it (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _run_tasks(plan: Plan, todo: Sequence[Task], jobs: int) -> None:
-    with _progress_bar(sum(t.input_bytes for t in todo)) as bar:
-        if jobs == 1 or len(todo) < 2:
-            for task in todo:
-                run_task(plan.out, plan.hash, task, bar.update)
-            return
-        import multiprocessing
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=_die_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(run_task, plan.out, plan.hash, task): task for task in todo}
-            pending = set(futures)
-            try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in done:
-                        future.result()
-                        bar.update(futures[future].input_bytes)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # finished tasks keep their fragments
-                raise
+    with PackProgress(sum(t.input_bytes for t in todo), sum(len(t.samples) for t in todo)) as progress:
+        # the destination, not its URL: it carries the storage options to every engine's workers
+        run_tasks(engine, functools.partial(run_task, plan.destination, plan.hash), todo, jobs, progress)
 
 
 @dataclass(frozen=True)
 class PackReport:
     """What ``run_pack`` did."""
 
-    entries: list[ManifestEntry]  # every shard of the pack, as listed in the manifest
+    entries: list[ManifestEntry]  # the pack's shards as listed (an array task that did not commit: its share)
     written: int  # shards written by this call
-    earlier: int  # shards an earlier, interrupted run of the same pack had written
+    earlier: int  # shards (of this call's share) an earlier, interrupted run had written
     committed_before: bool  # the same pack was done already: nothing was written
     plan: str  # the plan file
+    strays: tuple[str, ...] = ()  # files skipped because they belong to no sample (no extension)
+    pending: int = 0  # an array task's: the plan's shards other tasks have still to write (no commit yet)
 
     @property
     def nsamples(self) -> int:
@@ -566,58 +614,142 @@ class PackReport:
 
 
 def run_pack(
-    sources: Sequence[str],
-    out: str,
+    sources: Sequence[str] | str,
+    out: str | Destination,
     maxcount: int = DEFAULT_MAXCOUNT,
     maxsize: int | str = DEFAULT_MAXSIZE,
     prefix: str = DEFAULT_PREFIX,
     jobs: int = 1,
     follow_symlinks: bool = False,
+    storage_options: dict | None = None,
+    *,
+    shuffle: int | None = None,
+    label_from_dir: bool = False,
+    exclude: Sequence[str] = (),
+    strict: bool = False,
+    allow_duplicate_keys: bool = False,
+    engine: str = "local",
+    tasks: int = 1,
+    task_index: int = 0,
 ) -> PackReport:
-    """Packs the files under ``sources`` into new shards in ``out``; says what it did.
+    """Packs the files under ``sources`` into new shards in ``out``; says what it did
+    (``wr.pack``).
 
-    Bad input or options raise PackError (or ValueError) before anything is written. After a
-    failure or a kill, the same call finishes the same pack; once it is finished, the same
-    call does nothing (see the module docstring). ``jobs`` shards are written at once, each
-    in its own process.
+    ``out`` is a local directory or an ``s3://bucket/prefix/`` URL (``storage_options`` as
+    ``remote.store.Store`` takes them; by default the AWS chain and ``AWS_ENDPOINT_URL``).
+    Bad input or options raise PackError (or ValueError) before anything is written; so do
+    keys that ``out``'s shards hold already (DuplicateKeysError), unless
+    ``allow_duplicate_keys``. After a failure or a kill, the same call finishes the same pack;
+    once it is finished, the same call does nothing (see the module docstring).
+
+    - ``shuffle``: a seed; samples are spread over the shards in an order that is a pure
+      function of the keys and the seed (the same seed packs the same bytes);
+    - ``label_from_dir``: each sample gets a ``.cls`` member, its top folder's number in
+      sorted order of the folder names, recorded in ``out/classes.json`` (``labels.py``);
+    - ``exclude``: globs matched against names relative to their source and base names;
+    - ``strict``: a file that belongs to no sample (no extension) is an error; otherwise it is
+      skipped with a warning and listed in the report's ``strays``;
+    - ``engine``: ``"local"`` runs ``jobs`` shards at once, each in its own process;
+      ``"ray"`` runs them as Ray tasks (``engines.py``); both write to ``out`` with
+      ``storage_options``;
+    - ``tasks``, ``task_index``: an array job's share: only the plan's tasks whose index is
+      ``task_index`` modulo ``tasks``; every array task makes or finds the same plan, and the
+      one that finds every task of the plan finished commits it.
     """
+    sources = [sources] if isinstance(sources, str) else list(sources)
     check_prefix(prefix)
-    check_local(out)
+    check_destination(out)
+    _check_counts(jobs, tasks, task_index, engine)
+    maxsize = parse_size(maxsize)
+    try:
+        dest = open_destination(out, storage_options)
+    except DestinationError as exn:
+        raise PackError(str(exn)) from None
+    strays: list[str] | None = None if strict else []
+    samples = collect(sources, follow_symlinks, exclude, strays)
+    if strays:
+        log.warning("skipped %d files that belong to no sample (no extension; --strict makes them errors): %s%s",
+                    len(strays), ", ".join(strays[:3]), ", ..." if len(strays) > 3 else "")
+    dest.prepare()
+    options: dict = {}
+    classes = None
+    if label_from_dir:
+        from .labels import folder_classes, labelled, numbering
+
+        classes = numbering(dest, folder_classes(samples))
+        samples = labelled(samples, classes)
+        options["label_from_dir"] = True
+    if shuffle is not None:
+        samples = shuffled(samples, shuffle)
+        options["shuffle"] = shuffle
+    groups = plan_shards(samples, maxcount, maxsize)
+    with open_plan(dest, sources, groups, prefix, maxcount, maxsize, options=options, shared=tasks > 1,
+                   allow_duplicate_keys=allow_duplicate_keys, classes=classes) as plan:
+        strays_found = tuple(strays or ())
+        if plan.committed:
+            entries = _listed_entries(plan, plan.tasks)
+            log.warning("%s: these inputs were packed there before (%s to %s); nothing to do. To pack them "
+                        "again, remove %s and allow duplicate keys", dest.url, plan.tasks[0].shard,
+                        plan.tasks[-1].shard, plan.path)
+            return PackReport(entries, 0, 0, True, plan.path, strays_found)
+        share = [t for t in plan.tasks if t.index % tasks == task_index]
+        if tasks == 1:  # array tasks may be writing: the one that commits sweeps
+            dest.sweep(plan.hash, [t.shard for t in plan.tasks])
+        unfinished = {t.index for t in plan.unfinished()}
+        todo = [t for t in share if t.index in unfinished]
+        if len(todo) < len(share):
+            log.warning("%s: finishing an unfinished pack of the same inputs: %d of %d shards were written "
+                        "before (plan %s)", dest.url, len(share) - len(todo), len(share), plan.path)
+        _run_tasks(plan, todo, jobs, engine)
+        report = functools.partial(PackReport, written=len(todo), earlier=len(share) - len(todo),
+                                   committed_before=False, strays=strays_found)
+        if tasks > 1:
+            pending = len(plan.unfinished())
+            if pending:
+                log.info("task %d of %d: %d shards of the plan left to other tasks", task_index, tasks, pending)
+                return report(_listed_entries(plan, share), plan=plan.path, pending=pending)
+            dest.sweep(plan.hash, [t.shard for t in plan.tasks])
+        dest.commit(plan.hash)  # (two array tasks finishing at once both commit: the second finds it done)
+        entries = _listed_entries(plan, plan.tasks)
+    if [e.url for e in entries] != [t.shard for t in plan.tasks]:
+        raise RuntimeError(f"{dest.url}: committed {len(entries)} of the plan's {len(plan.tasks)} shards")
+    log.info("packed %d samples into %d shards in %s", len(samples), len(entries), dest.url)
+    return report(entries, plan=dest.done_location(plan.hash))
+
+
+def _check_counts(jobs: int, tasks: int, task_index: int, engine: str) -> None:
+    from .engines import ENGINES
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (expected one of: {', '.join(ENGINES)})")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1 (got {jobs})")
-    maxsize = parse_size(maxsize)
-    samples = collect(sources, follow_symlinks)
-    groups = plan_shards(samples, maxcount, maxsize)
-    os.makedirs(out, exist_ok=True)
-    with open_plan(out, sources, groups, prefix, maxcount, maxsize) as plan:
-        if plan.committed:
-            by_url = {e.url: e for e in manifest_entries(out)}
-            entries = [by_url[t.shard] for t in plan.tasks if t.shard in by_url]
-            log.warning("%s: these inputs were packed there before (%s to %s); nothing to do. To pack them "
-                        "again, remove %s", out, plan.tasks[0].shard, plan.tasks[-1].shard, plan.path)
-            return PackReport(entries, 0, 0, True, plan.path)
-        sweep_task_temporaries(out, plan.hash)
-        todo = plan.unfinished()
-        if len(todo) < len(plan.tasks):
-            log.warning("%s: finishing an unfinished pack of the same inputs: %d of %d shards were written "
-                        "before (plan %s)", out, len(plan.tasks) - len(todo), len(plan.tasks), plan.path)
-        _run_tasks(plan, todo, jobs)
-        entries = commit(out, plan.hash)
-    if [e.url for e in entries] != [t.shard for t in plan.tasks]:
-        raise RuntimeError(f"{out}: committed {len(entries)} of the plan's {len(plan.tasks)} shards")
-    log.info("packed %d samples into %d shards in %s", len(samples), len(entries), out)
-    return PackReport(entries, len(todo), len(plan.tasks) - len(todo), False, done_path(out, plan.hash))
+    if tasks < 1:
+        raise ValueError(f"tasks must be at least 1 (got {tasks})")
+    if not 0 <= task_index < tasks:
+        raise ValueError(f"task index must be from 0 to {tasks - 1} for {tasks} tasks (got {task_index})")
+
+
+def _listed_entries(plan: Plan, tasks: Sequence[Task]) -> list[ManifestEntry]:
+    """The entries of ``tasks``' shards in the manifest or the fragments (committed or not)."""
+    dest = plan.destination
+    by_url = {e.url: e for e in dest.fragment_entries() + dest.manifest_entries()}
+    return [by_url[t.shard] for t in tasks if t.shard in by_url]
 
 
 def pack(
-    sources: Sequence[str],
-    out: str,
+    sources: Sequence[str] | str,
+    out: str | Destination,
     maxcount: int = DEFAULT_MAXCOUNT,
     maxsize: int | str = DEFAULT_MAXSIZE,
     prefix: str = DEFAULT_PREFIX,
     jobs: int = 1,
     follow_symlinks: bool = False,
+    storage_options: dict | None = None,
+    **options,
 ) -> list[ManifestEntry]:
-    """Packs the files under ``sources`` into new shards in ``out``; returns the entries of
-    the pack's shards. ``run_pack`` (which this calls) says more."""
-    return run_pack(sources, out, maxcount, maxsize, prefix, jobs, follow_symlinks).entries
+    """Packs the files under ``sources`` into new shards in ``out`` (a directory or an
+    ``s3://`` URL); returns the entries of the pack's shards. ``run_pack`` (which this calls,
+    passing ``options`` on) says more."""
+    return run_pack(sources, out, maxcount, maxsize, prefix, jobs, follow_symlinks, storage_options,
+                    **options).entries

@@ -35,7 +35,7 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from ..format import manifest as manifestmod
@@ -311,17 +311,8 @@ def commit(out: str, plan_hash: str) -> list[ManifestEntry]:
         plans = plan_paths(out)
         mine = reserved_names_of(plans.get(plan_hash))
         entries = current_entries(out)
-        listed = {e.url for e in entries}
-        merged, new = [], []
-        for path in fragment_paths(out):
-            owner, frag = load_fragment(path)
-            if owner != plan_hash and owner in plans:
-                continue  # another pack's, still running: it commits its own
-            merged.append(path)
-            for e in frag:
-                if e.url not in listed:
-                    listed.add(e.url)
-                    new.append(e)
+        fragments = ((path, *load_fragment(path)) for path in fragment_paths(out))
+        merged, new = merge_fragments(entries, fragments, plan_hash, plans)
         if new or not os.path.exists(os.path.join(out, MANIFEST_NAME)):
             manifestmod.save(os.path.join(out, MANIFEST_NAME), entries + new)
         for path in merged:
@@ -333,6 +324,25 @@ def commit(out: str, plan_hash: str) -> list[ManifestEntry]:
             fsync_dir_named(plans_dir(out))
         by_url = {e.url: e for e in entries + new}
     return [by_url[name] for name in mine if name in by_url]
+
+
+def merge_fragments(entries: Sequence[ManifestEntry],
+                    fragments: Iterable[tuple[str, str | None, Sequence[ManifestEntry]]], plan_hash: str | None,
+                    running: Container[str]) -> tuple[list[str], list[ManifestEntry]]:
+    """What a commit of ``plan_hash`` merges: the fragments (``(where, owner plan, entries)``)
+    it takes, all but those of other plans still ``running`` (each commits its own), and the
+    entries they add to ``entries`` (none listed twice)."""
+    listed = {e.url for e in entries}
+    merged, new = [], []
+    for where, owner, frag in fragments:
+        if owner != plan_hash and owner in running:
+            continue
+        merged.append(where)
+        for e in frag:
+            if e.url not in listed:
+                listed.add(e.url)
+                new.append(e)
+    return merged, new
 
 
 def reserved_names_of(path: str | None) -> list[str]:

@@ -10,6 +10,7 @@ entries in ``manifest.d/`` (see ``publish.py``).
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from ..format.manifest import ManifestEntry
 from ..format.names import SHARD_PATTERNS, is_shard_name
 from ..format.tario import TarError, index_shard
 from .publish import fragment_entries, reserved_names
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,20 @@ def _check_shard(path: str, entry: ManifestEntry) -> tuple[list[Problem], int]:
         index = index_shard(path, url=url, algo=algo)
     except TarError as exn:
         return problems + [Problem(url, "tar", str(exn))], 0
+    return problems + index_problems(entry, index, size), index.nsamples
+
+
+def index_problems(entry: ManifestEntry, index, size: int) -> list[Problem]:
+    """How what reading a shard found (``index``: complete, digest, blocks, nsamples) differs
+    from its entry."""
+    problems = []
     if not index.complete:
-        problems.append(Problem(url, "truncated", f"ends before its end-of-archive marker ({size} bytes)"))
+        problems.append(Problem(entry.url, "truncated", f"ends before its end-of-archive marker ({size} bytes)"))
     if index.digest is not None:
         problems += _digest_problems(entry, index.digest, index.blocks)
     if entry.nsamples is not None and index.complete and index.nsamples != entry.nsamples:
-        problems.append(Problem(url, "nsamples", f"{index.nsamples} samples, manifest says {entry.nsamples}"))
-    return problems, index.nsamples
+        problems.append(Problem(entry.url, "nsamples", f"{index.nsamples} samples, manifest says {entry.nsamples}"))
+    return problems
 
 
 def _digest_problems(entry: ManifestEntry, digest: str, blocks: bytes | None) -> list[Problem]:
@@ -175,10 +185,15 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return 0
 
 
-def check(target: str) -> Report:
-    """Checks every shard of ``target`` (a directory, a manifest or one shard file): in
-    manifest order, then shards of manifest.d/, then shards present but not listed (a
-    problem when there is a manifest). No shard at all is a problem too."""
+def check(target: str, storage_options: dict | None = None) -> Report:
+    """Checks every shard of ``target`` (a directory, a manifest or one shard file, or an
+    ``s3://`` URL of one: ``verify_remote.py``): in manifest order, then shards of
+    manifest.d/, then shards present but not listed (a problem when there is a manifest).
+    No shard at all is a problem too."""
+    if _URL.match(target):
+        from .verify_remote import check_remote
+
+        return check_remote(target, storage_options)
     t = _resolve(target)
     entries, pending, unlisted = _entries(t)
     problems: list[Problem] = []
@@ -205,9 +220,14 @@ def verify(target: str) -> list[Problem]:
     return check(target).problems
 
 
-def listing(target: str) -> list[Listing]:
+def listing(target: str, storage_options: dict | None = None) -> list[Listing]:
     """One row per shard of ``target``: what the manifest (or manifest.d/) says, with size
-    and age from the file system; shards listed by neither are counted by a header walk."""
+    and age from the file system; shards listed by neither are counted by a header walk.
+    ``s3://`` URLs are listed by ``verify_remote.py``."""
+    if _URL.match(target):
+        from .verify_remote import listing_remote
+
+        return listing_remote(target, storage_options)
     t = _resolve(target)
     entries, pending, unlisted = _entries(t)
     now = time.time()

@@ -1,0 +1,37 @@
+"""The progress of a pack: a bar with MB/s and samples/s on a terminal, nothing otherwise.
+
+The command prints one summary line at the end either way (``cli.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+
+class PackProgress:
+    """Counts input bytes as they are written and samples as their tasks finish."""
+
+    def __init__(self, total_bytes: int, total_samples: int, desc: str = "pack"):
+        from tqdm import tqdm
+
+        self.total_samples = total_samples
+        self.samples = 0
+        self.start = time.monotonic()
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
+                        disable=not sys.stderr.isatty())
+
+    def bytes_done(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+
+    def task_done(self, task: Any) -> None:
+        self.samples += len(task.samples)
+        rate = self.samples / max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.samples}/{self.total_samples} samples, {rate:,.0f} samples/s")
+
+    def __enter__(self) -> PackProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
