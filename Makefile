@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/wdsrefresh demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) tools/bench.py

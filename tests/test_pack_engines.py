@@ -70,6 +70,7 @@ def test_task_index_out_of_range_and_without_tasks_are_refused(inputs, tmp_path)
     assert not out.exists()
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray cluster at a time on this machine
 def test_engine_ray_writes_the_bytes_of_engine_local(inputs, tmp_path):
     import ray  # noqa: F401  (never skipped: ray is in the test extra; missing, the test fails)
 

@@ -73,6 +73,7 @@ def test_array_tasks_out_of_order_to_s3_write_the_objects_and_entries_of_one_job
     assert "SUPERSECRET" not in first.stderr + last.stderr
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray cluster at a time on this machine
 def test_engine_ray_to_s3_writes_the_objects_of_engine_local(s3, src):
     import ray  # noqa: F401  (never skipped: ray is in the test extra)
 
