@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from itertools import accumulate
 import numpy
 
 from .snapshot import LazySequence, ShardInfo, Snapshot, snapshot_id
@@ -64,9 +65,23 @@ def encode(snapshot: Snapshot) -> dict:
     return doc
 
 
+def with_offsets(doc: dict) -> dict:
+    """``doc`` plus where each value of its text columns ends (``ends``: int64 per value), so a
+    ``ShardTable`` finds one shard's name without splitting 100k of them. For the state
+    directory, which writes a snapshot once and has every consumer read a few of its shards."""
+    ends = {}
+    for column in _TEXT_COLUMNS:
+        if column in doc:
+            ends[column] = pack_int64(accumulate(len(v) + 1 for v in doc[column].split(SEPARATOR)))
+    return {**doc, "ends": ends}
+
+
 def decode(doc: object) -> Snapshot:
     """The snapshot ``encode`` made of ``doc``, every shard built and the id checked against them;
-    ColumnsError naming the column that is wrong. For documents from outside (checkpoints)."""
+    ColumnsError naming the column that is wrong. For documents from outside (checkpoints), whose
+    recorded ends (if any) are not trusted: values come from the split columns."""
+    if isinstance(doc, dict):
+        doc = {k: v for k, v in doc.items() if k != "ends"}
     table = ShardTable(doc)
     for column in _TEXT_COLUMNS:
         table.text(column)  # every value checked, even those no shard uses
@@ -105,6 +120,8 @@ class ShardTable(LazySequence):
         if len(self.flags) != count:
             raise ColumnsError(f"snapshot.flags: {len(self.flags)} bytes for {count} shards")
         self._text: dict[str, list[str] | None] = {}  # split on first use: most consumers build few shards
+        self._ends = {column: unpack_int64(data, count, f"snapshot.ends.{column}")
+                      for column, data in _get(doc, "ends", dict, "snapshot").items()} if "ends" in doc else {}
         self.blocks = _get(doc, "blocks", bytes, "snapshot")
         self.block_starts = self._block_starts()
         self._built: dict[int, ShardInfo] = {}
@@ -114,6 +131,17 @@ class ShardTable(LazySequence):
         if column not in self._text:
             self._text[column] = _split(self.doc, column, self.count) if column in self.doc else None
         return self._text[column]
+
+    def value(self, column: str, i: int) -> str | None:
+        """Value ``i`` of a text column: cut at its recorded end when the document has one
+        (``with_offsets``), else from the split column; None if there is no such column."""
+        if column not in self.doc:
+            return None
+        ends = self._ends.get(column)
+        if ends is None:
+            return self.text(column)[i]
+        start = int(ends[i - 1]) if i else 0
+        return self.doc[column][start:int(ends[i]) - 1]
 
     def _block_starts(self):
         """Where each shard's block digests start in the blocks column (one more: the end)."""
@@ -143,18 +171,16 @@ class ShardTable(LazySequence):
         return shard
 
     def _build(self, i: int) -> ShardInfo:
-        ints, flags, name = {k: int(v[i]) for k, v in self.ints.items()}, int(self.flags[i]), self.text("names")[i]
-        urls, paths, etags, version_ids = (self.text(c) for c in ("urls", "paths", "etags", "version_ids"))
-        url = urls[i] if urls is not None else self.doc["root"] + name
+        ints, flags, name = {k: int(v[i]) for k, v in self.ints.items()}, int(self.flags[i]), self.value("names", i)
+        url = self.value("urls", i) or self.doc["root"] + name
         return ShardInfo(
-            url=url, path=paths[i] if paths is not None else url, size=ints["size"],
+            url=url, path=self.value("paths", i) or url, size=ints["size"],
             mtime_ns=ints["mtime_ns"], inode=ints["inode"], device=ints["device"],
             nsamples=ints["nsamples"] if flags & _HAS_NSAMPLES else None,
-            digest=self.text("digests")[i] if flags & _HAS_DIGEST else None,
+            digest=self.value("digests", i) if flags & _HAS_DIGEST else None,
             blocks=self.blocks[self.block_starts[i]:self.block_starts[i + 1]] if flags & _HAS_BLOCKS else None,
             block_size=ints["block_size"], name=name,
-            etag=(etags[i] or None) if etags is not None else None,
-            version_id=(version_ids[i] or None) if version_ids is not None else None,
+            etag=self.value("etags", i) or None, version_id=self.value("version_ids", i) or None,
         )
 
     def sample_counts(self) -> list[int]:

@@ -193,6 +193,8 @@ class StateDirectory:
             self._files_written += 1
             name = f"columns-{os.getpid()}-{self._files_written}.pkl"
             columns = getattr(snapshot.shards, "doc", None) or snapshot_columns.encode(snapshot)
+            if "ends" not in columns:
+                columns = snapshot_columns.with_offsets(columns)
             write_atomic(self.path(name), pickle.dumps(columns, protocol=pickle.HIGHEST_PROTOCOL))
             self._columns = (snapshot.shards, name)
         return {"columns": self._columns[1], "epoch": snapshot.epoch, "id": snapshot.id,
