@@ -6,6 +6,29 @@ import os
 import tempfile
 
 
+TMP_PREFIX = "_tmp."  # then the writer's pid: a sweep can tell a killed writer's leftover (see dead_temporaries)
+
+
+def dead_temporaries(directory: str) -> list[str]:
+    """Temporary files ``write_atomic`` left in ``directory`` when its process was killed."""
+    leftovers = []
+    for name in os.listdir(directory):
+        pid = name[len(TMP_PREFIX):].split(".", 1)[0]
+        if name.startswith(TMP_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            leftovers.append(os.path.join(directory, name))
+    return leftovers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
     """Writes ``data`` to ``path`` through a temporary name and a rename.
 
@@ -16,7 +39,7 @@ def write_atomic(path: str, data: bytes, *, durable: bool = False) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix="_tmp.", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}.", dir=directory)
     except OSError as exn:
         raise type(exn)(exn.errno, f"cannot write {path}: {exn.strerror}") from None
     try:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..format import manifest as manifestmod
-from ..format.atomic import write_atomic
+from ..format.atomic import dead_temporaries, write_atomic
 from ..format.manifest import FRAGMENTS_DIR, ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import index_shard
@@ -279,8 +279,11 @@ class LocalDestination(Destination):
         return True
 
     def sweep(self, digest: str, names: Sequence[str]) -> None:
-        """Removes what killed tasks of the plan left (call holding the plan)."""
+        """Removes what killed tasks of the plan left (call holding the plan), and the temporary
+        files of manifests and records whose writer was killed."""
         publish.sweep_task_temporaries(self.path, digest)
+        for path in dead_temporaries(self.path):
+            _unlink_quietly(path)
 
     # ---- the manifest
     def commit(self, digest: str) -> list[ManifestEntry]:
