@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from . import snapshot_columns
-from .format.atomic import write_atomic
+from .format.atomic import unlink_quietly, write_atomic
 from .snapshot import Snapshot
 
 KEEP_SNAPSHOTS = 4
@@ -47,12 +47,6 @@ def _read_json(path: str, default: dict) -> dict:
     except (FileNotFoundError, ValueError):
         return default
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class StateDirectory:
@@ -214,13 +208,13 @@ class StateDirectory:
         stats_prefix = f"stats-{epoch:09d}-"
         names = [n for n in os.listdir(self.directory) if n.startswith(stats_prefix)]
         for path in [self._snapshot_path(epoch)] + [self.path(n) for n in names]:
-            _unlink(path)
+            unlink_quietly(path)
         used = {self._columns_file(e) for e in self._published_epochs()}
         if self._columns is not None:
             used.add(self._columns[1])
         for name in os.listdir(self.directory):
             if name.startswith("columns-") and name not in used:
-                _unlink(self.path(name))
+                unlink_quietly(self.path(name))
 
     def _columns_file(self, epoch: int) -> str | None:
         try:

@@ -19,6 +19,14 @@ def dead_temporaries(directory: str) -> list[str]:
     return leftovers
 
 
+def unlink_quietly(path: str) -> None:
+    """Removes ``path``; a file already gone is no error."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..format import manifest as manifestmod
-from ..format.atomic import dead_temporaries, write_atomic
+from ..format.atomic import dead_temporaries, unlink_quietly, write_atomic
 from ..format.manifest import FRAGMENTS_DIR, ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import index_shard
@@ -189,7 +189,7 @@ class LocalDestination(Destination):
         try:
             publish.rename_without_replacing(tmp_path, os.path.join(self.path, entry.url))
         except FileExistsError:
-            _unlink_quietly(tmp_path)
+            unlink_quietly(tmp_path)
             entry = None
         publish.fsync_dir_named(self.path)
         return entry
@@ -273,7 +273,7 @@ class LocalDestination(Destination):
         try:
             publish.rename_without_replacing(tmp, path)
         except FileExistsError:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             return False
         publish.fsync_dir_named(os.path.dirname(path))
         return True
@@ -283,7 +283,7 @@ class LocalDestination(Destination):
         files of manifests and records whose writer was killed."""
         publish.sweep_task_temporaries(self.path, digest)
         for path in dead_temporaries(self.path):
-            _unlink_quietly(path)
+            unlink_quietly(path)
 
     # ---- the manifest
     def commit(self, digest: str) -> list[ManifestEntry]:
@@ -469,7 +469,7 @@ class S3Destination(Destination):
         try:
             etag = self._upload(tmp_path, entry.url)
         finally:
-            _unlink_quietly(tmp_path)
+            unlink_quietly(tmp_path)
         if etag is None:
             return None
         stat = self.store.head(self.location(entry.url), if_match=etag)
@@ -749,14 +749,8 @@ def _sweep_dead_temporaries(directory: str, start: str) -> None:
             pid = int(name[: -len(".tar.tmp")].rsplit(".", 1)[1])
             os.kill(pid, 0)
         except (ValueError, IndexError, ProcessLookupError):
-            _unlink_quietly(os.path.join(directory, name))
+            unlink_quietly(os.path.join(directory, name))
         except PermissionError:
             continue  # alive, another user's
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 

@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..format.atomic import unlink_quietly
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
 from ..format.tario import TarError
@@ -348,7 +349,7 @@ def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[in
             f.flush()
             os.fsync(f.fileno())
     except BaseException as exn:
-        _unlink_quietly(tmp_path)
+        unlink_quietly(tmp_path)
         if isinstance(exn, OSError):
             raise named(exn, tmp_path) from None
         raise
@@ -370,12 +371,6 @@ def shuffled(samples: Sequence[Sample], seed: int) -> list[Sample]:
     random.Random(seed).shuffle(order)
     return order
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # ---- plan, tasks, commit ------------------------------------------------------------------

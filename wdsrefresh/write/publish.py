@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 from ..format import manifest as manifestmod
 from ..format.manifest import FRAGMENTS_DIR, fragment_paths
-from ..format.atomic import fsync_dir
+from ..format.atomic import fsync_dir, unlink_quietly
 from ..format.manifest import ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import index_shard
@@ -217,7 +217,7 @@ def sweep_task_temporaries(out: str, plan_hash: str) -> None:
             continue
         for name in os.listdir(directory):
             if name.startswith(start) and name.endswith(".tmp"):
-                _unlink_quietly(os.path.join(directory, name))
+                unlink_quietly(os.path.join(directory, name))
 
 
 # ---- numbering, renaming, the manifest ---------------------------------------------------
@@ -356,12 +356,6 @@ def _write_durably(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exn:
-        _unlink_quietly(path)
+        unlink_quietly(path)
         raise named(exn, path) from None
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
