@@ -5,7 +5,7 @@
 A shard of 5 samples lands in a watched directory read by ``mode="stream"`` with
 ``.batched(8, partial_after=A)`` through a DataLoader worker; the time from the rename that
 publishes the shard to the arrival of its 5-sample batch is the latency (ideally ``A`` plus
-the drop-to-sample latency). Median over rounds, printed per ``A``.
+the drop-to-sample latency). Median over rounds after one untimed warm-up, printed per ``A``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def partial_batch_latency(partial_after: float, rounds: int) -> list[float]:
         ds = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(8, partial_after=partial_after)
         it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1))
         try:
-            for i in range(rounds):
+            for i in range(rounds + 1):  # round 0 warms up: the worker's start and first shard take seconds
                 tmp, final = os.path.join(d, f"_tmp.r{i}.tar"), os.path.join(d, f"r{i}.tar")
                 with open(tmp, "wb") as f:
                     f.write(tar_bytes(make_samples(f"r{i}", 5)))
                 landed = time.monotonic()
                 os.replace(tmp, final)
                 batch = next(it)[0]
-                latencies.append(time.monotonic() - landed)
+                if i:
+                    latencies.append(time.monotonic() - landed)
                 assert len(batch) == 5, f"expected the 5 samples of r{i}.tar as one partial batch, got {len(batch)}"
         finally:
             ds.close()
