@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
                              "files generated once; quick: 10000)")
     parser.add_argument("--remote", action="store_true",
                         help="read from an S3 server on 127.0.0.1 instead (tools/bench_remote.py; boto3, moto[server])")
+    parser.add_argument("--resolve-sizes", default=None,
+                        help="with --remote: comma-separated object counts for the snapshot-resolution rows; "
+                             "empty skips them (default: 10000; quick: 2000)")
     parser.add_argument("--pack", action="store_true",
                         help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
                              "on the same input files (tools/bench_pack.py)")

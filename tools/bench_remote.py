@@ -194,7 +194,7 @@ def run_remote(args) -> None:
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket=BUCKET)
         specs = [s for s in shard_sets(args.quick) if s.name in (args.sets or "small-plain,large").split(",")]
-        sizes = [int(s) for s in (args.resolve_sizes or ("2000" if args.quick else "10000")).split(",") if s]
+        sizes = [int(s) for s in (("2000" if args.quick else "10000") if args.resolve_sizes is None else args.resolve_sizes).split(",") if s]
         root = Path(args.data)
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
