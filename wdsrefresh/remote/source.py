@@ -21,14 +21,18 @@ digest, block digests) comes from a manifest entry that describes this version (
 and ETag), or from indexing it once (one streamed, pinned read, in a thread pool of the
 resolving process); either is kept in memory by (URL, ETag) while the object is listed, so an
 epoch costs one listing plus the new objects. The VersionId of a versioned bucket's objects is
-learned on the way (the index's first response, or a HEAD pinned to the listed ETag).
+learned on the way (the index's first response, or a HEAD pinned to the listed ETag). Between
+epochs, a background thread indexes objects published since (``ahead.py``), so the next
+epoch's resolution usually reads none.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -42,6 +46,7 @@ from ..format.names import is_shard_name, is_temporary
 from ..format.tario import MAX_SAMPLE_BYTES, TarError
 from ..snapshot import FileId, ShardInfo
 from ..sources import Candidate, NoShardsError, ShardSource
+from .ahead import DEFAULT_INTERVAL, AheadIndexer
 from .reader import ObjectCorruptError, check_digest, index_object
 from .store import (ObjectChangedError, ObjectReadError, ObjectStat, ObjectUrl, ObjectVanishedError, Store,
                     register, same_etag)
@@ -84,7 +89,8 @@ class _Known:
 
 class ObjectSource(ShardSource):
     """The shards named by ``s3://`` URLs (see the module docstring); ``storage_options`` as in
-    pandas and HF datasets (``store.Store``)."""
+    pandas and HF datasets (``store.Store``), plus ``index_interval``: seconds between the
+    background listings that index new objects ahead of the next epoch (0: none)."""
 
     def __init__(self, spec: str | Iterable[str], storage_options: dict[str, Any] | None = None,
                  threads: int = DEFAULT_THREADS):
@@ -92,7 +98,9 @@ class ObjectSource(ShardSource):
         if not self.specs:
             raise NoShardsError("an empty list of URLs names no shard")
         self.plans = [_plan(s) for s in self.specs]
-        self.store = Store(storage_options)
+        options = dict(storage_options or {})
+        self.ahead = AheadIndexer(float(options.pop("index_interval", DEFAULT_INTERVAL)))
+        self.store = Store(options)
         self.threads = max(1, threads)
         self.max_sample_bytes = MAX_SAMPLE_BYTES
         self._init_caches()
@@ -103,10 +111,22 @@ class ObjectSource(ShardSource):
         self._manifests: dict[str, tuple[str, list, list]] = {}  # url -> (etag, entries, errors)
         self._fragments: dict[str, tuple[str, list]] = {}  # fragment url -> (etag, entries)
         self._versioned: dict[str, bool | None] = {}
+        self._ahead: dict[str, _Known] = {}  # url -> indexed by the background thread since the last epoch
+        self._resolving = threading.Event()  # an epoch is resolving: the background thread waits its turn
+        self._locked_in, self._lock_of_pid = threading.Lock(), os.getpid()
+
+    @property
+    def _lock(self) -> threading.Lock:
+        """Guards the listing caches, ``_known`` and ``_ahead`` (fresh after a fork: the parent's
+        background thread may have held it)."""
+        if self._lock_of_pid != os.getpid():
+            self._locked_in, self._lock_of_pid = threading.Lock(), os.getpid()
+        return self._locked_in
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_known", "_manifests", "_fragments", "_versioned"):
+        for key in ("_known", "_manifests", "_fragments", "_versioned", "_ahead", "_resolving", "_locked_in",
+                    "_lock_of_pid"):
             state.pop(key)  # what the resolving process learned stays there
         return state
 
@@ -130,10 +150,69 @@ class ObjectSource(ShardSource):
     def limit_samples(self, max_sample_bytes: int) -> None:
         if max_sample_bytes != self.max_sample_bytes:
             self.max_sample_bytes = max_sample_bytes
-            self._known.clear()  # found under another limit
+            with self._lock:
+                self._known.clear()  # found under another limit
+                self._ahead.clear()
 
     # ------------------------------------------------------------------ listing
     def candidates(self) -> list[Candidate]:
+        self._resolving.set()
+        try:
+            with self._lock:
+                items = self._list()
+                found: dict[str, _Known | None] = dict(self._known_versions(items))
+            todo = [item for item in items if item.stat.url not in found]
+            if todo:
+                with ThreadPoolExecutor(min(self.threads, len(todo)), thread_name_prefix="wdsrefresh-index") as pool:
+                    found.update(zip((item.stat.url for item in todo), pool.map(self._resolve, todo)))
+            with self._lock:
+                self._known = {url: k for url, k in found.items() if k is not None and not k.transient}
+                self._ahead = {url: k for url, k in self._ahead.items() if url not in self._known}
+        finally:
+            self._resolving.clear()
+        self.ahead.ensure_running(self)
+        return [_candidate(item, found[item.stat.url]) for item in items]
+
+    def _known_versions(self, items: list[_Listed]) -> dict[str, _Known]:
+        """(Under ``_lock``.) What is already known of the listed versions: from the last epoch,
+        or indexed since by the background thread."""
+        found = {}
+        for item in items:
+            url = item.stat.url
+            for known in (self._known.get(url), self._ahead.get(url)):
+                if known is not None and same_etag(known.etag, item.stat.etag):
+                    found[url] = known
+                    break
+        return found
+
+    @property
+    def indexed_ahead(self) -> list[str]:
+        """The URLs indexed in the background since the last epoch resolved (``ahead.py``)."""
+        with self._lock:
+            return sorted(self._ahead)
+
+    def index_ahead_once(self, stop: threading.Event) -> int:
+        """One background pass (``ahead.py``): lists the source and indexes, one at a time, the
+        listed versions nothing knows yet; stops early when an epoch starts resolving. Returns
+        how many it indexed."""
+        if self._resolving.is_set():
+            return 0
+        with self._lock:
+            items = self._list()
+            seen = self._known_versions(items)
+        indexed = 0
+        for item in (item for item in items if item.stat.url not in seen):
+            if stop.is_set() or self._resolving.is_set():
+                break
+            found = self._resolve(item)
+            if found is not None and not found.transient:
+                with self._lock:
+                    self._ahead[item.stat.url] = found
+                indexed += 1
+        return indexed
+
+    def _list(self) -> list[_Listed]:
+        """(Under ``_lock``: the manifest and fragment caches are updated on the way.)"""
         listed: dict[str, _Listed] = {}
         singles: list[_Objects] = []
         for plan in self.plans:
@@ -145,19 +224,8 @@ class ObjectSource(ShardSource):
         if singles:
             for item in _Objects([u for p in singles for u in p.urls]).list(self):
                 listed.setdefault(item.stat.url, item)
-        self._versioned.clear()  # asked again each epoch, when an object needs it
-        items = list(listed.values())
-        found: dict[str, _Known | None] = {}
-        for item in items:
-            known = self._known.get(item.stat.url)
-            if known is not None and same_etag(known.etag, item.stat.etag):
-                found[item.stat.url] = known
-        todo = [item for item in items if item.stat.url not in found]
-        if todo:
-            with ThreadPoolExecutor(min(self.threads, len(todo)), thread_name_prefix="wdsrefresh-index") as pool:
-                found.update(zip((item.stat.url for item in todo), pool.map(self._resolve, todo)))
-        self._known = {url: k for url, k in found.items() if k is not None and not k.transient}
-        return [_candidate(item, found[item.stat.url]) for item in items]
+        self._versioned.clear()  # asked again each listing, when an object needs it
+        return list(listed.values())
 
     # ------------------------------------------------------------------ resolving one object
     def _resolve(self, item: _Listed) -> _Known | None:

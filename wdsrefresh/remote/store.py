@@ -214,7 +214,10 @@ class Store:
         core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
         session = boto3.session.Session(botocore_session=core, profile_name=options.pop("profile", None))
         config = {"retries": {"max_attempts": 0, "mode": "standard"},  # retried here, naming URL and range
-                  "max_pool_connections": 32, "connect_timeout": 10, "read_timeout": 60}
+                  "max_pool_connections": 32, "connect_timeout": 10, "read_timeout": 60,
+                  # every block read is checked against its xxh3 digest: botocore's CRC32 of each body
+                  # would be a second pass over the bytes, holding the GIL the tar reader needs
+                  "response_checksum_validation": "when_required"}
         config.update(options.pop("config_kwargs", None) or {})
         kwargs = dict(options.pop("client_kwargs", None) or {})
         kwargs.update((_CLIENT_OPTIONS[k], v) for k, v in options.items())
