@@ -24,6 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -41,6 +42,7 @@ DEFAULT_MAX_BACKOFF = 10.0
 DEFAULT_PAGE_SIZE = 1000  # keys per ListObjectsV2 page (S3's maximum)
 DEFAULT_READAHEAD = 4  # blocks fetched ahead of the reader, per consumer
 DEFAULT_REQUEST_BLOCKS = 16  # blocks one ranged GET asks for at most (a stream; closed early when not needed)
+LIST_THREADS = 8  # key ranges of a prefix listed at once (each usually one page)
 
 # storage_options understood here; anything else is refused, naming the key (never a value)
 _CLIENT_OPTIONS = {
@@ -181,10 +183,12 @@ class Store:
         self._options = options
         self._client: Any = None
         self._pid: int | None = None
+        self._page_ends: dict[tuple, list[str]] = {}  # (bucket, prefix, delimiter) -> where its last listing's pages ended
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_client"] = state["_pid"] = None  # never pickled: each process makes its own
+        state["_page_ends"] = {}
         return state
 
     def __repr__(self) -> str:
@@ -335,20 +339,45 @@ class Store:
              subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
         """The objects whose keys start with ``prefix`` (with ``delimiter``: not below a further
         ``/``), in key order, over as many ListObjectsV2 pages as it takes. The "folders" the
-        delimiter rolled up (``prefix/sub/``) are appended to ``subprefixes`` when given."""
+        delimiter rolled up (``prefix/sub/``) are appended to ``subprefixes`` when given.
+
+        Pages follow each other by continuation tokens, so a long listing is a chain of round
+        trips. Once a prefix was listed, the keys where its pages ended split the next listing
+        into key ranges (``StartAfter``) listed ``LIST_THREADS`` at once: as many requests as
+        one chain when nothing changed, a page more per range that grew."""
         url = f"s3://{bucket}/{prefix}"
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
+        base: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size}
         if delimiter:
-            kwargs["Delimiter"] = delimiter
-        found: list[str] = []  # the page's rolled-up folders (a retried page starts again from none)
-        while True:
-            objects, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs), found))
+            base["Delimiter"] = delimiter
+        ends = self._page_ends.get((bucket, prefix, delimiter), [])
+        ranges = list(zip([None, *ends], [*ends, None]))
+        if len(ranges) == 1:
+            parts = [self._list_range(url, base, None, None)]
+        else:
+            with ThreadPoolExecutor(min(LIST_THREADS, len(ranges)), thread_name_prefix="wdsrefresh-list") as pool:
+                parts = list(pool.map(lambda r: self._list_range(url, base, *r), ranges))
+        keys = [o[0] for objects, _ in parts for o in objects]
+        self._page_ends[(bucket, prefix, delimiter)] = keys[self.page_size - 1 : -1 : self.page_size]
+        for objects, folders in parts:
             if subprefixes is not None:
-                subprefixes += found
+                subprefixes += folders
             for key, size, etag, modified in objects:
                 yield ObjectStat(f"s3://{bucket}/{key}", size, etag, _ns(_timestamp(modified)))
-            if token is None:
-                return
+
+    def _list_range(self, url: str, base: dict[str, Any], after: str | None, upto: str | None,
+                    ) -> tuple[list[tuple[str, int, str, str]], list[str]]:
+        """The objects and rolled-up folders listed after ``after`` up to ``upto`` (None: no bound)."""
+        kwargs = dict(base, StartAfter=after) if after is not None else dict(base)
+        objects: list[tuple[str, int, str, str]] = []
+        folders: list[str] = []
+        found: list[str] = []  # one page's folders (a retried page starts again from none)
+        while True:
+            page, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs), found))
+            objects += [o for o in page if upto is None or o[0] <= upto]
+            folders += [f for f in found if upto is None or f <= upto]
+            last = max(page[-1][0] if page else "", found[-1] if found else "")
+            if token is None or (upto is not None and last >= upto):
+                return objects, folders
             kwargs["ContinuationToken"] = token
 
     def versioning(self, bucket: str) -> bool | None:
