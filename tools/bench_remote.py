@@ -175,10 +175,39 @@ def bench_resolution(client, count: int, state_root: str) -> tuple[float, float,
     listing = plain_listing()
     indexed, warm_indexed = timed(f"s3://{BUCKET}/{prefix}/*.tar")  # a glob: the manifest is not used
     listing = statistics.median([listing, plain_listing()])
+    ahead, at_set_epoch = growth_epoch(client, prefix, data, count // 10, state_root)
     print(f"  resolve {count:>7,} objects: manifest {with_manifest:.2f} s, indexed {indexed:.2f} s, next epoch "
-          f"{statistics.median([warm, warm_indexed]):.2f} s, plain listing {listing:.2f} s",
-          file=sys.stderr, flush=True)
-    return count, with_manifest, indexed, max(warm, warm_indexed), listing
+          f"{statistics.median([warm, warm_indexed]):.2f} s, plain listing {listing:.2f} s; after {count // 10:,} "
+          f"new objects: indexed ahead {ahead:.2f} s, at set_epoch {at_set_epoch:.2f} s", file=sys.stderr, flush=True)
+    return count, with_manifest, indexed, max(warm, warm_indexed), listing, ahead, at_set_epoch
+
+
+def growth_epoch(client, prefix: str, data: bytes, new: int, state_root: str) -> tuple[float, float]:
+    """The set_epoch after ``new`` objects without manifest entries joined the prefix: with the
+    background thread given time to index them (remote/ahead.py), and with it off (indexed by
+    set_epoch itself, 8 at a time)."""
+    url = f"s3://{BUCKET}/{prefix}/"
+    sources = [wr.make_source(url, storage_options={"index_interval": interval}) for interval in (0.5, 0)]
+    datasets = [wr.RefreshingWebDataset(source, shardshuffle=False, state_dir=tempfile.mkdtemp(dir=state_root))
+                for source in sources]
+    for ds in datasets:
+        ds.set_epoch(0)
+    keys = [f"{prefix}/new-{i:06d}.tar" for i in range(new)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket=BUCKET, Key=k, Body=data), keys))
+    source, deadline = sources[0], time.monotonic() + 600
+    while len(source.indexed_ahead) < new:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the background thread indexed {len(source.indexed_ahead)} of {new} objects in 600 s")
+        time.sleep(0.2)
+    seconds = []
+    for ds in datasets:
+        t0 = time.perf_counter()
+        ds.set_epoch(1)
+        seconds.append(time.perf_counter() - t0)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: client.delete_object(Bucket=BUCKET, Key=k), keys))
+    return seconds[0], seconds[1]
 
 
 def run_remote(args) -> None:
@@ -218,8 +247,9 @@ def run_remote(args) -> None:
                      f"{mbps:,.0f} | {rate / ceiling[spec.name]:.2f}x |")
     if resolution:
         lines += ["", "| one-sample objects | set_epoch, manifest with ETags | set_epoch, every object indexed "
-                  "| next set_epoch (nothing changed) | plain boto3 listing of the prefix | next set_epoch x listing |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {n:,} | {m:.2f} s | {i:.2f} s | {w:.2f} s | {p:.2f} s | {w / p:.2f}x |"
-                  for n, m, i, w, p in resolution]
+                  "| next set_epoch (nothing changed) | plain boto3 listing of the prefix | next set_epoch x listing "
+                  "| next set_epoch after 10% new objects: indexed ahead | ... indexed at set_epoch |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n:,} | {m:.2f} s | {i:.2f} s | {w:.2f} s | {p:.2f} s | {w / p:.2f}x | {a:.2f} s | {g:.2f} s |"
+                  for n, m, i, w, p, a, g in resolution]
     print("\n".join(lines))
