@@ -401,8 +401,12 @@ def register(buckets: list[str] | set[str], store: Store) -> None:
 
 def store_for(url: str) -> Store:
     """The store a shard's URL is read through: the one registered for its bucket, else one
-    configured from the environment alone."""
+    configured from the environment alone (``http(s)://`` URLs: ``http_store.store_for``)."""
     global _default_store
+    if url.partition("://")[0].lower() in ("http", "https"):
+        from . import http_store
+
+        return http_store.store_for(url)
     store = _stores.get(ObjectUrl.parse(url).bucket)
     if store is None:
         if _default_store is None:
