@@ -17,11 +17,12 @@ import torch
 import webdataset as wds
 
 import wdsrefresh as wr
-from httpfixtures import web  # noqa: F401 - fixture
 from s3fixtures import shard_bytes
 from wdsrefresh.format.digest import BLOCK_SIZE, FileDigester
 from wdsrefresh.remote.http_store import UnpinnableError
 from wdsrefresh.remote.store import ObjectReadError
+
+pytest_plugins = ("httpfixtures",)  # the ``web`` fixture
 
 BIG = 512 * 1024  # 24 samples of this size span three 4 MiB blocks
 FAST = {"backoff": 0.01, "max_backoff": 0.05}
@@ -107,6 +108,18 @@ def test_a_list_of_urls_and_one_url(web):
     assert keys_of(ds) == expected_keys(b=2) + expected_keys(a=3)
     ds = wr.RefreshingWebDataset(a + "?download=true")
     assert ds.set_epoch(0).shards[0].name == "a.tar" and sorted(keys_of(ds)) == expected_keys(a=3)
+
+
+def test_urls_redirected_as_a_hub_redirects_to_its_cdn_are_read_pinned(web):
+    os.mkdir(web.path("blobs"))
+    publish_shard(web, "blobs/a.tar", 24, BIG, version="v1")
+    web.redirects = {"/resolve/main/a.tar": "/blobs/a.tar"}
+    ds = wr.RefreshingWebDataset(web.at("resolve/main/a.tar"))
+    shard = ds.set_epoch(0).shards[0]
+    assert (shard.name, shard.etag, shard.nsamples) == ("a.tar", web.etag_of("blobs/a.tar"), 24)
+    assert {tagged(s) for s in ds} == {"v1"}
+    ranged = [r for r in web.requests("GET") if r.range and r.path == "/blobs/a.tar"]
+    assert ranged and all(r.status == 206 for r in ranged)
 
 
 def test_manifest_with_etags_costs_one_request_per_epoch_and_lists_relative_and_absolute_urls(web):

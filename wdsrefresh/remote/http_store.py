@@ -68,15 +68,17 @@ def origin(url: str) -> str:
     return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].lower()}"
 
 
-_process_lock = threading.Lock()
+_pools: dict[tuple[float, float], Any] = {}  # this process's urllib3 pools, by timeouts
+_pools_lock = threading.Lock()
 
 
-def _fresh_lock_in_child() -> None:
-    global _process_lock
-    _process_lock = threading.Lock()  # the parent's may have been held by a thread the fork did not copy
+def _forget_pools_in_child() -> None:  # a forked child (a DataLoader worker) makes its own connections
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()  # the parent's may have been held by a thread the fork did not copy
 
 
-os.register_at_fork(after_in_child=_fresh_lock_in_child)
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 class HttpStore(Retrying):
@@ -113,27 +115,19 @@ class HttpStore(Retrying):
             from .cache import BlockCache
 
             self.cache = BlockCache(options["cache_dir"], options["cache_limit"])
-        self._pool: Any = None
-        self._pid: int | None = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_pool"] = state["_pid"] = None  # never pickled: each process makes its own
-        return state
 
     def __repr__(self) -> str:  # header names only, never their values
         return f"HttpStore(headers: {', '.join(sorted(self.headers)) or 'none'})"
 
     # ------------------------------------------------------------------ the connection pool
     def pool(self) -> Any:
-        """This process's urllib3 PoolManager, made on first use (a forked child makes its own)."""
-        pid = os.getpid()
-        if self._pid != pid:
-            with _process_lock:
-                if self._pid != pid:
-                    self._pool = self._make_pool()
-                    self._pid = pid
-        return self._pool
+        """This process's urllib3 PoolManager (one for every store with these timeouts: headers
+        go with each request), made on first use; a forked child makes its own, none is pickled."""
+        with _pools_lock:
+            pool = _pools.get(self.timeouts)
+            if pool is None:
+                pool = _pools[self.timeouts] = self._make_pool()
+        return pool
 
     def _make_pool(self) -> Any:
         try:
