@@ -261,13 +261,14 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str
 
 def make_source(spec: object, storage_options: dict | None = None) -> ShardSource:
     """A ShardSource from a directory, glob, brace pattern, manifest path, list, or a ShardSource;
-    ``s3://`` URLs (or a list of them) make a ``remote.source.ObjectSource`` with ``storage_options``."""
+    ``s3://`` and ``https://`` URLs (or a list of them) make a ``remote.source.ObjectSource`` with
+    ``storage_options``."""
     if is_remote(spec) or (isinstance(spec, (list, tuple)) and spec and all(map(is_remote, spec))):
         from .remote.source import ObjectSource
 
         return ObjectSource(spec, storage_options=storage_options)
     if storage_options is not None:
-        raise TypeError(f"storage_options apply to s3:// URLs, not to {spec!r}")
+        raise TypeError(f"storage_options apply to s3:// and https:// URLs, not to {spec!r}")
     if isinstance(spec, ShardSource):
         return spec
     if isinstance(spec, (list, tuple)):
@@ -278,7 +279,7 @@ def make_source(spec: object, storage_options: dict | None = None) -> ShardSourc
         raise TypeError(f"cannot make a shard source from {spec!r}")
     if spec.startswith("pipe:"):
         raise NotImplementedError(f"{spec!r}: a pipe: command cannot be listed again at each epoch nor checked for "
-                                  "changes; give a directory, a manifest, or an s3:// URL")
+                                  "changes; give a directory, a manifest, an s3:// URL or https:// URLs")
     if os.path.isdir(spec):
         return DirectorySource(spec)
     if spec.endswith(".json"):

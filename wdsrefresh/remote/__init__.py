@@ -1,12 +1,17 @@
-"""Shards in object stores (``s3://bucket/prefix/``): the same invariants, other primitives.
+"""Shards in object stores (``s3://bucket/prefix/``) and on web servers (``https://``): the same
+invariants, other primitives.
 
-- ``store.py``: one store's client (made lazily in each process, never pickled), listing,
-  pinned ranged reads, retries with backoff, and the errors that name the URL.
+- ``retry.py``: the retry policy every store shares, and the errors that name the URL.
+- ``store.py``: one S3 store's client (made lazily in each process, never pickled), listing,
+  pinned ranged reads.
+- ``http_store.py``: a web server read the same way: HEAD, ranged GETs pinned by ``If-Match``
+  and checked against the ETag each response names; servers without a strong ETag or ranges
+  are refused.
 - ``listing.py``: ListObjectsV2 pages read from their XML, not by botocore's generic parser.
 - ``reader.py``: a pinned object read block by block, each block checked against its digest
   before the tar reader sees a byte of it, with read-ahead in a background thread.
-- ``source.py``: ``ObjectSource``, the shard source of ``s3://`` URLs: a listing (or a
-  manifest) per epoch, objects indexed once per (URL, ETag).
+- ``source.py``: ``ObjectSource``, the shard source of ``s3://`` and ``https://`` URLs: a
+  listing, HEADs or a manifest per epoch, objects indexed once per (URL, ETag).
 
 This module imports nothing: asking whether a source is remote costs no boto3 import.
 """

@@ -15,6 +15,12 @@ non-shard names are never listed):
   absolute ``s3://`` URLs; it is fetched again only when its ETag changed (``If-None-Match``);
 - a list of any of these (listed once per parent prefix, in the order given).
 
+``https://`` (and ``http://``) URLs name shards on a web server (``http_store.py``): a brace
+pattern or list of shard URLs (one HEAD each per epoch: HTTP has no listing), or a manifest URL
+whose urls are relative to it or absolute ``http(s)://`` URLs. A manifest entry that records
+``filesize`` and a strong ``etag`` is taken without a HEAD: reads are pinned to that ETag, so an
+entry the shard no longer matches is caught at its first read (412: ``on_change``; 404: deleted).
+
 Each listing costs one paginated ListObjectsV2 per prefix. An object is ready once listed:
 a PUT or a completed multipart upload is visible whole or not at all. What it holds (count,
 digest, block digests) comes from a manifest entry that describes this version (same size
@@ -37,6 +43,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import braceexpand
 
@@ -48,6 +55,8 @@ from ..snapshot import FileId, ShardInfo
 from ..sources import Candidate, NoShardsError, ShardSource
 from .ahead import DEFAULT_INTERVAL, AheadIndexer
 from .reader import ObjectCorruptError, check_digest, index_object
+from . import http_store
+from .http_store import HttpStore, is_http
 from .store import (ObjectChangedError, ObjectReadError, ObjectStat, ObjectUrl, ObjectVanishedError, Store,
                     register, same_etag)
 
@@ -88,9 +97,10 @@ class _Known:
 
 
 class ObjectSource(ShardSource):
-    """The shards named by ``s3://`` URLs (see the module docstring); ``storage_options`` as in
-    pandas and HF datasets (``store.Store``), plus ``index_interval``: seconds between the
-    background listings that index new objects ahead of the next epoch (0: none)."""
+    """The shards named by ``s3://`` or ``https://`` URLs (see the module docstring);
+    ``storage_options`` as in pandas and HF datasets (``store.Store``, ``http_store.HttpStore``),
+    plus ``index_interval``: seconds between the background listings that index new objects
+    ahead of the next epoch (0: none; the default for ``https://``, which has no listing)."""
 
     def __init__(self, spec: str | Iterable[str], storage_options: dict[str, Any] | None = None,
                  threads: int = DEFAULT_THREADS):
@@ -99,12 +109,15 @@ class ObjectSource(ShardSource):
             raise NoShardsError("an empty list of URLs names no shard")
         self.plans = [_plan(s) for s in self.specs]
         options = dict(storage_options or {})
-        self.ahead = AheadIndexer(float(options.pop("index_interval", DEFAULT_INTERVAL)))
-        self.store = Store(options)
+        interval = options.pop("index_interval", None)
+        self.store = _store(self.specs, options)
+        if interval is None:  # a web server has no listing: a background pass would HEAD every URL
+            interval = DEFAULT_INTERVAL if isinstance(self.store, Store) else 0
+        self.ahead = AheadIndexer(float(interval))
         self.threads = max(1, threads)
         self.max_sample_bytes = MAX_SAMPLE_BYTES
         self._init_caches()
-        register(self.buckets, self.store)
+        self._register()
 
     def _init_caches(self) -> None:
         self._known: dict[str, _Known] = {}  # url -> what its current version is
@@ -133,11 +146,18 @@ class ObjectSource(ShardSource):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_caches()
-        register(self.buckets, self.store)  # readers in this process (a DataLoader worker) use these options
+        self._register()  # readers in this process (a DataLoader worker) use these options
 
     @property
     def buckets(self) -> set[str]:
+        """The buckets of ``s3://`` URLs; the origins (``https://host``) of web URLs."""
         return {part.bucket for plan in self.plans for part in plan.parts()}
+
+    def _register(self) -> None:
+        if isinstance(self.store, HttpStore):
+            http_store.register(self.buckets, self.store)
+        else:
+            register(self.buckets, self.store)
 
     def describe(self) -> str:
         if len(self.specs) == 1:
@@ -236,7 +256,7 @@ class ObjectSource(ShardSource):
             if (entry is not None and entry.nsamples is not None and entry.filesize == stat.size
                     and same_etag(entry.etag, stat.etag) and entry.digest and entry.blocks is not None):
                 version_id = stat.version_id  # known when a HEAD named the object
-                if version_id is None and self._bucket_versioned(ObjectUrl.parse(stat.url).bucket) is not False:
+                if version_id is None and self._bucket_versioned(stat.url) is not False:
                     head = self.store.head(stat.url, if_match=stat.etag)
                     if head is None:
                         return None
@@ -277,7 +297,10 @@ class ObjectSource(ShardSource):
         info = _info(stat, name, index.nsamples, index.digest, index.blocks, index.version_id)
         return _Known(stat.etag, info, None)
 
-    def _bucket_versioned(self, bucket: str) -> bool | None:
+    def _bucket_versioned(self, url: str) -> bool | None:
+        if is_http(url):
+            return False  # a web server has no versions: the ETag pins
+        bucket = ObjectUrl.parse(url).bucket
         if bucket not in self._versioned:
             self._versioned[bucket] = self.store.versioning(bucket)
         return self._versioned[bucket]
@@ -477,17 +500,71 @@ class _Manifest(_Plan):
             raise manifestmod.ManifestError(f"{self.url}: {url!r}: a relative url must stay inside the bucket")
         return f"s3://{self.bucket}/{key}"
 
+    def _named(self, urls: list[str], entries: list[manifestmod.ManifestEntry]) -> _Plan:
+        return _Objects(urls)
+
     def list(self, source: ObjectSource) -> Iterator[_Listed]:
         try:
             entries = source.manifest(self.url, contained=False)
         except ObjectVanishedError as exn:
             raise NoShardsError(f"manifest {self.url!r} does not exist") from exn
         urls = [self._absolute(e.url) for e in entries]
-        by_url = {item.stat.url: item for item in _Objects(urls).list(source)}
+        by_url = {item.stat.url: item for item in self._named(urls, entries).list(source)}
         for url, entry in zip(urls, entries):
             item = by_url.get(url)
             if item is not None:
                 yield _Listed(item.stat, entry.url, entry)
+
+
+class _Urls(_Plan):
+    """Shards on a web server named one by one (a URL, a brace pattern, a list): one HEAD each
+    (HTTP has no listing), unless ``known`` holds what a manifest recorded of them (size and
+    strong ETag: the pin every read of them carries)."""
+
+    kind = "https urls"
+
+    def __init__(self, urls: list[str], known: dict[str, ObjectStat] | None = None):
+        self.urls, self.known = urls, known or {}
+
+    def parts(self) -> list[_Plan]:
+        return [_Named(http_store.origin(u)) for u in self.urls]
+
+    def list(self, source: ObjectSource) -> Iterator[_Listed]:
+        asked = [u for u in dict.fromkeys(self.urls) if u not in self.known]
+        found = dict(self.known)
+        if asked:
+            with ThreadPoolExecutor(min(source.threads, len(asked)), thread_name_prefix="wdsrefresh-head") as pool:
+                found.update((s.url, s) for s in pool.map(source.store.head, asked) if s is not None)
+        for url in self.urls:
+            if url in found:
+                yield _Listed(found[url], _url_name(url))
+
+
+class _HttpManifest(_Manifest):
+    kind = "https manifest"
+
+    def __init__(self, url: str):
+        self.url, self.bucket = url, http_store.origin(url)
+
+    def _absolute(self, url: str) -> str:
+        """An entry's url as an http(s):// URL: absolute, or relative to the manifest's URL."""
+        if "://" in url:
+            if not is_http(url):
+                raise manifestmod.ManifestError(f"{self.url}: {url!r}: only http(s):// urls can be read with it")
+            return url
+        if url.startswith("//"):
+            raise manifestmod.ManifestError(f"{self.url}: {url!r}: a relative url must stay on the manifest's host")
+        return urljoin(self.url, url)
+
+    def _named(self, urls: list[str], entries: list[manifestmod.ManifestEntry]) -> _Plan:
+        known = {url: ObjectStat(url, e.filesize, e.etag, e.mtime_ns or 0) for url, e in zip(urls, entries)
+                 if e.filesize is not None and e.etag and not e.etag.startswith(("W/", "w/"))}
+        return _Urls(urls, known)
+
+
+def _url_name(url: str) -> str:
+    """A shard URL's name: the last segment of its path (no query)."""
+    return posixpath.basename(urlsplit(url).path)
 
 
 def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None,
@@ -528,16 +605,42 @@ def _glob_regex(pattern: str) -> str:
 def _why_not(scheme: str) -> str:
     if scheme == "file":
         return "give the local path itself"
-    return ("wdsrefresh reads object stores through s3:// only, where every ranged read is pinned to a "
-            "VersionId or an ETag (a read that is not could mix two versions of a replaced object); "
+    return ("wdsrefresh reads shards through s3:// and https:// (or http://) only, where every ranged read is "
+            "pinned to a VersionId or an ETag (a read that is not could mix two versions of a replaced object); "
             "S3-compatible stores (MinIO, R2, Ceph, GCS's XML API) are read as s3:// URLs with "
             "storage_options={'endpoint_url': ...}")
+
+
+def _http_plan(spec: str) -> _Plan:
+    path = urlsplit(spec).path
+    if "{" in spec and "}" in spec:
+        return _Urls(list(braceexpand.braceexpand(spec)))
+    if path.endswith(".json"):
+        return _HttpManifest(spec)
+    if is_shard_name(posixpath.basename(path)) and not any(ch in path for ch in "*["):
+        return _Urls([spec])
+    raise ValueError(f"{spec!r}: HTTP has no listing, so a directory or a glob cannot be read over "
+                     f"{urlsplit(spec).scheme}://; give a manifest URL (.../manifest.json) or a brace pattern "
+                     "of shard URLs (.../shard-{000..099}.tar)")
+
+
+def _store(specs: list[str], storage_options: dict[str, Any] | None) -> Store | HttpStore:
+    """The store the source's URLs are read through: one protocol per source."""
+    web = [is_http(s) for s in specs]
+    if all(web):
+        return HttpStore(storage_options)
+    if any(web):
+        raise ValueError("a list of URLs mixes https:// and s3:// URLs, whose storage_options differ: "
+                         "one source reads one protocol")
+    return Store(storage_options)
 
 
 def _plan(spec: str) -> _Plan:
     if not isinstance(spec, str):
         raise TypeError(f"cannot make a shard source from {spec!r}")
     scheme = spec.partition("://")[0].lower()
+    if scheme in http_store.SCHEMES:
+        return _http_plan(spec)
     if scheme != "s3":
         raise NotImplementedError(f"{spec!r}: {scheme}:// cannot be read consistently here: {_why_not(scheme)}")
     where = ObjectUrl.parse(spec)

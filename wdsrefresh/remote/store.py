@@ -20,21 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from ..format.tario import ShardChangedError
 from . import listing
+from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying  # noqa: F401 - re-exported
 
 log = logging.getLogger("wdsrefresh")
-
-T = TypeVar("T")
 
 DEFAULT_ATTEMPTS = 6  # tries per request, the first included
 DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubles at each retry, with full jitter
@@ -57,30 +53,6 @@ _RETRIED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeo
                   "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
                   "BandwidthLimitExceeded", "EC2ThrottledException"}
 _GONE_CODES = {"NoSuchKey", "NoSuchVersion", "NotFound", "NoSuchBucket"}
-
-
-class ObjectReadError(OSError):
-    """A request to the store that failed for good (after its retries, or not retryable).
-
-    Names the URL and, for reads, the byte range ``[start, stop)``.
-    """
-
-    def __init__(self, url: str, message: str, start: int | None = None, stop: int | None = None):
-        where = f"{url}: bytes {start}-{stop - 1}" if start is not None and stop is not None else url
-        super().__init__(f"{where}: {message}")
-        self.url, self.start, self.stop = url, start, stop
-
-
-class ObjectChangedError(ShardChangedError):
-    """The object was replaced since the snapshot: its ETag no longer matches (HTTP 412)."""
-
-
-class ObjectVanishedError(FileNotFoundError):
-    """The object (or the snapshot's version of it) no longer exists (HTTP 404)."""
-
-    def __init__(self, url: str, message: str):
-        super().__init__(f"{url}: {message}")
-        self.url = url
 
 
 @dataclass(frozen=True)
@@ -148,7 +120,7 @@ def _fresh_lock_in_child() -> None:
 os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
-class Store:
+class Store(Retrying):
     """An S3 (or S3-compatible) store and how to reach it; ``storage_options`` as in pandas or
     HF datasets: ``endpoint_url``, ``region_name``, ``profile``, ``key``/``secret``/``token``,
     ``client_kwargs`` and ``config_kwargs`` (botocore ``Config``), plus ``attempts``,
@@ -232,34 +204,11 @@ class Store:
         return client
 
     # ------------------------------------------------------------------ requests
-    def call(self, url: str, what: str, request: Callable[[], T], start: int | None = None,
-             stop: int | None = None) -> T:
-        """``request()`` with retries; 412, 404 and final failures as this module's errors."""
-        attempt = 1
-        while True:
-            try:
-                return request()
-            except Exception as exn:  # noqa: BLE001 - classified, re-raised as a named error or retried
-                self._raise_or_wait(url, what, exn, attempt, start, stop)
-                attempt += 1
+    def classify(self, exn: BaseException) -> str:  # the retry policy itself is retry.Retrying's
+        return _classify(exn)
 
-    def _raise_or_wait(self, url: str, what: str, exn: Exception, attempt: int, start: int | None,
-                       stop: int | None) -> None:
-        """Raises what ``exn`` means (naming the URL and range), or waits before the next attempt."""
-        kind = _classify(exn)
-        if kind == "changed":
-            raise ObjectChangedError(url, start or 0, f"{what}: replaced since the snapshot "
-                                     "(its ETag no longer matches: HTTP 412)") from exn
-        if kind == "gone":
-            raise ObjectVanishedError(url, f"{what}: {_summary(exn)} (deleted)") from exn
-        if kind == "not modified":
-            raise exn
-        if kind != "retry" or attempt >= self.attempts:
-            tries = f" after {attempt} attempts" if kind == "retry" else ""
-            raise ObjectReadError(url, f"{what} failed{tries}: {_summary(exn)}", start, stop) from exn
-        delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-        log.debug("%s: %s failed (%s); retry %d in %.2f s", url, what, _summary(exn), attempt, delay)
-        time.sleep(delay)
+    def summary(self, exn: BaseException) -> str:
+        return _summary(exn)
 
     def read_blocks(self, url: str, first: int, stop: int, block_size: int, size: int, *,
                     etag: str | None = None, version_id: str | None = None,
@@ -484,8 +433,12 @@ def register(buckets: list[str] | set[str], store: Store) -> None:
 
 def store_for(url: str) -> Store:
     """The store a shard's URL is read through: the one registered for its bucket, else one
-    configured from the environment alone."""
+    configured from the environment alone (``http(s)://`` URLs: ``http_store.store_for``)."""
     global _default_store
+    if url.partition("://")[0].lower() in ("http", "https"):
+        from . import http_store
+
+        return http_store.store_for(url)
     store = _stores.get(ObjectUrl.parse(url).bucket)
     if store is None:
         if _default_store is None:
