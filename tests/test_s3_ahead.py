@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 
 import pytest
 
 import wdsrefresh as wr
+from conftest import wait_for
 from s3fixtures import fault_proxy, moto_server, s3  # noqa: F401 - fixtures
 from test_s3 import expected_keys, keys_of, via
 from wdsrefresh.remote.ahead import THREAD_NAME
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def ahead_threads() -> list[threading.Thread]:
@@ -44,7 +36,7 @@ def test_objects_published_during_an_epoch_are_indexed_before_the_next_set_epoch
     s3.put_shard("d/c.tar", 2)
     s3.put_shard("d/_tmp.e.tar", 2)
     new = [s3.url("d/b.tar"), s3.url("d/c.tar")]
-    wait_for(lambda: source.indexed_ahead == new, what="b.tar and c.tar indexed in the background")
+    wait_for(lambda: source.indexed_ahead == new, timeout=30, what="b.tar and c.tar indexed in the background")
     fault_proxy.clear()
     snapshot = ds.set_epoch(1)
     assert ranged_reads(fault_proxy) == set(), "set_epoch read objects the background had indexed"
@@ -58,7 +50,7 @@ def test_an_object_replaced_after_it_was_indexed_ahead_joins_as_its_new_version(
     source, ds = dataset(s3, fault_proxy, interval=0.05)
     ds.set_epoch(0)
     s3.put_shard("d/b.tar", 4)
-    wait_for(lambda: source.indexed_ahead == [s3.url("d/b.tar")], what="b.tar indexed in the background")
+    wait_for(lambda: source.indexed_ahead == [s3.url("d/b.tar")], timeout=30, what="b.tar indexed in the background")
     source.ahead.stop()  # no further pass: the replacement must be caught by set_epoch's own listing
     s3.put_shard("d/b.tar", 6, version="v2")
     snapshot = ds.set_epoch(1)

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying
+from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying, ShortBody, stream_blocks
 from .store import (DEFAULT_ATTEMPTS, DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_READAHEAD,
-                    DEFAULT_REQUEST_BLOCKS, ObjectStat, _read_exactly, _ShortBody, same_etag)
+                    DEFAULT_REQUEST_BLOCKS, ObjectStat, same_etag)
 
 SCHEMES = ("http", "https")
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -152,7 +152,7 @@ class HttpStore(Retrying):
             if exn.status in (404, 410):
                 return "gone"
             return "retry" if exn.status in _RETRIED_STATUS or exn.status >= 500 else "fail"
-        if isinstance(exn, (_ShortBody, ConnectionError, TimeoutError)):
+        if isinstance(exn, (ShortBody, ConnectionError, TimeoutError)):
             return "retry"
         try:
             import urllib3.exceptions as ux
@@ -191,29 +191,19 @@ class HttpStore(Retrying):
         retryable failure is reopened at the block it was reading, so no block is yielded twice or
         in part. Closing the generator closes the stream."""
         pin = _strong_etag(url, etag)
-        i, attempt = first, 1
-        while i < stop:
+
+        def open_at(i: int) -> _Body:
             start, end = i * block_size, min(stop * block_size, size)
             headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": pin, "Accept-Encoding": "identity"}
-            response, done = None, False
+            response = _expect(url, self._send("GET", url, headers, stream=True), 206)
             try:
-                response = _expect(url, self._send("GET", url, headers, stream=True), 206)
                 _check_pinned(url, response, pin, start, end)
-                while i < stop:
-                    data = _read_exactly(response, min(block_size, size - i * block_size))
-                    if i + 1 == stop:
-                        done = True
-                        response.release_conn()  # the whole body read: the connection is reused
-                    yield data, pin, None
-                    i += 1
-                    attempt = 1
-            except Exception as exn:  # noqa: BLE001 - classified: raised by name, or the stream reopened
-                self._raise_or_wait(url, "GET", exn, attempt, i * block_size, min((i + 1) * block_size, size))
-                attempt += 1
-            finally:
-                if response is not None and not done:
-                    response.close()  # a body not read to its end never goes back to the pool
-                    response.release_conn()
+            except BaseException:
+                _Body(response, pin).close()
+                raise
+            return _Body(response, pin)
+
+        return stream_blocks(self, url, first, stop, block_size, size, open_at)
 
     def get_if_changed(self, url: str, etag: str | None) -> tuple[bytes, str | None] | None:
         """The whole (small) document at ``url`` and its ETag, unless its ETag is still ``etag``
@@ -228,6 +218,23 @@ class HttpStore(Retrying):
             return r.data, r.headers.get("ETag")
 
         return self.call(url, "GET", once)
+
+
+class _Body:
+    """A urllib3 response as a ``retry.BlockStream``."""
+
+    def __init__(self, response: Any, pin: str):
+        self.response, self.named, self.done = response, (pin, None), False
+        self.read = response.read
+
+    def finish(self) -> None:
+        self.done = True
+        self.response.release_conn()  # the whole body read: the connection is reused
+
+    def close(self) -> None:
+        if not self.done:
+            self.response.close()  # a body not read to its end never goes back to the pool
+            self.response.release_conn()
 
 
 def _expect(url: str, response: Any, status: int) -> Any:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 from ..format.tario import ShardChangedError
 
@@ -93,3 +93,60 @@ class Retrying:
         delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
         log.debug("%s: %s failed (%s); retry %d in %.2f s", url, what, self.summary(exn), attempt, delay)
         time.sleep(delay)
+
+
+class ShortBody(Exception):
+    """A response body shorter than the range asked for (retried)."""
+
+
+class BlockStream(Protocol):
+    """One ranged GET's body, opened at a block (``Retrying.stream_blocks``)."""
+
+    named: tuple[str | None, str | None]  # (ETag, VersionId) as the response names them
+
+    def read(self, n: int) -> bytes: ...
+
+    def finish(self) -> None:
+        """The last block was read: the connection goes back to the pool."""
+
+    def close(self) -> None: ...
+
+
+def stream_blocks(retrying: Retrying, url: str, first: int, stop: int, block_size: int, size: int,
+                  open_at: Callable[[int], BlockStream]) -> Iterator[tuple[bytes, str | None, str | None]]:
+    """Blocks ``first <= i < stop`` of an object, in order, each whole, read from the stream
+    ``open_at(i)`` opens at block ``i``: a stream cut by a retryable failure is reopened at the
+    block it was reading (after ``retrying``'s backoff), so a block is never yielded twice or
+    in part. Closing the generator closes the stream."""
+    i, attempt = first, 1
+    while i < stop:
+        stream = None
+        try:
+            stream = open_at(i)
+            while i < stop:
+                data = read_exactly(stream, min(block_size, size - i * block_size))
+                if i + 1 == stop:
+                    stream.finish()
+                yield data, *stream.named
+                i += 1
+                attempt = 1
+        except Exception as exn:  # noqa: BLE001 - classified: raised by name, or the stream reopened
+            retrying._raise_or_wait(url, "GET", exn, attempt, i * block_size, min((i + 1) * block_size, size))
+            attempt += 1
+        finally:
+            if stream is not None:
+                stream.close()
+
+
+def read_exactly(body: Any, n: int) -> bytes:
+    data = body.read(n)
+    if len(data) == n:
+        return data
+    parts, have = [data], len(data)
+    while have < n:
+        chunk = body.read(n - have)
+        if not chunk:
+            raise ShortBody(f"the response ended {n - have} bytes early")
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)

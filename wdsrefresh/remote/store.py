@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from . import listing
-from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying  # noqa: F401 - re-exported
+from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying, ShortBody, stream_blocks  # noqa: F401 - re-exported
 
 log = logging.getLogger("wdsrefresh")
 
@@ -228,30 +228,17 @@ class Store(Retrying):
             kwargs["VersionId"] = version_id
         else:
             kwargs["IfMatch"] = etag
-        i, attempt = first, 1
-        while i < stop:
+
+        def open_at(i: int) -> _Body:
             kwargs["Range"] = f"bytes={i * block_size}-{min(stop * block_size, size) - 1}"
-            body = None
-            try:
-                response = self.client().get_object(**kwargs)
-                body = response["Body"]
-                named = (response.get("ETag"), _version(response.get("VersionId")))
-                if named[1] and "VersionId" not in kwargs:  # a versioned bucket: the exact version from now on
-                    del kwargs["IfMatch"]
-                    kwargs["VersionId"] = named[1]
-                while i < stop:
-                    data = _read_exactly(body, min(block_size, size - i * block_size))
-                    if i + 1 == stop:
-                        body.read()  # the end of the body: the connection goes back to the pool, not closed
-                    yield data, *named
-                    i += 1
-                    attempt = 1
-            except Exception as exn:  # noqa: BLE001 - classified: raised by name, or the stream reopened
-                self._raise_or_wait(url, "GET", exn, attempt, i * block_size, min((i + 1) * block_size, size))
-                attempt += 1
-            finally:
-                if body is not None:
-                    body.close()
+            response = self.client().get_object(**kwargs)
+            named = (response.get("ETag"), _version(response.get("VersionId")))
+            if named[1] and "VersionId" not in kwargs:  # a versioned bucket: the exact version from now on
+                del kwargs["IfMatch"]
+                kwargs["VersionId"] = named[1]
+            return _Body(response["Body"], named)
+
+        return stream_blocks(self, url, first, stop, block_size, size, open_at)
 
     def head(self, url: str, if_match: str | None = None) -> ObjectStat | None:
         """The current version of the object (None if there is none); 412 when ``if_match`` fails."""
@@ -352,22 +339,14 @@ def _page(response: dict, prefixes: list[str]) -> tuple[list[tuple[str, int, str
     return objects, response.get("NextContinuationToken") if response.get("IsTruncated") else None
 
 
-class _ShortBody(Exception):
-    """A response body shorter than the range asked for (retried)."""
+class _Body:
+    """A GetObject body as a ``retry.BlockStream``."""
 
+    def __init__(self, body: Any, named: tuple[str | None, str | None]):
+        self.read, self.close, self.named = body.read, body.close, named
 
-def _read_exactly(body: Any, n: int) -> bytes:
-    data = body.read(n)
-    if len(data) == n:
-        return data
-    parts, have = [data], len(data)
-    while have < n:
-        chunk = body.read(n - have)
-        if not chunk:
-            raise _ShortBody(f"the response ended {n - have} bytes early")
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts)
+    def finish(self) -> None:
+        self.read()  # the end of the body: the connection goes back to the pool, not closed
 
 
 def _version(version_id: str | None) -> str | None:
@@ -377,7 +356,7 @@ def _version(version_id: str | None) -> str | None:
 
 def _classify(exn: BaseException) -> str:
     """ "changed" (412), "gone" (404), "not modified" (304), "retry", or "fail"."""
-    if isinstance(exn, (_ShortBody, listing.PageError)):
+    if isinstance(exn, (ShortBody, listing.PageError)):
         return "retry"
     try:
         import botocore.exceptions as bx
