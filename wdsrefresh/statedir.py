@@ -29,12 +29,13 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from . import snapshot_columns
-from .format.atomic import unlink_quietly, write_atomic
+from .format.atomic import pid_alive, unlink_quietly, write_atomic
 from .snapshot import Snapshot
 
 KEEP_SNAPSHOTS = 4
@@ -49,18 +50,37 @@ def _read_json(path: str, default: dict) -> dict:
 
 
 
+def _host_prefix() -> str:
+    return f"wdsrefresh-{socket.gethostname()}-"
+
+
+def _remove_dead(parent: str) -> None:
+    """Removes the state directories in ``parent`` of this host's processes that are gone: a
+    process killed with SIGKILL never ran its cleanup. Only this host's: a parent shared by
+    several nodes holds directories whose pids mean nothing here."""
+    prefix = _host_prefix()
+    for name in os.listdir(parent):
+        pid = name[len(prefix):].split("-", 1)[0]
+        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 class StateDirectory:
     """The directory shared by the main process and all its DataLoader workers.
 
     Each dataset gets a fresh private directory (inside ``parent`` when given, e.g. a local
     disk), removed when the dataset is collected: a directory left by an earlier job or shared
-    with another rank would hand out its snapshots and epoch counters.
+    with another rank would hand out its snapshots and epoch counters. Its name carries the
+    host and the owner's pid, so the directories of killed processes are removed by the next
+    dataset made in the same parent.
     """
 
     def __init__(self, parent: str | None = None):
         if parent is not None:
             os.makedirs(parent, exist_ok=True)
-        self.directory = tempfile.mkdtemp(prefix="wdsrefresh-", dir=parent)
+        parent = parent if parent is not None else tempfile.gettempdir()
+        _remove_dead(parent)
+        self.directory = tempfile.mkdtemp(prefix=f"{_host_prefix()}{os.getpid()}-", dir=parent)
         self.owner_pid = os.getpid()
         self._recent: dict[int, tuple[int, Snapshot]] = {}  # epoch -> (file inode, snapshot) seen here
         # the shards last published here and their columns file: an unchanged snapshot reuses it

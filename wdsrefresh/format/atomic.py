@@ -14,7 +14,7 @@ def dead_temporaries(directory: str) -> list[str]:
     leftovers = []
     for name in os.listdir(directory):
         pid = name[len(TMP_PREFIX):].split(".", 1)[0]
-        if name.startswith(TMP_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+        if name.startswith(TMP_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
             leftovers.append(os.path.join(directory, name))
     return leftovers
 
@@ -27,7 +27,8 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
