@@ -115,7 +115,9 @@ class LocalDestination(Destination):
         return os.path.join(self.path, name)
 
     def prepare(self) -> None:
+        """Makes the directory, and removes the temporaries of writers whose process was killed."""
         os.makedirs(self.path, exist_ok=True)
+        _sweep_dead_temporaries(self.path, ".writer-")
 
     # ---- plans
     @contextmanager
@@ -324,8 +326,11 @@ class S3Destination(Destination):
         return self.url + name
 
     def prepare(self) -> None:
-        """Checks the bucket can be listed (a missing bucket or no credentials fail here, first)."""
+        """Checks the bucket can be listed (a missing bucket or no credentials fail here, first),
+        and removes the local temporaries of writers whose process was killed."""
         from ..remote.store import ObjectVanishedError
+
+        _sweep_dead_temporaries(tempfile.gettempdir(), ".wdsrefresh-")
 
         try:
             next(iter(self._list(FRAGMENTS_DIR + "/")), None)
