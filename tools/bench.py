@@ -559,8 +559,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
                              "on the same input files (tools/bench_pack.py)")
     parser.add_argument("--peers", action="store_true",
-                        help="also read the same samples in LitData's own format with litdata.StreamingDataset, "
-                             "from a separate venv made once under --data (tools/bench_peers.py; no PASS/MISS)")
+                        help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
+                             "samples in LitData's own format, run from a separate venv made once under --data "
+                             "(tools/bench_peers.py); a table of ratios, no PASS/MISS")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
