@@ -35,6 +35,7 @@ at the end states each target of issue 17 as a ratio measured in this run, PASS 
     .venv/bin/python tools/bench.py --scale 1000000   # the scale rows at 1M shards (slow: 4 GB of files)
     .venv/bin/python tools/bench.py --remote     # the same shards from an S3 server on 127.0.0.1
     .venv/bin/python tools/bench.py --pack       # packing speed: pack --jobs 1/2 vs ShardWriter
+    .venv/bin/python tools/bench.py --peers      # LitData on the same samples (its own venv, made once)
 """
 
 from __future__ import annotations
@@ -288,8 +289,10 @@ class PreadFloor:
 
 
 def one_process(reader):
-    if isinstance(reader, PreadFloor):
-        return reader.one_pass, lambda: None
+    """(one_pass, close) of a reader in this process; a reader with its own ``one_pass`` (a floor,
+    or a peer in another process: see bench_peers.py) runs its passes itself."""
+    if hasattr(reader, "one_pass"):
+        return reader.one_pass, getattr(reader, "close", lambda: None)
 
     def one_pass() -> int:
         n = 0
@@ -381,18 +384,17 @@ def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, stat
             (TENSORS, refreshing("inline"), wr.collate_tensors)]
 
 
-def bench_set(root: Path, spec: ShardSet, args, state_root: str) -> list[Row]:
+def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_for) -> list[Row]:
+    """The rows of every reader ``choose`` (like ``readers_for``) names, modes in turn."""
     urls = ensure_set(root, spec)
     directory = str(spec.directory(root))
     modes = [ONE_PROC] + ([f"loader {args.workers}w b{args.batch}"] if args.workers > 0 else [])
     rows = []
     for mode in modes:
-        readers = readers_for(mode, spec, urls, directory, state_root)
-        if mode == ONE_PROC:
-            wrapped = [one_process(reader) for _, reader, _ in readers]
-        else:
-            wrapped = [data_loader(reader, args.workers, args.batch, spec.extensions, collate)
-                       for _, reader, collate in readers]
+        readers = choose(mode, spec, urls, directory, state_root)
+        wrapped = [one_process(reader) if mode == ONE_PROC or hasattr(reader, "one_pass")
+                   else data_loader(reader, args.workers, args.batch, spec.extensions, collate)
+                   for _, reader, collate in readers]
         per_round: list[list[float]] = []
         try:
             rates = interleaved_rates([(reader, one_pass) for (_, reader, _), (one_pass, _) in zip(readers, wrapped)],
@@ -433,14 +435,18 @@ class Target:
         return f"{value:.2f}x"
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of the rounds' ratios a / b: both readers ran in the same round, under the same load."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
     rounds = {(r.shard_set, r.mode, r.reader): r.rounds for r in rows}
     sets = {r.shard_set for r in rows}
     targets = []
 
     def ratio(name, mode, a, b):
-        """The median of the rounds' ratios: both readers ran in the same round, under the same load."""
-        return statistics.median(x / y for x, y in zip(rounds[(name, mode, a)], rounds[(name, mode, b)]))
+        return paired_ratio(rounds[(name, mode, a)], rounds[(name, mode, b)])
 
     for name, label in (("small-pax", "1 KiB x3, PAX"), ("small-plain", "1 KiB x3, plain")):
         if name not in sets:
@@ -516,6 +522,15 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     return "\n".join(lines)
 
 
+def chosen_sets(args) -> list[ShardSet]:
+    """The shard sets of ``--quick`` and ``--sets``."""
+    specs = shard_sets(args.quick)
+    if args.sets:
+        wanted = set(args.sets.split(","))
+        specs = [s for s in specs if s.name in wanted]
+    return specs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
@@ -543,6 +558,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack", action="store_true",
                         help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
                              "on the same input files (tools/bench_pack.py)")
+    parser.add_argument("--peers", action="store_true",
+                        help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
+                             "samples in LitData's own format, run from a separate venv made once under --data "
+                             "(tools/bench_peers.py); a table of ratios, no PASS/MISS")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
@@ -556,13 +575,13 @@ def main(argv: list[str] | None = None) -> None:
         from bench_pack import run_pack_bench
 
         return run_pack_bench(args)
+    if args.peers:
+        from bench_peers import run_peers
+
+        return run_peers(args)
     if args.scale is None:
         args.scale = 10_000 if args.quick else 100_000
-    specs = shard_sets(args.quick)
-    if args.sets:
-        wanted = set(args.sets.split(","))
-        specs = [s for s in specs if s.name in wanted]
-
+    specs = chosen_sets(args)
     root = Path(args.data)
     root.mkdir(parents=True, exist_ok=True)
     workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
