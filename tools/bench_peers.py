@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,10 @@ def ensure_litdata_set(python: Path, root: Path, spec: ShardSet, urls: list[str]
     return str(out)
 
 
+START_SECONDS = 300.0  # the litdata reader's imports and first listing of its chunks
+PASS_SECONDS = 600.0  # one pass over a shard set
+
+
 class LitDataPeer:
     """``litdata.StreamingDataset`` (or its DataLoader) in a process of the peers venv: a pass is
     one ``pass`` line to it, answered with the number of samples the pass yielded."""
@@ -121,7 +126,7 @@ class LitDataPeer:
         command = [str(python), str(CHILD), "serve", directory, *options]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=_peer_env())
-        ready = self.process.stdout.readline()
+        ready = self._line(START_SECONDS)
         if not ready.startswith("ready"):
             self.close()
             raise SystemExit(f"--peers: `{' '.join(command)}` did not start (said {ready!r}, "
@@ -133,11 +138,18 @@ class LitDataPeer:
     def one_pass(self) -> int:
         self.process.stdin.write("pass\n")
         self.process.stdin.flush()
-        answer = self.process.stdout.readline()
+        answer = self._line(PASS_SECONDS)
         if not answer:
             raise SystemExit(f"--peers: the litdata reader exited mid-run (status {self.process.wait()}); "
                              "its error is above")
         return int(answer)
+
+    def _line(self, seconds: float) -> str:
+        """The reader's next line; a reader silent for ``seconds`` is killed (a hang fails the run)."""
+        if not select.select([self.process.stdout], [], [], seconds)[0]:
+            self.process.kill()
+            raise SystemExit(f"--peers: the litdata reader said nothing for {seconds:.0f} s; killed")
+        return self.process.stdout.readline()
 
     def close(self) -> None:
         self.process.stdin.close()
