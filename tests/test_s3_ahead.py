@@ -51,7 +51,7 @@ def test_an_object_replaced_after_it_was_indexed_ahead_joins_as_its_new_version(
     ds.set_epoch(0)
     s3.put_shard("d/b.tar", 4)
     wait_for(lambda: source.indexed_ahead == [s3.url("d/b.tar")], timeout=30, what="b.tar indexed in the background")
-    source.ahead.stop()  # no further pass: the replacement must be caught by set_epoch's own listing
+    source.ahead.stop(wait=30)  # no further pass: the replacement must be caught by set_epoch's own listing
     s3.put_shard("d/b.tar", 6, version="v2")
     snapshot = ds.set_epoch(1)
     assert [(s.name, s.nsamples) for s in snapshot.shards] == [("a.tar", 3), ("b.tar", 6)]
@@ -69,13 +69,17 @@ def test_interval_zero_runs_no_thread_and_a_negative_one_is_refused(s3, fault_pr
         dataset(s3, fault_proxy, interval=-1)
 
 
-def test_the_thread_ends_once_the_dataset_is_dropped(s3, fault_proxy):
+@pytest.mark.parametrize("how", ["dropped", "closed"])
+def test_the_thread_ends_once_the_dataset_is_dropped_or_closed(s3, fault_proxy, how):
     s3.put_shard("d/a.tar", 3)
     threads_before = set(ahead_threads())
     source, ds = dataset(s3, fault_proxy, interval=0.05)
     ds.set_epoch(0)
     mine = set(ahead_threads()) - threads_before
     assert len(mine) == 1
-    del source, ds
-    gc.collect()
+    if how == "closed":
+        ds.close()
+    else:
+        del source, ds
+        gc.collect()
     wait_for(lambda: not any(t.is_alive() for t in mine), timeout=10, what="the background thread to end")

@@ -131,10 +131,12 @@ class EpochSource:
         return "poll" if self._index.watcher is None else self._index.watcher.name
 
     def close(self) -> None:
-        """Stops the directory watcher this process started, if any."""
+        """Stops the directory watcher this process started, if any, and the source's own
+        background work."""
         index, self._index = self._index, None
         if index is not None and os.getpid() == self._owner_pid:
             index.close()
+        self.source.close()
 
     def set_epoch(self, epoch: int) -> Snapshot:
         if self._loaded is not None and self._loaded.resume.epoch == epoch:

@@ -58,6 +58,9 @@ class ShardSource:
         """A source whose candidates arrive indexed (objects) refuses shards holding a member
         larger than this, as the resolver refuses files; others have nothing to do."""
 
+    def close(self) -> None:
+        """Stops what the source runs in the background (objects: indexing ahead); nothing here."""
+
 
 class DirectorySource(ShardSource):
     """The shards in a directory; counts and digests come from its manifest.json when it has one."""

@@ -32,7 +32,8 @@ class Indexable(Protocol):
 
 
 class AheadIndexer:
-    """The background thread of one source; ``ensure_running`` starts it (again after a fork)."""
+    """The background thread of one source; ``ensure_running`` starts it (again after a fork),
+    ``stop`` ends it (the source was closed)."""
 
     def __init__(self, interval: float):
         if interval < 0:
@@ -41,10 +42,11 @@ class AheadIndexer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._pid = 0
+        self._stopped = False  # for good: a closed source
 
     def ensure_running(self, source: Indexable) -> None:
-        if self.interval == 0 or (self._pid == os.getpid() and self._thread is not None
-                                  and self._thread.is_alive()):
+        if self.interval == 0 or self._stopped or (self._pid == os.getpid() and self._thread is not None
+                                                   and self._thread.is_alive()):
             return
         self._pid, self._stop = os.getpid(), threading.Event()
         self._thread = threading.Thread(target=_loop, args=(weakref.ref(source), self._stop, self.interval),
@@ -52,8 +54,13 @@ class AheadIndexer:
         weakref.finalize(source, self._stop.set)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """Ends the thread for good, after its current object; waits up to ``wait`` seconds for it."""
+        self._stopped = True
         self._stop.set()
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(wait)
 
     def __getstate__(self) -> dict:
         return {"interval": self.interval}  # a thread is never pickled into a worker

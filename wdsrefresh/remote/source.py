@@ -167,6 +167,9 @@ class ObjectSource(ShardSource):
     def candidate(self, path: str) -> Candidate:
         raise NotImplementedError("objects are listed, never watched")
 
+    def close(self) -> None:
+        self.ahead.stop()
+
     def limit_samples(self, max_sample_bytes: int) -> None:
         if max_sample_bytes != self.max_sample_bytes:
             self.max_sample_bytes = max_sample_bytes
