@@ -39,21 +39,18 @@ import os
 import posixpath
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urljoin, urlsplit
-
-import braceexpand
 
 from ..format import manifest as manifestmod
 from ..format.digest import DEFAULT_ALGO, split_digest
-from ..format.names import is_shard_name, is_temporary
 from ..format.tario import MAX_SAMPLE_BYTES, TarError
 from ..snapshot import FileId, ShardInfo
 from ..sources import Candidate, NoShardsError, ShardSource
 from .ahead import DEFAULT_INTERVAL, AheadIndexer
+from .plans import Listed, Objects, list_prefix, plan_for
 from .reader import ObjectCorruptError, check_digest, index_object
 from . import http_store
 from .http_store import HttpStore, is_http
@@ -80,13 +77,6 @@ class ObjectCandidate(Candidate):
 
 
 @dataclass(frozen=True)
-class _Listed:
-    stat: ObjectStat
-    name: str  # below the source's root
-    entry: manifestmod.ManifestEntry | None = None
-
-
-@dataclass(frozen=True)
 class _Known:
     """What an object version (URL, ETag) was found to be: a ShardInfo, or the error rejecting it."""
 
@@ -107,7 +97,7 @@ class ObjectSource(ShardSource):
         self.specs = [spec] if isinstance(spec, str) else list(spec)
         if not self.specs:
             raise NoShardsError("an empty list of URLs names no shard")
-        self.plans = [_plan(s) for s in self.specs]
+        self.plans = [plan_for(s) for s in self.specs]
         options = dict(storage_options or {})
         interval = options.pop("index_interval", None)
         self.store = _store(self.specs, options)
@@ -196,7 +186,7 @@ class ObjectSource(ShardSource):
         self.ahead.ensure_running(self)
         return [_candidate(item, found[item.stat.url]) for item in items]
 
-    def _known_versions(self, items: list[_Listed]) -> dict[str, _Known]:
+    def _known_versions(self, items: list[Listed]) -> dict[str, _Known]:
         """(Under ``_lock``.) What is already known of the listed versions: from the last epoch,
         or indexed since by the background thread."""
         found = {}
@@ -234,24 +224,24 @@ class ObjectSource(ShardSource):
                 indexed += 1
         return indexed
 
-    def _list(self) -> list[_Listed]:
+    def _list(self) -> list[Listed]:
         """(Under ``_lock``: the manifest and fragment caches are updated on the way.)"""
-        listed: dict[str, _Listed] = {}
-        singles: list[_Objects] = []
+        listed: dict[str, Listed] = {}
+        singles: list[Objects] = []
         for plan in self.plans:
-            if isinstance(plan, _Objects):
+            if isinstance(plan, Objects):
                 singles.append(plan)  # listed together below: one listing per parent prefix
                 continue
             for item in plan.list(self):
                 listed.setdefault(item.stat.url, item)
         if singles:
-            for item in _Objects([u for p in singles for u in p.urls]).list(self):
+            for item in Objects([u for p in singles for u in p.urls]).list(self):
                 listed.setdefault(item.stat.url, item)
         self._versioned.clear()  # asked again each listing, when an object needs it
         return list(listed.values())
 
     # ------------------------------------------------------------------ resolving one object
-    def _resolve(self, item: _Listed) -> _Known | None:
+    def _resolve(self, item: Listed) -> _Known | None:
         """What the listed version of one object is; None when that cannot be known this epoch
         (deleted since the listing, or a read that kept failing: tried again next epoch)."""
         stat, entry = item.stat, item.entry
@@ -339,7 +329,7 @@ class ObjectSource(ShardSource):
         each fragment is fetched once per ETag (a fragment that cannot be read is ignored, with a
         warning: its objects are indexed)."""
         found, entries = {}, []
-        for stat in _listing(self.store, bucket, f"{prefix}{manifestmod.FRAGMENTS_DIR}/", "/"):
+        for stat in list_prefix(self.store, bucket, f"{prefix}{manifestmod.FRAGMENTS_DIR}/", "/"):
             if not _FRAGMENT_RE.match(posixpath.basename(stat.url)):
                 continue
             cached = self._fragments.get(stat.url)
@@ -365,12 +355,7 @@ class ObjectSource(ShardSource):
 _FRAGMENT_RE = re.compile(r"part-[0-9a-f]+-\d+\.json$")
 
 
-def _describes(entry: manifestmod.ManifestEntry | None, stat: ObjectStat) -> bool:
-    """Whether ``entry`` describes this version of the object (so it need not be indexed)."""
-    return entry is not None and entry.filesize == stat.size and same_etag(entry.etag, stat.etag)
-
-
-def _candidate(item: _Listed, known: _Known | None) -> ObjectCandidate:
+def _candidate(item: Listed, known: _Known | None) -> ObjectCandidate:
     """The candidate for a listed object; neither info nor error when it was deleted since."""
     stat = item.stat
     file_id = FileId(0, 0, stat.size, stat.mtime_ns)
@@ -388,245 +373,6 @@ def _info(stat: ObjectStat, name: str, nsamples: int, digest: str | None, blocks
                      digest=digest, blocks=blocks, name=name, etag=stat.etag, version_id=version_id)
 
 
-# ---------------------------------------------------------------------- what a spec names
-
-
-class _Plan:
-    kind = "objects"
-    bucket = ""
-
-    def parts(self) -> list[_Plan]:
-        return [self]
-
-    def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        raise NotImplementedError
-
-
-class _Prefix(_Plan):
-    kind = "s3 prefix"
-
-    def __init__(self, where: ObjectUrl):
-        self.bucket, self.prefix = where.bucket, where.key
-
-    def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        folders: list[str] = []
-        stats = list(_listing(source.store, self.bucket, self.prefix, "/", folders))
-        manifest_url = f"s3://{self.bucket}/{self.prefix}{manifestmod.DEFAULT_NAME}"
-        entries: dict[str, manifestmod.ManifestEntry] = {}
-        if any(s.url == manifest_url for s in stats):
-            try:
-                entries = {e.url: e for e in source.manifest(manifest_url, contained=True)}
-            except (ObjectVanishedError, ObjectReadError) as exn:
-                log.warning("%s; indexing the objects instead", exn)
-        shards = {stat.url[len(f"s3://{self.bucket}/{self.prefix}"):]: stat for stat in stats}
-        shards = {name: stat for name, stat in shards.items() if is_shard_name(name)}
-        pending = f"{self.prefix}{manifestmod.FRAGMENTS_DIR}/" in folders  # fragments of packs not committed
-        if pending and any(not _describes(entries.get(name), stat) for name, stat in shards.items()):
-            for entry in source.fragment_entries(self.bucket, self.prefix):  # shards of packs not committed yet
-                stat = shards.get(entry.url)
-                if stat is not None and not _describes(entries.get(entry.url), stat):
-                    entries[entry.url] = entry
-        for name, stat in shards.items():
-            yield _Listed(stat, name, entries.get(name))
-
-
-class _Glob(_Plan):
-    kind = "s3 glob"
-
-    def __init__(self, where: ObjectUrl):
-        self.bucket, self.pattern = where.bucket, where.key
-        literal = re.split(r"[*?\[]", self.pattern, maxsplit=1)[0]
-        self.prefix = literal
-        rest = self.pattern[literal.rfind("/") + 1:]
-        self.delimiter = None if "/" in rest or "**" in rest else "/"
-        self.regex = re.compile(_glob_regex(self.pattern))
-
-    def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        for stat in _listing(source.store, self.bucket, self.prefix, self.delimiter):
-            key = stat.url[len(f"s3://{self.bucket}/"):]
-            if self.regex.fullmatch(key) and not is_temporary(key) and not key.endswith("/"):
-                yield _Listed(stat, posixpath.basename(key))
-
-
-class _Objects(_Plan):
-    """Objects named one by one (a URL, a brace pattern, a list): a few per prefix are asked for
-    with one HEAD each, more with one listing of their prefix."""
-
-    kind = "s3 objects"
-    HEADS_AT_MOST = 16  # per prefix; beyond, a listing costs fewer requests
-
-    def __init__(self, urls: list[str]):
-        self.urls = urls
-        self.wheres = [ObjectUrl.parse(u) for u in urls]
-
-    def parts(self) -> list[_Plan]:
-        return [_Named(w.bucket) for w in self.wheres]
-
-    def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        groups: dict[tuple[str, str], list[str]] = {}
-        for url, w in zip(self.urls, self.wheres):
-            groups.setdefault((w.bucket, w.key[: w.key.rfind("/") + 1]), []).append(url)
-        found: dict[str, ObjectStat] = {}
-        few = [url for group in groups.values() if len(group) <= self.HEADS_AT_MOST for url in dict.fromkeys(group)]
-        if few:
-            with ThreadPoolExecutor(min(source.threads, len(few)), thread_name_prefix="wdsrefresh-head") as pool:
-                found.update((s.url, s) for s in pool.map(source.store.head, few) if s is not None)
-        for (bucket, prefix), group in groups.items():
-            if len(group) > self.HEADS_AT_MOST:
-                wanted = set(group)
-                found.update((s.url, s) for s in _listing(source.store, bucket, prefix, "/") if s.url in wanted)
-        for url, w in zip(self.urls, self.wheres):
-            if url in found:
-                yield _Listed(found[url], posixpath.basename(w.key))
-
-
-class _Named(_Plan):
-    def __init__(self, bucket: str):
-        self.bucket = bucket
-
-
-class _Manifest(_Plan):
-    kind = "s3 manifest"
-
-    def __init__(self, where: ObjectUrl):
-        self.bucket, self.url = where.bucket, str(where)
-        self.directory = posixpath.dirname(where.key)
-
-    def _absolute(self, url: str) -> str:
-        """An entry's url as an s3:// URL: absolute, or relative to the manifest's prefix."""
-        if "://" in url:
-            if not url.startswith("s3://"):
-                raise manifestmod.ManifestError(f"{self.url}: {url!r}: only s3:// urls can be read with it")
-            return url
-        key = posixpath.normpath(posixpath.join(self.directory, url))
-        if url.startswith("/") or key == ".." or key.startswith("../"):
-            raise manifestmod.ManifestError(f"{self.url}: {url!r}: a relative url must stay inside the bucket")
-        return f"s3://{self.bucket}/{key}"
-
-    def _named(self, urls: list[str], entries: list[manifestmod.ManifestEntry]) -> _Plan:
-        return _Objects(urls)
-
-    def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        try:
-            entries = source.manifest(self.url, contained=False)
-        except ObjectVanishedError as exn:
-            raise NoShardsError(f"manifest {self.url!r} does not exist") from exn
-        urls = [self._absolute(e.url) for e in entries]
-        by_url = {item.stat.url: item for item in self._named(urls, entries).list(source)}
-        for url, entry in zip(urls, entries):
-            item = by_url.get(url)
-            if item is not None:
-                yield _Listed(item.stat, entry.url, entry)
-
-
-class _Urls(_Plan):
-    """Shards on a web server named one by one (a URL, a brace pattern, a list): one HEAD each
-    (HTTP has no listing), unless ``known`` holds what a manifest recorded of them (size and
-    strong ETag: the pin every read of them carries)."""
-
-    kind = "https urls"
-
-    def __init__(self, urls: list[str], known: dict[str, ObjectStat] | None = None):
-        self.urls, self.known = urls, known or {}
-
-    def parts(self) -> list[_Plan]:
-        return [_Named(http_store.origin(u)) for u in self.urls]
-
-    def list(self, source: ObjectSource) -> Iterator[_Listed]:
-        asked = [u for u in dict.fromkeys(self.urls) if u not in self.known]
-        found = dict(self.known)
-        if asked:
-            with ThreadPoolExecutor(min(source.threads, len(asked)), thread_name_prefix="wdsrefresh-head") as pool:
-                found.update((s.url, s) for s in pool.map(source.store.head, asked) if s is not None)
-        for url in self.urls:
-            if url in found:
-                yield _Listed(found[url], _url_name(url))
-
-
-class _HttpManifest(_Manifest):
-    kind = "https manifest"
-
-    def __init__(self, url: str):
-        self.url, self.bucket = url, http_store.origin(url)
-
-    def _absolute(self, url: str) -> str:
-        """An entry's url as an http(s):// URL: absolute, or relative to the manifest's URL."""
-        if "://" in url:
-            if not is_http(url):
-                raise manifestmod.ManifestError(f"{self.url}: {url!r}: only http(s):// urls can be read with it")
-            return url
-        if url.startswith("//"):
-            raise manifestmod.ManifestError(f"{self.url}: {url!r}: a relative url must stay on the manifest's host")
-        return urljoin(self.url, url)
-
-    def _named(self, urls: list[str], entries: list[manifestmod.ManifestEntry]) -> _Plan:
-        known = {url: ObjectStat(url, e.filesize, e.etag, e.mtime_ns or 0) for url, e in zip(urls, entries)
-                 if e.filesize is not None and e.etag and not e.etag.startswith(("W/", "w/"))}
-        return _Urls(urls, known)
-
-
-def _url_name(url: str) -> str:
-    """A shard URL's name: the last segment of its path (no query)."""
-    return posixpath.basename(urlsplit(url).path)
-
-
-def _listing(store: Store, bucket: str, prefix: str, delimiter: str | None,
-             subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
-    try:
-        yield from store.list(bucket, prefix, delimiter, subprefixes)
-    except ObjectVanishedError as exn:
-        raise NoShardsError(f"s3://{bucket}/{prefix}: {exn}") from exn
-
-
-def _glob_regex(pattern: str) -> str:
-    """A glob over object keys as a regex: ``**`` any text, ``*`` and ``?`` within one level."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end]
-                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)
-
-
-def _why_not(scheme: str) -> str:
-    if scheme == "file":
-        return "give the local path itself"
-    return ("wdsrefresh reads shards through s3:// and https:// (or http://) only, where every ranged read is "
-            "pinned to a VersionId or an ETag (a read that is not could mix two versions of a replaced object); "
-            "S3-compatible stores (MinIO, R2, Ceph, GCS's XML API) are read as s3:// URLs with "
-            "storage_options={'endpoint_url': ...}")
-
-
-def _http_plan(spec: str) -> _Plan:
-    path = urlsplit(spec).path
-    if "{" in spec and "}" in spec:
-        return _Urls(list(braceexpand.braceexpand(spec)))
-    if path.endswith(".json"):
-        return _HttpManifest(spec)
-    if is_shard_name(posixpath.basename(path)) and not any(ch in path for ch in "*["):
-        return _Urls([spec])
-    raise ValueError(f"{spec!r}: HTTP has no listing, so a directory or a glob cannot be read over "
-                     f"{urlsplit(spec).scheme}://; give a manifest URL (.../manifest.json) or a brace pattern "
-                     "of shard URLs (.../shard-{000..099}.tar)")
-
-
 def _store(specs: list[str], storage_options: dict[str, Any] | None) -> Store | HttpStore:
     """The store the source's URLs are read through: one protocol per source."""
     web = [is_http(s) for s in specs]
@@ -636,26 +382,3 @@ def _store(specs: list[str], storage_options: dict[str, Any] | None) -> Store | 
         raise ValueError("a list of URLs mixes https:// and s3:// URLs, whose storage_options differ: "
                          "one source reads one protocol")
     return Store(storage_options)
-
-
-def _plan(spec: str) -> _Plan:
-    if not isinstance(spec, str):
-        raise TypeError(f"cannot make a shard source from {spec!r}")
-    scheme = spec.partition("://")[0].lower()
-    if scheme in http_store.SCHEMES:
-        return _http_plan(spec)
-    if scheme != "s3":
-        raise NotImplementedError(f"{spec!r}: {scheme}:// cannot be read consistently here: {_why_not(scheme)}")
-    where = ObjectUrl.parse(spec)
-    key = where.key
-    if "{" in key and "}" in key:
-        return _Objects(list(braceexpand.braceexpand(spec)))
-    if any(ch in key for ch in "*?["):
-        return _Glob(where)
-    if key.endswith(".json"):
-        return _Manifest(where)
-    if key == "" or key.endswith("/"):
-        return _Prefix(where)
-    if is_shard_name(key):
-        return _Objects([spec])
-    return _Prefix(ObjectUrl(where.bucket, key + "/"))
