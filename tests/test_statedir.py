@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import wdsrefresh as wr
+from wdsrefresh.statedir import StateDirectory
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "example_shards")
 
@@ -43,3 +44,15 @@ def test_state_directory_of_a_killed_process_is_removed_by_the_next_dataset(tmp_
     assert not os.path.exists(killed_dir)
     assert os.path.isdir(running_dir) and running.poll() is None
     assert sorted(os.listdir(parent)) == sorted(map(os.path.basename, [running_dir, ds.state_directory]))
+
+
+def test_a_live_directory_is_never_removed_whatever_its_name_and_an_ownerless_one_is_left(tmp_path):
+    parent = str(tmp_path / "state")
+    first = StateDirectory(parent)  # alive in this very process
+    ownerless = os.path.join(parent, "wdsrefresh-made-by-an-older-version")
+    os.makedirs(ownerless)
+    second = StateDirectory(parent)
+    assert os.path.isdir(first.directory) and os.path.isdir(ownerless)
+    second.cleanup()
+    first.cleanup()
+    assert sorted(os.listdir(parent)) == [os.path.basename(ownerless)]

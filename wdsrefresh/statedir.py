@@ -29,13 +29,12 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from . import snapshot_columns
-from .format.atomic import pid_alive, unlink_quietly, write_atomic
+from .format.atomic import unlink_quietly, write_atomic
 from .snapshot import Snapshot
 
 KEEP_SNAPSHOTS = 4
@@ -50,19 +49,41 @@ def _read_json(path: str, default: dict) -> dict:
 
 
 
-def _host_prefix() -> str:
-    return f"wdsrefresh-{socket.gethostname()}-"
+_PREFIX = "wdsrefresh-"
+_OWNER = ".owner"  # locked (flock) by the process that made the directory, for as long as it lives
+
+
+def _hold_owner_lock(directory: str) -> int:
+    """Locks the directory's owner file and returns its descriptor (kept open: the lock ends
+    with the process, SIGKILL included). The file is locked before it gets its name, so a
+    sweep never finds it unlocked while its owner lives."""
+    pending = os.path.join(directory, _OWNER + ".pending")
+    fd = os.open(pending, os.O_CREAT | os.O_WRONLY, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(pending, os.path.join(directory, _OWNER))
+    return fd
 
 
 def _remove_dead(parent: str) -> None:
-    """Removes the state directories in ``parent`` of this host's processes that are gone: a
-    process killed with SIGKILL never ran its cleanup. Only this host's: a parent shared by
-    several nodes holds directories whose pids mean nothing here."""
-    prefix = _host_prefix()
+    """Removes the state directories in ``parent`` whose owner process is gone (a process
+    killed with SIGKILL never runs its cleanup). Gone means nobody holds the owner file's lock:
+    a test that holds across pid namespaces and, through NFS's lock manager, across hosts; a
+    directory without an owner file (made by an older version, or being made) is left alone."""
     for name in os.listdir(parent):
-        pid = name[len(prefix):].split("-", 1)[0]
-        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        owner = os.path.join(parent, name, _OWNER)
+        if not name.startswith(_PREFIX):
+            continue
+        try:
+            fd = os.open(owner, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its owner lives
+        finally:
+            os.close(fd)  # (after a successful flock this also drops it: the directory is going)
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 class StateDirectory:
@@ -70,9 +91,9 @@ class StateDirectory:
 
     Each dataset gets a fresh private directory (inside ``parent`` when given, e.g. a local
     disk), removed when the dataset is collected: a directory left by an earlier job or shared
-    with another rank would hand out its snapshots and epoch counters. Its name carries the
-    host and the owner's pid, so the directories of killed processes are removed by the next
-    dataset made in the same parent.
+    with another rank would hand out its snapshots and epoch counters. Its owner holds a lock
+    on a file in it for as long as it lives, so the directory of a process killed with SIGKILL
+    is removed by the next dataset made in the same parent.
     """
 
     def __init__(self, parent: str | None = None):
@@ -80,7 +101,8 @@ class StateDirectory:
             os.makedirs(parent, exist_ok=True)
         parent = parent if parent is not None else tempfile.gettempdir()
         _remove_dead(parent)
-        self.directory = tempfile.mkdtemp(prefix=f"{_host_prefix()}{os.getpid()}-", dir=parent)
+        self.directory = tempfile.mkdtemp(prefix=_PREFIX, dir=parent)
+        self._owner_fd: int | None = _hold_owner_lock(self.directory)
         self.owner_pid = os.getpid()
         self._recent: dict[int, tuple[int, Snapshot]] = {}  # epoch -> (file inode, snapshot) seen here
         # the shards last published here and their columns file: an unchanged snapshot reuses it
@@ -88,11 +110,14 @@ class StateDirectory:
         self._files_written = 0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_recent": {}, "_columns": None, "_files_written": 0}
+        return {**self.__dict__, "_recent": {}, "_columns": None, "_files_written": 0, "_owner_fd": None}
 
     def cleanup(self) -> None:
         if os.getpid() == self.owner_pid:
             shutil.rmtree(self.directory, ignore_errors=True)
+            fd, self._owner_fd = self._owner_fd, None
+            if fd is not None:
+                os.close(fd)
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)

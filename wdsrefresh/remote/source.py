@@ -208,11 +208,13 @@ class ObjectSource(ShardSource):
         """One background pass (``ahead.py``): lists the source and indexes, one at a time, the
         listed versions nothing knows yet; stops early when an epoch starts resolving. Returns
         how many it indexed."""
-        if self._resolving.is_set():
-            return 0
         with self._lock:
+            if self._resolving.is_set():  # asked again under the lock: candidates() sets it before taking it
+                return 0
             items = self._list()
             seen = self._known_versions(items)
+            listed = {item.stat.url for item in items}
+            self._ahead = {url: k for url, k in self._ahead.items() if url in listed}  # deleted since: dropped
         indexed = 0
         for item in (item for item in items if item.stat.url not in seen):
             if stop.is_set() or self._resolving.is_set():
@@ -294,9 +296,10 @@ class ObjectSource(ShardSource):
         if is_http(url):
             return False  # a web server has no versions: the ETag pins
         bucket = ObjectUrl.parse(url).bucket
-        if bucket not in self._versioned:
-            self._versioned[bucket] = self.store.versioning(bucket)
-        return self._versioned[bucket]
+        versioned = self._versioned.get(bucket, ...)
+        if versioned is ...:  # (the background thread's listing may clear the cache meanwhile)
+            versioned = self._versioned[bucket] = self.store.versioning(bucket)
+        return versioned
 
     def manifest(self, url: str, contained: bool) -> list[manifestmod.ManifestEntry]:
         """The entries of the manifest object at ``url``, fetched only when its ETag changed.

@@ -309,8 +309,8 @@ class Store(Retrying):
         found: list[str] = []  # one page's folders (a retried page starts again from none)
         while True:
             page, token = self.call(url, "LIST", lambda: _page(self.client().list_objects_v2(**kwargs), found))
-            objects += [o for o in page if upto is None or o[0] <= upto]
-            folders += [f for f in found if upto is None or f <= upto]
+            objects += [o for o in page if (upto is None or o[0] <= upto) and (after is None or o[0] > after)]
+            folders += [f for f in found if (upto is None or f <= upto) and (after is None or f > after)]
             last = max(page[-1][0] if page else "", found[-1] if found else "")
             if token is None or (upto is not None and last >= upto):
                 return objects, folders

@@ -115,9 +115,7 @@ class LocalDestination(Destination):
         return os.path.join(self.path, name)
 
     def prepare(self) -> None:
-        """Makes the directory, and removes the temporaries of writers whose process was killed."""
         os.makedirs(self.path, exist_ok=True)
-        _sweep_dead_temporaries(self.path, ".writer-")
 
     # ---- plans
     @contextmanager
@@ -326,11 +324,8 @@ class S3Destination(Destination):
         return self.url + name
 
     def prepare(self) -> None:
-        """Checks the bucket can be listed (a missing bucket or no credentials fail here, first),
-        and removes the local temporaries of writers whose process was killed."""
+        """Checks the bucket can be listed (a missing bucket or no credentials fail here, first)."""
         from ..remote.store import ObjectVanishedError
-
-        _sweep_dead_temporaries(tempfile.gettempdir(), ".wdsrefresh-")
 
         try:
             next(iter(self._list(FRAGMENTS_DIR + "/")), None)
