@@ -64,7 +64,7 @@ def test_interval_zero_runs_no_thread_and_a_negative_one_is_refused(s3, fault_pr
     threads_before = set(ahead_threads())
     _, ds = dataset(s3, fault_proxy, interval=0)
     ds.set_epoch(0)
-    assert set(ahead_threads()) == threads_before
+    assert set(ahead_threads()) - threads_before == set()  # (an earlier test's may have ended meanwhile)
     with pytest.raises(ValueError, match="index_interval"):
         dataset(s3, fault_proxy, interval=-1)
 
