@@ -15,6 +15,7 @@ import torch.utils.data
 import wdsrefresh as wr
 from wdsrefresh.stream import owner
 from shardutil import write_shard
+from conftest import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -234,10 +235,8 @@ def test_samples_held_by_a_waiting_batch_are_read_again_after_a_resume(tmp_path)
     before = list(next(it)[0]) + list(next(it)[0])  # 4, then 2 as a partial batch
     write_shard(d, "s1.tar", 3)
     stage = ds.pipeline[-1]
-    deadline = time.monotonic() + 30
-    while not stage.held():  # the thread pulls s1's first sample into the waiting batch
-        assert time.monotonic() < deadline, "the new shard's sample never reached the batch stage"
-        time.sleep(0.01)
+    # the thread pulls s1's first sample into the waiting batch
+    wait_for(stage.held, timeout=30, what="the new shard's sample to reach the batch stage")
     state = ds.state_dict()
     ds.close()
     again = wr.RefreshingWebDataset(d, mode="stream").to_tuple("__key__").batched(4, partial_after=0.2)
@@ -268,7 +267,4 @@ def test_abandoned_stream_batches_leave_no_thread_behind(tmp_path, close_first):
     gc.collect()
     if not close_first:
         ds.close()
-    deadline = time.monotonic() + 30
-    while helpers() > before:
-        assert time.monotonic() < deadline, "the .batched() helper thread outlived its stream"
-        time.sleep(0.01)
+    wait_for(lambda: helpers() <= before, timeout=30, what="the .batched() helper thread to end with its stream")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import bench
-from bench_remote import BUCKET, start_server, upload
+from bench_remote import BUCKET, PlainGets, start_server, upload
 
 from wdsrefresh.format.digest import BLOCK_SIZE, block_digest
 from wdsrefresh.remote.store import Store
@@ -33,12 +33,6 @@ ROUNDS = 7
 
 def passes(client, store: Store, keys: list[str]) -> dict:
     heads = {k: client.head_object(Bucket=BUCKET, Key=k) for k in keys}
-
-    def plain() -> None:
-        for key in keys:
-            body = client.get_object(Bucket=BUCKET, Key=key)["Body"]
-            while body.read(1 << 20):
-                pass
 
     def blocks(digest: bool = False, payloads: bool = False) -> None:
         for key in keys:
@@ -51,7 +45,7 @@ def passes(client, store: Store, keys: list[str]) -> dict:
                     for offset in range(512, len(data) - PAYLOAD, PAYLOAD + 1024):
                         data[offset : offset + PAYLOAD]
 
-    return {"plain GET": plain, "blocks": blocks, "blocks + digest": lambda: blocks(True),
+    return {"plain GET": PlainGets(client, keys, 0).pass_, "blocks": blocks, "blocks + digest": lambda: blocks(True),
             "+ payloads": lambda: blocks(True, True)}
 
 

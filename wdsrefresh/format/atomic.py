@@ -14,7 +14,7 @@ def dead_temporaries(directory: str) -> list[str]:
     leftovers = []
     for name in os.listdir(directory):
         pid = name[len(TMP_PREFIX):].split(".", 1)[0]
-        if name.startswith(TMP_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
+        if name.startswith(TMP_PREFIX) and pid.isdigit() and not _alive(int(pid)):
             leftovers.append(os.path.join(directory, name))
     return leftovers
 
@@ -27,8 +27,7 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this host (one of another user counts as running)."""
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -42,11 +42,10 @@ class AheadIndexer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._pid = 0
-        self._stopped = False  # for good: a closed source
 
     def ensure_running(self, source: Indexable) -> None:
-        if self.interval == 0 or self._stopped or (self._pid == os.getpid() and self._thread is not None
-                                                   and self._thread.is_alive()):
+        if self.interval == 0 or self._stop.is_set() or (self._pid == os.getpid() and self._thread is not None
+                                                         and self._thread.is_alive()):
             return
         self._pid, self._stop = os.getpid(), threading.Event()
         self._thread = threading.Thread(target=_loop, args=(weakref.ref(source), self._stop, self.interval),
@@ -56,7 +55,6 @@ class AheadIndexer:
 
     def stop(self, wait: float = 0.0) -> None:
         """Ends the thread for good, after its current object; waits up to ``wait`` seconds for it."""
-        self._stopped = True
         self._stop.set()
         thread = self._thread
         if wait and thread is not None and thread is not threading.current_thread():
