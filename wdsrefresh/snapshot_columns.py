@@ -72,7 +72,8 @@ def with_offsets(doc: dict) -> dict:
     ends = {}
     for column in _TEXT_COLUMNS:
         if column in doc:
-            ends[column] = pack_int64(accumulate(len(v) + 1 for v in doc[column].split(SEPARATOR)))
+            values = doc[column].split(SEPARATOR) if doc["count"] else []  # "" is no value, not one empty one
+            ends[column] = pack_int64(accumulate(len(v) + 1 for v in values))
     return {**doc, "ends": ends}
 
 
