@@ -124,7 +124,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         snapshot = self.sample_source.set_epoch(epoch)
         self.stats_recorder.last_set_epoch = epoch
         if self.empty_check:
-            _check_not_empty(snapshot)
+            _check_not_empty(snapshot, self.sample_source.source.describe())
         return snapshot
 
     def __iter__(self):
@@ -132,7 +132,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         if self.empty_check:
             upcoming = getattr(self.sample_source, "upcoming", None)
             if upcoming is not None:
-                _check_not_empty(upcoming)
+                _check_not_empty(upcoming, self.sample_source.source.describe())
         return super().__iter__()
 
     def state_dict(self) -> dict:
@@ -294,11 +294,11 @@ _OWN_ARGUMENTS = (
 )
 
 
-def _check_not_empty(snapshot: Snapshot) -> None:
+def _check_not_empty(snapshot: Snapshot, source: str) -> None:
     """``empty_check=True``: an epoch with no sample to read is an error, as in webdataset."""
     if snapshot.nsamples == 0:
         raise NoShardsError(
-            f"epoch {snapshot.epoch}: no sample to read ({len(snapshot.shards)} ready shards, "
+            f"{source}: epoch {snapshot.epoch} has no sample to read ({len(snapshot.shards)} ready shards, "
             f"{len(snapshot.pending)} pending, {len(snapshot.rejected)} rejected); empty_check=True makes that an "
             f"error (min_shards=N waits for shards instead)")
 

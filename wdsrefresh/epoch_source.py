@@ -81,6 +81,7 @@ class EpochSource:
         # watch: a DirectoryIndex in this process only (never in DataLoader workers), made lazily
         self.watch, self.poll, self.min_shards, self.timeout = watch, poll, min_shards, timeout
         self._index: DirectoryIndex | None = None
+        self._empty_warned = False  # the last snapshot was empty, and a WARNING said so
         self._owner_pid = os.getpid()
         weakref.finalize(self, self.statedir.cleanup)
 
@@ -103,6 +104,11 @@ class EpochSource:
         snapshot = resolve_waiting(once, describe=self.source.describe(), min_shards=self.min_shards,
                                    timeout=self.timeout, index=index, poll=poll_interval(self.poll, 1.0))
         snapshot = replace(snapshot, resolved_at=time.time(), resolve_seconds=time.monotonic() - started)
+        if not snapshot.shards and not self._empty_warned:  # once, until a snapshot holds shards again
+            log.warning("%s: no ready shard, epoch %d is empty (%d pending, %d rejected); min_shards=N waits "
+                        "for N ready shards", self.source.describe(), epoch, len(snapshot.pending),
+                        len(snapshot.rejected))
+        self._empty_warned = not snapshot.shards
         if log.isEnabledFor(logging.INFO):  # the diff in the line costs a pass over every shard
             log.info("%s", snapshot.describe(previous))
         return snapshot

@@ -26,9 +26,9 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .format.names import SHARD_PATTERNS, is_temporary
+from .format.names import is_temporary
 from .inotify import Change
-from .probe import Readiness, Ready, Rejected
+from .probe import Pending, Readiness, Ready, Rejected, WriterSignals
 from .resolver import Resolver
 from .snapshot import FileId, ShardInfo, Snapshot, shard_key, snapshot_id
 from .sources import Candidate, DirectorySource, NoShardsError
@@ -38,6 +38,7 @@ log = logging.getLogger("wdsrefresh")
 
 DEFAULT_POLL = 1.0
 DEFAULT_RESCAN = 60.0
+WAIT_REPORT_INTERVAL = 30.0  # seconds between WARNINGs while min_shards waits
 
 
 class NotEnoughShardsError(TimeoutError):
@@ -49,6 +50,7 @@ class _Entry:
     file_id: FileId | None
     info: ShardInfo | None = None  # ready
     error: BaseException | None = None  # rejected
+    reason: str = ""  # pending: why, and when it is looked at again
     key: bytes = b""  # a ready shard's shard_key (what the snapshot id hashes)
 
 
@@ -132,7 +134,7 @@ class DirectoryIndex:
         self._ready_keys: list[bytes] = []
         self._dirty: set[str] = set()  # settled changes: index in the background
         self._changing: set[str] = set()  # writes under way: look again at the next snapshot
-        self._renamed: set[str] = set()  # renamed into place, not written since: ready when complete
+        self._signals = WriterSignals()  # renamed into place or closed, not written since
         self._rescan_wanted = False
         self.version = 0  # bumped on every change to what a snapshot would contain
         self._cached: tuple[int, tuple[ShardInfo, ...], str] | None = None
@@ -208,10 +210,7 @@ class DirectoryIndex:
                     self._rescan_wanted = True
                 elif self.source.would_list(change.path):
                     (self._dirty if change.settled else self._changing).add(change.path)
-                    if change.kind == "moved_to":
-                        self._renamed.add(change.path)
-                    elif change.kind in ("modified", "created", "closed", "deleted", "moved_from"):
-                        self._renamed.discard(change.path)
+                    self._signals.record(change.path, change.kind)
                 else:
                     continue
                 n += 1
@@ -299,14 +298,14 @@ class DirectoryIndex:
         old = self._entries.get(url)  # only the indexer (under _indexing) changes entries
         if st is not None and old is not None and (old.info or old.error) and old.file_id == FileId.of(st):
             return _UNCHANGED
-        outcome = self.resolver.probe(cand or self.source.candidate(url), st=st, renamed=url in self._renamed)
+        outcome = self.resolver.probe(cand or self.source.candidate(url), st=st, seen=self._signals.get(url))
         if outcome is None:
             return None
         if isinstance(outcome, Ready):
             return _Entry(outcome.file_id, info=outcome.info, key=shard_key(outcome.info))
         if isinstance(outcome, Rejected):
             return _Entry(outcome.file_id, error=outcome.error)
-        return _Entry(outcome.file_id)
+        return _Entry(outcome.file_id, reason=outcome.reason)
 
     def _apply(self, changes: dict[str, _Entry | None | object]) -> None:
         """Records what ``_probe`` found for each url, under one lock and one version bump."""
@@ -335,7 +334,7 @@ class DirectoryIndex:
             self._entries[url] = entry
             return False
         if entry is None:
-            self._renamed.discard(url)
+            self._signals.forget(url)
         if old is not None:
             self._pending.discard(url)
             self._rejected.discard(url)
@@ -382,13 +381,15 @@ class DirectoryIndex:
                 shards = tuple(self._ready_infos)
                 self._cached = (self.version, shards, snapshot_id(shards, keys=self._ready_keys))
             _, shards, sid = self._cached
-            pending = tuple(sorted(self._pending))
+            pending = {u: Pending(self._entries[u].file_id, self._entries[u].reason) for u in sorted(self._pending)}
             rejected = [(u, self._entries[u]) for u in sorted(self._rejected)]
         for url, entry in rejected:
             self.resolver.reject(url, Rejected(entry.file_id, entry.error))
         if not shards and not pending and not rejected:
-            raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
-        return Snapshot(epoch, shards, sid, tuple((u, str(e.error)) for u, e in rejected), pending)
+            self.resolver.check_found_any()
+        self.resolver.report_pending(pending)
+        return Snapshot(epoch, shards, sid, tuple((u, str(e.error)) for u, e in rejected), tuple(pending),
+                        pending_reasons={url: p.reason for url, p in pending.items()})
 
     def counts(self) -> tuple[int, int, int]:
         """(ready, pending, rejected) files as of now."""
@@ -472,6 +473,7 @@ def resolve_waiting(
     """
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
+    next_word = started  # when the wait is next reported
     while True:
         version = index.version if index is not None else 0
         try:
@@ -485,6 +487,11 @@ def resolve_waiting(
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise NotEnoughShardsError(_shortage(describe, snapshot, min_shards, time.monotonic() - started))
+        if time.monotonic() >= next_word:
+            until = "without a timeout" if deadline is None else f"for at most {remaining:.0f} s more"
+            log.warning("waiting for min_shards=%d, %s: %s", min_shards, until,
+                        _shortage(describe, snapshot, min_shards, time.monotonic() - started))
+            next_word += WAIT_REPORT_INTERVAL
         step = poll if remaining is None else min(poll, remaining)
         if index is not None and not index.polling:
             index.wait_changed(version, step)

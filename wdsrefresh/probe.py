@@ -7,9 +7,14 @@ reload all ask it, so they cannot disagree about a file. The rule:
 
 - A file renamed into place (a watcher saw the rename, or its ctime is later than its mtime)
   or described by a manifest entry that matches it is ready as soon as it is a complete tar.
-- A file written in place is ready only once it is a complete tar AND it has not been written
-  for ``settle`` seconds: its bytes alone cannot tell a finished file from one whose writer
-  preallocated it (a zero-filled tail looks like an end-of-archive marker) or rewrites it.
+- A file written in place is ready once it is a complete tar AND its writer is done with it:
+  no process holds it open for writing (a read lease says so: lease.py), or a watcher saw its
+  writer close it with no write since. Where neither can be known (no lease on network file
+  systems or another user's files, no watcher), the fallback is time: it has not been written
+  for ``settle`` seconds. Bytes alone never tell: a preallocated file's zero-filled tail looks
+  like an end-of-archive marker, and its writer still holds it open.
+- A file some process holds open for writing is pending whatever else is true of it (but a
+  manifest entry that describes it), however long ago its last write was.
 - A file that is not a complete tar is pending while it may still be written, and rejected as
   truncated once renamed or quiet for ``settle`` seconds; a file that is no tar is rejected.
 - An object in a store is ready once listed: a PUT or a completed multipart upload is visible
@@ -29,6 +34,7 @@ from dataclasses import dataclass, replace
 from .format.digest import DEFAULT_ALGO, split_digest
 from .format.tario import MAX_SAMPLE_BYTES, ShardChangedError, TarError, index_shard
 from .index_cache import IndexCache
+from .lease import open_for_writing
 from .remote.source import ObjectCandidate
 from .snapshot import FileId, ShardInfo
 from .sources import Candidate
@@ -60,7 +66,8 @@ class Ready:
 @dataclass(frozen=True)
 class Pending:
     file_id: FileId
-    reason: str
+    reason: str  # why it waits, and when it is looked at again
+    timed: bool = False  # only the settle time can make this version ready (no writer signal here)
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,39 @@ def _changed_after_last_write(st: os.stat_result) -> bool:
     return st.st_ctime_ns > st.st_mtime_ns
 
 
+RENAMED, CLOSED = "renamed", "closed"  # what a watcher saw a file's writer do last (``probe``'s ``seen``)
+
+
+class WriterSignals:
+    """What a watcher last saw each file's writer do, with no write since: ``RENAMED`` it into
+    place or ``CLOSED`` it (a write, a new file or a removal forgets it). Owned by one thread."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def record(self, path: str, kind: str) -> None:
+        """One file event of ``kind`` (inotify.Change.kind) on ``path``."""
+        if kind == "moved_to":
+            self._seen[path] = RENAMED
+        elif kind == "closed":
+            self._seen.setdefault(path, CLOSED)  # closed after its rename: still renamed
+        elif kind in ("modified", "created", "deleted", "moved_from"):
+            self._seen.pop(path, None)
+
+    def get(self, path: str) -> str | None:
+        return self._seen.get(path)
+
+    def forget(self, path: str) -> None:
+        self._seen.pop(path, None)
+
+
 def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Readiness(), *,
-          st: os.stat_result | None = None, renamed: bool = False, cache: IndexCache | None = None) -> Outcome:
+          st: os.stat_result | None = None, seen: str | None = None, cache: IndexCache | None = None) -> Outcome:
     """What ``cand`` is now. ``known`` maps real paths to what was found before (reused while
-    the file is unchanged); ``st`` is a stat of ``cand.path`` the caller already took;
-    ``renamed`` says a watcher saw the file renamed into place, with no write since; ``cache``,
-    a persistent index cache that stands in for indexing a file version it holds (the
-    readiness rule is applied first, the same either way)."""
+    the file is unchanged); ``st`` is a stat of ``cand.path`` the caller already took; ``seen``
+    says a watcher saw the file ``RENAMED`` into place or its writer ``CLOSED`` it, with no
+    write since; ``cache``, a persistent index cache that stands in for indexing a file version
+    it holds (the readiness rule is applied first, the same either way)."""
     if isinstance(cand, ObjectCandidate):
         if cand.error is not None:
             return Rejected(cand.file_id, cand.error)
@@ -113,19 +146,35 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
     if old is not None and old.file_id == file_id and (old.digest or not rules.with_digest):
         return Ready(old)
     describes = _manifest_describes(cand, st)
-    settled = (renamed or describes and cand.filesize is not None or _changed_after_last_write(st)
-               or quiet_for(st, rules.settle))
-    if st.st_size == 0:
-        if settled:
-            return Rejected(file_id, TruncatedShard(cand.url, 0, "empty file, no longer being written"))
-        return Pending(file_id, "empty (just created)")
-    if describes and cand.nsamples is not None and (
+    if describes and cand.nsamples is not None and st.st_size and (
             not rules.with_digest or (cand.digest and cand.blocks is not None)):
         return Ready(ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, cand.nsamples,
                                cand.digest, cand.blocks, name=cand.name))
+    writing = open_for_writing(cand.path, rules.settle)
+    if writing:  # whatever its bytes and times say: a writer that holds it may still write
+        return Pending(file_id, "written in place and still open for writing by another process; "
+                                "read once its writer closes it")
     base = ShardInfo(cand.url, path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, name=cand.name)
-    if not settled:
-        return Pending(file_id, f"written in place; ready once it has not changed for {rules.settle:g} s")
+    if (seen == RENAMED or describes and cand.filesize is not None or _changed_after_last_write(st)
+            or quiet_for(st, rules.settle)):  # published: a complete tar is ready, an incomplete one truncated
+        if st.st_size == 0:
+            return Rejected(file_id, TruncatedShard(cand.url, 0, "empty file, no longer being written"))
+        return _indexed_or_cached(cand, base, st, rules, cache, describes)
+    if writing is None and seen != CLOSED:
+        return Pending(file_id, f"no signal that its writer is done; ready after {rules.settle:g} s without "
+                                "a write, or publish by rename", timed=True)
+    if st.st_size:
+        outcome = _indexed_or_cached(cand, base, st, rules, cache, describes)
+        if not (isinstance(outcome, Rejected) and isinstance(outcome.error, TruncatedShard)):
+            return outcome
+    done = "its writer closed it" if writing is None else "no process has it open for writing"
+    return Pending(file_id, f"{'not a complete tar yet' if st.st_size else 'empty'}, though {done}; rejected "
+                            f"as truncated after {rules.settle:g} s without a write", timed=True)
+
+
+def _indexed_or_cached(cand: Candidate, base: ShardInfo, st: os.stat_result, rules: Readiness,
+                       cache: IndexCache | None, describes: bool) -> Outcome:
+    """The file indexed, or what the persistent cache holds of this version of it."""
     expected_digest = cand.digest if describes else None
     if cache is None or expected_digest is not None:
         return _indexed(cand, base, rules, expected_digest)

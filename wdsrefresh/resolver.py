@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from .format.names import SHARD_PATTERNS
 from .index_cache import IndexCache
 from .probe import Outcome, Pending, Readiness, Ready, Rejected, probe
 from .snapshot import FileId, ShardInfo, Snapshot, snapshot_id
-from .sources import Candidate, NoShardsError, ShardSource
+from .sources import Candidate, DirectorySource, NoShardsError, ShardSource
 
 log = logging.getLogger("wdsrefresh")
 
@@ -31,6 +32,7 @@ class Resolver:
         self.on_invalid = on_invalid
         self.known: dict[str, ShardInfo] = {}
         self._warned: set[tuple[str, FileId | None]] = set()
+        self._pending_warned: dict[str, FileId] = {}  # the version of each pending file warned about
         self.cache = IndexCache(rules.index_cache) if rules.index_cache else None
 
     def remember(self, snapshot: Snapshot | None) -> None:
@@ -38,8 +40,8 @@ class Resolver:
             for shard in snapshot.shards:
                 self.known.setdefault(shard.path, shard)
 
-    def probe(self, cand: Candidate, st=None, renamed: bool = False) -> Outcome:
-        return probe(cand, self.known, self.rules, st=st, renamed=renamed, cache=self.cache)
+    def probe(self, cand: Candidate, st=None, seen: str | None = None) -> Outcome:
+        return probe(cand, self.known, self.rules, st=st, seen=seen, cache=self.cache)
 
     def flush_cache(self, force: bool = True) -> None:
         """Writes what was indexed to the persistent index cache (``force=False``: at most every 30 s)."""
@@ -53,10 +55,11 @@ class Resolver:
             self.cache.forget(path)
 
     def resolve(self, epoch: int, candidates: list[Candidate] | None = None) -> Snapshot:
-        """The snapshot for ``epoch``; raises NoShardsError when the source names no shard."""
+        """The snapshot for ``epoch``; raises NoShardsError when the source names no file (but
+        for an existing directory, which gives an empty snapshot)."""
         if candidates is None:
             candidates = self.source.candidates()
-        shards, rejected, pending = [], [], []
+        shards, rejected, pending = [], [], {}
         waiting: set[str] = set()
         for cand in candidates:
             outcome = self.probe(cand)
@@ -64,16 +67,31 @@ class Resolver:
                 self.reject(cand.url, outcome)
                 rejected.append((cand.url, str(outcome.error)))
             elif isinstance(outcome, Pending):
-                pending.append(cand.url)
+                pending[cand.url] = outcome
                 waiting.add(os.path.realpath(cand.path))
             elif isinstance(outcome, Ready):
                 shards.append(outcome.info)
         if not shards and not pending and not rejected:
-            raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
+            self.check_found_any()
         self._keep_known(shards, waiting)
         self.flush_cache()
+        self.report_pending(pending)
         ordered = tuple(shards)
-        return Snapshot(epoch, ordered, snapshot_id(ordered), tuple(rejected), tuple(pending))
+        return Snapshot(epoch, ordered, snapshot_id(ordered), tuple(rejected), tuple(pending),
+                        pending_reasons={url: p.reason for url, p in pending.items()})
+
+    def check_found_any(self) -> None:
+        """The source named no file at all: NoShardsError, unless it is a directory that exists
+        (a producer may not have started yet: an empty epoch, which the caller reports)."""
+        if not isinstance(self.source, DirectorySource) or not os.path.isdir(self.source.path):
+            raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
+
+    def report_pending(self, pending: Mapping[str, Pending]) -> None:
+        """A WARNING per file version that waits: which file, why, and when it is looked at again."""
+        for url, outcome in pending.items():
+            if self._pending_warned.get(url) != outcome.file_id:
+                log.warning("pending, not in this snapshot: %s: %s", url, outcome.reason)
+        self._pending_warned = {url: outcome.file_id for url, outcome in pending.items()}
 
     def _keep_known(self, shards: list[ShardInfo], waiting: set[str]) -> None:
         """Forgets files gone; a pending file's last version stays known: it tells a rewrite in place."""

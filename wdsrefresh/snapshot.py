@@ -108,6 +108,7 @@ class Snapshot:
     pending: tuple[str, ...] = ()
     resolved_at: float = field(default=0.0, compare=False)
     resolve_seconds: float = field(default=0.0, compare=False)
+    pending_reasons: dict[str, str] = field(default_factory=dict, compare=False)  # pending url -> why it waits
 
     @property
     def nsamples(self) -> int:

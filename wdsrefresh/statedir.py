@@ -238,14 +238,14 @@ class StateDirectory:
             self._columns = (snapshot.shards, name)
         return {"columns": self._columns[1], "epoch": snapshot.epoch, "id": snapshot.id,
                 "rejected": snapshot.rejected, "pending": snapshot.pending, "resolved_at": snapshot.resolved_at,
-                "resolve_seconds": snapshot.resolve_seconds}
+                "resolve_seconds": snapshot.resolve_seconds, "pending_reasons": snapshot.pending_reasons}
 
     def _from_published(self, doc: dict) -> Snapshot:
         with open(self.path(doc["columns"]), "rb") as f:
             columns = pickle.load(f)
         table = snapshot_columns.decode_lazy({**columns, "epoch": doc["epoch"]})
         return Snapshot(doc["epoch"], table.shards, table.id, doc["rejected"], doc["pending"], doc["resolved_at"],
-                        doc["resolve_seconds"])
+                        doc["resolve_seconds"], doc.get("pending_reasons", {}))
 
     def _forget(self, epoch: int) -> None:
         """Removes an old epoch's snapshot, consumer stats and the columns files no kept epoch

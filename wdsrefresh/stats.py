@@ -51,8 +51,9 @@ class EpochStats:
     - ``removed`` / ``removed_samples``: shards of the previous snapshot missing from this one,
       and the samples they held.
     - ``pending``: files named like shards that were not ready when the snapshot was resolved
-      (being written, or written in place less than ``settle`` seconds before): read once they
-      are. ``rejected`` / ``rejected_reasons``: files left out because they cannot be read as
+      (still open for writing, incomplete, or written in place with no sign that the writer is
+      done): read once they are; ``pending_reasons`` says why each waits (``(name, reason)``
+      pairs). ``rejected`` / ``rejected_reasons``: files left out because they cannot be read as
       shards (junk, truncated), each with the reason (``(name, reason)`` pairs).
     - ``resolve_seconds``: how long resolving the snapshot took (on the process that resolved
       it: rank 0 under torch.distributed), including any wait for ``min_shards``.
@@ -105,6 +106,7 @@ class EpochStats:
     removed_names: tuple[str, ...] = ()
     pending: int = 0
     pending_names: tuple[str, ...] = ()
+    pending_reasons: tuple[tuple[str, str], ...] = ()
     rejected: int = 0
     rejected_reasons: tuple[tuple[str, str], ...] = ()
     resolve_seconds: float | None = None
@@ -138,12 +140,12 @@ class EpochStats:
         return self.wait_seconds / self.loop_seconds
 
     def to_dict(self) -> dict:
-        """Plain JSON values: lists for the name tuples, ``rejected_reasons`` as {name: reason},
+        """Plain JSON values: lists for the name tuples, ``*_reasons`` as {name: reason},
         seconds rounded to microseconds. ``EpochStats.from_dict`` reads it back."""
         doc: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "rejected_reasons":
+            if f.name in _REASONS:
                 value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -160,7 +162,7 @@ class EpochStats:
         for key, value in doc.items():
             if key not in kinds:
                 continue
-            if key == "rejected_reasons":
+            if key in _REASONS:
                 value = tuple((str(k), str(v)) for k, v in (value.items() if isinstance(value, dict) else value))
             elif isinstance(value, list):
                 value = tuple(value)
@@ -168,11 +170,17 @@ class EpochStats:
         return cls(**values)
 
 
+_REASONS = ("pending_reasons", "rejected_reasons")  # (name, reason) pairs, {name: reason} in JSON
+
 # --------------------------------------------------------------------------- building
 
 
 def _capped(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(names)[:NAMES_CAP])
+
+
+def _capped_reasons(reasons: Iterable[tuple[str, str]], name_of) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((name_of(url), why) for url, why in reasons))[:NAMES_CAP]
 
 
 def _same_content(a: ShardInfo, b: ShardInfo) -> bool:
@@ -231,8 +239,9 @@ def epoch_stats(snapshot: Snapshot, previous: Snapshot | None, records: Sequence
         removed=len(removed), removed_samples=sum(s.nsamples or 0 for s in removed),
         removed_names=_capped(shard_name(s) for s in removed),
         pending=len(snapshot.pending), pending_names=_capped(name_of(u) for u in snapshot.pending),
+        pending_reasons=_capped_reasons(snapshot.pending_reasons.items(), name_of),
         rejected=len(snapshot.rejected),
-        rejected_reasons=tuple(sorted((name_of(u), why) for u, why in snapshot.rejected))[:NAMES_CAP],
+        rejected_reasons=_capped_reasons(snapshot.rejected, name_of),
         resolve_seconds=snapshot.resolve_seconds if snapshot.resolved_at else None, lag_seconds=snapshot.lag,
         consumers=len(records), quota=quota, yielded=yielded, padded=padded, skipped=total("skipped"),
         left_out=left_out,

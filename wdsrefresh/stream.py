@@ -34,7 +34,7 @@ from typing import Any
 from . import resume as resuming
 from .format.atomic import write_atomic
 from .inotify import Change
-from .probe import Pending, Rejected
+from .probe import Pending, Rejected, WriterSignals
 from .reading import ReadOptions, ReadStats, read_shard
 from .remote.source import ObjectSource
 from .resolver import Resolver
@@ -225,7 +225,7 @@ class _StreamLoop:
         self.taken: set[str] = set()  # urls handed to _read in this run
         # mine, not ready (or rejected): url -> (version looked at, when to look again if unchanged)
         self.waiting: dict[str, tuple[FileId, float]] = {}
-        self.renamed: set[str] = set()  # renamed into place, not written since
+        self.signals = WriterSignals()  # this consumer's files renamed into place or closed, not written since
         self.rejected: set[str] = set()
         self.totals: dict[str, int | set] = {}  # ReadStats summed over shards (counts, or sets of urls)
         self.shards = 0
@@ -273,10 +273,8 @@ class _StreamLoop:
     def _settled_shards(self, changes: list[Change]) -> set[str]:
         inside = [c for c in changes if c.path.startswith(self.source.path)]
         for c in inside:
-            if c.kind == "moved_to" and self._mine(c.path):
-                self.renamed.add(c.path)
-            elif c.kind != "attrib":
-                self.renamed.discard(c.path)
+            if self._mine(c.path):
+                self.signals.record(c.path, c.kind)
         return {c.path for c in inside if c.settled}
 
     def _listing(self) -> set[str]:
@@ -325,9 +323,10 @@ class _StreamLoop:
             self.waiting.pop(url, None)
             return None
         looked = self.waiting.get(url)
-        if looked is not None and looked[0] == FileId.of(st) and time.time() < looked[1]:
-            return None  # looked at in this version already, and it cannot have settled since
-        outcome = self.resolver.probe(self.source.candidate(url), st=st, renamed=url in self.renamed)
+        seen = self.signals.get(url)
+        if looked is not None and looked[0] == FileId.of(st) and time.time() < looked[1] and seen is None:
+            return None  # looked at in this version already, and only time can make it ready
+        outcome = self.resolver.probe(self.source.candidate(url), st=st, seen=seen)
         if outcome is None:
             self.waiting.pop(url, None)
             return None
@@ -336,11 +335,12 @@ class _StreamLoop:
             self._reject(url, outcome.error)
             return None
         if isinstance(outcome, Pending):
-            self.waiting[url] = (FileId.of(st), st.st_mtime_ns / 1e9 + self.stream.options.settle)
+            again = st.st_mtime_ns / 1e9 + self.stream.options.settle if outcome.timed else 0.0
+            self.waiting[url] = (FileId.of(st), again)
             return None
         self.waiting.pop(url, None)
         self.rejected.discard(url)
-        self.renamed.discard(url)
+        self.signals.forget(url)
         self.taken.add(url)
         self.resolver.known.clear()  # read once; nothing to reuse
         return outcome.info, st.st_ctime
