@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -59,9 +60,21 @@ def write_junk(directory: str, name: str) -> str:
 
 
 def write_in_place(directory: str, name: str, n: int) -> str:
-    """A complete shard written at its final name just now, as a plain copy or a download does:
-    a reader takes it as pending until it has not been written for ``settle`` seconds."""
+    """A complete shard written at its final name just now and closed, as a plain copy, a
+    download or webdataset's ShardWriter does: no writer holds it, so a reader takes it at once."""
     path = os.path.join(directory, name)
     with open(path, "wb") as f:
         f.write(tar_bytes(make_samples(name.split(".")[0], n)))
     return path
+
+
+@contextlib.contextmanager
+def held_open(directory: str, name: str, n: int, data: bytes | None = None):
+    """A shard (``data``, else a complete one of ``n`` samples) written at its final name whose
+    writer still holds it open for writing, as a preallocating or growing writer does until it
+    closes the file: pending for as long as the ``with`` block lasts. Yields the path and file."""
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(data if data is not None else tar_bytes(make_samples(name.split(".")[0], n)))
+        f.flush()
+        yield path, f

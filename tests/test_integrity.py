@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import wdsrefresh as wr
-from shardutil import make_samples, tar_bytes, write_shard
+from shardutil import held_open, make_samples, tar_bytes, write_shard
 
 BIG = 100_000  # 100 KB payloads: a shard of 100 samples spans 3 blocks of 4 MiB
 
@@ -31,30 +31,25 @@ def assert_whole_versions(samples):
         assert len(versions) == 1, f"{s['__key__']} mixes versions {versions}"
 
 
-def written_long_ago(path):
-    """Dates the file's last write a minute back: longer ago than the default settle time."""
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 60_000_000_000))
-
-
 def read_while_rewritten_in_place(shard_dir, new_content: bytes, writer_done: bool, **options):
     """Reads an epoch of a 3-block shard, rewriting it in place (same inode) after the first sample.
 
-    ``writer_done`` backdates the rewrite, as if its writer had finished a while ago.
+    ``writer_done``: the rewriting writer closes the file at once; else it holds it open (still
+    writing) until the epoch was read.
     """
     path = os.path.join(shard_dir, "v.tar")
     with open(path, "wb") as f:
         f.write(versioned_shard(b"A"))
-    written_long_ago(path)
     ds = wr.RefreshingWebDataset(shard_dir, **options)
     ds.set_epoch(0)
     it = iter(loader(ds, num_workers=1))
     got = [next(it)]
     with open(path, "r+b") as f:  # what `cp` or open("wb") does: same inode, new bytes
         f.write(new_content)
-    if writer_done:
-        written_long_ago(path)
-    got.extend(it)
+        f.flush()
+        if not writer_done:
+            got.extend(it)
+    got.extend(it)  # what is left once the writer closed the file
     assert_whole_versions(got)
     return got, ds.stats(0)
 
@@ -154,22 +149,19 @@ def test_symlinked_directory_swap_switches_at_next_epoch(tmp_path):
     assert {s["__key__"].split("/")[0] for s in loader(ds, num_workers=2)} == {"v2"}
 
 
-def test_half_written_shard_is_not_read_until_complete(shard_dir):
+def test_half_written_shard_is_not_read_until_its_writer_closes_it(shard_dir):
     write_shard(shard_dir, "done.tar", 3)
     data = tar_bytes(make_samples("late", 20, size=1000))
-    path = os.path.join(shard_dir, "late.tar")
-    with open(path, "wb") as f:  # a plain `cp`, caught half way
-        f.write(data[: len(data) // 2])
-    ds = wr.RefreshingWebDataset(shard_dir)
-    snap = ds.set_epoch(0)
-    assert [os.path.basename(s.url) for s in snap.shards] == ["done.tar"]
-    assert [os.path.basename(p) for p in snap.pending] == ["late.tar"]
-    assert len(list(loader(ds, num_workers=2))) == 3
-    with open(path, "ab") as f:
+    with held_open(shard_dir, "late.tar", 0, data[: len(data) // 2]) as (path, f):  # a `cp` caught half way
+        ds = wr.RefreshingWebDataset(shard_dir)
+        snap = ds.set_epoch(0)
+        assert [os.path.basename(s.url) for s in snap.shards] == ["done.tar"]
+        assert [os.path.basename(p) for p in snap.pending] == ["late.tar"]
+        assert len(list(loader(ds, num_workers=2))) == 3
         f.write(data[len(data) // 2 :])
-    assert [os.path.basename(p) for p in ds.set_epoch(1).pending] == ["late.tar"]  # written in place: settling
-    written_long_ago(path)
-    ds.set_epoch(2)
+        f.flush()  # complete now, but its writer still holds it open
+        assert [os.path.basename(p) for p in ds.set_epoch(1).pending] == ["late.tar"]
+    ds.set_epoch(2)  # closed: read at once
     assert len(list(loader(ds, num_workers=2))) == 23
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import wdsrefresh as wr
-from shardutil import write_in_place, write_junk, write_shard
+from shardutil import held_open, make_samples, tar_bytes, write_junk, write_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import ddp_check  # noqa: E402
@@ -20,13 +20,14 @@ PRODUCER_STEPS = {
     1: [("add", "d.tar", 4, "d")],
     2: [("add", "b.tar", 9, "b2")],  # replaced by rename, with other samples
     3: [("delete", "a.tar"), ("add", "e.tar", 6, "e")],
-    4: [("junk", "junk.tar"), ("in_place", "f.tar", 3)],
+    4: [("junk", "junk.tar"), ("held_open", "f.tar", 3)],  # f.tar: its writer never closes it
     "during5": [("delete", "d.tar"), ("add", "e.tar", 6, "e2")],
 }
 
 
 def _producer(directory, conn):
     """A separate process that changes the shard directory one scripted step at a time."""
+    held = []  # files this writer keeps open for writing until it ends
     while True:
         step = conn.recv()
         if step is None:
@@ -38,8 +39,10 @@ def _producer(directory, conn):
                 os.unlink(os.path.join(directory, name))
             elif action == "junk":
                 write_junk(directory, name)
-            elif action == "in_place":
-                write_in_place(directory, name, args[0])
+            elif action == "held_open":
+                held.append(open(os.path.join(directory, name), "wb"))
+                held[-1].write(tar_bytes(make_samples(name.split(".")[0], args[0])))
+                held[-1].flush()
         conn.send(step)
 
 
@@ -59,8 +62,7 @@ def test_stats_jsonl_records_what_the_producer_did_epoch_by_epoch(tmp_path, proc
 
     log = stats_dir / "stats.jsonl"
     keys, batches, lengths = {}, {}, {}
-    # settle=60: f.tar, written in place, stays pending for the whole run
-    with wr.RefreshingWebDataset(str(shard_dir), settle=60, stats_dir=str(stats_dir)) as ds:
+    with wr.RefreshingWebDataset(str(shard_dir), stats_dir=str(stats_dir)) as ds:
         pipeline = ds.to_tuple("__key__", "cls").batched(5)
         loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=2, persistent_workers=True)
         for epoch in range(6):
@@ -104,6 +106,8 @@ def test_stats_jsonl_records_what_the_producer_did_epoch_by_epoch(tmp_path, proc
     for epoch, line in enumerate(lines):
         assert [line[f] for f in snapshot_fields] == expected[epoch], f"epoch {epoch}"
     for line in lines[4:]:
+        assert list(line["pending_reasons"]) == ["f.tar"]
+        assert "still open for writing by another process" in line["pending_reasons"]["f.tar"]
         assert list(line["rejected_reasons"]) == ["junk.tar"]
         assert "not a tar archive" in line["rejected_reasons"]["junk.tar"]
     # what reading met: nothing until epoch 5, whose d.tar was deleted and e.tar replaced after its snapshot
@@ -345,12 +349,13 @@ def test_shuffle_buffer_uses_the_rng_it_is_given(shard_dir):
 
 
 def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir):
-    write_in_place(shard_dir, "a.tar", 3)  # pending for settle seconds
-    assert list(wr.RefreshingWebDataset(shard_dir)) == []  # the default: an empty epoch
-    with pytest.raises(wr.NoShardsError, match="1 pending"):
-        wr.RefreshingWebDataset(shard_dir, empty_check=True).set_epoch(0)
-    with pytest.raises(wr.NoShardsError, match="no sample to read"):
-        list(wr.RefreshingWebDataset(shard_dir, empty_check=True))
+    with held_open(shard_dir, "a.tar", 3):  # pending while its writer holds it open
+        assert list(wr.RefreshingWebDataset(shard_dir)) == []  # the default: an empty epoch
+        with pytest.raises(wr.NoShardsError, match="1 pending") as raised:
+            wr.RefreshingWebDataset(shard_dir, empty_check=True).set_epoch(0)
+        assert shard_dir in str(raised.value)
+        with pytest.raises(wr.NoShardsError, match="no sample to read"):
+            list(wr.RefreshingWebDataset(shard_dir, empty_check=True))
 
 
 def test_stats_dir_refused_in_stream_mode(shard_dir, tmp_path):

@@ -1,6 +1,7 @@
 """`wdsrefresh status`, `wdsrefresh stats --plot`, and what the command line logs and prints."""
 
 import json
+import re
 import os
 import select
 import signal
@@ -14,7 +15,7 @@ import torch
 
 import wdsrefresh as wr
 from wdsrefresh.cli import main
-from shardutil import write_in_place, write_junk, write_shard
+from shardutil import held_open, write_junk, write_shard
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
 
@@ -37,12 +38,12 @@ def read_line_until(proc, wanted, timeout=30.0):
 
 @pytest.fixture
 def changing_dir(shard_dir):
-    """Two ready shards, one written in place just now (pending), one junk file (rejected)."""
+    """Two ready shards, one whose writer still holds it open (pending), one junk file (rejected)."""
     write_shard(shard_dir, "a.tar", 10)
     write_shard(shard_dir, "b.tar", 7)
-    write_in_place(shard_dir, "c.tar", 4)
     write_junk(shard_dir, "junk.tar")
-    return shard_dir
+    with held_open(shard_dir, "c.tar", 4):
+        yield shard_dir
 
 
 def test_status_json_sorts_files_into_ready_pending_and_rejected_with_reasons(changing_dir, tmp_path, capsys):
@@ -57,7 +58,7 @@ def test_status_json_sorts_files_into_ready_pending_and_rejected_with_reasons(ch
     assert doc["bytes"] == sum(os.path.getsize(os.path.join(changing_dir, n)) for n in ("a.tar", "b.tar"))
     assert doc["newest_age_seconds"] >= 1.0  # the shards' last writes were dated a second back
     [pending] = doc["pending_files"]
-    assert pending["name"] == "c.tar" and "written in place" in pending["reason"] and "10 s" in pending["reason"]
+    assert pending["name"] == "c.tar" and "still open for writing by another process" in pending["reason"]
     [rejected] = doc["rejected_files"]
     assert rejected["name"] == "junk.tar" and "not a tar archive" in rejected["reason"]
     assert rejected["age_seconds"] >= 3600
@@ -77,10 +78,11 @@ def test_status_agrees_with_the_snapshot_a_reader_resolves(changing_dir, capsys)
 
 
 def test_status_text_names_what_is_not_ready_and_why(changing_dir, capsys):
-    assert main(["status", changing_dir, "--settle", "0"]) == 0  # settle 0: c.tar is ready at once
+    assert main(["status", changing_dir, "--settle", "0"]) == 0  # no settle time makes an open file ready
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith(f"{changing_dir}: 3 ready shards, 21 samples")
-    assert "junk.tar  rejected" in out and "not a tar archive" in out and "c.tar" not in out
+    assert out.splitlines()[0].startswith(f"{changing_dir}: 2 ready shards, 17 samples")
+    assert "junk.tar  rejected" in out and "not a tar archive" in out
+    assert re.search(r"^c\.tar +pending .*still open for writing by another process", out, re.M)
 
 
 def test_status_of_a_missing_directory_fails_naming_it(tmp_path, capsys):
@@ -98,9 +100,11 @@ def test_status_watch_prints_one_line_per_change(shard_dir, procs):
     size = os.path.getsize(write_shard(shard_dir, "b.tar", 5))
     assert read_line_until(proc, "b.tar")[-1].split()[1:] == ["ready", "b.tar:", "5", "samples,", f"{size / 1e3:.1f}",
                                                               "kB"]
-    write_in_place(shard_dir, "c.tar", 2)
-    line = read_line_until(proc, "c.tar")[-1]
-    assert line.split()[1:3] == ["pending", "c.tar:"] and "written in place" in line
+    with held_open(shard_dir, "c.tar", 2):
+        line = read_line_until(proc, "c.tar")[-1]
+        assert line.split()[1:3] == ["pending", "c.tar:"] and "open for writing" in line
+    line = read_line_until(proc, "c.tar")[-1]  # its writer closed it: ready at once
+    assert line.split()[1:4] == ["ready", "c.tar:", "2"]
     os.unlink(os.path.join(shard_dir, "a.tar"))
     assert read_line_until(proc, "a.tar")[-1].split()[1:] == ["gone", "a.tar"]
     proc.send_signal(signal.SIGINT)

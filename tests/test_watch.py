@@ -71,18 +71,18 @@ def test_watched_snapshot_equals_rescan_through_adds_deletes_and_replacements(tm
             f.write(tar_bytes(make_samples("v3", 2)))
         os.rename(os.path.join(d, "s4.tar"), os.path.join(d, "s4.tar.tmp"))  # moved out (temporary name)
         half = os.path.join(d, "half.tar")
-        with open(half, "wb") as f:  # still being written
+        with open(half, "wb") as f:  # still being written: its writer holds it open
             f.write(tar_bytes(make_samples("h", 3))[:700])
-        snap, expected = index.snapshot(1), resolver.resolve(1)
-        assert snap.id == expected.id
-        assert [s.nsamples for s in snap.shards] == [s.nsamples for s in expected.shards] == [3, 7, 4]
-        # s3 changed in place a moment ago: its writer may not be done, so it waits
-        assert snap.pending == expected.pending == (half, s3)
-        st = os.stat(s3)
-        os.utime(s3, ns=(st.st_atime_ns, st.st_mtime_ns - 5_000_000_000))  # ... until it has held still
-        snap, expected = index.snapshot(2), resolver.resolve(2)
-        assert snap.id == expected.id
-        assert [s.nsamples for s in snap.shards] == [3, 7, 2, 4] and snap.pending == (half,)
+            f.flush()
+            snap, expected = index.snapshot(1), resolver.resolve(1)
+            assert snap.id == expected.id
+            # s3 was rewritten in place and closed: no writer holds it, so it is read at once
+            assert [s.nsamples for s in snap.shards] == [s.nsamples for s in expected.shards] == [3, 7, 2, 4]
+            assert snap.pending == expected.pending == (half,)
+            assert "open for writing" in snap.pending_reasons[half] == expected.pending_reasons[half]
+        snap, expected = index.snapshot(2), resolver.resolve(2)  # closed, but no complete tar
+        assert snap.id == expected.id and snap.pending == expected.pending == (half,)
+        assert "not a complete tar yet" in snap.pending_reasons[half]
 
 
 def test_shard_renamed_in_just_before_set_epoch_is_in_that_epoch(tmp_path):
@@ -150,7 +150,7 @@ def test_polling_fallback_when_forced(tmp_path):
         ds.close()
 
 
-def test_waits_for_min_shards_then_reads(tmp_path):
+def test_waits_for_min_shards_then_reads_and_says_what_it_waits_for(tmp_path, caplog):
     d = str(tmp_path / "shards")  # does not exist yet either
 
     def producer():
@@ -165,9 +165,12 @@ def test_waits_for_min_shards_then_reads(tmp_path):
     try:
         ds = wr.RefreshingWebDataset(DirectorySource(d), watch=True, min_shards=3, timeout=20)
         started = time.monotonic()
-        snap = ds.set_epoch(0)
+        with caplog.at_level("WARNING", logger="wdsrefresh"):
+            snap = ds.set_epoch(0)
         print(f"waited {time.monotonic() - started:.2f} s for 3 shards")
         assert len(snap.shards) == 3
+        [said] = [r.getMessage() for r in caplog.records if "min_shards" in r.getMessage()]  # when the wait starts
+        assert said.startswith("waiting for min_shards=3, for at most 20 s more") and d in said
         assert sorted(s["__key__"] for s in ds) == sorted(f"s{i}/{j:06d}" for i in range(3) for j in range(2))
         ds.close()
     finally:
@@ -193,11 +196,24 @@ def test_timeout_error_says_ready_pending_and_rejected(tmp_path):
         ds.close()
 
 
-def test_empty_directory_without_min_shards_still_raises_no_shards(tmp_path):
-    ds = wr.RefreshingWebDataset(str(tmp_path), watch=True)
-    with pytest.raises(wr.NoShardsError):
-        ds.set_epoch(0)
-    ds.close()
+@pytest.mark.parametrize("watch", [True, False])
+def test_empty_directory_is_an_empty_epoch_with_a_warning_naming_it(tmp_path, caplog, watch):
+    with wr.RefreshingWebDataset(str(tmp_path), watch=watch) as ds:
+        with caplog.at_level("WARNING", logger="wdsrefresh"):
+            assert len(ds.set_epoch(0).shards) == 0
+        assert list(ds) == []
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(tmp_path) in warning and "epoch 0 is empty" in warning and "min_shards=N" in warning
+    with wr.RefreshingWebDataset(str(tmp_path), watch=watch, empty_check=True) as ds:
+        with pytest.raises(wr.NoShardsError, match="no sample to read") as raised:
+            ds.set_epoch(0)
+        assert str(tmp_path) in str(raised.value)
+
+
+def test_a_directory_that_does_not_exist_raises_at_once(tmp_path):
+    with pytest.raises(wr.NoShardsError) as raised:
+        wr.RefreshingWebDataset(str(tmp_path / "nope"), watch=True).set_epoch(0)
+    assert str(tmp_path / "nope") in str(raised.value)
 
 
 def _record_inotify_fds(path: str) -> None:
