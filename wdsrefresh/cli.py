@@ -224,8 +224,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "shard atomically and updating OUT/manifest.json; only then are the inputs removed (or "
         "moved to --archive). A sample is complete when a KEY.done marker file exists (the marker "
         "is removed, not packed), or else when all its files were closed after writing and stayed "
-        "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
-        "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
+        "unchanged for --settle seconds (a close alone is not enough). Files with hidden names (.name) are "
+        "ignored: write there and rename into place. A key is published once: a sample whose key OUT "
+        "holds already (a file changed or re-created after its sample was published) is moved to "
+        "INBOX/.wdsrefresh/conflicts/ with a warning, and listed by `wdsrefresh status --inbox`. Crash-safe: after kill -9 at any moment, a restart leaves every "
         "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). OUT may be an "
         "s3://bucket/prefix/ URL: shards are uploaded whole, each described by a manifest.d/ fragment "
         "after it exists, then compacted into manifest.json; the journal then lives on local disk, in "
@@ -354,7 +356,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .write.status import StatusProbe, changes, describe_inbox, format_age, summary
+    from .write.status import CONFLICT_REASON, StatusProbe, changes, describe_inbox, format_age, summary
 
     try:
         prober = StatusProbe(args.target, settle=args.settle, inbox=args.inbox)
@@ -373,6 +375,8 @@ def _run_status(args: argparse.Namespace) -> int:
                            f.reason or ""] for f in problems])
         if status.inbox is not None:
             print(f"inbox {describe_inbox(status.inbox)}")
+            for path in status.inbox.conflicts:
+                print(f"conflict {path}: {CONFLICT_REASON}")
         return 0
     # --watch: the first status whole, then one line per change, as it happens
     previous = None
