@@ -294,9 +294,15 @@ def _run_ls(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{args.target}: no shards")
         return 0
-    table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
+    table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)")
+              + (" (replaced)" if r.replaced else ""), "?" if r.nsamples is None else str(r.nsamples),
               "-" if r.size is None else str(r.size), (r.digest or "-")[:25], format_age(r.age)] for r in rows]
     _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
+    if any(r.replaced for r in rows):
+        print("(replaced): the shard is no longer the version its manifest entry describes (size, mtime or ETag "
+              "differ): SAMPLES and DIGEST are the entry's, BYTES and AGE the current version's; `wdsrefresh "
+              f"verify {args.target}` checks it" + ("" if "://" in args.target else
+                                                    ", `wdsrefresh index` rebuilds the manifest"))
     return 0
 
 
@@ -308,6 +314,7 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
         "sample count and digest from the manifest, size and age (time since last modification) from the "
         "file system or the object listing. "
         "Shards of a pack not yet committed (listed in OUT/manifest.d/) are marked (uncommitted); "
+        "shards whose file or object no longer matches its entry (size, mtime or ETag) are marked (replaced); "
         "shards in neither are marked (unlisted) and counted by reading their headers (objects in a store: "
         "not counted, shown as '?').",
     )

@@ -107,6 +107,10 @@ class StatusProbe:
     """Takes statuses of one source, remembering ready shards so unchanged files are not re-read."""
 
     def __init__(self, target: str, settle: float = DEFAULT_SETTLE, inbox: str | None = None):
+        if target.startswith("s3://"):
+            raise ValueError(f"{target}: status judges local files only; for an object store, `wdsrefresh ls "
+                             f"{target}` lists its shards (samples, bytes, digest, age) and `wdsrefresh verify "
+                             f"{target}` re-reads and checks them")
         if "://" in target and not target.startswith("file://"):
             raise ValueError(f"{target}: only local directories, manifests, globs and brace patterns are supported")
         self.target = target.removeprefix("file://")
