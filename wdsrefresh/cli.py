@@ -481,14 +481,18 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
         "line per epoch and rank), or the directory holding it, and prints one row per line: the "
         "snapshot's shards and samples, shards added, changed and removed since the epoch before, "
         "pending and rejected files, samples yielded, samples/s, the share of the loop spent waiting "
-        "for data (under wr.timed) and lag. --plot FILE draws shards and samples, churn, samples/s and "
-        "waiting per rank, and lag over epochs (needs matplotlib: pip install 'wdsrefresh[plot]').",
+        "for data (under wr.timed) and lag. --plot FILE draws shards, samples, churn, lag, samples/s per "
+        "rank (on a scale that an outlier does not flatten) and waiting per rank over epochs, each on axes of "
+        "its own (needs matplotlib: pip install 'wdsrefresh[plot]').",
     )
     p.add_argument("path", metavar="PATH", help="a stats.jsonl file, or the stats_dir holding one")
     p.add_argument("--plot", metavar="FILE", help="write the figure to FILE (.png, .svg, .pdf)")
     p.add_argument("--title", help="the figure's title")
-    p.add_argument("--dpi", type=_at_least_one, default=100, help="the figure is 9 x 6.5 inches at this many dots "
-                   "per inch (default: %(default)s: 900 x 650 pixels)")
+    from .plot import DPI, FIGSIZE
+
+    (width, height) = FIGSIZE
+    p.add_argument("--dpi", type=_at_least_one, default=DPI, help=f"the figure is {width:g} x {height:g} inches at "
+                   f"this many dots per inch (default: %(default)s: {width * DPI:g} x {height * DPI:g} pixels)")
     p.add_argument("--json", action="store_true", help="print the lines as one JSON list")
     p.set_defaults(run=_run_stats)
 
