@@ -206,7 +206,9 @@ def test_recovery_never_removes_a_file_recreated_under_the_same_name(tmp_path):
     manifest.write_json_atomic(os.path.join(ingester.journal_dir, entry.url + ".json"),
                                _journal_doc(entry, ".gone.tmp", inputs))
     ingest_once(cfg)
-    assert published_members(cfg.out) == {"a.txt": 2}  # version 1 once, version 2 once
+    assert published_members(cfg.out) == {"a.txt": 1}  # version 1 once; version 2 kept, its key being taken
+    with open(os.path.join(cfg.inbox, ".wdsrefresh", "conflicts", "a.txt"), "rb") as f:
+        assert f.read() == b"version 2, a new input"
     assert os.listdir(ingester.journal_dir) == []
 
 
@@ -280,7 +282,7 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path, procs):
     procs.append(dropper)
     rng = random.Random(1234)
     # settle 0.3: in-place writes that stall longer than that before the marker arrives get
-    # taken by settling first (still exactly once, but the sample is split)
+    # taken by settling first; the rest of that sample is then set aside, its key being published
     args = ["-v", "ingest", inbox, "-o", out, "--settle", "0.3", "--flush", "0.05", "--maxcount", "4"]
 
     def start(round_):
@@ -315,6 +317,8 @@ def test_kill_9_at_random_moments_loses_and_doubles_nothing(tmp_path, procs):
     assert final.returncode == 0, final.stderr
     dropped = open(log).read().split()
     members = published_members(out)
-    assert sorted(members) == sorted(dropped) and set(members.values()) == {1}
-    assert inbox_files(inbox) == []
+    aside = [n for n in inbox_files(os.path.join(inbox, ".wdsrefresh", "conflicts")) if not n.endswith(".done")]
+    assert sorted(list(members) + aside) == sorted(dropped) and set(members.values()) == {1}
+    assert {os.path.splitext(n)[0] for n in aside} <= {os.path.splitext(n)[0] for n in members}
+    assert [n for n in inbox_files(inbox) if not n.startswith(".wdsrefresh/")] == []
     assert verify(out) == []

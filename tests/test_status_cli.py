@@ -143,7 +143,7 @@ def test_stats_plot_writes_a_png_of_the_run(stats_jsonl, tmp_path, capsys):
     rows = [line.split() for line in out.splitlines()[2:] if line[:1].isdigit()]
     assert [(r[0], r[2], r[3], r[4]) for r in rows] == [("0", "2", "8", "+2"), ("1", "3", "11", "+1"),
                                                          ("2", "4", "15", "+1")]
-    assert png_size(png) == (900, 650)
+    assert png_size(png) == (900, 800)
     assert 20_000 < png.stat().st_size < 300_000  # a real figure, small enough to commit
 
 

@@ -224,8 +224,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "shard atomically and updating OUT/manifest.json; only then are the inputs removed (or "
         "moved to --archive). A sample is complete when a KEY.done marker file exists (the marker "
         "is removed, not packed), or else when all its files were closed after writing and stayed "
-        "unchanged for --settle seconds. Files with hidden names (.name) are ignored: write there "
-        "and rename into place. Crash-safe: after kill -9 at any moment, a restart leaves every "
+        "unchanged for --settle seconds (a close alone is not enough). Files with hidden names (.name) are "
+        "ignored: write there and rename into place. A key is published once: a sample whose key OUT "
+        "holds already (a file changed or re-created after its sample was published) is moved to "
+        "INBOX/.wdsrefresh/conflicts/ with a warning, and listed by `wdsrefresh status --inbox`. "
+        "Crash-safe: after kill -9 at any moment, a restart leaves every "
         "input in exactly one published shard (a journal lives in OUT/.wdsrefresh/). OUT may be an "
         "s3://bucket/prefix/ URL: shards are uploaded whole, each described by a manifest.d/ fragment "
         "after it exists, then compacted into manifest.json; the journal then lives on local disk, in "
@@ -292,9 +295,15 @@ def _run_ls(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{args.target}: no shards")
         return 0
-    table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)"), "?" if r.nsamples is None else str(r.nsamples),
+    table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)")
+              + (" (replaced)" if r.replaced else ""), "?" if r.nsamples is None else str(r.nsamples),
               "-" if r.size is None else str(r.size), (r.digest or "-")[:25], format_age(r.age)] for r in rows]
     _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
+    if any(r.replaced for r in rows):
+        print("(replaced): the shard is no longer the version its manifest entry describes (size, mtime or ETag "
+              "differ): SAMPLES and DIGEST are the entry's, BYTES and AGE the current version's; `wdsrefresh "
+              f"verify {args.target}` checks it" + ("" if "://" in args.target else
+                                                    ", `wdsrefresh index` rebuilds the manifest"))
     return 0
 
 
@@ -306,6 +315,7 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
         "sample count and digest from the manifest, size and age (time since last modification) from the "
         "file system or the object listing. "
         "Shards of a pack not yet committed (listed in OUT/manifest.d/) are marked (uncommitted); "
+        "shards whose file or object no longer matches its entry (size, mtime or ETag) are marked (replaced); "
         "shards in neither are marked (unlisted) and counted by reading their headers (objects in a store: "
         "not counted, shown as '?').",
     )
@@ -354,7 +364,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .write.status import StatusProbe, changes, describe_inbox, format_age, summary
+    from .write.status import CONFLICT_REASON, StatusProbe, changes, describe_inbox, format_age, summary
 
     try:
         prober = StatusProbe(args.target, settle=args.settle, inbox=args.inbox)
@@ -373,6 +383,8 @@ def _run_status(args: argparse.Namespace) -> int:
                            f.reason or ""] for f in problems])
         if status.inbox is not None:
             print(f"inbox {describe_inbox(status.inbox)}")
+            for path in status.inbox.conflicts:
+                print(f"conflict {path}: {CONFLICT_REASON}")
         return 0
     # --watch: the first status whole, then one line per change, as it happens
     previous = None
@@ -470,14 +482,18 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
         "line per epoch and rank), or the directory holding it, and prints one row per line: the "
         "snapshot's shards and samples, shards added, changed and removed since the epoch before, "
         "pending and rejected files, samples yielded, samples/s, the share of the loop spent waiting "
-        "for data (under wr.timed) and lag. --plot FILE draws shards and samples, churn, samples/s and "
-        "waiting per rank, and lag over epochs (needs matplotlib: pip install 'wdsrefresh[plot]').",
+        "for data (under wr.timed) and lag. --plot FILE draws shards, samples, churn, lag, samples/s per "
+        "rank (on a scale that an outlier does not flatten) and waiting per rank over epochs, each on axes of "
+        "its own (needs matplotlib: pip install 'wdsrefresh[plot]').",
     )
     p.add_argument("path", metavar="PATH", help="a stats.jsonl file, or the stats_dir holding one")
     p.add_argument("--plot", metavar="FILE", help="write the figure to FILE (.png, .svg, .pdf)")
     p.add_argument("--title", help="the figure's title")
-    p.add_argument("--dpi", type=_at_least_one, default=100, help="the figure is 9 x 6.5 inches at this many dots "
-                   "per inch (default: %(default)s: 900 x 650 pixels)")
+    from .plot import DPI, FIGSIZE
+
+    (width, height) = FIGSIZE
+    p.add_argument("--dpi", type=_at_least_one, default=DPI, help=f"the figure is {width:g} x {height:g} inches at "
+                   f"this many dots per inch (default: %(default)s: {width * DPI:g} x {height * DPI:g} pixels)")
     p.add_argument("--json", action="store_true", help="print the lines as one JSON list")
     p.set_defaults(run=_run_stats)
 

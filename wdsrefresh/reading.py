@@ -272,7 +272,8 @@ class CountMismatch(TarError):
 def _digest_mismatch(shard: ShardInfo, exn: ShardChangedError) -> DigestMismatch:
     block = exn.offset // shard.block_size
     return DigestMismatch(shard.url, exn.offset, f"block {block} differs from its digest while the file's size, "
-                                                 f"mtime and inode are unchanged: the shard is corrupt")
+                                                 f"mtime and inode are unchanged: the shard is corrupt",
+                          stop=exn.stop)
 
 
 def _same_file(path: str, expected: Expected) -> bool:

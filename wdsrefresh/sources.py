@@ -185,6 +185,8 @@ class ManifestSource(ShardSource):
         self.path = os.fspath(path)
 
     def candidates(self) -> list[Candidate]:
+        if not os.path.exists(self.path):
+            raise NoShardsError(f"manifest {self.path!r} does not exist (check the path)")
         entries = manifestmod.load(self.path)
         base = os.path.dirname(os.path.abspath(self.path))
         return [
@@ -293,4 +295,7 @@ def make_source(spec: object, storage_options: dict | None = None) -> ShardSourc
         return GlobSource(spec)
     if os.path.isfile(spec):
         return ListSource([BraceSource(spec)])
-    raise NoShardsError(f"{spec!r} is not a directory, manifest, glob, brace pattern or existing file")
+    if not os.path.lexists(spec):
+        raise NoShardsError(f"{spec!r} does not exist (check the path: give a shard directory, a manifest .json, "
+                            "a glob, a brace pattern, a shard file, or s3:// or https:// URLs)")
+    raise NoShardsError(f"{spec!r} is not a directory, manifest, glob, brace pattern or shard file")

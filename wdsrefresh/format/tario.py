@@ -79,24 +79,33 @@ class TarError(ValueError):
 
     ``truncated`` marks data that ends too early: the sign of a shard still being written.
     ``where`` says what the offset counts: "byte" of the file, or "uncompressed offset" in
-    the decompressed stream of a gzip shard.
+    the decompressed stream of a gzip shard. With ``stop``, the error lies somewhere in the
+    block of bytes ``offset <= b < stop`` (a block digest says which block, not which byte).
     """
 
-    def __init__(self, url: str, offset: int, message: str, truncated: bool = False, *, where: str = "byte"):
-        super().__init__(f"{url}: at {where} {offset}: {message}")
+    def __init__(self, url: str, offset: int, message: str, truncated: bool = False, *, where: str = "byte",
+                 stop: int | None = None):
+        super().__init__(f"{url}: {_position(offset, stop, where)}: {message}")
         self.url = url
         self.offset = offset
+        self.stop = stop
         self.truncated = truncated
         self.where = where
+
+
+def _position(offset: int, stop: int | None, where: str = "byte") -> str:
+    """"at byte 700", or "in the block at bytes 0-4194303" for a block ``[offset, stop)``."""
+    return f"at {where} {offset}" if stop is None else f"in the block at bytes {offset}-{stop - 1}"
 
 
 class ShardChangedError(RuntimeError):
     """The bytes of a shard differ from the snapshot it was listed in."""
 
-    def __init__(self, url: str, offset: int, message: str):
-        super().__init__(f"{url}: at byte {offset}: {message}")
+    def __init__(self, url: str, offset: int, message: str, *, stop: int | None = None):
+        super().__init__(f"{url}: {_position(offset, stop)}: {message}")
         self.url = url
         self.offset = offset
+        self.stop = stop  # with it, the difference lies in the block [offset, stop)
 
 
 @dataclass(frozen=True)
@@ -223,7 +232,7 @@ class _Checker:
         elif digest != block_at(self.blocks, self.index):
             raise ShardChangedError(
                 self.url, self.index * self.block_size,
-                f"block {self.index} differs from the snapshot's digest (shard replaced or rewritten)",
+                f"block {self.index} differs from the snapshot's digest (shard replaced or rewritten)", stop=end,
             )
         else:
             self.verified = end

@@ -228,8 +228,8 @@ def list_prefix(store: Store, bucket: str, prefix: str, delimiter: str | None,
              subprefixes: list[str] | None = None) -> Iterator[ObjectStat]:
     try:
         yield from store.list(bucket, prefix, delimiter, subprefixes)
-    except ObjectVanishedError as exn:
-        raise NoShardsError(f"s3://{bucket}/{prefix}: {exn}") from exn
+    except ObjectVanishedError as exn:  # its message names the prefix already
+        raise NoShardsError(str(exn)) from exn
 
 
 def glob_regex(pattern: str) -> str:

@@ -244,7 +244,7 @@ class BlockFetcher:
             pin = f"VersionId {self.version_id}" if self.version_id else f"ETag {self.etag}"
             raise ObjectCorruptError(self.url, i * self.block_size, f"block {i} differs from its digest while the "
                                      f"object is the snapshot's version ({pin}): corrupt in the store, or its "
-                                     "manifest entry describes other bytes")
+                                     "manifest entry describes other bytes", stop=i * self.block_size + len(data))
 
 
 class ObjectByteSource:

@@ -65,6 +65,11 @@ class Retrying:
         """What went wrong, in one line, never naming a credential."""
         return f"{type(exn).__name__}: {exn}"
 
+    def gone(self, url: str, what: str, exn: BaseException) -> str:
+        """What a "gone" answer to ``what`` on ``url`` means, in one line (a store says when
+        it is not the object that is missing)."""
+        return f"{what}: {self.summary(exn)} (deleted)"
+
     def call(self, url: str, what: str, request: Callable[[], T], start: int | None = None,
              stop: int | None = None) -> T:
         """``request()`` with retries; 412, 404 and final failures as this module's errors."""
@@ -84,7 +89,7 @@ class Retrying:
             raise ObjectChangedError(url, start or 0, f"{what}: replaced since the snapshot "
                                      "(its ETag no longer matches: HTTP 412)") from exn
         if kind == "gone":
-            raise ObjectVanishedError(url, f"{what}: {self.summary(exn)} (deleted)") from exn
+            raise ObjectVanishedError(url, self.gone(url, what, exn)) from exn
         if kind in ("not modified", "as is"):
             raise exn
         if kind != "retry" or attempt >= self.attempts:

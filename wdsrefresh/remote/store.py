@@ -210,6 +210,12 @@ class Store(Retrying):
     def summary(self, exn: BaseException) -> str:
         return _summary(exn)
 
+    def gone(self, url: str, what: str, exn: BaseException) -> str:
+        if _error_code(exn) == "NoSuchBucket":
+            return (f"the bucket {ObjectUrl.parse(url).bucket!r} does not exist (check its name, and the endpoint: "
+                    "endpoint_url or AWS_ENDPOINT_URL)")
+        return super().gone(url, what, exn)
+
     def read_blocks(self, url: str, first: int, stop: int, block_size: int, size: int, *,
                     etag: str | None = None, version_id: str | None = None,
                     ) -> Iterator[tuple[bytes, str | None, str | None]]:
@@ -379,6 +385,12 @@ def _classify(exn: BaseException) -> str:
     retried = (bx.HTTPClientError, bx.IncompleteReadError, bx.ResponseStreamingError, ux.HTTPError,
                ConnectionError, TimeoutError)
     return "retry" if isinstance(exn, retried) else "fail"
+
+
+def _error_code(exn: BaseException) -> str:
+    """The S3 error code of a botocore ClientError ("NoSuchBucket"), else ""."""
+    response = getattr(exn, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def _summary(exn: BaseException) -> str:

@@ -9,9 +9,20 @@ When a sample is complete:
   watchdog: a write, or the creation of an empty file, marks it open until its close) and
   its size, mtime and inode have not changed for ``settle`` seconds. Files found while no
   events were watched (at start-up) are judged by the settle time alone.
+A close seen by the watcher only makes a file eligible: it is complete once it has also been
+unchanged for ``settle`` seconds (or its marker exists).
 Safe producer patterns: write under a hidden name (``.name``, ignored) and rename into
 place; or write the files in place and then create ``KEY.done`` (with ``require_done``
 when a writer may pause longer than ``settle``).
+
+A key is published once: a complete sample whose key a shard of OUT already holds (read at
+start-up through ``keys.py``, then kept as shards are published) is never packed. Its files
+(and marker) are moved to ``INBOX/.wdsrefresh/conflicts/`` under their names relative to the
+inbox (``name.1``, ``name.2``, ... when taken), with a WARNING naming each; ``wdsrefresh
+status --inbox`` lists them. That is what becomes of a file rewritten, or re-created, after its
+sample was published (a writer that closed it and paused longer than ``settle``), and of a
+key that another tool packed into OUT before. The move is a rename within the inbox: a kill
+leaves each file either in the inbox (judged again) or set aside.
 
 Guarantee (crash safety): an input is removed from the inbox (or moved to ``archive``) only
 after the shard holding it is durable under its final name and listed in the manifest. Each
@@ -61,6 +72,7 @@ from .pack import (
     check_prefix, paths_overlap, plan_shards, write_shard, WrittenShard,
 )
 from .destination import DestinationError, open_destination
+from .keys import directory_keys, record_shard
 from .publish import (
     PRIVATE_DIR, add_to_manifest, current_entries, fsync_dir_named, next_number, out_lock, rename_without_replacing,
     shard_name,
@@ -72,6 +84,12 @@ INBOX_LOCK_NAME = ".wdsrefresh-ingest.lock"
 MARKER_EXT = "done"
 JOURNAL_VERSION = 1
 COMPACT_EVERY = 32  # shards published into an object store between compactions of their fragments
+CONFLICTS_DIR = f"{PRIVATE_DIR}/conflicts"  # under the inbox: samples whose key was published already
+
+
+def conflicts_dir(inbox: str) -> str:
+    """Where ingest sets aside the files of samples whose key OUT already holds."""
+    return os.path.join(inbox, CONFLICTS_DIR)
 
 
 class IngestError(RuntimeError):
@@ -207,6 +225,7 @@ class Ingester:
         self._counter = 0
         self._lock_fd: int | None = None
         self._oldest_ready: float | None = None
+        self.held: dict[str, str] = {}  # {key: shard} of every sample OUT holds (filled by open())
         self.watching = threading.Event()  # set once events are being received
         self.stopping = threading.Event()
 
@@ -226,6 +245,7 @@ class Ingester:
                 if os.stat(self.cfg.archive).st_dev != os.stat(self.inbox).st_dev:
                     raise IngestError(f"archive {self.cfg.archive} must be on the same file system as {self.inbox}")
             self.recover()
+            self.held = directory_keys(self.dest)
         except BaseException:
             self.close()
             raise
@@ -388,6 +408,8 @@ class Ingester:
                 later = at if later is None else min(later, at)
             elif not f.files:
                 self._drop_orphan_marker(*f.marker)
+            elif key in self.held:
+                self._set_aside(key, f)
             elif (sample := self._sample(key, f)) is not None:
                 out.append(sample)
         return out, later
@@ -398,6 +420,27 @@ class Ingester:
         if _same_file(_as_dict(_input_id(path, st))):
             log.info("%s: removing marker whose sample was already published", path)
             os.unlink(path)
+
+    def _set_aside(self, key: str, f: _Found) -> None:
+        """Moves the files of a complete sample whose key is published already to the conflicts
+        directory, each with a WARNING; a file that changed since the scan is judged again later."""
+        found = [(os.path.join(self.inbox, n), st) for n, st in sorted(f.files.items())]
+        shard = self.dest.location(self.held[key])
+        moved = []
+        for path, st in found + ([f.marker] if f.marker is not None else []):
+            if not _same_file(_as_dict(_input_id(path, st))):
+                continue
+            dest = _free_name(os.path.join(conflicts_dir(self.inbox), os.path.relpath(path, self.inbox)))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.rename(path, dest)
+            fsync_dir_named(os.path.dirname(dest))
+            fsync_dir_named(os.path.dirname(path))
+            moved.append(path)
+            log.warning("%s: sample %r is published already (in %s); moved to %s instead of publishing the key "
+                        "twice. A sample's files must not change once complete: write them under a hidden name "
+                        "and rename them into place, or end the sample with %s.%s (and --require-done); give a "
+                        "new version a new key", path, key, shard, dest, key, MARKER_EXT)
+        self.tracker.forget(moved)
 
     def _complete_at(self, f: _Found, now: float) -> float | None:
         """When the sample counts as complete (a marker alone: when the marker settles)."""
@@ -456,6 +499,7 @@ class Ingester:
             add_to_manifest(self.out, entries, [entry])
             self._remove_inputs(inputs)
             os.unlink(journal)
+        self._hold_keys(name, batch)
         self.tracker.forget([i["path"] for i in inputs])
         log.info("published %s: %d samples, %d bytes", name, entry.nsamples, entry.filesize)
         if self.on_publish is not None:
@@ -488,11 +532,22 @@ class Ingester:
         self._unmerged += 1
         if self._unmerged >= COMPACT_EVERY:
             self.compact()
+        self._hold_keys(name, batch)
         self.tracker.forget([i["path"] for i in inputs])
         log.info("published %s: %d samples, %d bytes", self.dest.location(name), entry.nsamples, entry.filesize)
         if self.on_publish is not None:
             self.on_publish(entry)
         return entry
+
+    def _hold_keys(self, name: str, batch: Sequence[tuple[Sample, list[InputId]]]) -> None:
+        """Remembers the keys of the shard ``name`` just published, and records them beside it
+        (``keys.py``) so that the next start need not read the shard."""
+        keys = [s.key for s, _ in batch]
+        self.held.update(dict.fromkeys(keys, name))
+        try:
+            record_shard(self.dest, name, keys)
+        except OSError as exn:  # only a cache: the next start reads the shard instead
+            log.debug("%s: keys not recorded (%s)", self.dest.location(name), exn)
 
     def compact(self) -> None:
         """Merges the fragments of an object-store output into its manifest.json."""

@@ -9,9 +9,9 @@ conditional PUTs, through ``destination.py``):
   It counts only while that plan (or its ``done-`` twin) exists, which names each task's shard: a
   record left by a pack killed before its plan was created counts for nothing;
 - ``shard-<shard>.json.gz``: ``{"shard", "identity", "keys"}``, the keys of one shard as it is now
-  (identity: size and mtime of a file, size and ETag of an object), written by ``wr.Writer`` when
-  it publishes a shard and by ``directory_keys`` when it had to read a shard's tar headers (a
-  shard from ``ingest``, another tool, or an older ``pack``). It counts only while the shard
+  (identity: size and mtime of a file, size and ETag of an object), written by ``wr.Writer`` and
+  ``ingest`` when they publish a shard and by ``directory_keys`` when it had to read a shard's tar
+  headers (a shard from another tool, or an older ``pack`` or ``ingest``). It counts only while the shard
   keeps that identity.
 
 A shard found in neither way is read (tar headers only, with Python's tarfile; an object is

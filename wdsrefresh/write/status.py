@@ -6,7 +6,8 @@ place less than ``settle`` seconds ago) or rejected (junk, truncated), each with
 status is what a reader that rescans the directory now would put in a snapshot: a reader
 that watched the directory may have seen a rename and call a file ready a little earlier.
 An inbox given to ``status`` is counted as ingest would group it: files, samples (keys),
-bytes, the oldest file's age.
+bytes, the oldest file's age; and the files ingest set aside because their key was published
+already (``INBOX/.wdsrefresh/conflicts/``) are named.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..format.names import split_key
 from ..probe import DEFAULT_SETTLE, Pending, Readiness, Ready, Rejected, probe
 from ..snapshot import ShardInfo
 from ..sources import DirectorySource, NoShardsError, ShardSource, make_source
-from .ingest import MARKER_EXT, scan_inbox
+from .ingest import MARKER_EXT, conflicts_dir, scan_inbox
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class InboxStatus:
     bytes: int
     markers: int  # KEY.done files
     oldest_age_seconds: float | None
+    conflicts: tuple[str, ...] = ()  # paths of files set aside: their key was published already
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ class StatusProbe:
     """Takes statuses of one source, remembering ready shards so unchanged files are not re-read."""
 
     def __init__(self, target: str, settle: float = DEFAULT_SETTLE, inbox: str | None = None):
+        if target.startswith("s3://"):
+            raise ValueError(f"{target}: status judges local files only; for an object store, `wdsrefresh ls "
+                             f"{target}` lists its shards (samples, bytes, digest, age) and `wdsrefresh verify "
+                             f"{target}` re-reads and checks them")
         if "://" in target and not target.startswith("file://"):
             raise ValueError(f"{target}: only local directories, manifests, globs and brace patterns are supported")
         self.target = target.removeprefix("file://")
@@ -171,7 +177,8 @@ def inbox_status(inbox: str, now: float | None = None) -> InboxStatus:
             keys.add(key)
         age = max(0.0, now - st.st_mtime_ns / 1e9)
         oldest = age if oldest is None else max(oldest, age)
-    return InboxStatus(inbox, files, len(keys), nbytes, markers, oldest)
+    aside = tuple(sorted(path for _name, path, _st in scan_inbox(conflicts_dir(inbox))))
+    return InboxStatus(inbox, files, len(keys), nbytes, markers, oldest, aside)
 
 
 def changes(before: Status | None, after: Status) -> Iterator[str]:
@@ -190,6 +197,8 @@ def changes(before: Status | None, after: Status) -> Iterator[str]:
         a_inbox, b_inbox = (before.inbox if before is not None else None), after.inbox
         if a_inbox is None or (a_inbox.files, a_inbox.bytes) != (b_inbox.files, b_inbox.bytes):
             yield f"inbox     {describe_inbox(b_inbox)}"
+        for path in sorted(set(b_inbox.conflicts) - set(a_inbox.conflicts if a_inbox is not None else ())):
+            yield f"conflict  {path}: {CONFLICT_REASON}"
 
 
 def _size(n: int | None) -> str:
@@ -211,10 +220,15 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+CONFLICT_REASON = "its key was published already; set aside, not published twice"
+
+
 def describe_inbox(inbox: InboxStatus) -> str:
     oldest = f"; oldest {format_age(inbox.oldest_age_seconds)} old" if inbox.files else ""
+    aside = (f"; {len(inbox.conflicts)} files set aside in {conflicts_dir(inbox.path)} (key published already)"
+             if inbox.conflicts else "")
     return (f"{inbox.path}: {inbox.files} files waiting ({inbox.samples} samples, {_size(inbox.bytes)}, "
-            f"{inbox.markers} .done markers){oldest}")
+            f"{inbox.markers} .done markers){oldest}{aside}")
 
 
 def summary(status: Status) -> str:

@@ -41,6 +41,7 @@ class Listing:
     age: float | None  # seconds since the last modification
     listed: bool  # named in the manifest (or in manifest.d/ when ``pending``)
     pending: bool = False  # named only in manifest.d/: a pack not yet committed
+    replaced: bool = False  # the file or object is no longer the version its entry describes
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _resolve(target: str) -> _Target:
             beside = os.path.join(directory, MANIFEST_NAME)
             return _Target(directory, beside if os.path.exists(beside) else None, os.path.basename(target))
         return _Target(directory, target, None)
-    raise FileNotFoundError(f"{target}: no such directory, manifest or shard")
+    raise FileNotFoundError(f"{target} does not exist (give a shard directory, a manifest or a shard file)")
 
 
 def _load_manifest(path: str) -> list[ManifestEntry]:
@@ -247,4 +248,6 @@ def _row(path: str, entry: ManifestEntry, now: float, listed: bool, pending: boo
         st = os.stat(path)
     except FileNotFoundError:
         return Listing(entry.url, entry.nsamples, None, entry.digest, None, listed, pending)
-    return Listing(entry.url, entry.nsamples, st.st_size, entry.digest, now - st.st_mtime, listed, pending)
+    replaced = (entry.filesize is not None and st.st_size != entry.filesize) or \
+        (entry.mtime_ns is not None and st.st_mtime_ns != entry.mtime_ns)
+    return Listing(entry.url, entry.nsamples, st.st_size, entry.digest, now - st.st_mtime, listed, pending, replaced)

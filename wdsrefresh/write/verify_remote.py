@@ -5,7 +5,8 @@ objects directly under the prefix (as readers list them); what they should be co
 ``manifest.json``, then from the fragments of packs not yet committed (``manifest.d/``).
 ``verify`` re-reads every object once through the remote reader (pinned to the listed ETag)
 and compares size, ETag, digests, block digests, sample count and tar structure; ``ls`` reads
-no object, only the listing, the manifest and the fragments.
+no object, only the listing, the manifest and the fragments, and marks an object whose size or
+ETag differs from its entry as replaced.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def listing_remote(url: str, storage_options: dict | None = None) -> list[Listin
     """``verify.listing`` for an ``s3://`` prefix or shard: counts and digests from the manifest
     and fragments, sizes and ages (since Last-Modified) from the listing; objects neither lists
     have no count (``verify`` reads them)."""
+    from ..remote.store import same_etag
+
     dest, shard = _target(url, storage_options)
     entries, pending, unlisted, _, stats = _entries(dest, shard)
     now = time.time()
@@ -106,7 +109,9 @@ def listing_remote(url: str, storage_options: dict | None = None) -> list[Listin
         stat = stats.get(entry.url)
         if stat is None:
             return Listing(entry.url, entry.nsamples, None, entry.digest, None, listed, entry.url in pending)
+        replaced = (entry.filesize is not None and stat.size != entry.filesize) or \
+            (entry.etag is not None and not same_etag(entry.etag, stat.etag))
         return Listing(posixpath.basename(entry.url), entry.nsamples, stat.size, entry.digest,
-                       now - stat.mtime_ns / 1e9, listed, entry.url in pending)
+                       now - stat.mtime_ns / 1e9, listed, entry.url in pending, replaced)
 
     return [row(e, True) for e in entries] + [row(ManifestEntry(n), False) for n in unlisted]
