@@ -4,8 +4,9 @@
 file servers and CDNs do: ``ETag`` from the file's inode, size and mtime_ns (so an
 ``os.replace`` is a new ETag), ``Last-Modified``, ``Accept-Ranges: bytes``, ranges answered
 with 206, ``If-Match`` (412) and ``If-None-Match`` (304). Switches turn each of them off (a
-server that cannot be read consistently), make it demand a header, redirect paths, or answer
-the next requests with a status. Every request is logged (method, path, range, status) for the tests to count.
+server that cannot be read consistently), make it demand a header (everywhere or under a path),
+redirect paths, or answer the next requests with a status. Every request is logged (method,
+path, range, status) for the tests to count.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class WebServer:
     ranges: bool = True  # False: Range ignored (200, whole file), no Accept-Ranges
     if_match: bool = True  # False: If-Match ignored (the file as it is now, with its new ETag)
     required: dict[str, str] = field(default_factory=dict)  # headers a request must carry, else 401
+    required_under: dict[str, dict[str, str]] = field(default_factory=dict)  # path prefix -> headers required there
     redirects: dict[str, str] = field(default_factory=dict)  # path -> path it is found at (302), as a hub's CDN
     failures: list[tuple[int, bool]] = field(default_factory=list)  # (status, ranged only): the next requests
     log: list[Logged] = field(default_factory=list)
@@ -107,7 +109,11 @@ class _Handler(BaseHTTPRequestHandler):
                 web.failures.remove(failure)
         if failure is not None:
             return self._answer(failure[0])
-        if any(self.headers.get(k) != v for k, v in web.required.items()):
+        required = dict(web.required)
+        for prefix, headers in web.required_under.items():
+            if self.path.startswith(prefix):
+                required.update(headers)
+        if any(self.headers.get(k) != v for k, v in required.items()):
             return self._answer(401, body=b"unauthorized")
         if self.path in web.redirects:
             return self._answer(302, {"Location": web.redirects[self.path]})

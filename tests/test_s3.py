@@ -248,6 +248,7 @@ def test_member_sizes_are_checked_while_an_object_is_indexed(s3):
 
     source = wr.ObjectSource(s3.url("h/"))
     source.store.client()  # made before the count: botocore's models weigh megabytes
+    source.store.versioning(s3.name)  # (each operation's model is loaded at its first call)
     lenient = wr.RefreshingWebDataset(source, shardshuffle=False, max_sample_bytes=1 << 62)
     tracemalloc.start()
     try:
@@ -395,7 +396,7 @@ def test_consumer_starting_mid_object_reads_only_the_blocks_it_needs(s3, fault_p
     source = wr.ObjectSource(s3.url("b/"), storage_options=via(s3, fault_proxy, readahead=0, request_blocks=1))
     shard = wr.RefreshingWebDataset(source).set_epoch(0).shards[0]
     fault_proxy.clear()
-    reader, close = open_object(shard.url, shard.expected(), shard.etag, shard.version_id)
+    reader, close = open_object(source.store, shard.url, shard.expected(), shard.etag, shard.version_id)
     try:
         (sample,) = list(reader.samples(2, 3))
     finally:
@@ -443,7 +444,8 @@ def test_read_ahead_threads_end_with_their_reader_and_with_an_abandoned_epoch(s3
     snap = ds.set_epoch(0)
     assert readahead_threads() == []  # indexing joined its own
     shard = snap.shards[1]
-    reader, close = open_object(shard.url, shard.expected(), shard.etag, shard.version_id)
+    reader, close = open_object(ds.sample_source.source.store, shard.url, shard.expected(), shard.etag,
+                                shard.version_id)
     next(reader.samples(0, 1))
     assert len(readahead_threads()) == 1
     close()

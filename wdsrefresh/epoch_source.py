@@ -221,8 +221,10 @@ class EpochSource:
 
     def _samples(self, it: _Iteration):
         slot = it.consumer.slot
-        # padding keeps ranks equal; a single rank has nothing to keep equal with
-        options = replace(self.options, equalize=self.options.equalize and slot.world_size > 1)
+        # padding keeps ranks equal; a single rank has nothing to keep equal with. Objects are read
+        # through the stores of this consumer's own copy of the source.
+        options = replace(self.options, equalize=self.options.equalize and slot.world_size > 1,
+                          store_for=self.source.store_for)
         try:
             if it.shuffle:
                 yield from read_positions(it.snapshot, [tuple(p) for p in it.shuffle["buffer"]], options)

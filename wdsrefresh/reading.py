@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .format.tario import MAX_SAMPLE_BYTES, Expected, ShardChangedError, ShardReader, TarError, open_shard
 from .probe import DEFAULT_SETTLE, Readiness, Ready, probe
@@ -37,8 +38,10 @@ class ReadStats:
     """What one consumer did in one epoch; shards are counted by url, so consumers' sets add up.
 
     ``bytes_read``, ``read_seconds`` and ``verify_seconds`` are the reader's IOCounters (per read
-    call and per hashed chunk); ``started`` and ``ended`` are the wall-clock times at which the
-    consumer began its share and finished it (0.0 until then).
+    call and per hashed chunk of a file; per block of an object, see ``remote.reader.BlockFetcher``);
+    ``started`` and ``ended`` are the wall-clock times at which the consumer began its share and
+    finished it (0.0 until then). ``grown`` maps a shard reloaded with more samples than its
+    snapshot counted to how many more (read from the next epoch on).
     """
 
     yielded: int = 0
@@ -48,6 +51,7 @@ class ReadStats:
     replaced: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
+    grown: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     read_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -75,6 +79,9 @@ class ReadOptions:
     settle: float = DEFAULT_SETTLE
     max_sample_bytes: int = MAX_SAMPLE_BYTES
     index_cache: str | None = None  # the persistent index cache's directory; None: none
+    # the object store a shard's URL is read through: its source's ``ShardSource.store_for``,
+    # set by each consumer from the source it holds (None: local files only)
+    store_for: Callable[[str], Any] | None = field(default=None, compare=False)
 
     @property
     def readiness(self) -> Readiness:
@@ -249,7 +256,9 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
             fresh = _reindex(shard, options) if options.on_change == "reload" and count is not None else None
             if fresh is not None:
                 log.warning("%s; reading its current content", exn)
-                expected, count = fresh, None
+                expected, now = fresh
+                _note_growth(shard, now, stats)
+                count = None
                 continue
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
         except (TarError, ObjectReadError) as exn:  # corrupt, or an object store still failing after retries
@@ -258,6 +267,18 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
             return
         stats.skipped += piece.stop - position
         return
+
+
+def _note_growth(shard: ShardInfo, now: int, stats: ReadStats) -> None:
+    """A shard reloaded with more samples than its snapshot counted: this epoch's split has no
+    place for the extra ones, so they are said and counted (``grown``), and read from the next
+    epoch on (a file or an object alike)."""
+    grown = now - (shard.nsamples or 0)
+    if grown <= 0 or stats.grown.get(shard.url, 0) >= grown:
+        return
+    stats.grown[shard.url] = grown
+    log.warning("%s: its current content holds %d samples, the snapshot counted %d; the %d beyond are not read "
+                "this epoch (grown_samples), the next epoch reads them", shard.url, now, shard.nsamples or 0, grown)
 
 
 class DigestMismatch(TarError):
@@ -296,15 +317,16 @@ def _corrupt(exn: TarError | ObjectReadError, shard: ShardInfo, unread: int, opt
         raise StopConsumer() from exn
 
 
-def _reindex(shard: ShardInfo, options: ReadOptions) -> Expected | None:
-    """What the shard's current content is, if it is ready by the one readiness rule (probe.py)."""
+def _reindex(shard: ShardInfo, options: ReadOptions) -> tuple[Expected, int] | None:
+    """What the shard's current content is, and how many samples it holds, if it is ready by
+    the one readiness rule (probe.py)."""
     if is_remote(shard.url):
-        return remote.reload(shard.url, shard.name, options.max_sample_bytes)
+        return remote.reload(_store(shard, options), shard.url, shard.name, options.max_sample_bytes)
     outcome = probe(Candidate(shard.url, shard.path, name=shard.name), {shard.path: shard}, options.readiness)
     if not isinstance(outcome, Ready):
         return None
     info = outcome.info
-    return Expected(info.size, info.mtime_ns, info.inode, info.digest, info.blocks)
+    return Expected(info.size, info.mtime_ns, info.inode, info.digest, info.blocks), info.nsamples or 0
 
 
 def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, options: ReadOptions,
@@ -335,17 +357,27 @@ def _prefetch(shard: ShardInfo, options: ReadOptions) -> tuple | None:
     """An object in a store is read from while the piece before it is parsed (local files: nothing);
     the key ``remote.discard`` takes."""
     if is_remote(shard.url):
-        return remote.prefetch(shard.url, shard.expected(with_digest=options.verify != "off"), shard.etag,
-                               shard.version_id)
+        return remote.prefetch(_store(shard, options), shard.url, shard.expected(with_digest=options.verify != "off"),
+                               shard.etag, shard.version_id)
     return None
+
+
+def _store(shard: ShardInfo, options: ReadOptions) -> Any:
+    """The store of the source that listed ``shard`` (never one chosen by bucket or host: two
+    sources may name the same bucket on two endpoints)."""
+    store = options.store_for(shard.url) if options.store_for is not None else None
+    if store is None:
+        raise ValueError(f"{shard.url}: no object store to read it through; read it through the dataset whose "
+                         "source listed it")
+    return store
 
 
 def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,
           counters: ReadStats | None = None) -> tuple[ShardReader, Callable[[], None]]:
     """A reader of ``shard`` as ``expected``, and what closes it: a local file, or an object read
-    pinned to its snapshot version (remote/reader.py)."""
+    pinned to its snapshot version (remote/reader.py); ``counters`` adds up what either costs."""
     if is_remote(shard.url):  # refused, naming the URL, if the entry lost its ETag (never read unpinned)
-        return remote.open_object(shard.url, expected, shard.etag, shard.version_id,
-                                  max_sample_bytes=options.max_sample_bytes)
+        return remote.open_object(_store(shard, options), shard.url, expected, shard.etag, shard.version_id,
+                                  max_sample_bytes=options.max_sample_bytes, counters=counters)
     reader, fd = open_shard(shard.path, shard.url, expected, counters, max_sample_bytes=options.max_sample_bytes)
     return reader, lambda: os.close(fd)

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import braceexpand
 
@@ -60,6 +61,12 @@ class ShardSource:
 
     def close(self) -> None:
         """Stops what the source runs in the background (objects: indexing ahead); nothing here."""
+
+    def store_for(self, url: str) -> Any | None:
+        """The object store this source's shard at ``url`` is read through (made from the source's
+        own options, so two sources never read through each other's endpoint or credentials);
+        None: a local file."""
+        return None
 
 
 class DirectorySource(ShardSource):
@@ -225,6 +232,9 @@ class ListSource(ShardSource):
 
     def describe(self) -> str:
         return "list [" + ", ".join(s.describe() for s in self.sources) + "]"
+
+    def store_for(self, url: str) -> Any | None:
+        return next((store for s in self.sources if (store := s.store_for(url)) is not None), None)
 
 
 def _version(path: str) -> tuple[int, int, int] | None:

@@ -72,10 +72,15 @@ class EpochStats:
     - ``replaced``, ``deleted``, ``corrupt``: shards that were replaced, deleted, or found
       corrupt *while* this epoch read them (after its snapshot), as handled by ``on_change``
       and ``handler``. A shard replaced between epochs is ``changed`` in the next epoch instead.
-    - ``bytes_read``: bytes the consumers' read calls returned. ``read_seconds``: seconds they
-      spent blocked in those calls (I/O). ``verify_seconds``: seconds spent hashing bytes to
-      check digests. Each is a sum over consumers (workers run in parallel, so the sums can
-      exceed ``seconds``); measured per read call and per checked chunk, never per sample.
+    - ``grown_samples``: samples that shards replaced while this epoch read them hold beyond what
+      the snapshot counted (``on_change="reload"`` reads the new content up to the snapshot's
+      count: the split has no place for more); the next epoch reads them. Counted once per shard.
+    - ``bytes_read``: bytes the consumers' read calls returned (objects in a store: the bytes of
+      the blocks fetched for them). ``read_seconds``: seconds they spent blocked in those calls
+      (I/O; objects: waiting for blocks, so fetches that read-ahead overlapped with parsing cost
+      none). ``verify_seconds``: seconds spent hashing bytes to check digests. Each is a sum
+      over consumers (workers run in parallel, so the sums can exceed ``seconds``); measured per
+      read call and per checked chunk (objects: per block), never per sample.
     - ``seconds``: wall-clock seconds from the first consumer starting its share to the last
       one finishing it (None if none finished); ``samples_per_second``: ``(yielded + padded) /
       seconds``. Workers wait while the loader's prefetch queue is full, so this is the rate at
@@ -123,6 +128,7 @@ class EpochStats:
     deleted_names: tuple[str, ...] = ()
     corrupt: int = 0
     corrupt_names: tuple[str, ...] = ()
+    grown_samples: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -223,6 +229,10 @@ def epoch_stats(snapshot: Snapshot, previous: Snapshot | None, records: Sequence
         return sum(r.get(key, 0) for r in records)
 
     read_time = {k: urls(k) for k in ("replaced", "deleted", "corrupt")}
+    grown: dict[str, int] = {}
+    for r in records:  # two consumers that reloaded one shard saw the same samples beyond the snapshot
+        for url, n in r.get("grown", {}).items():
+            grown[url] = max(grown.get(url, 0), n)
     quota, left_out = rank_quota(snapshot.nsamples, rank, world_size, partial)
     starts = [r["started"] for r in records if r.get("started") and r.get("ended")]
     ends = [r["ended"] for r in records if r.get("started") and r.get("ended")]
@@ -248,6 +258,7 @@ def epoch_stats(snapshot: Snapshot, previous: Snapshot | None, records: Sequence
         replaced=len(read_time["replaced"]), replaced_names=named(read_time["replaced"]),
         deleted=len(read_time["deleted"]), deleted_names=named(read_time["deleted"]),
         corrupt=len(read_time["corrupt"]), corrupt_names=named(read_time["corrupt"]),
+        grown_samples=sum(grown.values()),
         bytes_read=total("bytes_read"), read_seconds=float(total("read_seconds")),
         verify_seconds=float(total("verify_seconds")),
         seconds=seconds, samples_per_second=(yielded + padded) / seconds if seconds else None,

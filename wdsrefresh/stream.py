@@ -374,6 +374,8 @@ class _StreamLoop:
         for key, value in stats.as_dict().items():
             if isinstance(value, list):
                 self.totals[key] = self.totals.get(key, set()) | set(value)
+            elif isinstance(value, dict):  # per shard (``grown``): a shard read again counts once
+                self.totals[key] = self.totals.get(key, {}) | value
             else:
                 self.totals[key] = self.totals.get(key, 0) + value
 

@@ -62,12 +62,6 @@ def is_http(url: object) -> bool:
     return isinstance(url, str) and url.partition("://")[0].lower() in SCHEMES and "://" in url
 
 
-def origin(url: str) -> str:
-    """``scheme://host[:port]``, lower-cased: where a store's options apply."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].lower()}"
-
-
 _pools: dict[tuple[float, float], Any] = {}  # this process's urllib3 pools, by timeouts
 _pools_lock = threading.Lock()
 
@@ -274,28 +268,3 @@ def _mtime_ns(value: str | None) -> int:
         return int(parsedate_to_datetime(value).timestamp() * 1e9) if value else 0
     except (TypeError, ValueError):
         return 0
-
-
-# ---------------------------------------------------------------------- which store a URL is in
-
-_default_store: HttpStore | None = None
-_stores: dict[str, HttpStore] = {}
-
-
-def register(origins: set[str], store: HttpStore) -> None:
-    """Makes ``store`` the one this process reads ``origins`` (``scheme://host``) through (an
-    ``ObjectSource`` does this when made or unpickled, so readers send its headers)."""
-    for where in origins:
-        _stores[where] = store
-
-
-def store_for(url: str) -> HttpStore:
-    """The store a shard's URL is read through: the one registered for its origin, else one
-    with no options."""
-    global _default_store
-    store = _stores.get(origin(url))
-    if store is None:
-        if _default_store is None:
-            _default_store = HttpStore()
-        store = _default_store
-    return store

@@ -47,10 +47,6 @@ def describes(entry: manifestmod.ManifestEntry | None, stat: ObjectStat) -> bool
 
 class Plan:
     kind = "objects"
-    bucket = ""
-
-    def parts(self) -> list[Plan]:
-        return [self]
 
     def list(self, source: ObjectSource) -> Iterator[Listed]:
         raise NotImplementedError
@@ -113,9 +109,6 @@ class Objects(Plan):
         self.urls = urls
         self.wheres = [ObjectUrl.parse(u) for u in urls]
 
-    def parts(self) -> list[Plan]:
-        return [Named(w.bucket) for w in self.wheres]
-
     def list(self, source: ObjectSource) -> Iterator[Listed]:
         groups: dict[tuple[str, str], list[str]] = {}
         for url, w in zip(self.urls, self.wheres):
@@ -132,11 +125,6 @@ class Objects(Plan):
         for url, w in zip(self.urls, self.wheres):
             if url in found:
                 yield Listed(found[url], posixpath.basename(w.key))
-
-
-class Named(Plan):
-    def __init__(self, bucket: str):
-        self.bucket = bucket
 
 
 class Manifest(Plan):
@@ -183,9 +171,6 @@ class Urls(Plan):
     def __init__(self, urls: list[str], known: dict[str, ObjectStat] | None = None):
         self.urls, self.known = urls, known or {}
 
-    def parts(self) -> list[Plan]:
-        return [Named(http_store.origin(u)) for u in self.urls]
-
     def list(self, source: ObjectSource) -> Iterator[Listed]:
         asked = [u for u in dict.fromkeys(self.urls) if u not in self.known]
         found = dict(self.known)
@@ -201,7 +186,7 @@ class HttpManifest(Manifest):
     kind = "https manifest"
 
     def __init__(self, url: str):
-        self.url, self.bucket = url, http_store.origin(url)
+        self.url = url
 
     def _absolute(self, url: str) -> str:
         """An entry's url as an http(s):// URL: absolute, or relative to the manifest's URL."""

@@ -27,11 +27,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from time import perf_counter
 
 from ..format import tario
 from ..format.digest import BLOCK_SIZE, DEFAULT_ALGO, FileDigester, block_at, block_digest, split_digest
-from ..format.tario import MAX_SAMPLE_BYTES, Expected, ShardReader, TarError
-from .store import ObjectChangedError, ObjectStat, ObjectVanishedError, Store, store_for
+from ..format.tario import MAX_SAMPLE_BYTES, Expected, IOCounters, ShardReader, TarError
+from .store import NULL_VERSION, ObjectChangedError, ObjectStat, ObjectVanishedError, Store
 
 log = logging.getLogger("wdsrefresh")
 
@@ -59,6 +60,11 @@ class BlockFetcher:
     ``get(i)`` waits for block ``i``; ``release_below(i)`` says blocks before ``i`` are no
     longer wanted. With ``digests`` every block is checked as it arrives; with ``record`` (a
     FileDigester) every block is fetched in order and digested (indexing).
+
+    ``counters`` (a tario ``IOCounters``; None: not counted), set by the reader that opens it,
+    gets when the fetcher is closed: the bytes of the blocks it fetched, the seconds ``get``
+    waited for blocks (the reader blocked on the store; fetches that read-ahead overlapped with
+    parsing cost none) and the seconds spent checking blocks against their digests.
     """
 
     def __init__(self, store: Store, url: str, size: int, *, etag: str | None, version_id: str | None,
@@ -67,9 +73,12 @@ class BlockFetcher:
         self.store, self.url, self.size, self.block_size = store, url, size, block_size
         self.etag, self.version_id = etag, version_id
         self.digests, self.record = digests, record
-        # checked blocks are cached under the snapshot's pin (never one learned on the way)
+        self.counters: IOCounters | None = None
+        self.tally = IOCounters()  # added to ``counters`` at close (the thread writes it under ``cond``)
+        # checked blocks are cached under the snapshot's pin (never one learned on the way; the
+        # ``null`` version is replaced in place while versioning is suspended: its ETag tells)
         self.cache = store.cache if digests is not None and record is None else None
-        self.version = version_id or etag or ""
+        self.version = (version_id if version_id != NULL_VERSION else None) or etag or ""
         self.readahead = store.readahead if readahead is None else readahead
         self.nblocks = -(-size // block_size)
         self.cond = threading.Condition()
@@ -121,12 +130,17 @@ class BlockFetcher:
                 if self.record is None and self.next < i and i not in self.ready:
                     self.next = i  # jump over blocks nothing reads
                 self.cond.notify_all()
-            while i not in self.ready:
-                if self.failed is not None and self.failed[0] <= i:
-                    raise self.failed[1]
-                if self.closed:
-                    raise RuntimeError(f"{self.url}: read after close")
-                self.cond.wait()
+            if i not in self.ready:
+                started = perf_counter()
+                try:
+                    while i not in self.ready:
+                        if self.failed is not None and self.failed[0] <= i:
+                            raise self.failed[1]
+                        if self.closed:
+                            raise RuntimeError(f"{self.url}: read after close")
+                        self.cond.wait()
+                finally:
+                    self.tally.read_seconds += perf_counter() - started
             return self.ready[i]
 
     def release_below(self, i: int) -> None:
@@ -168,6 +182,12 @@ class BlockFetcher:
             if thread.is_alive():
                 log.debug("%s: a read-ahead request still in flight after %.0f s; left to end", self.url,
                           _JOIN_SECONDS)
+        with self.cond:
+            tally, self.tally = self.tally, IOCounters()
+        if self.counters is not None:
+            self.counters.bytes_read += tally.bytes_read
+            self.counters.read_seconds += tally.read_seconds
+            self.counters.verify_seconds += tally.verify_seconds
 
     def _run(self) -> None:
         blocks: Iterator | None = None  # one streamed GET, positioned at block ``at``
@@ -191,6 +211,7 @@ class BlockFetcher:
                         blocks, at = None, -1
                     with self.cond:
                         self.fetched += 1
+                        self.tally.bytes_read += len(cached)
                         if i >= self.floor and not self.closed:
                             self.ready[i] = cached
                         self._release_followers()
@@ -208,7 +229,9 @@ class BlockFetcher:
                     if at == stop:
                         blocks.close()
                         blocks, at = None, -1
+                    checking = perf_counter()
                     self._check(i, data, etag, version_id)
+                    checked = perf_counter() - checking
                 except Exception as exn:  # noqa: BLE001 - handed to the reader if it needs block i
                     if blocks is not None:
                         blocks.close()
@@ -223,6 +246,8 @@ class BlockFetcher:
                     self.cache.put(self.url, self.version, i, data)
                 with self.cond:
                     self.fetched += 1
+                    self.tally.bytes_read += len(data)
+                    self.tally.verify_seconds += checked
                     if i >= self.floor and not self.closed:
                         self.ready[i] = data
                     self._release_followers()
@@ -332,13 +357,15 @@ def _byte_source(fetcher: BlockFetcher):
     return ObjectByteSource(fetcher)
 
 
-def open_object(url: str, expected: Expected, etag: str | None, version_id: str | None, *,
-                max_sample_bytes: int = MAX_SAMPLE_BYTES) -> tuple[ShardReader, Callable[[], None]]:
-    """A reader of the object version pinned by ``version_id`` (else ``etag``) as ``expected``
-    says it is, and the function that closes it. ``ObjectExpected`` pins override the arguments
-    (a shard reloaded after a replacement). Raises ObjectChangedError, ObjectVanishedError,
-    ObjectReadError as the first block's read does; a member larger than ``max_sample_bytes``
-    is refused unread (TarError)."""
+def open_object(store: Store, url: str, expected: Expected, etag: str | None, version_id: str | None, *,
+                max_sample_bytes: int = MAX_SAMPLE_BYTES, counters: IOCounters | None = None,
+                ) -> tuple[ShardReader, Callable[[], None]]:
+    """A reader of the object version pinned by ``version_id`` (else ``etag``) in ``store`` (its
+    source's) as ``expected`` says it is, and the function that closes it. ``ObjectExpected`` pins
+    override the arguments (a shard reloaded after a replacement). Raises ObjectChangedError,
+    ObjectVanishedError, ObjectReadError as the first block's read does; a member larger than
+    ``max_sample_bytes`` is refused unread (TarError). ``counters`` gets what reading it cost
+    (``BlockFetcher``) when it is closed."""
     if isinstance(expected, ObjectExpected):
         etag, version_id = expected.etag, expected.version_id
     if not etag and not version_id:
@@ -348,10 +375,11 @@ def open_object(url: str, expected: Expected, etag: str | None, version_id: str 
         raise ValueError(f"{url}: an object is read at the size its snapshot recorded; none given")
     if expected.digest and expected.blocks is None:
         raise ValueError(f"{url}: an object is checked block by block; its snapshot entry has only a whole digest")
-    fetcher = _take_prefetched(url, expected, etag, version_id)
+    fetcher = _take_prefetched(store, url, expected, etag, version_id)
     if fetcher is None:
-        fetcher = BlockFetcher(store_for(url), url, expected.size, etag=etag, version_id=version_id,
+        fetcher = BlockFetcher(store, url, expected.size, etag=etag, version_id=version_id,
                                digests=expected.blocks, block_size=expected.block_size)
+    fetcher.counters = counters
     try:
         fetcher.start()
         while _waiting:  # the objects prefetched for after this one: fetched once this one is
@@ -376,17 +404,17 @@ def _forget_in_child() -> None:  # a forked child (a DataLoader worker) inherits
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def prefetch(url: str, expected: Expected, etag: str | None, version_id: str | None) -> tuple | None:
+def prefetch(store: Store, url: str, expected: Expected, etag: str | None, version_id: str | None) -> tuple | None:
     """Reads the object a consumer will open after the one it opens next: its first blocks are
     fetched once that one's are (so they never compete), while it is parsed. ``open_object``
     with the same arguments takes it over; ``discard`` with the key returned drops it."""
-    key = (url, expected, etag, version_id)
+    key = (store, url, expected, etag, version_id)  # one URL in two sources' stores: two objects
     if key in _prefetched or not (etag or version_id) or expected.size is None or (
             expected.digest and expected.blocks is None):
         return None
     while len(_prefetched) >= _PREFETCHED_AT_MOST:
         discard(next(iter(_prefetched)))
-    fetcher = BlockFetcher(store_for(url), url, expected.size, etag=etag, version_id=version_id,
+    fetcher = BlockFetcher(store, url, expected.size, etag=etag, version_id=version_id,
                            digests=expected.blocks, block_size=expected.block_size)
     _prefetched[key] = fetcher
     _waiting.append(fetcher)
@@ -402,8 +430,9 @@ def discard(key: tuple | None) -> None:
         fetcher.close()
 
 
-def _take_prefetched(url: str, expected: Expected, etag: str | None, version_id: str | None) -> BlockFetcher | None:
-    fetcher = _prefetched.pop((url, expected, etag, version_id), None)
+def _take_prefetched(store: Store, url: str, expected: Expected, etag: str | None,
+                     version_id: str | None) -> BlockFetcher | None:
+    fetcher = _prefetched.pop((store, url, expected, etag, version_id), None)
     if fetcher in _waiting:
         _waiting.remove(fetcher)
     if fetcher is not None and fetcher.failed is not None:  # failed early (retries spent ahead of time): anew
@@ -453,10 +482,11 @@ def index_object(store: Store, stat: ObjectStat, algo: str = DEFAULT_ALGO, *,
         fetcher.close()
 
 
-def reload(url: str, name: str, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ObjectExpected | None:
-    """What the object at ``url`` is now, indexed (``on_change="reload"``); None when it is gone,
-    changes again while it is indexed, or is not a complete tar."""
-    store = store_for(url)
+def reload(store: Store, url: str, name: str,
+           max_sample_bytes: int = MAX_SAMPLE_BYTES) -> tuple[ObjectExpected, int] | None:
+    """What the object at ``url`` in ``store`` is now, indexed (``on_change="reload"``), and how
+    many samples it holds; None when it is gone, changes again while it is indexed, or is not a
+    complete tar."""
     try:
         stat = store.head(url)
         if stat is None:
@@ -469,7 +499,7 @@ def reload(url: str, name: str, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> Obj
         log.warning("%s: cannot reload: its current version ends before its end-of-archive marker", url)
         return None
     return ObjectExpected(size=stat.size, mtime_ns=stat.mtime_ns, digest=index.digest, blocks=index.blocks,
-                          etag=index.etag, version_id=index.version_id)
+                          etag=index.etag, version_id=index.version_id), index.nsamples
 
 
 def check_digest(url: str, index: ObjectIndex, expected_digest: str) -> None:

@@ -52,10 +52,9 @@ from ..sources import Candidate, NoShardsError, ShardSource
 from .ahead import DEFAULT_INTERVAL, AheadIndexer
 from .plans import Listed, Objects, list_prefix, plan_for
 from .reader import ObjectCorruptError, check_digest, index_object
-from . import http_store
 from .http_store import HttpStore, is_http
-from .store import (ObjectChangedError, ObjectReadError, ObjectStat, ObjectUrl, ObjectVanishedError, Store,
-                    register, same_etag)
+from .store import (NULL_VERSION, ObjectChangedError, ObjectReadError, ObjectStat, ObjectUrl, ObjectVanishedError,
+                    Store, same_etag)
 
 log = logging.getLogger("wdsrefresh")
 
@@ -107,7 +106,6 @@ class ObjectSource(ShardSource):
         self.threads = max(1, threads)
         self.max_sample_bytes = MAX_SAMPLE_BYTES
         self._init_caches()
-        self._register()
 
     def _init_caches(self) -> None:
         self._known: dict[str, _Known] = {}  # url -> what its current version is
@@ -136,18 +134,11 @@ class ObjectSource(ShardSource):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_caches()
-        self._register()  # readers in this process (a DataLoader worker) use these options
 
-    @property
-    def buckets(self) -> set[str]:
-        """The buckets of ``s3://`` URLs; the origins (``https://host``) of web URLs."""
-        return {part.bucket for plan in self.plans for part in plan.parts()}
-
-    def _register(self) -> None:
-        if isinstance(self.store, HttpStore):
-            http_store.register(self.buckets, self.store)
-        else:
-            register(self.buckets, self.store)
+    def store_for(self, url: str) -> Store | HttpStore | None:
+        """This source's own store, for the URLs of its protocol: its shards are read through the
+        endpoint, credentials and headers they were listed with, in every process it reaches."""
+        return self.store if is_http(url) == isinstance(self.store, HttpStore) else None
 
     def describe(self) -> str:
         if len(self.specs) == 1:
@@ -256,7 +247,8 @@ class ObjectSource(ShardSource):
                     if head is None:
                         return None
                     version_id = head.version_id
-                info = _info(stat, item.name, entry.nsamples, entry.digest, entry.blocks, version_id)
+                info = _info(stat, item.name, entry.nsamples, entry.digest, entry.blocks,
+                             self._pinned_version(stat.url, version_id))
                 return _Known(stat.etag, info, None)
             expected = entry.digest if (entry is not None and entry.digest and entry.filesize == stat.size
                                         and same_etag(entry.etag, stat.etag)) else None
@@ -289,8 +281,17 @@ class ObjectSource(ShardSource):
                 check_digest(stat.url, index, expected_digest)
             except ObjectCorruptError as exn:
                 return _Known(stat.etag, None, exn)
-        info = _info(stat, name, index.nsamples, index.digest, index.blocks, index.version_id)
+        info = _info(stat, name, index.nsamples, index.digest, index.blocks,
+                     self._pinned_version(stat.url, index.version_id))
         return _Known(stat.etag, info, None)
+
+    def _pinned_version(self, url: str, version_id: str | None) -> str | None:
+        """The VersionId a read of the object is pinned to: the one its store named, else ``null``
+        in a versioned bucket (objects written before versioning was enabled: not every store names
+        their version), so a replacement never changes what the snapshot reads."""
+        if version_id is None and self._bucket_versioned(url):
+            return NULL_VERSION
+        return version_id
 
     def _bucket_versioned(self, url: str) -> bool | None:
         if is_http(url):

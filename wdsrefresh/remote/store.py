@@ -2,9 +2,10 @@
 
 Guarantees:
 
-- Every read of a shard's bytes is pinned: ``VersionId`` where the store returned one, else
-  ``If-Match: <ETag>``. An unpinned read is refused (a plain GET after a replacement would
-  silently mix versions). 412 raises ``ObjectChangedError`` (a ``ShardChangedError``: the
+- Every read of a shard's bytes is pinned: ``VersionId`` where the store returned one (or
+  ``null`` in a versioned bucket, for objects written before versioning was enabled, together
+  with ``If-Match``), else ``If-Match: <ETag>``. An unpinned read is refused (a plain GET after
+  a replacement would silently mix versions). 412 raises ``ObjectChangedError`` (a ``ShardChangedError``: the
   object was replaced), 404 ``ObjectVanishedError`` (a ``FileNotFoundError``: deleted).
 - 5xx, throttling, timeouts and dropped or reset connections are retried with exponential
   backoff (full jitter); a request that still fails raises ``ObjectReadError`` naming the URL
@@ -230,18 +231,15 @@ class Store(Retrying):
             raise ValueError(f"{url}: refusing to read an object with neither VersionId nor ETag to pin it")
         where = ObjectUrl.parse(url)
         kwargs: dict[str, Any] = {"Bucket": where.bucket, "Key": where.key}
-        if version_id:
-            kwargs["VersionId"] = version_id
-        else:
-            kwargs["IfMatch"] = etag
+        kwargs.update(_pin(version_id, etag))
 
         def open_at(i: int) -> _Body:
             kwargs["Range"] = f"bytes={i * block_size}-{min(stop * block_size, size) - 1}"
             response = self.client().get_object(**kwargs)
             named = (response.get("ETag"), _version(response.get("VersionId")))
             if named[1] and "VersionId" not in kwargs:  # a versioned bucket: the exact version from now on
-                del kwargs["IfMatch"]
-                kwargs["VersionId"] = named[1]
+                kwargs.pop("IfMatch")
+                kwargs.update(_pin(named[1], etag))
             return _Body(response["Body"], named)
 
         return stream_blocks(self, url, first, stop, block_size, size, open_at)
@@ -355,9 +353,22 @@ class _Body:
         self.read()  # the end of the body: the connection goes back to the pool, not closed
 
 
+NULL_VERSION = "null"  # the VersionId of an object written while its bucket had no versioning
+
+
 def _version(version_id: str | None) -> str | None:
-    """A VersionId that pins a version; unversioned objects report none or ``"null"``."""
-    return version_id if version_id and version_id != "null" else None
+    """The VersionId a response names (``"null"`` included: GET accepts ``versionId=null``)."""
+    return version_id or None
+
+
+def _pin(version_id: str | None, etag: str | None) -> dict[str, str]:
+    """The GetObject arguments that pin a read: the VersionId, else the ETag. The ``null``
+    version is pinned by both: a PUT while versioning is suspended replaces it in place."""
+    if not version_id:
+        return {"IfMatch": etag}
+    if version_id == NULL_VERSION and etag:
+        return {"VersionId": version_id, "IfMatch": etag}
+    return {"VersionId": version_id}
 
 
 def _classify(exn: BaseException) -> str:
@@ -406,33 +417,3 @@ def _summary(exn: BaseException) -> str:
     except ImportError:  # pragma: no cover
         pass
     return f"{type(exn).__name__}: {exn}"
-
-
-# ---------------------------------------------------------------------- which store a URL is in
-
-_default_store: Store | None = None
-_stores: dict[str, Store] = {}
-
-
-def register(buckets: list[str] | set[str], store: Store) -> None:
-    """Makes ``store`` the one this process reads ``buckets`` through (an ``ObjectSource`` does
-    this when it is made or unpickled in a DataLoader worker, so readers of its snapshots reach
-    the same endpoint with the same options; the snapshot itself holds no option)."""
-    for bucket in buckets:
-        _stores[bucket] = store
-
-
-def store_for(url: str) -> Store:
-    """The store a shard's URL is read through: the one registered for its bucket, else one
-    configured from the environment alone (``http(s)://`` URLs: ``http_store.store_for``)."""
-    global _default_store
-    if url.partition("://")[0].lower() in ("http", "https"):
-        from . import http_store
-
-        return http_store.store_for(url)
-    store = _stores.get(ObjectUrl.parse(url).bucket)
-    if store is None:
-        if _default_store is None:
-            _default_store = Store()
-        store = _default_store
-    return store
