@@ -10,7 +10,7 @@ import webdataset as wds
 from webdataset.filters import default_collation_fn
 from webdataset.handlers import reraise_exception
 
-from .compat import check_ported, shard_shuffle
+from .compat import argument_names, check_ported, shard_shuffle
 from .epoch_source import EpochSource, EpochStats
 from .format.tario import MAX_SAMPLE_BYTES
 from .index_cache import cache_directory
@@ -64,10 +64,11 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         max_sample_bytes: int = MAX_SAMPLE_BYTES,
         stats_dir: str | None = None,
         index_cache: bool | str = True,
+        storage_options: dict[str, Any] | None = None,
         **webdataset_args: Any,
     ):
         # webdataset's own arguments (nodesplitter, resampled, empty_check, ...): see compat.py
-        self.empty_check = check_ported(webdataset_args, _OWN_ARGUMENTS)
+        self.empty_check = check_ported(webdataset_args, argument_names(RefreshingWebDataset.__init__))
         shardshuffle = shard_shuffle(shardshuffle)
         if mode == "resampled":
             raise ValueError('mode="resampled" is webdataset\'s resampling; see resampled=True for what replaces it')
@@ -84,6 +85,9 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         if stats_dir is not None and mode == "stream":
             raise ValueError('stats_dir= writes one line per epoch, and mode="stream" has no epochs: '
                              "read ds.stats() (a StreamStats) instead")
+        if storage_options is not None and mode == "stream":
+            raise ValueError('storage_options= apply to s3:// and https:// sources, and mode="stream" reads a local '
+                             'directory: use mode="epoch" for an object store')
         self.sample_source: SampleSource
         if mode == "stream":
             from .stream import StreamSource
@@ -93,7 +97,8 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         else:
             self.sample_source = EpochSource(source, shardshuffle=shardshuffle, seed=seed, options=options,
                                              partial=partial, state_dir=state_dir, watch=watch, poll=poll,
-                                             min_shards=min_shards, timeout=timeout, on_invalid=on_invalid)
+                                             min_shards=min_shards, timeout=timeout, on_invalid=on_invalid,
+                                             storage_options=storage_options)
         # shared by the pipelines composed from this one
         self.stats_recorder = StatsRecorder(stats_dir, self.sample_source)
         self.length_hints = LengthHints()
@@ -280,12 +285,6 @@ def _refuse_stages_holding_samples(stages: list) -> None:
             raise RuntimeError(
                 f"state_dict(): the pipeline's {_HOLDING_STAGES[name]} stage holds samples it read but did not "
                 f"yield yet; a checkpoint would lose them. Use RefreshingWebDataset's .shuffle() and .batched()")
-
-
-_OWN_ARGUMENTS = (
-    "shardshuffle", "seed", "verify", "on_change", "handler", "watch", "mode", "partial", "equalize", "state_dir",
-    "min_shards", "timeout", "poll", "settle", "on_invalid", "stats_dir", "index_cache",
-)
 
 
 def _check_not_empty(snapshot: Snapshot) -> None:

@@ -62,8 +62,9 @@ class EpochSource:
 
     def __init__(self, source: Any, *, shardshuffle: bool, seed: int, options: ReadOptions,
                  partial: bool, state_dir: str | None, watch: bool | str = False, poll: bool | float = False,
-                 min_shards: int = 0, timeout: float | None = None, on_invalid: str = "warn"):
-        self.source: ShardSource = make_source(source)
+                 min_shards: int = 0, timeout: float | None = None, on_invalid: str = "warn",
+                 storage_options: dict[str, Any] | None = None):
+        self.source: ShardSource = make_source(source, storage_options)
         self.shardshuffle = bool(shardshuffle)
         self.seed = seed
         self.options = options
