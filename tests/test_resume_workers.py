@@ -29,6 +29,13 @@ def keys(batches) -> list[str]:
     return [k for batch in batches for k in batch[0]]
 
 
+@pytest.fixture
+def shards(shard_dir):
+    for i, n in enumerate(SIZES):
+        write_shard(shard_dir, f"s{i}.tar", n)
+    return shard_dir
+
+
 def interrupted(shard_dir, num_workers, batches=5):
     """The keys a loader of ``num_workers`` yielded before its state was saved, and the state."""
     _, loader = make(shard_dir, num_workers)
@@ -41,11 +48,9 @@ def interrupted(shard_dir, num_workers, batches=5):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("old,new", [(2, 3), (3, 2)])
-def test_loading_another_worker_counts_state_into_the_loader_names_the_call_that_works(shard_dir, old, new):
-    for i, n in enumerate(SIZES):
-        write_shard(shard_dir, f"s{i}.tar", n)
-    _, state = interrupted(shard_dir, old)
-    _, loader = make(shard_dir, new)
+def test_loading_another_worker_counts_state_into_the_loader_names_the_call_that_works(shards, old, new):
+    _, state = interrupted(shards, old)
+    _, loader = make(shards, new)
     loader.load_state_dict(state)
     got = []
     with pytest.raises(ResumeError, match=r"load the whole state into the dataset before building the loader, "
@@ -58,11 +63,9 @@ def test_loading_another_worker_counts_state_into_the_loader_names_the_call_that
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("old,new", [(2, 3), (3, 2)])
-def test_the_named_call_resumes_on_another_worker_count_reading_each_sample_once(shard_dir, old, new):
-    for i, n in enumerate(SIZES):
-        write_shard(shard_dir, f"s{i}.tar", n)
-    before, state = interrupted(shard_dir, old)
-    ds = pipeline(shard_dir)
+def test_the_named_call_resumes_on_another_worker_count_reading_each_sample_once(shards, old, new):
+    before, state = interrupted(shards, old)
+    ds = pipeline(shards)
     ds.load_state_dict(state)  # before the loader is built
     loader = StatefulDataLoader(ds, batch_size=None, num_workers=new)
     after = keys(loader)
