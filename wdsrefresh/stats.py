@@ -356,6 +356,7 @@ class StatsRecorder:
 
 
 def with_loop(stats: EpochStats, loops: dict[int, dict]) -> EpochStats:
+    """``stats`` with the timed loop's pass over its epoch (``loops``: per epoch), if any."""
     loop = loops.get(stats.epoch)
     if loop is None:
         return stats

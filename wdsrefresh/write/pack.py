@@ -399,7 +399,6 @@ class Task:
         return sum(s.tar_size for s in self.samples) + archive_overhead()
 
 
-
 @dataclass(frozen=True)
 class Plan:
     out: str
