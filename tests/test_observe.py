@@ -308,14 +308,14 @@ def test_webdataset_splitters_are_accepted_and_others_refused_saying_why(shard_d
     for bad, says in [({"workersplitter": None}, "splits each epoch's samples exactly"),
                       ({"nodesplitter": lambda src: src}, "remove it"),
                       ({"resampled": True}, 'mode="stream"'),
-                      ({"cache_dir": "/tmp/cache"}, "nothing to cache"),
+                      ({"cache_dir": "/tmp/cache"}, 'storage_options={"cache_dir": ..., "cache_limit"'),
                       ({"select_files": lambda n: True}, ".map("),
                       ({"shardshuffle": -1}, "a number of shards"),
                       ({"mode": "resampled"}, "resampled=True")]:
         with pytest.raises(ValueError, match=None) as caught:
             wr.RefreshingWebDataset(shard_dir, **bad)
         assert says in str(caught.value), (bad, str(caught.value))
-    with pytest.raises(TypeError, match="its arguments are: shardshuffle, seed"):
+    with pytest.raises(TypeError, match="its arguments are: source, shardshuffle, seed"):
         wr.RefreshingWebDataset(shard_dir, shard_shuffle=True)
 
 

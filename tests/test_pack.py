@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 import webdataset as wds
+from tqdm import tqdm
 
 import wdsrefresh as wr
 from shardutil import write_shard
@@ -331,19 +332,18 @@ def test_output_bytes_are_unchanged_from_earlier_versions(tmp_path):
     assert found == GOLDEN
 
 
-def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path):
+def on_a_terminal(args: list[str]) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Runs the command with stderr on a 100-column pseudo-terminal (so the bar shows);
+    (the result, what the terminal showed)."""
     import fcntl
     import pty
     import struct
     import termios
 
-    src, expected = tree
-    out = str(tmp_path / "out")
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, like a terminal
     try:
-        r = subprocess.run(CLI + ["pack", src, "-o", out], stdout=subprocess.PIPE, stderr=terminal, text=True,
-                           timeout=60)
+        r = subprocess.run(CLI + args, stdout=subprocess.PIPE, stderr=terminal, text=True, timeout=120)
         os.close(terminal)
         shown = b""
         while True:
@@ -356,6 +356,32 @@ def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path
             shown += chunk
     finally:
         os.close(controller)
+    return r, shown
+
+
+def test_progress_bar_shows_on_a_terminal_and_summary_line_always(tree, tmp_path):
+    src, expected = tree
+    out = str(tmp_path / "out")
+    r, shown = on_a_terminal(["pack", src, "-o", out])
     assert r.returncode == 0
     assert b"pack: 100%" in shown and b"MB/s" in shown and re.search(rb"23/23 samples, [\d,]+ samples/s", shown)
     assert r.stdout.startswith(f"packed {len(expected)} samples into 1 shards in {out}: ")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_the_bar_ends_at_the_shard_bytes_the_summary_reports(tmp_path, jobs):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for i in range(30):  # small members: headers and padding are most of a shard
+        (src / f"{i:03d}.bin").write_bytes(bytes([i]) * 1000)
+        (src / f"{i:03d}.cls").write_bytes(b"7")
+    r, shown = on_a_terminal(["pack", str(src), "-o", str(out), "--maxcount", "10", "--jobs", jobs])
+    assert r.returncode == 0, shown
+    shard_bytes = sum(os.path.getsize(out / n) for n in os.listdir(out) if n.endswith(".tar"))
+    payload = 30 * 1001
+    assert shard_bytes > 2 * payload  # so the two cannot be mistaken for each other
+    done = tqdm.format_sizeof(shard_bytes, divisor=1000)
+    finished = [line for line in re.split(r"[\r\n]", shown.decode(errors="replace")) if "pack: 100%" in line]
+    assert finished and f"| {done}/{done} " in finished[-1], shown
+    assert f": {shard_bytes / 1e6:.1f} MB in " in r.stdout  # the summary: the same bytes

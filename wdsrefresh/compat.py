@@ -7,17 +7,22 @@ webdataset" table says the same for users.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("wdsrefresh")
 
 # webdataset arguments that have no meaning here, and what to do instead
 _REPLACED = {
-    "cache_dir": "webdataset caches downloaded shards there; wdsrefresh reads local shard files in place "
-                 "(remote URLs are not supported yet), so there is nothing to cache: remove it",
-    "cache_size": "webdataset's shard cache has no counterpart here (local files are read in place): remove it",
-    "url_to_name": "it names webdataset's cached shards; there is no cache here: remove it",
+    "cache_dir": "webdataset caches downloaded shards there. Local files are read in place here; s3:// and "
+                 "https:// sources keep checked blocks in a cache of their own: pass "
+                 "storage_options={\"cache_dir\": ..., \"cache_limit\": \"50GB\"} instead",
+    "cache_size": "webdataset's shard cache size. Local files are read in place here; the cache of s3:// and "
+                  "https:// sources is sized by storage_options={\"cache_dir\": ..., \"cache_limit\": \"50GB\"}",
+    "url_to_name": "it names webdataset's cached shards; the cache of s3:// and https:// sources "
+                   "(storage_options={\"cache_dir\": ...}) is keyed by URL and version: remove it",
     "repeat": "loop over epochs instead: for epoch in ...: ds.set_epoch(epoch); iterate the loader",
     "detshuffle": "the shard order here is always deterministic, a pure function of (snapshot, seed, epoch): "
                   "remove it",
@@ -41,11 +46,18 @@ def _webdataset_splitters() -> dict[str, set]:
     }
 
 
+def argument_names(function: Callable) -> tuple[str, ...]:
+    """The named parameters of ``function`` (``self`` and ``**kwargs`` left out), in order."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(name for name, p in inspect.signature(function).parameters.items()
+                 if p.kind in named and name != "self")
+
+
 def check_ported(options: dict[str, Any], known: tuple[str, ...]) -> bool:
     """Checks webdataset arguments given to RefreshingWebDataset; returns ``empty_check``.
 
     ``options`` holds the keyword arguments RefreshingWebDataset does not take itself; ``known``
-    its own, for the message about a name that is neither.
+    its own (``argument_names`` of its constructor), for the message about a name that is neither.
     """
     empty_check = False
     for name, value in options.items():

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-from dataclasses import replace
 from typing import Any, Callable
 
 import webdataset as wds
 from webdataset.filters import default_collation_fn
 from webdataset.handlers import reraise_exception
 
-from .compat import check_ported, shard_shuffle
+from .compat import argument_names, check_ported, shard_shuffle
 from .epoch_source import EpochSource, EpochStats
 from .format.tario import MAX_SAMPLE_BYTES
 from .index_cache import cache_directory
-from .length import Batching, EpochLengthUnknown, find_batching, rank_items
+from .length import Batching, EpochLengthUnknown, LengthHints, find_batching, rank_items
 from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
 from .resolver import INVALID_POLICIES
@@ -25,7 +23,7 @@ from .batching import DEFAULT_PARTIAL_AFTER, Batched
 from .shuffle import EpochShuffle
 from .snapshot import Snapshot
 from .sources import NoShardsError
-from .stats import StatsRecorder, gather, rank_quota
+from .stats import StatsRecorder, gather
 from .watch import BACKENDS
 
 log = logging.getLogger("wdsrefresh")
@@ -66,10 +64,11 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         max_sample_bytes: int = MAX_SAMPLE_BYTES,
         stats_dir: str | None = None,
         index_cache: bool | str = True,
+        storage_options: dict[str, Any] | None = None,
         **webdataset_args: Any,
     ):
         # webdataset's own arguments (nodesplitter, resampled, empty_check, ...): see compat.py
-        self.empty_check = check_ported(webdataset_args, _OWN_ARGUMENTS)
+        self.empty_check = check_ported(webdataset_args, argument_names(RefreshingWebDataset.__init__))
         shardshuffle = shard_shuffle(shardshuffle)
         if mode == "resampled":
             raise ValueError('mode="resampled" is webdataset\'s resampling; see resampled=True for what replaces it')
@@ -86,7 +85,9 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         if stats_dir is not None and mode == "stream":
             raise ValueError('stats_dir= writes one line per epoch, and mode="stream" has no epochs: '
                              "read ds.stats() (a StreamStats) instead")
-        self.stats_recorder = StatsRecorder(stats_dir)  # shared by the pipelines composed from this one
+        if storage_options is not None and mode == "stream":
+            raise ValueError('storage_options= apply to s3:// and https:// sources, and mode="stream" reads a local '
+                             'directory: use mode="epoch" for an object store')
         self.sample_source: SampleSource
         if mode == "stream":
             from .stream import StreamSource
@@ -96,14 +97,17 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         else:
             self.sample_source = EpochSource(source, shardshuffle=shardshuffle, seed=seed, options=options,
                                              partial=partial, state_dir=state_dir, watch=watch, poll=poll,
-                                             min_shards=min_shards, timeout=timeout, on_invalid=on_invalid)
+                                             min_shards=min_shards, timeout=timeout, on_invalid=on_invalid,
+                                             storage_options=storage_options)
+        # shared by the pipelines composed from this one
+        self.stats_recorder = StatsRecorder(stats_dir, self.sample_source)
+        self.length_hints = LengthHints()
         super().__init__(self.sample_source)
 
     def close(self) -> None:
-        """Epoch mode: writes the last epoch's stats line (``stats_dir``) and stops the directory
-        watcher. Stream mode: ends the stream in every consumer."""
-        if self.stats_recorder.log is not None:
-            self._flush_stats()
+        """Epoch mode: writes the stats lines not written yet (``stats_dir``) and stops the
+        directory watcher. Stream mode: ends the stream in every consumer."""
+        self.stats_recorder.flush()
         self.sample_source.close()
 
     def __enter__(self) -> RefreshingWebDataset:
@@ -112,17 +116,22 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def set_epoch(self, epoch: int) -> Snapshot:
+    def set_epoch(self, epoch: int, *, num_workers: int | None = None) -> Snapshot:
         """Resolves the snapshot for ``epoch`` and makes it the one every consumer reads next.
 
         Under torch.distributed, call it in every rank (rank 0's snapshot is broadcast).
         Without it, each iteration advances the epoch by one. With ``stats_dir``, the stats of
         the epochs before ``epoch`` (complete now) are appended to ``stats.jsonl`` first.
+        ``num_workers``: the DataLoader's, so that ``len(ds)`` counts a batched pipeline's
+        batches from now on (kept for later epochs; see ``epoch_length``).
         """
-        if self.stats_recorder.log is not None:
-            self._flush_stats(before=epoch)
+        if num_workers is not None:
+            _non_negative("num_workers", num_workers)
+        self.stats_recorder.flush(before=epoch)
         snapshot = self.sample_source.set_epoch(epoch)
-        self.stats_recorder.last_set_epoch = epoch
+        self.length_hints.epoch = epoch
+        if num_workers is not None:
+            self.length_hints.num_workers = num_workers
         if self.empty_check:
             _check_not_empty(snapshot, self.sample_source.source.describe())
         return snapshot
@@ -191,10 +200,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         """
         stats = self.sample_source.stats(epoch)
         if isinstance(stats, EpochStats):
-            loop = self.stats_recorder.loops.get(stats.epoch)
-            if loop is not None:
-                stats = replace(stats, batches=loop["batches"], loop_seconds=loop["seconds"],
-                                wait_seconds=loop["wait_seconds"])
+            stats = self.stats_recorder.joined(stats)
         if all_ranks:
             if not isinstance(stats, EpochStats):
                 raise ValueError('stats(all_ranks=True) gathers epochs; mode="stream" has none')
@@ -208,46 +214,39 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         if published:
             self.stats_recorder.record_loop(max(published), batches, seconds, wait_seconds)
 
-    def _flush_stats(self, before: int | None = None) -> None:
-        source = self.sample_source
-        if os.getpid() != source.statedir.owner_pid:
-            return  # a worker's copy: the main process logs
-        self.stats_recorder.flush(source.statedir.published_epochs(), self.stats, before=before)
-
     def epoch_length(self, epoch: int | None = None, *, batch_size: int | None | str = "auto",
                      num_workers: int | None = None) -> int:
         """How many items this rank yields in ``epoch`` (default: the one set last by ``set_epoch``).
 
         Samples; or, when the pipeline batches (``.batched(n)``, found among its stages, or
         ``batch_size=n`` given), batches. Each DataLoader worker batches its own share, so the
-        count of batches depends on ``num_workers`` (0 or 1: one consumer); by default the
-        number the last loader over this dataset used. ``batch_size=None`` counts samples
-        whatever the pipeline does. Stages that drop samples (``.select()``, a handler that skips
-        corrupt samples) or padding make the real count differ; the split itself never does:
-        every rank yields this many. Raises EpochLengthUnknown (a TypeError) before ``set_epoch``.
+        count of batches depends on ``num_workers`` (0 or 1: one consumer); by default the one
+        given to ``set_epoch``, else the number the last loader over this dataset used. After
+        ``load_state_dict``, the saved epoch counts what remains of it. ``batch_size=None``
+        counts samples whatever the pipeline does. Stages that drop samples (``.select()``, a
+        handler that skips corrupt samples) or padding make the real count differ; the split
+        itself never does: every rank yields this many. Raises EpochLengthUnknown (a TypeError)
+        before ``set_epoch``.
         """
         if epoch is None:
-            epoch = self.stats_recorder.last_set_epoch
+            epoch = self.length_hints.epoch
         snapshot = self.sample_source.snapshot(epoch) if epoch is not None else None
         if snapshot is None:
             raise EpochLengthUnknown(
                 "the length of an epoch is known once its snapshot is resolved: call ds.set_epoch(epoch) first"
                 + ("" if epoch is None else f" (no snapshot is published for epoch {epoch})"))
-        control = self.sample_source.statedir.control()
-        samples, _ = rank_quota(snapshot.nsamples, control["rank"], control["world_size"],
-                                getattr(self.sample_source, "partial", False))
         batching = find_batching(self.pipeline[1:]) if batch_size == "auto" else (
             None if batch_size is None else Batching(_positive("batch_size", batch_size)))
-        if batching is None:
-            return samples
-        if num_workers is None:
-            num_workers = self.sample_source.statedir.last_num_workers()
+        if batching is not None and num_workers is None:
+            num_workers = self.length_hints.num_workers
+            if num_workers is None:
+                num_workers = self.sample_source.statedir.last_num_workers()
             if num_workers is None:
                 raise EpochLengthUnknown(
                     f"this pipeline yields batches of {batching.size}, and each DataLoader worker batches its own "
-                    f"share: call ds.epoch_length(num_workers=N) with the loader's num_workers (it is known by "
-                    f"itself once a loader has iterated this dataset)")
-        return rank_items(samples, num_workers, batching)
+                    f"share: call ds.set_epoch(epoch, num_workers=N) with the loader's num_workers (or "
+                    f"ds.epoch_length(num_workers=N); it is known by itself once a loader has iterated this dataset)")
+        return rank_items(self.sample_source.shares(epoch, num_workers), batching)
 
     def __len__(self) -> int:
         """``epoch_length()``: this rank's samples (or batches) in the epoch set last by
@@ -288,12 +287,6 @@ def _refuse_stages_holding_samples(stages: list) -> None:
                 f"yield yet; a checkpoint would lose them. Use RefreshingWebDataset's .shuffle() and .batched()")
 
 
-_OWN_ARGUMENTS = (
-    "shardshuffle", "seed", "verify", "on_change", "handler", "watch", "mode", "partial", "equalize", "state_dir",
-    "min_shards", "timeout", "poll", "settle", "on_invalid", "stats_dir", "index_cache",
-)
-
-
 def _check_not_empty(snapshot: Snapshot, source: str) -> None:
     """``empty_check=True``: an epoch with no sample to read is an error, as in webdataset."""
     if snapshot.nsamples == 0:
@@ -306,6 +299,12 @@ def _check_not_empty(snapshot: Snapshot, source: str) -> None:
 def _positive(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+def _non_negative(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 0")
     return value
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import resume as resuming
 from .index import DirectoryIndex, resolve_waiting
+from .length import worker_shares
 from .reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
 from .resolver import Resolver
 from .sample_source import Consumer
@@ -26,7 +27,7 @@ from .snapshot import Snapshot
 from .sources import DirectorySource, ShardSource, make_source
 from .split import Assignment, split
 from .statedir import StateDirectory
-from .stats import EpochStats, epoch_stats
+from .stats import EpochStats, epoch_stats, rank_quota
 from .watch import poll_interval
 
 log = logging.getLogger("wdsrefresh")
@@ -61,8 +62,9 @@ class EpochSource:
 
     def __init__(self, source: Any, *, shardshuffle: bool, seed: int, options: ReadOptions,
                  partial: bool, state_dir: str | None, watch: bool | str = False, poll: bool | float = False,
-                 min_shards: int = 0, timeout: float | None = None, on_invalid: str = "warn"):
-        self.source: ShardSource = make_source(source)
+                 min_shards: int = 0, timeout: float | None = None, on_invalid: str = "warn",
+                 storage_options: dict[str, Any] | None = None):
+        self.source: ShardSource = make_source(source, storage_options)
         self.shardshuffle = bool(shardshuffle)
         self.seed = seed
         self.options = options
@@ -76,6 +78,7 @@ class EpochSource:
         self._next: _Iteration | None = None  # prepared when an iterator is made
         self._live: _Iteration | None = None  # running
         self._loaded: _LoadedState | None = None
+        self._resumed: resuming.ResumeState | None = None  # the last state loaded here, for the epoch's length
         self._loads = 0
         self._snapshot_doc: dict | None = None
         # watch: a DirectoryIndex in this process only (never in DataLoader workers), made lazily
@@ -88,7 +91,7 @@ class EpochSource:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_resolver"] = state["_index"] = None
-        state["_next"] = state["_live"] = state["_snapshot_doc"] = None
+        state["_next"] = state["_live"] = state["_snapshot_doc"] = state["_resumed"] = None
         return state
 
     # resolving, in the main process
@@ -145,6 +148,8 @@ class EpochSource:
         self.source.close()
 
     def set_epoch(self, epoch: int) -> Snapshot:
+        if self._resumed is not None and self._resumed.epoch != epoch:
+            self._resumed = None  # another epoch: the loaded state no longer says what remains
         if self._loaded is not None and self._loaded.resume.epoch == epoch:
             return self._publish_resumed(self._loaded.resume, self._loaded.state, force=True)
         rank, world_size = dist_info()
@@ -171,6 +176,24 @@ class EpochSource:
         return epoch_stats(snap, self.statedir.latest(before=snap.epoch), self.statedir.read_stats(snap.epoch),
                            rank=control["rank"], world_size=control["world_size"], partial=self.partial,
                            name_of=self._name_of)
+
+    def shares(self, epoch: int, num_workers: int | None = None) -> list[int]:
+        """The samples each of this rank's consumers yields in ``epoch`` (published) when read
+        by ``num_workers`` DataLoader workers (0: one consumer; None: any, when only the sum
+        matters). After ``load_state_dict`` of that epoch: what remains of each consumer's
+        share, as the resume redistributes it. Raises ResumeError when that state cannot resume
+        on ``num_workers`` (consumers missing from it)."""
+        control = self.statedir.control()
+        rank, world_size = control["rank"], control["world_size"]
+        resume = self._resumed
+        if resume is not None and resume.epoch == epoch:
+            workers = resume.num_workers if num_workers is None else max(1, num_workers)
+            assignment_of = self._saved_split(resume)
+            return [resuming.restart(resume, assignment_of, Slot(rank, world_size, worker, workers),
+                                     partial=self.partial, warn=False).samples for worker in range(workers)]
+        snapshot = self.snapshot(epoch)
+        quota, _ = rank_quota(snapshot.nsamples if snapshot is not None else 0, rank, world_size, self.partial)
+        return worker_shares(quota, num_workers or 0)
 
     def _name_of(self, url: str) -> str:
         """A file's name as stats report it: relative to a directory source, else its base name."""
@@ -287,6 +310,7 @@ class EpochSource:
             state = resuming.merge(state)
         resume = resuming.parse(state, self.fingerprint(), self._published_snapshot)
         self._next = self._live = None
+        self._resumed = resume
         if resume is None:
             self._loaded = None
             return
@@ -317,17 +341,20 @@ class EpochSource:
         self._loaded = _LoadedState(resume, generation, state)
         return snapshot
 
+    def _saved_split(self, resume: resuming.ResumeState):
+        """The split of the saved epoch, for a slot of the saved layout."""
+        def assignment_of(saved: Slot) -> Assignment:
+            return split(resume.snapshot, seed=self.seed, epoch=resume.epoch, slot=saved, shuffle=self.shardshuffle,
+                         partial=self.partial, order=resume.order)
+
+        return assignment_of
+
     def _resumed_iteration(self, epoch: int, generation: int, slot: Slot) -> _Iteration | None:
         loaded, self._loaded = self._loaded, None
         if loaded is None or loaded.generation != generation or loaded.resume.epoch != epoch:
             return None
         resume = loaded.resume
-
-        def assignment_of(saved: Slot) -> Assignment:
-            return split(resume.snapshot, seed=self.seed, epoch=epoch, slot=saved, shuffle=self.shardshuffle,
-                         partial=self.partial, order=resume.order)
-
-        start = resuming.restart(resume, assignment_of, slot, partial=self.partial)
+        start = resuming.restart(resume, self._saved_split(resume), slot, partial=self.partial)
         stats = resuming.read_stats(start.stats, ReadStats)
         log.info("epoch %d rank %d worker %d: resuming at piece %d, sample %d of %d pieces", epoch, slot.rank,
                  slot.worker, start.piece, start.offset, len(start.assignment.pieces))

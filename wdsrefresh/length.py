@@ -63,10 +63,24 @@ def _batching_of(stage) -> Batching | None:
     return Batching(int(size), bool(partial))
 
 
-def rank_items(samples: int, num_workers: int, batching: Batching | None) -> int:
-    """Items one rank yields: ``samples``, or the batches its workers make of their shares."""
+@dataclass
+class LengthHints:
+    """What ``set_epoch`` said about the epochs to come: the epoch set last, and the loader's
+    ``num_workers`` if given (kept for later epochs). Shared by the pipelines composed from one dataset."""
+
+    epoch: int | None = None
+    num_workers: int | None = None
+
+
+def worker_shares(samples: int, num_workers: int) -> list[int]:
+    """The samples each of a rank's ``num_workers`` consumers (0: one) reads of the rank's ``samples``."""
+    return [hi - lo for lo, hi in even_ranges(samples, max(1, num_workers))]
+
+
+def rank_items(shares: Sequence[int], batching: Batching | None) -> int:
+    """Items one rank yields: the samples of its consumers' ``shares``, or the batches each
+    consumer makes of its own share."""
     if batching is None:
-        return samples
-    shares = [hi - lo for lo, hi in even_ranges(samples, max(1, num_workers))]
+        return sum(shares)
     round_ = math.ceil if batching.partial else math.floor
     return sum(round_(share / batching.size) for share in shares)

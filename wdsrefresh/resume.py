@@ -25,7 +25,11 @@ sample in a shuffle buffer; torchdata's StatefulDataLoader sends a worker's stat
 against the previous step, so the unchanged snapshot crosses the worker's pipe once.
 
 Each DataLoader worker's state holds its own consumer; ``merge()`` combines the states of
-several consumers (of a StatefulDataLoader state, or of several ranks) into one.
+several consumers (of a StatefulDataLoader state, or of several ranks) into one, as
+``load_state_dict`` does by itself. A StatefulDataLoader hands worker i only worker i's state
+(a new worker gets none, a surplus state is dropped), so a loader with another num_workers
+cannot resume a state: a worker that finds consumers missing raises, naming the call that
+works (``ds.load_state_dict(state)`` before the loader is built), and never reads a partial share.
 
 What is guaranteed when a state is loaded:
 
@@ -256,7 +260,7 @@ def _snapshot_of(state: dict, find_snapshot) -> Snapshot:
     if found is None:
         raise ResumeError(
             f"this state names snapshot {sid} without carrying it (only DataLoader worker 0's state carries "
-            f"the snapshot): load the whole state, e.g. the StatefulDataLoader's or merge() of every worker's")
+            f"the snapshot): {WHOLE_STATE}")
     return found
 
 
@@ -377,6 +381,21 @@ class Restart:
     explicit: bool
     shuffle: dict | None = None
 
+    @property
+    def samples(self) -> int:
+        """How many samples the consumer yields from here: its shuffle buffer's, then the
+        rest of its assignment."""
+        buffered = len((self.shuffle or {}).get("buffer", ()))
+        return buffered + sum(p.count for p in remaining(self.assignment.pieces, self.piece, self.offset))
+
+
+# what a DataLoader worker can and cannot load: torch hands worker i only worker i's saved state
+WHOLE_STATE = ("a DataLoader worker is handed only its own worker's saved state, so a loader with another "
+               "num_workers cannot resume it: load the whole state into the dataset before building the loader, "
+               "ds.load_state_dict(state) (state: the StatefulDataLoader's state_dict(), or under "
+               "torch.distributed the list of every rank's), then StatefulDataLoader(ds, ...) without "
+               "load_state_dict")
+
 
 def remaining(pieces: tuple[Piece, ...], piece: int, offset: int) -> list[Piece]:
     """The unread pieces after position (piece, offset)."""
@@ -403,10 +422,11 @@ def _slice(pieces: Iterable[Piece], lo: int, hi: int) -> tuple[Piece, ...]:
     return tuple(out)
 
 
-def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool) -> Restart:
+def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool, warn: bool = True) -> Restart:
     """Where ``slot`` of the new layout restarts the saved epoch.
 
-    ``assignment_of(saved_slot)`` is the saved layout's split for that slot.
+    ``assignment_of(saved_slot)`` is the saved layout's split for that slot. ``warn``: log the
+    samples a resume on another world size leaves out (the consumer that reads does, once).
     """
     def pieces_of(c: SavedPosition) -> tuple[Piece, ...]:
         if c.pieces is not None:
@@ -423,7 +443,7 @@ def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool) -> Res
         raise ResumeError(
             f"cannot redistribute from {state.world_size} ranks x {state.num_workers} workers to "
             f"{slot.world_size} x {slot.num_workers}: the state lacks the positions of (rank, worker) {missing}; "
-            f"merge() the states of all of them"
+            f"{WHOLE_STATE}"
         )
     unread: list[Piece] = []
     for key in sorted(need):
@@ -432,7 +452,7 @@ def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool) -> Res
     total = sum(p.count for p in unread)
     if slot.world_size != state.world_size:
         left_out = 0 if partial else total % slot.world_size
-        if left_out:
+        if left_out and warn:
             log.warning("resume on %d ranks: %d of %d unread samples left out so ranks stay equal",
                         slot.world_size, left_out, total)
         lo, hi = slot_range(total - left_out, slot)
@@ -448,8 +468,7 @@ def _restart_in_place(state: ResumeState, slot: Slot, pieces_of, assignment_of) 
     if not mine:
         raise ResumeError(
             f"state holds no position for rank {slot.rank} worker {slot.worker} "
-            f"(it has {sorted((c.rank, c.worker) for c in state.consumers)}); "
-            f"load this worker's own state, or merge() the states of all workers"
+            f"(it has {sorted((c.rank, c.worker) for c in state.consumers)}); {WHOLE_STATE}"
         )
     c = mine[0]
     pieces = pieces_of(c)

@@ -16,15 +16,19 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .snapshot import ShardInfo, Snapshot
 from .split import even_ranges
+
+log = logging.getLogger("wdsrefresh")
 
 NAMES_CAP = 20  # names kept per list; the count next to a list is always complete
 STATS_FILE = "stats.jsonl"
@@ -332,14 +336,25 @@ def read_jsonl(path: str) -> list[EpochStats]:
 
 
 class StatsRecorder:
-    """The main process's side of ``stats_dir=`` and ``wr.timed``: which epochs were logged, and
-    what the training loop's timing was per epoch. Lives in the dataset; workers' copies are unused."""
+    """The main process's side of ``stats_dir=`` and ``wr.timed``: the training loop's timing
+    per epoch, and each epoch's line in ``stats.jsonl``.
 
-    def __init__(self, stats_dir: str | None):
+    An epoch's line is appended once, at the first of: ``flush`` after it (the next
+    ``set_epoch``, ``close()``), the end of the recorder (the last dataset sharing it garbage
+    collected) or interpreter exit; with every field known then. ``source`` is the dataset's
+    EpochSource, never the dataset itself, so the hook keeps no dataset alive. Lives in the
+    dataset; workers' copies write nothing.
+    """
+
+    def __init__(self, stats_dir: str | None, source: Any = None):
         self.log = StatsLog(stats_dir) if stats_dir is not None else None
         self.logged: set[int] = set()
         self.loops: dict[int, dict] = {}
-        self.last_set_epoch: int | None = None
+        self.source = source
+        if self.log is not None and source is not None:
+            # created after the source's own finalizer (its state directory's removal), so at
+            # exit it runs first: finalizers run newest first
+            weakref.finalize(self, _flush_at_end, self.log, source, self.loops, self.logged)
 
     def record_loop(self, epoch: int, batches: int, seconds: float, wait_seconds: float) -> None:
         """Adds one pass of a timed loop to ``epoch``'s (several passes in one epoch add up)."""
@@ -350,16 +365,41 @@ class StatsRecorder:
         for old in sorted(self.loops)[:-16]:
             del self.loops[old]
 
-    def flush(self, published: Iterable[int], stats_of: Callable[[int], EpochStats],
-              before: int | None = None) -> None:
+    def joined(self, stats: EpochStats) -> EpochStats:
+        """``stats`` with what the timed loop saw of its epoch, if it saw it."""
+        return with_loop(stats, self.loops)
+
+    def flush(self, before: int | None = None) -> None:
         """Appends the line of each published epoch not logged yet (only those < ``before``)."""
-        if self.log is None:
-            return
-        for epoch in sorted(published):
-            if epoch in self.logged or (before is not None and epoch >= before):
-                continue
-            self.log.append(stats_of(epoch))
-            self.logged.add(epoch)
+        if self.log is not None and self.source is not None:
+            _flush(self.log, self.source, self.loops, self.logged, before)
+
+
+def with_loop(stats: EpochStats, loops: dict[int, dict]) -> EpochStats:
+    """``stats`` with the timed loop's pass over its epoch (``loops``: per epoch), if any."""
+    loop = loops.get(stats.epoch)
+    if loop is None:
+        return stats
+    return dataclasses.replace(stats, batches=loop["batches"], loop_seconds=loop["seconds"],
+                               wait_seconds=loop["wait_seconds"])
+
+
+def _flush(stats_log: StatsLog, source: Any, loops: dict[int, dict], logged: set[int],
+           before: int | None = None) -> None:
+    if os.getpid() != source.statedir.owner_pid:
+        return  # a worker's copy: the main process logs
+    for epoch in sorted(source.statedir.published_epochs()):
+        if epoch in logged or (before is not None and epoch >= before):
+            continue
+        stats_log.append(with_loop(source.stats(epoch), loops))
+        logged.add(epoch)
+
+
+def _flush_at_end(stats_log: StatsLog, source: Any, loops: dict[int, dict], logged: set[int]) -> None:
+    try:
+        _flush(stats_log, source, loops, logged)
+    except Exception as exn:  # at exit or in garbage collection: nobody to raise to
+        log.warning("%s: the stats lines of the last epochs were not written: %s", stats_log.path, exn)
 
 
 # --------------------------------------------------------------------------- the training loop

@@ -69,7 +69,7 @@ def run_local(call: Callable, tasks: Sequence, jobs: int, progress: Progress) ->
 
 
 def _finished(progress: Progress, task: Any) -> None:
-    progress.bytes_done(task.input_bytes)
+    progress.bytes_done(task.size)  # the shard's bytes, as write_shard reports them in process
     progress.task_done(task)
 
 

@@ -335,17 +335,26 @@ def plan_shards(samples: Sequence[Sample], maxcount: int, maxsize: int) -> list[
 
 def write_shard(samples: Sequence[Sample], tmp_path: str, progress: Callable[[int], None] | None = None) -> WrittenShard:
     """Writes ``samples`` to the new file ``tmp_path`` and fsyncs it; removes it on error.
-    OS errors name ``tmp_path`` (or the input file that failed)."""
+    OS errors name ``tmp_path`` (or the input file that failed). ``progress`` is told the shard
+    bytes written (headers and padding included), member by member: they add up to its size."""
     inputs = []
+    reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        if progress:
+            progress(writer.size - reported)
+        reported = writer.size
+
     try:
         with open(tmp_path, "xb") as f:
             writer = TarWriter(f)
             for sample in samples:
                 for m in sample.members:
                     _add_member(writer, m, inputs)
-                    if progress:
-                        progress(m.size)
+                    report()
             writer.close()
+            report()
             f.flush()
             os.fsync(f.fileno())
     except BaseException as exn:
@@ -388,10 +397,6 @@ class Task:
     def size(self) -> int:
         """The exact size of the shard in bytes."""
         return sum(s.tar_size for s in self.samples) + archive_overhead()
-
-    @property
-    def input_bytes(self) -> int:
-        return sum(m.size for s in self.samples for m in s.members)
 
 
 @dataclass(frozen=True)
@@ -582,7 +587,7 @@ def _run_tasks(plan: Plan, todo: Sequence[Task], jobs: int, engine: str = "local
     from .engines import run_tasks
     from .progress import PackProgress
 
-    with PackProgress(sum(t.input_bytes for t in todo), sum(len(t.samples) for t in todo)) as progress:
+    with PackProgress(sum(t.size for t in todo), sum(len(t.samples) for t in todo)) as progress:
         # the destination, not its URL: it carries the storage options to every engine's workers
         run_tasks(engine, functools.partial(run_task, plan.destination, plan.hash), todo, jobs, progress)
 

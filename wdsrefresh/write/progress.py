@@ -1,6 +1,8 @@
 """The progress of a pack: a bar with MB/s and samples/s on a terminal, nothing otherwise.
 
-The command prints one summary line at the end either way (``cli.py``).
+The bar counts shard bytes (tar headers, padding and end-of-archive markers included), as the
+summary line the command prints at the end either way (``cli.py``) does: at the end of a pack
+the bar's total is the summary's bytes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 
 
 class PackProgress:
-    """Counts input bytes as they are written and samples as their tasks finish."""
+    """Counts shard bytes as they are written (``total_bytes``: the planned shards' sizes) and
+    samples as their tasks finish."""
 
     def __init__(self, total_bytes: int, total_samples: int, desc: str = "pack"):
         from tqdm import tqdm
