@@ -108,3 +108,20 @@ def test_done_marker_completes_a_sample_at_once(tmp_path, procs):
     assert inputs_left(inbox) == ["n.txt"]  # settling: unchanged for less than 60 s
     ingest.send_signal(signal.SIGTERM)
     assert ingest.wait(timeout=30) == 0
+
+
+def test_file_held_open_by_its_writer_is_never_ingested_however_long_unchanged(tmp_path):
+    inbox, out = str(tmp_path / "inbox"), str(tmp_path / "out")
+    os.makedirs(inbox)
+    drop(inbox, "done.bin", b"d" * 100)
+    with open(os.path.join(inbox, "open.bin"), "wb") as writer:  # written, not closed: the writer may go on
+        writer.write(b"o" * 100)
+        writer.flush()
+        first = subprocess.run(CLI + ["ingest", inbox, "-o", out, "--once", "--settle", "0.3"], capture_output=True,
+                               text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert published_members(out) == {"done.bin": 1} and inputs_left(inbox) == ["open.bin"]
+    second = subprocess.run(CLI + ["ingest", inbox, "-o", out, "--once", "--settle", "0.3"], capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert published_members(out) == {"done.bin": 1, "open.bin": 1} and inputs_left(inbox) == []

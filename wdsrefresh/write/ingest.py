@@ -10,7 +10,9 @@ When a sample is complete:
   its size, mtime and inode have not changed for ``settle`` seconds. Files found while no
   events were watched (at start-up) are judged by the settle time alone.
 A close seen by the watcher only makes a file eligible: it is complete once it has also been
-unchanged for ``settle`` seconds (or its marker exists).
+unchanged for ``settle`` seconds (or its marker exists). A file some process still holds open
+for writing is never complete by time, however long unchanged (a read lease tells, where the
+file system grants one: ``lease.py``).
 Safe producer patterns: write under a hidden name (``.name``, ignored) and rename into
 place; or write the files in place and then create ``KEY.done`` (with ``require_done``
 when a writer may pause longer than ``settle``).
@@ -66,6 +68,7 @@ from ..format import manifest as manifestmod
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
 from ..format.tarwriter import TarWriteError
+from ..lease import open_for_writing
 from ..watch import Change, new_watcher
 from .pack import (
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_local, check_name,
@@ -160,16 +163,19 @@ class _Tracker:
         self.warned: set[tuple[str, tuple[int, int, int]]] = set()
 
     def settled_at(self, path: str, st: os.stat_result, now: float) -> float:
-        """The monotonic time at which the file counts as complete, if it does not change."""
+        """The monotonic time at which the file counts as complete, if it does not change; never
+        while a process holds it open for writing (asked once the time has come: lease.py)."""
         sig = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self.lock:
             old = self.since.get(path)
             if old is None or old[0] != sig:
                 self.since[path] = old = (sig, now)
-            if path in self.writing:
-                return old[1] + self.stale
+            writing = path in self.writing
         wall_age = time.time() - st.st_mtime_ns / 1e9
-        return min(old[1] + self.settle, now + max(0.0, self.settle - wall_age))
+        at = old[1] + self.stale if writing else min(old[1] + self.settle, now + max(0.0, self.settle - wall_age))
+        if at <= now and open_for_writing(path, self.settle):
+            return now + self.settle  # its writer may still write: look again then
+        return at
 
     def warn_once(self, path: str, st: os.stat_result, message: str) -> None:
         key = (path, (st.st_ino, st.st_size, st.st_mtime_ns))
