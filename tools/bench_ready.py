@@ -69,6 +69,36 @@ def trial(directory: str, n: int, how: str, watch: bool, owner: int, data_file: 
     raise TimeoutError(f"{name} was not in a snapshot after 60 s")
 
 
+OPENER = """
+import sys, time
+longest = 0.0
+for _ in range(int(sys.argv[2])):
+    started = time.monotonic()
+    with open(sys.argv[1], "r+b"):
+        longest = max(longest, time.monotonic() - started)
+    time.sleep(0.002)
+print(longest, flush=True)
+"""
+
+
+def writer_open_wait(opens: int = 200) -> tuple[float, int]:
+    """The longest a writer's open waited while this process resolved a pending file in a loop
+    (each probe takes and releases a read lease), and how many probes ran meanwhile."""
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "a.tar")
+        with open(path, "wb") as f:
+            f.write(tar_bytes(make_samples("s", 10))[:3000])  # incomplete: pending, so every epoch probes it
+        probes = 0
+        with wr.RefreshingWebDataset(root, watch=False, index_cache=False) as ds:
+            ds.set_epoch(0)
+            opener = subprocess.Popen([sys.executable, "-c", OPENER, path, str(opens)], stdout=subprocess.PIPE,
+                                      text=True)
+            while opener.poll() is None:
+                ds.set_epoch(probes)
+                probes += 1
+        return float(opener.communicate(timeout=30)[0]), probes
+
+
 def run_cases(trials: int, interval: float, foreign: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -104,6 +134,9 @@ def main() -> None:
                             "--foreign", "--trials", str(args.trials), "--interval", str(args.interval)],
                            stdout=subprocess.PIPE, text=True, check=True)
     rows += json.loads(child.stdout)
+    longest, probes = writer_open_wait()
+    print(f"a writer's open, 200 times while set_epoch probed the file {probes} times: longest wait "
+          f"{longest * 1e3:.2f} ms")
     print(f"{'writer':<9} {'watch':<6} {'lease':<6} {'median s':>9} {'max s':>7}")
     for r in rows:
         print(f"{r['writer']:<9} {str(r['watch']):<6} {str(r['lease']):<6} {r['median']:>9.3f} {r['max']:>7.3f}")
