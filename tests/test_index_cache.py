@@ -13,7 +13,8 @@ import wdsrefresh as wr
 from wdsrefresh.index_cache import IndexCache, default_directory
 from wdsrefresh.probe import Readiness
 from wdsrefresh.resolver import Resolver
-from wdsrefresh.sources import DirectorySource, make_source
+from wdsrefresh.backends import make_source
+from wdsrefresh.sources import DirectorySource
 
 
 def _counts(directory: str, cache: str, watch: bool = False) -> dict[str, int]:

@@ -7,7 +7,8 @@ import pytest
 import wdsrefresh as wr
 from wdsrefresh.cli import main
 from wdsrefresh.format.digest import BLOCK_SIZE
-from wdsrefresh.sources import NoShardsError, make_source
+from wdsrefresh.backends import make_source
+from wdsrefresh.sources import NoShardsError
 from wdsrefresh.write.pack import pack
 from s3fixtures import moto_server, s3, shard_bytes  # noqa: F401 - fixtures
 from shardutil import tar_bytes

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import resume as resuming
+from .backends import make_source
 from .index import DirectoryIndex, resolve_waiting
 from .length import worker_shares
 from .reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
@@ -24,7 +25,7 @@ from .resolver import Resolver
 from .sample_source import Consumer
 from .slot import Slot, broadcast_from_rank0, current_slot, dist_info, in_dataloader_worker
 from .snapshot import Snapshot
-from .sources import DirectorySource, ShardSource, make_source
+from .sources import DirectorySource, ShardSource
 from .split import Assignment, split
 from .statedir import StateDirectory
 from .stats import EpochStats, epoch_stats, rank_quota

@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import WdsRefreshError
 from .format.names import is_temporary
 from .inotify import Change
 from .probe import Pending, Readiness, Ready, Rejected, WriterSignals
@@ -41,7 +42,7 @@ DEFAULT_RESCAN = 60.0
 WAIT_REPORT_INTERVAL = 30.0  # seconds between WARNINGs while min_shards waits
 
 
-class NotEnoughShardsError(TimeoutError):
+class NotEnoughShardsError(WdsRefreshError, TimeoutError):
     """Fewer ready shards than ``min_shards`` appeared before the timeout."""
 
 

@@ -13,10 +13,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import WdsRefreshError
 from .split import even_ranges
 
 
-class EpochLengthUnknown(TypeError):
+class EpochLengthUnknown(WdsRefreshError, TypeError):
     """The length cannot be known yet (no ``set_epoch``) or not from what was given.
 
     A TypeError, as Python's ``len()`` raises for objects without a length, so tools that

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .errors import WdsRefreshError
 from .stats import EpochStats
 
 FIGSIZE = (9.0, 8.0)  # inches
@@ -25,7 +26,7 @@ OUTLIER_FENCE = 3.0  # a value above Q3 + this many interquartile ranges is off 
 HEADROOM = 1.25  # the top of a robust scale, as a multiple of the largest value on scale
 
 
-class PlotUnavailable(RuntimeError):
+class PlotUnavailable(WdsRefreshError, RuntimeError):
     """matplotlib is not installed."""
 
 

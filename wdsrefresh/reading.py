@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import WdsRefreshError
 from .format.tario import MAX_SAMPLE_BYTES, Expected, ShardChangedError, ShardReader, TarError, open_shard
 from .probe import DEFAULT_SETTLE, Readiness, Ready, probe
 from .remote import is_remote
@@ -62,7 +63,7 @@ class ReadStats:
         return {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(self).items()}
 
 
-class ShardVanishedError(FileNotFoundError):
+class ShardVanishedError(WdsRefreshError, FileNotFoundError):
     """A shard of the snapshot was deleted before it was read (``on_change="raise"``)."""
 
 

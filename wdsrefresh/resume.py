@@ -66,6 +66,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from . import snapshot_columns
+from .errors import WdsRefreshError
 from .slot import Slot
 from .snapshot import ShardInfo, Snapshot, snapshot_id
 from .snapshot_columns import pack_int64, unpack_int64
@@ -80,7 +81,7 @@ _STATS_COUNTS = ("yielded", "quota", "skipped", "padded")
 _STATS_URLS = ("replaced", "deleted", "corrupt")
 
 
-class ResumeError(ValueError):
+class ResumeError(WdsRefreshError, ValueError):
     """A state that does not fit this dataset, or is not a valid wdsrefresh state."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import WdsRefreshError
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -66,7 +68,7 @@ def in_dataloader_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
 
-class RankZeroError(RuntimeError):
+class RankZeroError(WdsRefreshError, RuntimeError):
     """Rank 0 failed to resolve the epoch's snapshot; raised on the other ranks."""
 
 

@@ -27,6 +27,7 @@ from array import array
 from itertools import accumulate
 import numpy
 
+from .errors import WdsRefreshError
 from .snapshot import LazySequence, ShardInfo, Snapshot, snapshot_id
 
 SEPARATOR = "\0"  # cannot occur in a file name or an object key
@@ -36,7 +37,7 @@ _HAS_DIGEST, _HAS_BLOCKS, _HAS_NSAMPLES = 1, 2, 4
 _BLOCK_DIGEST_SIZE = 8
 
 
-class ColumnsError(ValueError):
+class ColumnsError(WdsRefreshError, ValueError):
     """A columnar snapshot that is malformed or does not match its id."""
 
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import braceexpand
 
+from .errors import WdsRefreshError
 from .format import manifest as manifestmod
 from .format.names import is_shard_name, is_temporary
-from .remote import is_remote
 
 log = logging.getLogger("wdsrefresh")
 
 
 
-class NoShardsError(FileNotFoundError):
+class NoShardsError(WdsRefreshError, FileNotFoundError):
     """A source matched no shard."""
 
 
@@ -274,20 +274,11 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str
                      filesize=entry.filesize, mtime_ns=entry.mtime_ns, name=name, real_path=real_path)
 
 
-def make_source(spec: object, storage_options: dict | None = None) -> ShardSource:
-    """A ShardSource from a directory, glob, brace pattern, manifest path, list, or a ShardSource;
-    ``s3://`` and ``https://`` URLs (or a list of them) make a ``remote.source.ObjectSource`` with
-    ``storage_options``."""
-    if is_remote(spec) or (isinstance(spec, (list, tuple)) and spec and all(map(is_remote, spec))):
-        from .remote.source import ObjectSource
-
-        return ObjectSource(spec, storage_options=storage_options)
-    if storage_options is not None:
-        raise TypeError(f"storage_options apply to s3:// and https:// URLs, not to {spec!r}")
+def local_source(spec: object) -> ShardSource:
+    """A ShardSource of local files from a directory, glob, brace pattern, manifest path or file
+    path (``backends.make_source`` is the one entry point, for URLs and lists too)."""
     if isinstance(spec, ShardSource):
         return spec
-    if isinstance(spec, (list, tuple)):
-        return ListSource(make_source(s) for s in spec)
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str):

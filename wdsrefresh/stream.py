@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import resume as resuming
+from .backends import make_source
 from .format.atomic import write_atomic
 from .inotify import Change
 from .probe import Pending, Rejected, WriterSignals
@@ -41,7 +42,7 @@ from .resolver import Resolver
 from .sample_source import Consumer
 from .slot import Slot, current_slot, dist_info
 from .snapshot import FileId, ShardInfo, Snapshot
-from .sources import DirectorySource, NoShardsError, make_source
+from .sources import DirectorySource, NoShardsError
 from .statedir import StateDirectory
 from .watch import Watcher, poll_interval, watch_or_poll
 

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..errors import WdsRefreshError
 from .atomic import write_atomic
 from .digest import BLOCK_SIZE, new_hasher
 
@@ -51,7 +52,7 @@ _DIGEST_HEX: dict[str, int] = {}  # hex digits of a digest, by algorithm
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL, not a path
 
 
-class ManifestError(ValueError):
+class ManifestError(WdsRefreshError, ValueError):
     """A manifest that cannot be read; names the file and what is wrong."""
 
 

@@ -36,6 +36,7 @@ from typing import Protocol
 
 import xxhash
 
+from ..errors import WdsRefreshError
 from .digest import BLOCK_SIZE, DEFAULT_ALGO, block_at, new_hasher, split_digest
 from .heap import keep_freed_memory
 
@@ -74,7 +75,7 @@ _MAX_EXTENDED = 1 << 20  # PAX and GNU long-name data; Go's archive/tar draws th
 _MAX_SIZE = (1 << 63) - 1  # no file is larger (off_t); a larger size is corruption, not truncation
 
 
-class TarError(ValueError):
+class TarError(WdsRefreshError, ValueError):
     """A shard is not a well-formed tar; names the shard and the offset.
 
     ``truncated`` marks data that ends too early: the sign of a shard still being written.
@@ -98,7 +99,7 @@ def _position(offset: int, stop: int | None, where: str = "byte") -> str:
     return f"at {where} {offset}" if stop is None else f"in the block at bytes {offset}-{stop - 1}"
 
 
-class ShardChangedError(RuntimeError):
+class ShardChangedError(WdsRefreshError, RuntimeError):
     """The bytes of a shard differ from the snapshot it was listed in."""
 
     def __init__(self, url: str, offset: int, message: str, *, stop: int | None = None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
+from ..errors import WdsRefreshError
 from .digest import BLOCK_SIZE, FileDigester
 
 RECORD = 512
@@ -23,7 +24,7 @@ _GNU_MAGIC = b"ustar  \0"
 _LONGLINK = b"././@LongLink"
 
 
-class TarWriteError(OSError):
+class TarWriteError(WdsRefreshError, OSError):
     """A member could not be written as declared; names the member and the file."""
 
 

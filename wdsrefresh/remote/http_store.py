@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from ..errors import WdsRefreshError
 from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying, ShortBody, stream_blocks
 from .store import (DEFAULT_ATTEMPTS, DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_READAHEAD,
                     DEFAULT_REQUEST_BLOCKS, ObjectStat, same_etag)
@@ -40,7 +41,7 @@ _OPTIONS = ("headers", "attempts", "backoff", "max_backoff", "readahead", "reque
 _RETRIED_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
-class UnpinnableError(NotImplementedError):
+class UnpinnableError(WdsRefreshError, NotImplementedError):
     """A server that cannot be read consistently: it sends no strong ETag, or ignores ranges."""
 
     def __init__(self, url: str, missing: str):

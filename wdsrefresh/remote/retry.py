@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
+from ..errors import WdsRefreshError
 from ..format.tario import ShardChangedError
 
 log = logging.getLogger("wdsrefresh")
@@ -24,7 +25,7 @@ log = logging.getLogger("wdsrefresh")
 T = TypeVar("T")
 
 
-class ObjectReadError(OSError):
+class ObjectReadError(WdsRefreshError, OSError):
     """A request to the store that failed for good (after its retries, or not retryable).
 
     Names the URL and, for reads, the byte range ``[start, stop)``.
@@ -40,7 +41,7 @@ class ObjectChangedError(ShardChangedError):
     """The object was replaced since the snapshot: its ETag no longer matches (HTTP 412)."""
 
 
-class ObjectVanishedError(FileNotFoundError):
+class ObjectVanishedError(WdsRefreshError, FileNotFoundError):
     """The object (or the snapshot's version of it) no longer exists (HTTP 404)."""
 
     def __init__(self, url: str, message: str):

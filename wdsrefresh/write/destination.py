@@ -47,6 +47,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import WdsRefreshError
 from ..format import manifest as manifestmod
 from ..format.atomic import dead_temporaries, unlink_quietly, write_atomic
 from ..format.manifest import FRAGMENTS_DIR, ManifestEntry
@@ -63,7 +64,7 @@ _FRAGMENT_RE = re.compile(r"part-([0-9a-f]+)-(\d+)\.json$")
 _PLAN_RE = re.compile(r"plan-([0-9a-f]+)\.json$")
 
 
-class DestinationError(OSError):
+class DestinationError(WdsRefreshError, OSError):
     """The destination cannot be written as asked; the message names it and says why."""
 
 

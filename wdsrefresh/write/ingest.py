@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from ..errors import WdsRefreshError
 from ..format import manifest as manifestmod
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
@@ -95,7 +96,7 @@ def conflicts_dir(inbox: str) -> str:
     return os.path.join(inbox, CONFLICTS_DIR)
 
 
-class IngestError(RuntimeError):
+class IngestError(WdsRefreshError, RuntimeError):
     """Ingestion cannot start or continue; the message says why."""
 
 

@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 
 from .destination import Destination
-from .pack import Member, PackError, Sample  # pack.py imports this module where it labels
+from .model import Member, PackError, Sample
 
 CLASSES_NAME = "classes.json"
 LABEL_EXT = "cls"

@@ -62,10 +62,11 @@ from ..format.atomic import unlink_quietly
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
 from ..format.tario import TarError
-from ..format.tarwriter import TarWriter, archive_overhead, member_size
+from ..format.tarwriter import TarWriter, archive_overhead
 from .destination import Destination, DestinationError, PlanBusy, open_destination
 from .keys import duplicates as duplicate_keys
 from .keys import record_plan as record_plan_keys
+from .model import Member, PackError, Sample
 from .publish import named
 
 log = logging.getLogger("wdsrefresh")
@@ -78,29 +79,6 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-class PackError(ValueError):
-    """Input that cannot be packed; the message names the file and what is wrong."""
-
-
-@dataclass(frozen=True)
-class Member:
-    name: str
-    path: str  # the input file ("" for a member made in memory)
-    size: int
-    mtime_ns: int = 0
-    data: bytes | None = None  # the member's bytes, when made in memory (a --label-from-dir label)
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str
-    members: tuple[Member, ...]
-
-    @property
-    def tar_size(self) -> int:
-        return sum(member_size(m.name, m.size) for m in self.members)
 
 
 @dataclass(frozen=True)

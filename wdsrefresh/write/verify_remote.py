@@ -21,7 +21,7 @@ from ..format.manifest import ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import TarError
 from .destination import S3Destination
-from .verify import Listing, Problem, Report, index_problems
+from .findings import Listing, Problem, Report, index_problems
 
 THREADS = 8  # objects read at once by verify
 
