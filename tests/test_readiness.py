@@ -89,6 +89,18 @@ def test_file_held_open_by_its_writer_is_never_read_then_read_once_closed(shard_
         assert sorted(keys(ds, 2)) == [f"new/{i:06d}" for i in range(4)] + [f"old/{i:06d}" for i in range(2)]
 
 
+def test_a_shard_growing_under_its_writer_is_warned_about_once(shard_dir, caplog):
+    data = tar_bytes(make_samples("g", 30, size=2000))
+    with wr.RefreshingWebDataset(shard_dir) as ds, held_open(shard_dir, "g.tar", 0, data[:10_000]) as (path, f):
+        with caplog.at_level("WARNING", logger="wdsrefresh"):
+            for epoch, end in enumerate(range(20_000, len(data), 20_000)):
+                f.write(data[f.tell():end])  # a new version of the file at every epoch
+                f.flush()
+                assert ds.set_epoch(epoch).pending == (path,)
+        assert epoch >= 3
+        assert len([r for r in caplog.records if "g.tar" in r.getMessage()]) == 1
+
+
 def test_lease_checks_never_kill_or_block_a_writer(shard_dir):
     """A writer opens the file for writing 100 times while this process asks for the lease in a
     loop: the lease's break signal kills no one, and every open succeeds at once."""

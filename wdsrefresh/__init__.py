@@ -66,3 +66,7 @@ def __getattr__(name: str):
         value = getattr(value, attr or name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

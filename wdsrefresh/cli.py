@@ -416,8 +416,9 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
         "status",
         help="ready, pending and rejected shards of a directory, and an ingest backlog",
         description="Judges every shard file of DIR (or of a manifest, glob or brace pattern) by the "
-        "reader's readiness rule: ready (a complete shard: its samples are counted), pending (still "
-        "being written, or written in place less than --settle seconds ago) or rejected (not a readable "
+        "reader's readiness rule: ready (a complete shard: its samples are counted), pending (still open "
+        "for writing by another process, incomplete, or, where no read lease can tell whether a writer is "
+        "done, written in place less than --settle seconds ago) or rejected (not a readable "
         "shard), with the reason. Prints a summary line (ready shards, samples, bytes, the newest "
         "shard's age) and a table of the files that are not ready; with --inbox, the files, samples and "
         "bytes waiting there for ingest. --json prints the same as one JSON document; --watch keeps "

@@ -32,7 +32,7 @@ class Resolver:
         self.on_invalid = on_invalid
         self.known: dict[str, ShardInfo] = {}
         self._warned: set[tuple[str, FileId | None]] = set()
-        self._pending_warned: dict[str, FileId] = {}  # the version of each pending file warned about
+        self._pending_warned: dict[str, str] = {}  # each pending file's reason, as last warned
         self.cache = IndexCache(rules.index_cache) if rules.index_cache else None
 
     def remember(self, snapshot: Snapshot | None) -> None:
@@ -87,11 +87,13 @@ class Resolver:
             raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
 
     def report_pending(self, pending: Mapping[str, Pending]) -> None:
-        """A WARNING per file version that waits: which file, why, and when it is looked at again."""
+        """A WARNING for each file that starts to wait, or waits for another reason than at the
+        last snapshot: which file, why, and what makes it ready (a file growing under its writer
+        is said once, not at every epoch)."""
         for url, outcome in pending.items():
-            if self._pending_warned.get(url) != outcome.file_id:
+            if self._pending_warned.get(url) != outcome.reason:
                 log.warning("pending, not in this snapshot: %s: %s", url, outcome.reason)
-        self._pending_warned = {url: outcome.file_id for url, outcome in pending.items()}
+        self._pending_warned = {url: outcome.reason for url, outcome in pending.items()}
 
     def _keep_known(self, shards: list[ShardInfo], waiting: set[str]) -> None:
         """Forgets files gone; a pending file's last version stays known: it tells a rewrite in place."""

@@ -320,6 +320,8 @@ def read_jsonl(path: str) -> list[EpochStats]:
     Raises ValueError naming the file and line for a line that is not a JSON object."""
     if os.path.isdir(path):
         path = os.path.join(path, STATS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: give a stats_dir= directory or its {STATS_FILE}")
     out = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
