@@ -133,7 +133,12 @@ def test_node_without_the_store_lost_job_goes_on_with_world_size_2(tmp_path, nod
     assert (world, checkpoint["world_size"]) == (2, 4), _resumes(job.run)
     assert f"world size 2, resuming epoch {checkpoint['epoch']} from checkpoint {checkpoint['dir']} " \
            f"(world size 4 before)" in job.agent_log(0)
-    assert report[checkpoint["epoch"]]["worlds"][-2:] == [4, 2]
+    epoch = checkpoint["epoch"]
+    assert report[epoch]["worlds"][-2:] == [4, 2]
+    # the library says it too, in the main process of each rank of the smaller world
+    for rank in (0, 1):
+        assert f"epoch {epoch}: resuming snapshot {report[epoch]['snapshot']} saved by world size 4 x 2 workers, " \
+               f"now rank {rank} of world size 2" in job.agent_log(0)
     assert report[2]["worlds"] == [2]
     print(f"\nnode lost: first sample after the restart {_restart_figures(job.run, killed_at):.1f}s after the kill")
     print(multinode.describe(report))

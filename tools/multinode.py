@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from ddp_check import free_port  # noqa: E402
 from shardutil import make_samples, tar_bytes, write_shard  # noqa: E402
 
 RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=2"
@@ -141,7 +142,7 @@ def train(args) -> int:
     import wdsrefresh as wr
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.node} rank{os.environ['RANK']} %(message)s")
-    logging.getLogger("wdsrefresh").setLevel(logging.WARNING)
+    logging.getLogger("wdsrefresh").setLevel(logging.INFO)  # snapshots, resumes; the workers log errors only
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     box = [uuid.uuid4().hex[:8] if rank == 0 else None]
@@ -310,12 +311,6 @@ class Writer:
 
 
 # --------------------------------------------------------------------------- launching the nodes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
