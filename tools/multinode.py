@@ -485,12 +485,14 @@ def check(run: str) -> dict:
     per epoch the snapshot, the worlds that read it, the samples each yielded and the total."""
     links = chain(run)
     per_epoch: dict[int, dict] = defaultdict(lambda: {"snapshots": set(), "keys": Counter(), "worlds": [],
-                                                      "yielded": [], "padded": 0, "shards": None})
+                                                      "yielded": [], "padded": 0, "shards": None, "again": 0})
     for gen, covered in links:
         counts: dict[int, Counter] = {}
         for rank, lines in gen.logs.items():
             samples = [e for e in lines if "key" in e]
             if covered is not None:
+                for e in samples[covered[rank]:]:  # yielded after the checkpoint, so again after the restart
+                    per_epoch[e["epoch"]]["again"] += 1
                 samples = samples[:covered[rank]]
             counts[rank] = Counter(e["epoch"] for e in samples)
             for e in samples:
@@ -521,14 +523,19 @@ def check(run: str) -> dict:
         allowed = sum(w - 1 for w in d["worlds"])  # left out to keep ranks equal, at most world_size - 1 per split
         assert missing <= allowed, f"epoch {epoch}: {missing} of {len(expected)} never yielded (at most {allowed})"
         report[epoch] = {"snapshot": d["snapshots"].pop(), "samples": len(expected), "worlds": d["worlds"],
-                         "yielded": d["yielded"], "left_out": missing}
+                         "yielded": d["yielded"], "left_out": missing, "again": d["again"]}
     return report
 
 
 def describe(report: dict) -> str:
-    return "\n".join(f"  epoch {e}: snapshot {r['snapshot']} ({r['samples']} samples): "
-                     f"{' + '.join(f'{y} by world {w}' for y, w in zip(r['yielded'], r['worlds']))}"
-                     f" = {sum(r['yielded'])}, {r['left_out']} left out" for e, r in report.items())
+    """One line per epoch: the snapshot's samples against what each world yielded of them."""
+    lines = []
+    for e, r in report.items():
+        parts = " + ".join(f"{y} by world {w}" for y, w in zip(r["yielded"], r["worlds"]))
+        again = f" ({r['again']} yielded after the checkpoint, then again)" if r["again"] else ""
+        lines.append(f"  epoch {e}: snapshot {r['snapshot']} ({r['samples']} samples): {parts} = {sum(r['yielded'])},"
+                     f" {r['left_out']} left out{again}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the demo
