@@ -62,15 +62,6 @@ def _finish(job, writer, nodes=(0, 1)):
     return report
 
 
-def _mid_epoch_checkpoint(run: str, world_size: int = 4):
-    """The first checkpoint taken inside epoch 1 (not at its end) by a world of ``world_size``."""
-    gens = multinode.generations(run)
-    for e in multinode.events(run, "checkpoint"):
-        if e["epoch"] == 1 and not e["dir"].endswith("-end") and gens[e["dir"].split("-")[0]].world_size == world_size:
-            return e
-    return None
-
-
 def _restart_figures(run: str, fault_time: float) -> float:
     """Seconds from the fault to the first sample a generation started after it yielded."""
     first = min(e["t"] for g in multinode.generations(run).values() for lines in g.logs.values()
@@ -87,7 +78,7 @@ def _resumes(run: str) -> list[tuple[int, dict]]:
 
 def test_rank_killed_mid_epoch_agents_restart_all_and_resume_exactly_once(tmp_path, nodes):
     job, writer = _job(tmp_path, str(tmp_path / "shards"), nodes)
-    wait_for(lambda: _mid_epoch_checkpoint(job.run) is not None, 90, "a checkpoint inside epoch 1")
+    wait_for(lambda: multinode.mid_epoch_checkpoint(job.run) is not None, 90, "a checkpoint inside epoch 1")
     victim = next(e for e in multinode.events(job.run, "start") if e["rank"] == 3)  # on node 1
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.time()
@@ -105,7 +96,7 @@ def test_rank_killed_mid_epoch_agents_restart_all_and_resume_exactly_once(tmp_pa
 
 def test_dataloader_worker_killed_error_names_it_then_resume(tmp_path, nodes, s3):
     job, writer = _job(tmp_path, s3.url("shards/"), nodes, client=s3.client)
-    wait_for(lambda: _mid_epoch_checkpoint(job.run) is not None, 90, "a checkpoint inside epoch 1")
+    wait_for(lambda: multinode.mid_epoch_checkpoint(job.run) is not None, 90, "a checkpoint inside epoch 1")
     start = next(e for e in multinode.events(job.run, "start") if e["rank"] == 0)
     pid_file = os.path.join(job.run, "pids", start["generation"], "0-w1")
     pid = int(open(pid_file).read())
@@ -123,7 +114,7 @@ def test_dataloader_worker_killed_error_names_it_then_resume(tmp_path, nodes, s3
 
 def test_node_without_the_store_lost_job_goes_on_with_world_size_2(tmp_path, nodes):
     job, writer = _job(tmp_path, str(tmp_path / "shards"), nodes, nnodes="1:2")
-    wait_for(lambda: _mid_epoch_checkpoint(job.run, world_size=4) is not None, 90,
+    wait_for(lambda: multinode.mid_epoch_checkpoint(job.run, world_size=4) is not None, 90,
              "a checkpoint inside epoch 1 with both nodes")
     multinode.kill_node(job.agents[1])  # node 0 hosts the c10d store
     killed_at = time.time()

@@ -434,6 +434,16 @@ def events(run: str, kind: str) -> list[dict]:
                   key=lambda e: e["t"])
 
 
+def mid_epoch_checkpoint(run: str, epoch: int = 1, world_size: int = 4) -> dict | None:
+    """The first checkpoint taken inside ``epoch`` (not at its end) by a world of ``world_size``."""
+    gens = generations(run)
+    for e in events(run, "checkpoint"):
+        if e["epoch"] == epoch and not e["dir"].endswith("-end") and \
+                gens[e["dir"].split("-")[0]].world_size == world_size:
+            return e
+    return None
+
+
 @dataclass
 class Generation:
     """The ranks started together: their logs, and the checkpoint they resumed from."""
@@ -572,7 +582,7 @@ def demo(args) -> None:
         job = launch(run, source, epochs=args.epochs)
         try:
             if args.kill_rank:
-                _wait_until(lambda: any(e["epoch"] >= 1 for e in events(run, "checkpoint")), 120)
+                _wait_until(lambda: mid_epoch_checkpoint(run) is not None, 120)
                 victim = [e for e in events(run, "start") if e["rank"] == 1][-1]
                 os.kill(victim["pid"], signal.SIGKILL)
                 print(f"killed rank 1 (pid {victim['pid']}) at {time.time() - started:.1f}s")
