@@ -82,6 +82,7 @@ def test_rank_killed_mid_epoch_agents_restart_all_and_resume_exactly_once(tmp_pa
     victim = next(e for e in multinode.events(job.run, "start") if e["rank"] == 3)  # on node 1
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.time()
+    writer.put("s900.tar", 30)  # while the job is down: the resumed epoch still reads its saved snapshot
     report = _finish(job, writer)
 
     (world, checkpoint), = _resumes(job.run)

@@ -199,6 +199,10 @@ def train(args) -> int:
                     time.sleep(args.step_seconds)  # the model's step
                 if step % args.every == 0:
                     _checkpoint(ckpt_root, generation, step, rank, world, epoch, loader.state_dict(), rlog)
+            read = ds.snapshot(epoch)  # what the workers read: after loader.load_state_dict, the saved
+            # snapshot, which set_epoch (called before the workers loaded their states) did not return
+            rlog.event("read", epoch=epoch, snapshot=read.id,
+                       shards=[[os.path.basename(s.url), s.nsamples] for s in read.shards])
             _checkpoint(ckpt_root, generation, step, rank, world, epoch + 1, None, rlog, suffix="-end")
     except BaseException as exn:
         rlog.event("error", error=f"{type(exn).__name__}: {exn}")
@@ -512,7 +516,7 @@ def check(run: str) -> dict:
                 else:
                     d["keys"][e["key"]] += 1
             for e in lines:
-                if e.get("event") == "epoch":
+                if e.get("event") == "read":  # the snapshot the consumers read (not always set_epoch's)
                     per_epoch[e["epoch"]]["snapshots"].add(e["snapshot"])
                     per_epoch[e["epoch"]]["shards"] = e["shards"]
         for epoch in sorted({ep for c in counts.values() for ep in c}):
