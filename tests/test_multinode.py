@@ -30,11 +30,15 @@ JOB_SECONDS = 120  # a job that has not ended by then hangs: its agents are kill
 
 @pytest.fixture
 def nodes():
-    """The agents a test starts; at teardown each is killed with its whole tree (ranks, workers)."""
-    agents = []
-    yield agents
-    for agent in agents:
-        multinode.kill_node(agent)
+    """The agents a test starts (and its writer); at teardown each agent is killed with its whole
+    tree (ranks, workers), and the writer stopped."""
+    started = []
+    yield started
+    for p in started:
+        if isinstance(p, multinode.Writer):
+            p.close()
+        else:
+            multinode.kill_node(p)
 
 
 def _job(tmp_path, source, agents, client=None, before_change=None, **launch):
@@ -45,7 +49,7 @@ def _job(tmp_path, source, agents, client=None, before_change=None, **launch):
         os.makedirs(source)
     writer = multinode.Writer(run, source, client, before_change=before_change)
     writer.seed()
-    writer.start()
+    agents.append(writer.start())
     job = multinode.launch(run, source, procs=agents, **launch)
     return job, writer
 
