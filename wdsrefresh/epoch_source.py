@@ -317,6 +317,11 @@ class EpochSource:
             return
         self._publish_resumed(resume, state, force=self._loads > 0)
         self._loads += 1
+        if not in_dataloader_worker():  # a restarted job's main process says what it resumes, once
+            control = self.statedir.control()
+            log.info("epoch %d: resuming snapshot %s saved by world size %d x %d workers, now rank %d of world "
+                     "size %d", resume.epoch, resume.snapshot.id, resume.world_size, resume.num_workers,
+                     control["rank"], control["world_size"])
 
     def _published_snapshot(self, snapshot_id: str) -> Snapshot | None:
         """The snapshot ``snapshot_id`` as published in the state directory: in a DataLoader worker,
