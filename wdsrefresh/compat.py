@@ -23,7 +23,8 @@ _REPLACED = {
                   "https:// sources is sized by storage_options={\"cache_dir\": ..., \"cache_limit\": \"50GB\"}",
     "url_to_name": "it names webdataset's cached shards; the cache of s3:// and https:// sources "
                    "(storage_options={\"cache_dir\": ...}) is keyed by URL and version: remove it",
-    "repeat": "loop over epochs instead: for epoch in ...: ds.set_epoch(epoch); iterate the loader",
+    "repeat": "loop over epochs instead: for epoch in ...: ds.set_epoch(epoch); iterate the loader (in a mix of "
+              "named sources, repeat={name: times} reads each source that many times per epoch)",
     "detshuffle": "the shard order here is always deterministic, a pure function of (snapshot, seed, epoch): "
                   "remove it",
     "select_files": "every member of a sample is read; drop members with .map(lambda s: {k: v for k, v in "

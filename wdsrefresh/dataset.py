@@ -14,6 +14,7 @@ from .compat import argument_names, check_ported, shard_shuffle
 from .epoch_source import EpochSource, EpochStats
 from .format.tario import MAX_SAMPLE_BYTES
 from .index_cache import cache_directory
+from .mix.config import is_mix
 from .length import Batching, EpochLengthUnknown, LengthHints, find_batching, rank_items
 from .probe import DEFAULT_SETTLE
 from .reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
@@ -46,6 +47,9 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         self,
         source: Any,
         *,
+        weights: dict[str, float] | None = None,
+        epoch_size: int | None = None,
+        repeat: dict[str, float] | None = None,
         shardshuffle: bool | int | None = True,
         seed: int = 0,
         verify: str = "inline",
@@ -89,7 +93,21 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
             raise ValueError('storage_options= apply to s3:// and https:// sources, and mode="stream" reads a local '
                              'directory: use mode="epoch" for an object store')
         self.sample_source: SampleSource
-        if mode == "stream":
+        mixed = is_mix(source, weights, epoch_size, repeat)
+        if not mixed and repeat not in (None, False):  # webdataset's repeat, or a mix's without its sources
+            check_ported({"repeat": repeat}, argument_names(RefreshingWebDataset.__init__))
+        if mixed and mode == "stream":
+            raise ValueError('mode="stream" reads one directory\'s shards as they land; a mix holds its proportions '
+                             'per epoch (a source with nothing new would stall or skew a stream): use mode="epoch" '
+                             'for a mix of sources')
+        if mixed:
+            from .mix.source import MixSource
+
+            self.sample_source = MixSource(source, weights=weights, epoch_size=epoch_size, repeat=repeat,
+                                           shardshuffle=shardshuffle, seed=seed, options=options, partial=partial,
+                                           state_dir=state_dir, watch=watch, poll=poll, min_shards=min_shards,
+                                           timeout=timeout, on_invalid=on_invalid, storage_options=storage_options)
+        elif mode == "stream":
             from .stream import StreamSource
 
             self.sample_source = StreamSource(source, options=options, state_dir=state_dir, poll=poll, seed=seed,

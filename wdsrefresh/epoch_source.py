@@ -104,8 +104,14 @@ class EpochSource:
             resolver = self._rescanner()
             resolver.remember(previous)
             once = lambda: resolver.resolve(epoch)  # noqa: E731
+        self.attempts = 0  # resolutions tried: more than one when min_shards made it wait
+
+        def counted() -> Snapshot:
+            self.attempts += 1
+            return once()
+
         started = time.monotonic()
-        snapshot = resolve_waiting(once, describe=self.source.describe(), min_shards=self.min_shards,
+        snapshot = resolve_waiting(counted, describe=self.source.describe(), min_shards=self.min_shards,
                                    timeout=self.timeout, index=index, poll=poll_interval(self.poll, 1.0))
         snapshot = replace(snapshot, resolved_at=time.time(), resolve_seconds=time.monotonic() - started)
         if not snapshot.shards and not self._empty_warned:  # once, until a snapshot holds shards again
@@ -116,6 +122,11 @@ class EpochSource:
         if log.isEnabledFor(logging.INFO):  # the diff in the line costs a pass over every shard
             log.info("%s", snapshot.describe(previous))
         return snapshot
+
+    def resolve(self, epoch: int, previous: Snapshot | None = None) -> Snapshot:
+        """The snapshot of ``epoch`` resolved now, in this process, without publishing it (a mix
+        resolves each of its sources so); ``attempts`` then says how many tries ``min_shards`` took."""
+        return self._resolve(epoch, previous)
 
     def _rescanner(self) -> Resolver:
         if self._resolver is None:

@@ -22,7 +22,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .snapshot import ShardInfo, Snapshot
@@ -95,6 +95,11 @@ class EpochStats:
     - ``batches``: items the loader gave; ``loop_seconds``: wall-clock seconds of the loop;
       ``wait_seconds``: the part of them spent waiting for the loader's next item (the rest is
       the training step). ``wait_share`` is their ratio.
+
+    A mix of sources (``wr.RefreshingWebDataset({name: source, ...})``): the fields above sum
+    its sources (names prefixed ``source:``), ``snapshot_id`` is the MixSnapshot's and
+    ``left_out`` what the epoch's total lost to rounding to the world size; ``sources`` holds
+    each source's own fields by name (plain values; ``wdsrefresh/mix/stats.py`` says what they are).
     """
 
     epoch: int
@@ -141,6 +146,7 @@ class EpochStats:
     batches: int | None = None
     loop_seconds: float | None = None
     wait_seconds: float | None = None
+    sources: dict = field(default_factory=dict)  # a mix's sources: name -> that source's fields
 
     @property
     def wait_share(self) -> float | None:
@@ -487,7 +493,8 @@ def log_stats(writer: Any, stats: EpochStats | Sequence[EpochStats], step: int |
     ``torch.utils.tensorboard``, which needs the ``tensorboard`` package: ``pip install
     wdsrefresh[tensorboard]``) at ``step`` (default: the epoch). Tags are ``PREFIX/FIELD``, or
     ``PREFIX/rankR/FIELD`` for a list of every rank's stats (``ds.stats(epoch, all_ranks=True)``).
-    Fields that are None (not measured) are left out. Returns the number of scalars written."""
+    Fields that are None (not measured) are left out; a mix's sources write theirs under
+    ``.../source/NAME/FIELD``. Returns the number of scalars written."""
     many = not isinstance(stats, EpochStats)
     written = 0
     for one in (stats if many else [stats]):
@@ -498,4 +505,9 @@ def log_stats(writer: Any, stats: EpochStats | Sequence[EpochStats], step: int |
                 continue
             writer.add_scalar(f"{base}/{name}", value, one.epoch if step is None else step)
             written += 1
+        for source, fields in one.sources.items():  # a mix: each source's numbers under its name
+            for name, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                    writer.add_scalar(f"{base}/source/{source}/{name}", value, one.epoch if step is None else step)
+                    written += 1
     return written
