@@ -47,9 +47,6 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         self,
         source: Any,
         *,
-        weights: dict[str, float] | None = None,
-        epoch_size: int | None = None,
-        repeat: dict[str, float] | None = None,
         shardshuffle: bool | int | None = True,
         seed: int = 0,
         verify: str = "inline",
@@ -69,6 +66,9 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         stats_dir: str | None = None,
         index_cache: bool | str = True,
         storage_options: dict[str, Any] | None = None,
+        weights: dict[str, float] | None = None,
+        epoch_size: int | None = None,
+        repeat: dict[str, float] | None = None,
         **webdataset_args: Any,
     ):
         # webdataset's own arguments (nodesplitter, resampled, empty_check, ...): see compat.py

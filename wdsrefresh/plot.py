@@ -3,8 +3,9 @@
 Six panels over epochs, each quantity on axes of its own (no two lines share a panel's
 scale): the snapshot's shards, and its samples; shards added, changed and removed; lag, the
 age of the newest shard when each epoch was resolved; samples/s per rank; and the share of the
-training loop spent waiting for data per rank (when the loop ran under ``wr.timed``). One
-legend, below the panels, covers no data. The samples/s scale is robust: a point far above
+training loop spent waiting for data per rank (when the loop ran under ``wr.timed``). A mix of
+sources adds a row: the samples each source delivered per epoch, stacked, and each source's
+delivered share against the share its weight asks for. One legend, below the panels, covers no data. The samples/s scale is robust: a point far above
 the others (an epoch whose share was tiny) is drawn as a mark at the top edge with its value
 written beside it, rather than flattening every other epoch.
 matplotlib is optional (``pip install 'wdsrefresh[plot]'``) and imported only here.
@@ -21,6 +22,7 @@ FIGSIZE = (9.0, 8.0)  # inches
 DPI = 100  # so the PNG is 900 x 800 pixels
 CHURN = (("added", "tab:green"), ("changed", "tab:orange"), ("removed", "tab:red"))
 RANK_COLORS = ("tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+SOURCE_COLORS = ("tab:cyan", "tab:olive", "tab:pink", "tab:gray", "tab:brown", "tab:purple", "tab:blue")
 RANK_MARKERS = ("o", "s", "D", "v", "P", "X")  # with the colors, tells up to 42 ranks apart
 OUTLIER_FENCE = 3.0  # a value above Q3 + this many interquartile ranges is off scale (Tukey's far out)
 HEADROOM = 1.25  # the top of a robust scale, as a multiple of the largest value on scale
@@ -83,15 +85,49 @@ def figure(stats: Sequence[EpochStats], title: str | None = None, dpi: int = DPI
     per_rank = {rank: sorted((s for s in stats if s.rank == rank), key=lambda s: s.epoch)
                 for rank in sorted({s.rank for s in stats})}
 
-    fig, axes = plt.subplots(3, 2, figsize=FIGSIZE, dpi=dpi, sharex=True)
-    (shards, samples), (churn, lag), (speed, waiting) = axes
+    mixed = any(s.sources for s in stats)  # a mix of sources: a fourth row, per source
+    size = (FIGSIZE[0], FIGSIZE[1] * (4 / 3 if mixed else 1))
+    fig, axes = plt.subplots(4 if mixed else 3, 2, figsize=size, dpi=dpi, sharex=True)
+    (shards, samples), (churn, lag), (speed, waiting) = axes[:3]
     _snapshot(shards, samples, epochs, first)
     handles = _churn(churn, epochs, first)
     _lag(lag, epochs, first)
     handles += _speed(speed, per_rank)
     _waiting(waiting, per_rank)
+    if mixed:
+        handles += _sources(*axes[3], epochs, stats)
     _finish(fig, axes, handles, title)
     return fig
+
+
+def _sources(stack, shares, epochs: list[int], stats: Sequence[EpochStats]) -> list:
+    """A mix: the samples each source delivered per epoch (all ranks), stacked; and each source's
+    delivered share of the epoch (solid) against the share its weight asks for (dashed)."""
+    names = list(dict.fromkeys(name for s in stats for name in s.sources))
+    delivered = {name: [0] * len(epochs) for name in names}
+    asked: dict[str, list[float]] = {name: [float("nan")] * len(epochs) for name in names}
+    for s in stats:
+        column = epochs.index(s.epoch)
+        for name, fields in s.sources.items():
+            delivered[name][column] += fields.get("delivered", 0)
+            if fields.get("weight") is not None:
+                asked[name][column] = fields["weight"]
+    totals = [sum(delivered[n][c] for n in names) for c in range(len(epochs))]
+    bottom = [0] * len(epochs)
+    bars = []
+    for k, name in enumerate(names):
+        color = SOURCE_COLORS[k % len(SOURCE_COLORS)]
+        bars.append(stack.bar(epochs, delivered[name], bottom=bottom, color=color, label=name, width=0.8))
+        bottom = [b + d for b, d in zip(bottom, delivered[name])]
+        shares.plot(epochs, [d / t if t else float("nan") for d, t in zip(delivered[name], totals)], marker="o",
+                    color=color)
+        shares.plot(epochs, asked[name], linestyle="--", color=color)
+    stack.set_title("samples per source (all ranks)")
+    stack.set_xlabel("epoch")
+    shares.set_ylim(0, 1)
+    shares.set_title("share per source: delivered (solid), weight (dashed)")
+    shares.set_xlabel("epoch")
+    return bars
 
 
 def _snapshot(shards, samples, epochs: list[int], first: list[EpochStats]) -> None:
