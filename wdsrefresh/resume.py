@@ -209,6 +209,9 @@ def parse(state: object, fingerprint: dict, find_snapshot=None) -> ResumeState |
         raise ResumeError(f"not a wdsrefresh state: 'format' is {state.get('format')!r}, expected {FORMAT!r}")
     if state.get("mode") == "stream":
         raise ResumeError("a stream-mode state cannot resume an epoch (mode='epoch')")
+    if state.get("mode") == "mix":
+        raise ResumeError(f"a mix's state (sources {sorted(state.get('sources') or ())}) cannot resume a dataset of "
+                          f"one source: give the dataset the same named sources")
     _check_version(state)
     for key, want in fingerprint.items():
         if state.get(key) != want:
