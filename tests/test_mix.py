@@ -199,6 +199,7 @@ def test_stats_report_each_source_in_stats_jsonl_tensorboard_and_the_plot(tmp_pa
     assert fresh["added"] == 1 and fresh["added_names"] == ["fresh2.tar"] and fresh["shards"] == 3
     assert stats.sources["base"]["rotation_progress"] == 0.05  # 42 reads of 40: wrapped, 2 read since
     assert (stats.yielded, stats.quota, stats.shards) == (20, 20, 7) and "fresh:fresh2.tar" in stats.added_names
+    assert stats.samples_per_second > 0 and fresh["seconds"] is not None and stats.consumers == 2
     ds.close()
     rows = wr.stats.read_jsonl(str(out))
     assert [r.epoch for r in rows] == [0, 1, 2] and rows[2].sources["base"]["delivered"] == 14

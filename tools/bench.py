@@ -28,7 +28,9 @@ DataLoader's persistent workers started), each round gives every reader in turn,
 included, at least ``--min-time`` seconds of passes, and a reader's rate is its median over
 ``--repeat`` rounds, so load from other processes falls on all readers alike. MB/s counts
 payload bytes (the members' contents), the same number for every reader. The TARGETS table
-at the end states each target of issue 17 as a ratio measured in this run, PASS or MISS.
+at the end states each target of issue 17 as a ratio measured in this run, PASS or MISS, and
+issue 25's: the same 1 KiB plain samples read as a mix of two sources (the shards halved,
+each sample once) against one source.
 
     .venv/bin/python tools/bench.py              # full run, about 8 minutes here
     .venv/bin/python tools/bench.py --quick      # smaller sets, 10k-shard scale, about 2 minutes
@@ -166,7 +168,7 @@ def tiny_shard_bytes() -> bytes:
 class Refreshing:
     """RefreshingWebDataset; each pass's snapshot is resolved (set_epoch) before the clock starts."""
 
-    def __init__(self, directory: str, verify: str, state_dir: str, **options):
+    def __init__(self, directory, verify: str, state_dir: str, **options):
         # settle=0: the shards were written whole (maybe just now, in place): read them at once
         self.ds = wr.RefreshingWebDataset(directory, shardshuffle=False, verify=verify, watch=False,
                                           state_dir=state_dir, settle=0, **options)
@@ -369,19 +371,24 @@ ONE_PROC = "1 proc"
 WEBDATASET, INLINE, OFF = "webdataset", "wdsrefresh inline", "wdsrefresh off"
 TENSORS = "wdsrefresh inline, collate_tensors"
 ALONE, BARE, PREAD = "(tario alone, inline)", "bare walker (floor)", "os.pread 1 MiB (floor)"
+MIXED = "wdsrefresh inline, mix of 2 sources"
+MIXED_SET = "small-plain"  # the set a mix of two sources (its shards halved) is timed on
 
 
 def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str) -> list[tuple]:
     """(name, reader, collate) of every reader timed in ``mode``."""
-    def refreshing(verify: str) -> Refreshing:
-        return Refreshing(directory, verify, tempfile.mkdtemp(dir=state_root))
+    def refreshing(verify: str, source=directory) -> Refreshing:
+        return Refreshing(source, verify, tempfile.mkdtemp(dir=state_root))
 
+    # the same samples as two named sources, each sample once (interleaved by the mix's schedule)
+    mixed = [(MIXED, refreshing("inline", {"a": urls[:len(urls) // 2], "b": urls[len(urls) // 2:]}), None)] \
+        if spec.name == MIXED_SET and len(urls) > 1 else []
     if mode == ONE_PROC:
         return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
                 (OFF, refreshing("off"), None), (ALONE, ReaderAlone(urls), None),
-                (BARE, BareWalker(urls), None), (PREAD, PreadFloor(urls, spec.samples), None)]
+                (BARE, BareWalker(urls), None), (PREAD, PreadFloor(urls, spec.samples), None)] + mixed
     return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
-            (TENSORS, refreshing("inline"), wr.collate_tensors)]
+            (TENSORS, refreshing("inline"), wr.collate_tensors)] + mixed
 
 
 def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_for) -> list[Row]:
@@ -460,6 +467,10 @@ def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
         if workers_mode:
             targets.append(Target(f"{label}, {workers_mode}: inline / webdataset",
                                   ratio(name, workers_mode, INLINE, WEBDATASET), 8, True))
+        if name == MIXED_SET:  # issue 25: a mix costs no more than 10% of one source's speed
+            for mode in [ONE_PROC] + ([workers_mode] if workers_mode else []):
+                targets.append(Target(f"{label}, {mode}: mix of 2 sources / one source",
+                                      ratio(name, mode, MIXED, INLINE), 0.90, True))
     if "large" in sets:
         label = "256 KiB"
         targets += [

@@ -255,26 +255,29 @@ class MixSource:
     def _samples(self, it: _Iteration):
         slot = it.consumer.slot
         names = list(it.mix.plans)
-        generators, nexts = [], []
+        generators, takes = [], []
         for i, name in enumerate(names):
             snap = it.mix.plans[name].snapshot
             options = self._options(name, slot, snap)
             g = read_assignment(snap, Assignment(slot, it.share.pieces[i], 0), options, it.stats[name],
                                 it.cursors[name])
             generators.append(g)
-            nexts.append(g.__next__)
+            takes.append((g.__next__, name))
         try:
             if it.shuffle:
                 yield from self._refill(it, names, slot)
             it.order = it.share.order()
-            for s in it.order[it.position():].tolist():
-                try:
-                    sample = nexts[s]()
+            for take, name in [takes[s] for s in it.order[it.position():].tolist()]:  # bound once: per sample,
+                try:                                                                  # one call and one store
+                    sample = take()
                 except StopIteration:
                     it.dry += 1
                     continue
-                sample["__source__"] = names[s]
+                sample["__source__"] = name
                 yield sample
+            for g in generators:  # each source's share is taken: let its reader finish (its counters, end time)
+                for extra in g:
+                    raise RuntimeError(f"{extra.get('__url__')}: a source yielded more samples than its share")
         finally:
             for g in generators:
                 g.close()
