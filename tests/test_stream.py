@@ -116,6 +116,28 @@ def test_stream_stops_on_close_while_consumers_wait_for_data(tmp_path):
     assert list(it) == []  # a consumer that slept through close() would hang: the module timeout fails it
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_breaking_out_of_a_stream_loader_lets_its_waiting_workers_exit(tmp_path, persistent, batched):
+    """Workers asleep waiting for shards see their loader shut down and exit by themselves.
+    Otherwise torch joins each for MP_STATUS_CHECK_INTERVAL (5 s) and then terminates it (its
+    SIGTERM handler exits with 0, so only the time tells): 10 s for two workers, against the
+    0.2 s a worker takes to notice; the bound is torch's own, for both workers together."""
+    write_shard(str(tmp_path), "a.tar", 4)
+    ds = wr.RefreshingWebDataset(str(tmp_path), mode="stream")
+    if batched:
+        ds = ds.batched(2, partial_after=0.1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, in_order=False,
+                                         persistent_workers=persistent)
+    it = iter(loader)
+    for _ in range(2 if batched else 4):
+        next(it)
+    started = time.monotonic()
+    it._shutdown_workers()  # what dropping the iterator does (and, for persistent workers, exit)
+    assert time.monotonic() - started < torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL
+    ds.close()
+
+
 def test_rendezvous_gives_each_shard_to_exactly_one_consumer_and_moves_few():
     names = [f"shard-{i:05d}.tar" for i in range(2000)]
     four = [owner(n, 4) for n in names]

@@ -7,8 +7,11 @@ the one collective the read path uses.
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import WdsRefreshError
 
@@ -60,6 +63,21 @@ def current_slot(recorded_rank: int, recorded_world_size: int) -> Slot:
     if info is None:
         return Slot(rank, world_size)
     return Slot(rank, world_size, info.id, info.num_workers)
+
+
+def loader_exit_event() -> Any:
+    """The event torch's DataLoader sets when it shuts down the worker process this runs in
+    (its worker loop's ``done_event``), or None outside a worker or where a torch version no
+    longer names it so. A consumer that sleeps until data arrives looks at it: the loader joins
+    each worker for 5 s before it terminates it, so a worker that never wakes makes breaking
+    out of a stream loop wait 5 s per worker."""
+    frame = sys._current_frames().get(threading.main_thread().ident)  # a worker loops in its main thread
+    while frame is not None:
+        if frame.f_code.co_name == "_worker_loop":
+            event = frame.f_locals.get("done_event")
+            return event if callable(getattr(event, "is_set", None)) else None
+        frame = frame.f_back
+    return None
 
 
 def in_dataloader_worker() -> bool:

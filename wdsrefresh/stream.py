@@ -40,7 +40,7 @@ from .reading import ReadOptions, ReadStats, read_shard
 from .remote.source import ObjectSource
 from .resolver import Resolver
 from .sample_source import Consumer
-from .slot import Slot, current_slot, dist_info
+from .slot import Slot, current_slot, dist_info, loader_exit_event
 from .snapshot import FileId, ShardInfo, Snapshot
 from .sources import DirectorySource, NoShardsError
 from .statedir import StateDirectory
@@ -53,6 +53,7 @@ DEFAULT_STREAM_RESCAN = 30.0
 _KEEP_LATENCIES = 10000
 _CONTROL = "stream"
 _STOP = "stop"
+_LOADER_EXIT_CHECK = 0.2  # seconds a sleeping worker takes to see its loader shut down
 
 
 def owner(name: str, consumers: int) -> int:
@@ -233,8 +234,11 @@ class _StreamLoop:
         self.latencies: list[float] = []
         self.lock = stream.lock  # position() may be asked from another thread (see batching.py)
         self.in_transit: tuple[str, int] | None = None  # the sample yielded last, until a stage takes it
+        self.loader_exit = loader_exit_event()
 
     def stopped(self) -> bool:
+        if self.loader_exit is not None and self.loader_exit.is_set():
+            return True
         return not os.path.isdir(self.control) or os.path.exists(os.path.join(self.control, _STOP))
 
     def samples(self) -> Iterator[dict]:
@@ -288,12 +292,19 @@ class _StreamLoop:
         if self.stopped():  # its event may have been read with the others: look before sleeping
             return
         if watcher is None:
-            time.sleep(self.stream.poll_interval)
+            if self.loader_exit is None:
+                time.sleep(self.stream.poll_interval)
+            else:
+                self.loader_exit.wait(self.stream.poll_interval)
             return
         timeout = max(0.0, next_listing - time.monotonic())
         if self.waiting:  # shards being written in place send no event once done: look again soon
             timeout = min(timeout, 1.0)
-        select.select([watcher.fileno()], [], [], timeout)
+        select.select([watcher.fileno()], [], [], self._awake(timeout))
+
+    def _awake(self, timeout: float) -> float:
+        """``timeout``, shortened in a DataLoader worker so that its loader's shutdown is seen."""
+        return timeout if self.loader_exit is None else min(timeout, _LOADER_EXIT_CHECK)
 
     def _mine(self, url: str) -> bool:
         if url in self.taken or not self.source.would_list(url):
