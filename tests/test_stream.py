@@ -138,6 +138,20 @@ def test_breaking_out_of_a_stream_loader_lets_its_waiting_workers_exit(tmp_path,
     ds.close()
 
 
+def test_stats_of_a_stream_read_without_workers_count_the_shard_just_finished(tmp_path):
+    """A loop that stops right after a shard's last sample (a loader without workers fetches
+    nothing ahead) sees that shard in ds.stats()."""
+    for name in ("a.tar", "b.tar", "c.tar"):
+        write_shard(str(tmp_path), name, 40)
+    ds = wr.RefreshingWebDataset(str(tmp_path), mode="stream")
+    it = iter(ds)
+    keys = [next(it)["__key__"] for _ in range(120)]
+    assert len(set(keys)) == 120
+    stats = ds.stats()
+    assert (stats.shards, stats.samples) == (3, 120)
+    ds.close()
+
+
 def test_rendezvous_gives_each_shard_to_exactly_one_consumer_and_moves_few():
     names = [f"shard-{i:05d}.tar" for i in range(2000)]
     four = [owner(n, 4) for n in names]

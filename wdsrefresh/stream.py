@@ -164,6 +164,9 @@ class StreamSource:
         names = sorted(n for n in os.listdir(self.statedir.directory)
                        if n.startswith("stream-stats-") and n.endswith(".json"))
         records = [r for r in (self.statedir.read_json(n, {}) for n in names) if r]
+        if self._loop is not None:  # read in this process (no workers): its counts as of now
+            mine = self._loop.record()
+            records = [r for r in records if (r["rank"], r["worker"]) != (mine["rank"], mine["worker"])] + [mine]
         total = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
         return StreamStats(
             consumers=len(records), shards=total("shards"), samples=total("samples"), pending=total("pending"),
@@ -234,6 +237,7 @@ class _StreamLoop:
         self.latencies: list[float] = []
         self.lock = stream.lock  # position() may be asked from another thread (see batching.py)
         self.in_transit: tuple[str, int] | None = None  # the sample yielded last, until a stage takes it
+        self.reading: tuple[ShardInfo, int, ReadStats] | None = None  # the shard being read: where it started
         self.loader_exit = loader_exit_event()
 
     def stopped(self) -> bool:
@@ -368,6 +372,7 @@ class _StreamLoop:
         stats = ReadStats()
         name = os.path.relpath(info.url, self.source.path)
         start = self.started.get(name, 0)
+        self.reading = (info, start, stats)
         first = True
         for sample in read_shard(info, self.stream.options, stats, start=start):
             if first:
@@ -382,24 +387,40 @@ class _StreamLoop:
         with self.lock:
             self.started.pop(name, None)
             self.finished.add(name)
+        self.reading = None
         self.shards += 1
-        for key, value in stats.as_dict().items():
-            if isinstance(value, list):
-                self.totals[key] = self.totals.get(key, set()) | set(value)
-            elif isinstance(value, dict):  # per shard (``grown``): a shard read again counts once
-                self.totals[key] = self.totals.get(key, {}) | value
-            else:
-                self.totals[key] = self.totals.get(key, 0) + value
+        self.totals = _summed(self.totals, stats)
 
-    def _write_stats(self) -> None:
-        count = lambda key: len(v) if isinstance(v := self.totals.get(key, 0), set) else v  # noqa: E731
-        record = {
-            "rank": self.slot.rank, "worker": self.slot.worker, "shards": self.shards,
+    def record(self) -> dict:
+        """This consumer's counts so far, the shard it is reading included."""
+        totals, shards = self.totals, self.shards
+        if self.reading is not None:  # a loader without workers may stop right after a shard's last sample
+            info, start, stats = self.reading
+            totals = _summed(totals, stats)
+            shards += start + stats.yielded >= info.nsamples
+        count = lambda key: len(v) if isinstance(v := totals.get(key, 0), set) else v  # noqa: E731
+        return {
+            "rank": self.slot.rank, "worker": self.slot.worker, "shards": shards,
             "samples": count("yielded"), "pending": len(self.waiting) - len(self.rejected),
             "rejected": len(self.rejected), "replaced": count("replaced"), "deleted": count("deleted"),
             "corrupt": count("corrupt"), "latencies": [round(x, 6) for x in self.latencies],
         }
+
+    def _write_stats(self) -> None:
         try:
-            self.stream.statedir.write_json(f"stream-stats-{self.slot.rank}-{self.slot.worker}.json", record)
+            self.stream.statedir.write_json(f"stream-stats-{self.slot.rank}-{self.slot.worker}.json", self.record())
         except OSError:  # the state directory is gone: the dataset was closed
             pass
+
+
+def _summed(totals: dict, stats: ReadStats) -> dict:
+    """``totals`` with one shard's ReadStats added: counts summed, url lists as sets."""
+    out = dict(totals)
+    for key, value in stats.as_dict().items():
+        if isinstance(value, list):
+            out[key] = out.get(key, set()) | set(value)
+        elif isinstance(value, dict):  # per shard (``grown``): a shard read again counts once
+            out[key] = out.get(key, {}) | value
+        else:
+            out[key] = out.get(key, 0) + value
+    return out
