@@ -348,12 +348,14 @@ def test_shuffle_buffer_uses_the_rng_it_is_given(shard_dir):
     assert sorted(keys(rng=random.Random(7))) == sorted(keys())
 
 
-def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir):
+def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir, caplog):
     with held_open(shard_dir, "a.tar", 3):  # pending while its writer holds it open
         assert list(wr.RefreshingWebDataset(shard_dir)) == []  # the default: an empty epoch
+        caplog.clear()
         with pytest.raises(wr.NoShardsError, match="1 pending") as raised:
             wr.RefreshingWebDataset(shard_dir, empty_check=True).set_epoch(0)
         assert shard_dir in str(raised.value)
+        assert not [r for r in caplog.records if "is empty" in r.getMessage()]  # the error alone says it
         with pytest.raises(wr.NoShardsError, match="no sample to read"):
             list(wr.RefreshingWebDataset(shard_dir, empty_check=True))
 

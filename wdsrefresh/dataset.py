@@ -98,7 +98,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
             self.sample_source = EpochSource(source, shardshuffle=shardshuffle, seed=seed, options=options,
                                              partial=partial, state_dir=state_dir, watch=watch, poll=poll,
                                              min_shards=min_shards, timeout=timeout, on_invalid=on_invalid,
-                                             storage_options=storage_options)
+                                             storage_options=storage_options, warn_empty=not self.empty_check)
         # shared by the pipelines composed from this one
         self.stats_recorder = StatsRecorder(stats_dir, self.sample_source)
         self.length_hints = LengthHints()

@@ -64,7 +64,7 @@ class EpochSource:
     def __init__(self, source: Any, *, shardshuffle: bool, seed: int, options: ReadOptions,
                  partial: bool, state_dir: str | None, watch: bool | str = False, poll: bool | float = False,
                  min_shards: int = 0, timeout: float | None = None, on_invalid: str = "warn",
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, warn_empty: bool = True):
         self.source: ShardSource = make_source(source, storage_options)
         self.shardshuffle = bool(shardshuffle)
         self.seed = seed
@@ -85,6 +85,7 @@ class EpochSource:
         # watch: a DirectoryIndex in this process only (never in DataLoader workers), made lazily
         self.watch, self.poll, self.min_shards, self.timeout = watch, poll, min_shards, timeout
         self._index: DirectoryIndex | None = None
+        self.warn_empty = warn_empty  # False where an empty epoch raises instead (empty_check=True)
         self._empty_warned = False  # the last snapshot was empty, and a WARNING said so
         self._owner_pid = os.getpid()
         weakref.finalize(self, self.statedir.cleanup)
@@ -108,7 +109,7 @@ class EpochSource:
         snapshot = resolve_waiting(once, describe=self.source.describe(), min_shards=self.min_shards,
                                    timeout=self.timeout, index=index, poll=poll_interval(self.poll, 1.0))
         snapshot = replace(snapshot, resolved_at=time.time(), resolve_seconds=time.monotonic() - started)
-        if not snapshot.shards and not self._empty_warned:  # once, until a snapshot holds shards again
+        if not snapshot.shards and self.warn_empty and not self._empty_warned:  # once, until shards come
             log.warning("%s: no ready shard, epoch %d is empty (%d pending, %d rejected); min_shards=N waits "
                         "for N ready shards", self.source.describe(), epoch, len(snapshot.pending),
                         len(snapshot.rejected))
