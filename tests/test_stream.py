@@ -13,7 +13,7 @@ import pytest
 import torch.utils.data
 
 import wdsrefresh as wr
-from wdsrefresh.stream import owner
+from wdsrefresh.epoch.stream import owner
 from shardutil import write_shard
 from conftest import wait_for
 

@@ -414,7 +414,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    from .probe import DEFAULT_SETTLE
+    from .storage.local.probe import DEFAULT_SETTLE
 
     p = sub.add_parser(
         "status",
@@ -444,7 +444,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 def _run_stats(args: argparse.Namespace) -> int:
     import json
 
-    from .stats import read_jsonl
+    from .epoch.stats import read_jsonl
     from .write.status import format_age
 
     try:
@@ -467,7 +467,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     else:
         print(f"{args.path}: no epochs yet")
     if args.plot:
-        from .plot import PlotUnavailable, plot
+        from .observe.plot import PlotUnavailable, plot
 
         try:
             plot(rows, args.plot, title=args.title, dpi=args.dpi)
@@ -494,7 +494,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH", help="a stats.jsonl file, or the stats_dir holding one")
     p.add_argument("--plot", metavar="FILE", help="write the figure to FILE (.png, .svg, .pdf)")
     p.add_argument("--title", help="the figure's title")
-    from .plot import DPI, FIGSIZE
+    from .observe.plot import DPI, FIGSIZE
 
     (width, height) = FIGSIZE
     p.add_argument("--dpi", type=_at_least_one, default=DPI, help=f"the figure is {width:g} x {height:g} inches at "
