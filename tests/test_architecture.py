@@ -100,7 +100,7 @@ def cycles() -> list[list[str]]:
 
 
 def test_the_scan_sees_lazy_imports():
-    assert "wdsrefresh.remote.source" in GRAPH["wdsrefresh.backends"]  # imported inside make_source
+    assert "wdsrefresh.storage.objects.source" in GRAPH["wdsrefresh.storage.backend"]  # imported inside make_source
     assert "wdsrefresh.write.verify_remote" in GRAPH["wdsrefresh.write.verify"]
 
 
@@ -132,9 +132,9 @@ def test_no_module_imports_the_command_line():
 
 
 def test_importing_the_dataset_loads_no_write_side_module():
-    code = ("import sys, wdsrefresh, wdsrefresh.dataset, wdsrefresh.stream, wdsrefresh.resume; "
+    code = ("import sys, wdsrefresh, wdsrefresh.pipeline.dataset, wdsrefresh.epoch.stream, wdsrefresh.epoch.resume; "
             "print('\\n'.join(m for m in sys.modules if m.startswith('wdsrefresh')))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                 check=True).stdout.split())
-    assert "wdsrefresh.dataset" in loaded
+    assert "wdsrefresh.pipeline.dataset" in loaded
     assert not {m for m in loaded if m.startswith("wdsrefresh.write") or m in COMMAND_LINE}

@@ -19,8 +19,8 @@ import webdataset as wds
 import wdsrefresh as wr
 from s3fixtures import shard_bytes
 from wdsrefresh.format.digest import BLOCK_SIZE, FileDigester
-from wdsrefresh.remote.http_store import UnpinnableError
-from wdsrefresh.remote.store import ObjectReadError
+from wdsrefresh.storage.objects.http import UnpinnableError
+from wdsrefresh.storage.objects.s3 import ObjectReadError
 
 pytest_plugins = ("httpfixtures",)  # the ``web`` fixture
 

@@ -10,11 +10,11 @@ import pytest
 from shardutil import write_shard
 
 import wdsrefresh as wr
-from wdsrefresh.index_cache import IndexCache, default_directory
-from wdsrefresh.probe import Readiness
-from wdsrefresh.resolver import Resolver
-from wdsrefresh.backends import make_source
-from wdsrefresh.sources import DirectorySource
+from wdsrefresh.storage.local.index_cache import IndexCache, default_directory
+from wdsrefresh.storage.local.probe import Readiness
+from wdsrefresh.storage.resolver import Resolver
+from wdsrefresh.storage.backend import make_source
+from wdsrefresh.storage.local.sources import DirectorySource
 
 
 def _counts(directory: str, cache: str, watch: bool = False) -> dict[str, int]:

@@ -185,7 +185,8 @@ def test_stats_report_each_source_in_stats_jsonl_tensorboard_and_the_plot(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from wdsrefresh.plot import figure
+    from wdsrefresh.epoch.stats import read_jsonl
+    from wdsrefresh.observe.plot import figure
 
     dirs = sources(tmp_path, fresh=[4], base=[10] * 4)
     out = tmp_path / "stats"
@@ -201,7 +202,7 @@ def test_stats_report_each_source_in_stats_jsonl_tensorboard_and_the_plot(tmp_pa
     assert (stats.yielded, stats.quota, stats.shards) == (20, 20, 7) and "fresh:fresh2.tar" in stats.added_names
     assert stats.samples_per_second > 0 and fresh["seconds"] is not None and stats.consumers == 2
     ds.close()
-    rows = wr.stats.read_jsonl(str(out))
+    rows = read_jsonl(str(out))
     assert [r.epoch for r in rows] == [0, 1, 2] and rows[2].sources["base"]["delivered"] == 14
     assert json.loads((out / "stats.jsonl").read_text().splitlines()[0])["sources"]["fresh"]["count"] == 6
 

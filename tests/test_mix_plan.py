@@ -11,7 +11,7 @@ import pytest
 
 from wdsrefresh.mix.plan import epoch_counts, largest_remainder, position, taken, turns
 from wdsrefresh.mix.rotation import Rotation, select
-from wdsrefresh.snapshot import ShardInfo, Snapshot, snapshot_id
+from wdsrefresh.core.snapshot import ShardInfo, Snapshot, snapshot_id
 
 
 def test_largest_remainder_is_exact_and_gives_the_rest_to_the_largest_remainders():

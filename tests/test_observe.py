@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import wdsrefresh as wr
+from wdsrefresh.epoch.stats import NAMES_CAP
 from shardutil import held_open, make_samples, tar_bytes, write_junk, write_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
@@ -136,12 +137,12 @@ def test_stats_count_what_each_field_says_and_read_back_from_to_dict(shard_dir):
     assert (stats.shards, stats.samples, stats.added, stats.added_samples, stats.yielded) == (1, 4, 1, 4, 4)
     assert stats.wait_seconds is None and stats.wait_share is None  # no wr.timed: not measured
     assert wr.EpochStats.from_dict(json.loads(json.dumps(stats.to_dict()))).added_names == ("a.tar",)
-    for i in range(wr.stats.NAMES_CAP + 5):  # names beyond the cap are counted, not listed
+    for i in range(NAMES_CAP + 5):  # names beyond the cap are counted, not listed
         write_shard(shard_dir, f"n{i:03d}.tar", 1)
     ds.set_epoch(1)
     stats = ds.stats(1)
-    assert stats.added == wr.stats.NAMES_CAP + 5 and len(stats.added_names) == wr.stats.NAMES_CAP
-    assert len(ds.snapshot(1)) == stats.samples == 4 + wr.stats.NAMES_CAP + 5
+    assert stats.added == NAMES_CAP + 5 and len(stats.added_names) == NAMES_CAP
+    assert len(ds.snapshot(1)) == stats.samples == 4 + NAMES_CAP + 5
     ds.close()
 
 
@@ -348,12 +349,14 @@ def test_shuffle_buffer_uses_the_rng_it_is_given(shard_dir):
     assert sorted(keys(rng=random.Random(7))) == sorted(keys())
 
 
-def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir):
+def test_empty_check_makes_an_epoch_without_samples_an_error(shard_dir, caplog):
     with held_open(shard_dir, "a.tar", 3):  # pending while its writer holds it open
         assert list(wr.RefreshingWebDataset(shard_dir)) == []  # the default: an empty epoch
+        caplog.clear()
         with pytest.raises(wr.NoShardsError, match="1 pending") as raised:
             wr.RefreshingWebDataset(shard_dir, empty_check=True).set_epoch(0)
         assert shard_dir in str(raised.value)
+        assert not [r for r in caplog.records if "is empty" in r.getMessage()]  # the error alone says it
         with pytest.raises(wr.NoShardsError, match="no sample to read"):
             list(wr.RefreshingWebDataset(shard_dir, empty_check=True))
 

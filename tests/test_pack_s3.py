@@ -23,9 +23,9 @@ from conftest import wait_for
 from s3fixtures import fault_proxy, moto_server, s3, shard_bytes
 from test_pack_crash import make_inputs
 from wdsrefresh.cli import main
-from wdsrefresh.remote.reader import index_object
-from wdsrefresh.remote.source import ObjectSource
-from wdsrefresh.remote.store import ObjectChangedError, Store
+from wdsrefresh.storage.objects.blocks import index_object
+from wdsrefresh.storage.objects.source import ObjectSource
+from wdsrefresh.storage.objects.s3 import ObjectChangedError, Store
 from wdsrefresh.write.destination import S3Destination
 from wdsrefresh.write.ingest import IngestConfig, Ingester
 from wdsrefresh.write.pack import PackError, collect, open_plan, pack, plan_shards, run_task

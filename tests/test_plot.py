@@ -6,8 +6,8 @@ import matplotlib.pyplot as plt
 import pytest
 
 from wdsrefresh.cli import main
-from wdsrefresh.plot import figure
-from wdsrefresh.stats import EpochStats, read_jsonl
+from wdsrefresh.observe.plot import figure
+from wdsrefresh.epoch.stats import EpochStats, read_jsonl
 
 OUTLIER = 160_000.0
 

@@ -17,7 +17,7 @@ import torch
 
 import wdsrefresh as wr
 from shardutil import held_open, make_samples, tar_bytes, write_shard
-from wdsrefresh.lease import open_for_writing
+from wdsrefresh.storage.local.lease import open_for_writing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOBODY = 65534

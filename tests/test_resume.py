@@ -17,9 +17,9 @@ from shardutil import write_shard
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import wdsrefresh as wr
-from wdsrefresh.resume import ResumeError, merge, parse, restart, snapshot_rows
-from wdsrefresh.slot import Slot
-from wdsrefresh.split import epoch_seed, split
+from wdsrefresh.epoch.resume import ResumeError, merge, parse, restart, snapshot_rows
+from wdsrefresh.epoch.slot import Slot
+from wdsrefresh.epoch.split import epoch_seed, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -199,7 +199,7 @@ def test_redistribution_to_another_world_size_is_exact(shard_dir):
             for p in a.pieces[:piece]:
                 read.update((p.shard, i) for i in range(p.start, p.stop))
             read.update((a.pieces[piece].shard, i) for i in range(a.pieces[piece].start, a.pieces[piece].start + offset))
-    from wdsrefresh.resume import make_state, snapshot_doc
+    from wdsrefresh.epoch.resume import make_state, snapshot_doc
     fingerprint = ds.sample_source.fingerprint()
     state = parse(make_state(fingerprint, 2, snapshot_doc(snap), old_world, old_workers, consumers), fingerprint)
 

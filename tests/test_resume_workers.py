@@ -10,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import wdsrefresh as wr
 from shardutil import write_shard
-from wdsrefresh.resume import ResumeError
+from wdsrefresh.epoch.resume import ResumeError
 
 SIZES = (7, 9, 5, 11, 8, 6)
 EVERYTHING = collections.Counter(f"s{i}/{j:06d}" for i, n in enumerate(SIZES) for j in range(n))

@@ -26,8 +26,8 @@ import webdataset as wds
 import wdsrefresh as wr
 from s3fixtures import fault_proxy, moto_server, s3, shard_bytes  # noqa: F401 - fixtures
 from wdsrefresh.format.digest import BLOCK_SIZE, FileDigester
-from wdsrefresh.remote.reader import ObjectCorruptError, open_object
-from wdsrefresh.remote.store import ObjectReadError
+from wdsrefresh.storage.objects.blocks import ObjectCorruptError, open_object
+from wdsrefresh.storage.objects.s3 import ObjectReadError
 
 MiB = 1 << 20
 
@@ -629,7 +629,7 @@ def test_cached_block_damaged_on_the_node_is_read_from_the_store_again(s3, fault
 
 
 def test_cache_stays_under_its_limit_over_20_epochs_of_a_dataset_three_times_its_size(s3, tmp_path):
-    from wdsrefresh.remote.cache import BlockCache
+    from wdsrefresh.storage.objects.cache import BlockCache
 
     sizes = [len(s3.put_shard(f"c/s{i}.tar", 4, 250_000) and shard_bytes(f"s{i}", 4, 250_000)) for i in range(6)]
     limit = sum(sizes) // 3  # the dataset is three times the cache

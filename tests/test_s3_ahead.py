@@ -12,7 +12,7 @@ import wdsrefresh as wr
 from conftest import wait_for
 from s3fixtures import fault_proxy, moto_server, s3  # noqa: F401 - fixtures
 from test_s3 import expected_keys, keys_of, via
-from wdsrefresh.remote.ahead import THREAD_NAME
+from wdsrefresh.storage.objects.ahead import THREAD_NAME
 
 
 def ahead_threads() -> list[threading.Thread]:

@@ -10,7 +10,7 @@ import pytest
 
 from s3fixtures import fault_proxy, moto_server, s3  # noqa: F401 - fixtures
 from test_s3 import via
-from wdsrefresh.remote.store import Store
+from wdsrefresh.storage.objects.s3 import Store
 
 PAGE = 50
 

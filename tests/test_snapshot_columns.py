@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from wdsrefresh.resume import ResumeError, SavedPosition, make_state, parse, snapshot_doc
-from wdsrefresh.snapshot import ShardInfo, Snapshot, snapshot_id
-from wdsrefresh.snapshot_columns import ColumnsError, decode, decode_lazy, encode, with_offsets
-from wdsrefresh.split import Piece
+from wdsrefresh.epoch.resume import ResumeError, SavedPosition, make_state, parse, snapshot_doc
+from wdsrefresh.core.snapshot import ShardInfo, Snapshot, snapshot_id
+from wdsrefresh.core.columns import ColumnsError, decode, decode_lazy, encode, with_offsets
+from wdsrefresh.epoch.split import Piece
 
 BLOCK = 4 << 20
 

@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-from wdsrefresh.resume import ResumeState, SavedPosition, restart
-from wdsrefresh.slot import Slot
-from wdsrefresh.snapshot import ShardInfo, Snapshot, snapshot_id
-from wdsrefresh.split import even_ranges, shard_order, split
+from wdsrefresh.epoch.resume import ResumeState, SavedPosition, restart
+from wdsrefresh.epoch.slot import Slot
+from wdsrefresh.core.snapshot import ShardInfo, Snapshot, snapshot_id
+from wdsrefresh.epoch.split import even_ranges, shard_order, split
 
 
 def snapshot_of(counts: list[int], epoch: int = 0) -> Snapshot:

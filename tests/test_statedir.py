@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import wdsrefresh as wr
-from wdsrefresh.statedir import StateDirectory
+from wdsrefresh.epoch.statedir import StateDirectory
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "example_shards")
 

@@ -13,7 +13,7 @@ import pytest
 import torch.utils.data
 
 import wdsrefresh as wr
-from wdsrefresh.stream import owner
+from wdsrefresh.epoch.stream import owner
 from shardutil import write_shard
 from conftest import wait_for
 
@@ -114,6 +114,42 @@ def test_stream_stops_on_close_while_consumers_wait_for_data(tmp_path):
     assert sorted(next(it)["__key__"] for _ in range(3)) == [f"first/{i:06d}" for i in range(3)]
     ds.close()  # both workers are up, and nothing new will come: they wait until woken
     assert list(it) == []  # a consumer that slept through close() would hang: the module timeout fails it
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("batched", [False, True])
+def test_breaking_out_of_a_stream_loader_lets_its_waiting_workers_exit(tmp_path, persistent, batched):
+    """Workers asleep waiting for shards see their loader shut down and exit by themselves.
+    Otherwise torch joins each for MP_STATUS_CHECK_INTERVAL (5 s) and then terminates it (its
+    SIGTERM handler exits with 0, so only the time tells): 10 s for two workers, against the
+    0.2 s a worker takes to notice; the bound is torch's own, for both workers together."""
+    write_shard(str(tmp_path), "a.tar", 4)
+    ds = wr.RefreshingWebDataset(str(tmp_path), mode="stream")
+    if batched:
+        ds = ds.batched(2, partial_after=0.1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, in_order=False,
+                                         persistent_workers=persistent)
+    it = iter(loader)
+    for _ in range(2 if batched else 4):
+        next(it)
+    started = time.monotonic()
+    it._shutdown_workers()  # what dropping the iterator does (and, for persistent workers, exit)
+    assert time.monotonic() - started < torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL
+    ds.close()
+
+
+def test_stats_of_a_stream_read_without_workers_count_the_shard_just_finished(tmp_path):
+    """A loop that stops right after a shard's last sample (a loader without workers fetches
+    nothing ahead) sees that shard in ds.stats()."""
+    for name in ("a.tar", "b.tar", "c.tar"):
+        write_shard(str(tmp_path), name, 40)
+    ds = wr.RefreshingWebDataset(str(tmp_path), mode="stream")
+    it = iter(ds)
+    keys = [next(it)["__key__"] for _ in range(120)]
+    assert len(set(keys)) == 120
+    stats = ds.stats()
+    assert (stats.shards, stats.samples) == (3, 120)
+    ds.close()
 
 
 def test_rendezvous_gives_each_shard_to_exactly_one_consumer_and_moves_few():

@@ -86,6 +86,22 @@ def test_ls_lists_samples_size_digest_and_age(packed, capsys):
     assert "stray.tar (unlisted)" in r.stdout
 
 
+def test_ls_marks_unlisted_files_no_reader_would_read_and_says_why(packed, capsys):
+    with open(os.path.join(packed, "shard-000000.tar"), "rb") as f:
+        head = f.read(3000)
+    with open(os.path.join(packed, "cut.tar"), "wb") as f:  # a copy interrupted at byte 3000
+        f.write(head)
+    with open(os.path.join(packed, "junk.tar"), "wb") as f:
+        f.write(bytes(range(256)) * 4)
+    r = run_cli(capsys, "ls", packed)
+    assert r.returncode == 0
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[2:] if not line.startswith("(")}
+    assert "(unreadable)" in rows["cut.tar"] and rows["cut.tar"].split()[3] == "?"
+    assert "(unreadable)" in rows["junk.tar"] and "(unreadable)" not in rows["shard-000001.tar"]
+    assert "(unreadable) cut.tar: incomplete: 3000 bytes and no end-of-archive marker" in r.stdout
+    assert "(unreadable) junk.tar: at byte 0: not a tar archive" in r.stdout
+
+
 def test_directory_without_manifest_is_verified_by_walking_every_shard(packed, capsys):
     os.unlink(os.path.join(packed, "manifest.json"))
     r = run_cli(capsys, "verify", packed)

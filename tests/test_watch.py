@@ -11,10 +11,10 @@ import pytest
 import torch.utils.data
 
 import wdsrefresh as wr
-from wdsrefresh.index import DirectoryIndex, NotEnoughShardsError
-from wdsrefresh.inotify import Inotify
-from wdsrefresh.resolver import Resolver
-from wdsrefresh.sources import DirectorySource
+from wdsrefresh.storage.local.directory import DirectoryIndex, NotEnoughShardsError
+from wdsrefresh.storage.local.inotify import Inotify
+from wdsrefresh.storage.resolver import Resolver
+from wdsrefresh.storage.local.sources import DirectorySource
 
 from conftest import wait_for
 from shardutil import tar_bytes, make_samples, write_shard

@@ -25,7 +25,7 @@ import bench
 from bench_remote import BUCKET, PlainGets, start_server, upload
 
 from wdsrefresh.format.digest import BLOCK_SIZE, block_digest
-from wdsrefresh.remote.store import Store
+from wdsrefresh.storage.objects.s3 import Store
 
 PAYLOAD = 256 << 10
 ROUNDS = 7

@@ -40,12 +40,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import wdsrefresh as wr  # noqa: E402
-from wdsrefresh.probe import Readiness  # noqa: E402
-from wdsrefresh.resolver import Resolver  # noqa: E402
-from wdsrefresh.sources import DirectorySource  # noqa: E402
+from wdsrefresh.storage.local.probe import Readiness  # noqa: E402
+from wdsrefresh.storage.resolver import Resolver  # noqa: E402
+from wdsrefresh.storage.local.sources import DirectorySource  # noqa: E402
 from wdsrefresh.format import manifest  # noqa: E402
 from wdsrefresh.format.tario import index_shard  # noqa: E402
-from wdsrefresh.index import DirectoryIndex  # noqa: E402
+from wdsrefresh.storage.local.directory import DirectoryIndex  # noqa: E402
 
 SCALE_FORMAT = 1
 

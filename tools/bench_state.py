@@ -27,8 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from wdsrefresh.resume import SavedPosition, make_state, snapshot_doc  # noqa: E402
-from wdsrefresh.snapshot import ShardInfo, Snapshot, snapshot_id  # noqa: E402
+from wdsrefresh.epoch.resume import SavedPosition, make_state, snapshot_doc  # noqa: E402
+from wdsrefresh.core.snapshot import ShardInfo, Snapshot, snapshot_id  # noqa: E402
 
 BLOCK = 4 << 20
 FINGERPRINT = {"source": "directory '/data/shards'", "seed": 0, "shardshuffle": True, "partial": False}

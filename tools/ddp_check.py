@@ -117,7 +117,7 @@ def read_epochs(group: Rank, directory: str, *, num_workers: int = 2, persistent
     import torch
 
     import wdsrefresh as wr
-    from wdsrefresh.split import shard_order
+    from wdsrefresh.epoch.split import shard_order
 
     ds = wr.RefreshingWebDataset(directory, seed=seed)
     loader = torch.utils.data.DataLoader(

@@ -7,47 +7,47 @@ for importing torch and webdataset.
 from importlib import import_module
 
 _EXPORTS = {
-    "RefreshingWebDataset": "dataset",
-    "EpochStats": "stats",
-    "TimedLoader": "stats",
-    "log_stats": "stats",
-    "timed": "stats",
-    "ReadStats": "reading",
-    "ShardVanishedError": "reading",
-    "DigestMismatch": "reading",
-    "CountMismatch": "reading",
-    "TruncatedShard": "probe",
-    "ShardInfo": "snapshot",
-    "Snapshot": "snapshot",
-    "NoShardsError": "sources",
-    "ShardSource": "sources",
-    "make_source": "backends",
-    "ObjectSource": "remote.source",
+    "RefreshingWebDataset": "pipeline.dataset",
+    "EpochStats": "epoch.stats",
+    "TimedLoader": "epoch.stats",
+    "log_stats": "epoch.stats",
+    "timed": "epoch.stats",
+    "ReadStats": "epoch.reading",
+    "ShardVanishedError": "epoch.reading",
+    "DigestMismatch": "epoch.reading",
+    "CountMismatch": "epoch.reading",
+    "TruncatedShard": "storage.local.probe",
+    "ShardInfo": "core.snapshot",
+    "Snapshot": "core.snapshot",
+    "NoShardsError": "storage.local.sources",
+    "ShardSource": "storage.local.sources",
+    "make_source": "storage.backend",
+    "ObjectSource": "storage.objects.source",
     "ShardChangedError": "format.tario",
     "TarError": "format.tario",
-    "NotEnoughShardsError": "index",
-    "StreamStats": "stream",
-    "collate_tensors": "tensors",
-    "PackedBytes": "tensors",
+    "NotEnoughShardsError": "storage.local.directory",
+    "StreamStats": "epoch.stream",
+    "collate_tensors": "pipeline.tensors",
+    "PackedBytes": "pipeline.tensors",
     "WdsRefreshError": "errors",
-    "ColumnsError": "snapshot_columns",
-    "EpochLengthUnknown": "length",
+    "ColumnsError": "core.columns",
+    "EpochLengthUnknown": "pipeline.length",
     "ManifestError": "format.manifest",
-    "ResumeError": "resume",
-    "RankZeroError": "slot",
-    "ObjectReadError": "remote.retry",
-    "ObjectChangedError": "remote.retry",
-    "ObjectVanishedError": "remote.retry",
-    "ObjectCorruptError": "remote.reader",
-    "RemoteTruncated": "remote.source",
-    "UnpinnableError": "remote.http_store",
-    "PlotUnavailable": "plot",
+    "ResumeError": "epoch.resume",
+    "RankZeroError": "epoch.slot",
+    "ObjectReadError": "storage.objects.retry",
+    "ObjectChangedError": "storage.objects.retry",
+    "ObjectVanishedError": "storage.objects.retry",
+    "ObjectCorruptError": "storage.objects.blocks",
+    "RemoteTruncated": "storage.objects.source",
+    "UnpinnableError": "storage.objects.http",
+    "PlotUnavailable": "observe.plot",
     "TarWriteError": "format.tarwriter",
     "PackError": "write.model",
     "DuplicateKeysError": "write.pack",
     "IngestError": "write.ingest",
     "DestinationError": "write.destination",
-    "resume": None,
+    "resume": "epoch.resume:module",  # the module itself
     "pack": "write.pack:run_pack",  # the write side: imported only when these are used
     "PackReport": "write.pack",
     "Writer": "write.writer",
@@ -60,9 +60,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'wdsrefresh' has no attribute {name!r}")
-    module, _, attr = (_EXPORTS[name] or "").partition(":")
-    value = import_module(f".{module or name}", __name__)
-    if module:
+    module, _, attr = _EXPORTS[name].partition(":")
+    value = import_module(f".{module}", __name__)
+    if attr != "module":
         value = getattr(value, attr or name)
     globals()[name] = value
     return value

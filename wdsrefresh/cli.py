@@ -296,9 +296,12 @@ def _run_ls(args: argparse.Namespace) -> int:
         print(f"{args.target}: no shards")
         return 0
     table = [[r.shard + (" (uncommitted)" if r.pending else "" if r.listed else " (unlisted)")
-              + (" (replaced)" if r.replaced else ""), "?" if r.nsamples is None else str(r.nsamples),
+              + (" (replaced)" if r.replaced else "") + (" (unreadable)" if r.unreadable else ""), "?" if r.nsamples is None else str(r.nsamples),
               "-" if r.size is None else str(r.size), (r.digest or "-")[:25], format_age(r.age)] for r in rows]
     _print_table(["SHARD", "SAMPLES", "BYTES", "DIGEST", "AGE"], table)
+    for r in rows:
+        if r.unreadable:
+            print(f"(unreadable) {r.shard}: {r.unreadable}")
     if any(r.replaced for r in rows):
         print("(replaced): the shard is no longer the version its manifest entry describes (size, mtime or ETag "
               "differ): SAMPLES and DIGEST are the entry's, BYTES and AGE the current version's; `wdsrefresh "
@@ -317,7 +320,8 @@ def _add_ls(sub: argparse._SubParsersAction) -> None:
         "Shards of a pack not yet committed (listed in OUT/manifest.d/) are marked (uncommitted); "
         "shards whose file or object no longer matches its entry (size, mtime or ETag) are marked (replaced); "
         "shards in neither are marked (unlisted) and counted by reading their headers (objects in a store: "
-        "not counted, shown as '?').",
+        "not counted, shown as '?'); an unlisted file no reader would read (incomplete, not a tar) is marked "
+        "(unreadable), with why below the table.",
     )
     p.add_argument("target", metavar="OUT|MANIFEST|SHARD", help="shard directory, manifest file or shard file, "
                    "or an s3:// URL of one")
@@ -410,7 +414,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    from .probe import DEFAULT_SETTLE
+    from .storage.local.probe import DEFAULT_SETTLE
 
     p = sub.add_parser(
         "status",
@@ -440,7 +444,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 def _run_stats(args: argparse.Namespace) -> int:
     import json
 
-    from .stats import read_jsonl
+    from .epoch.stats import read_jsonl
     from .write.status import format_age
 
     try:
@@ -463,7 +467,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     else:
         print(f"{args.path}: no epochs yet")
     if args.plot:
-        from .plot import PlotUnavailable, plot
+        from .observe.plot import PlotUnavailable, plot
 
         try:
             plot(rows, args.plot, title=args.title, dpi=args.dpi)
@@ -490,7 +494,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH", help="a stats.jsonl file, or the stats_dir holding one")
     p.add_argument("--plot", metavar="FILE", help="write the figure to FILE (.png, .svg, .pdf)")
     p.add_argument("--title", help="the figure's title")
-    from .plot import DPI, FIGSIZE
+    from .observe.plot import DPI, FIGSIZE
 
     (width, height) = FIGSIZE
     p.add_argument("--dpi", type=_at_least_one, default=DPI, help=f"the figure is {width:g} x {height:g} inches at "

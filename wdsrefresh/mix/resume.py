@@ -34,10 +34,10 @@ from fractions import Fraction
 
 import numpy
 
-from ..resume import FORMAT, VERSION, WHOLE_STATE, ResumeError, remaining
-from ..slot import Slot
-from ..snapshot_columns import pack_int64, unpack_int64
-from ..split import Piece, slot_range
+from ..epoch.resume import FORMAT, VERSION, WHOLE_STATE, ResumeError, remaining
+from ..epoch.slot import Slot
+from ..core.columns import pack_int64, unpack_int64
+from ..epoch.split import Piece, slot_range
 from .plan import largest_remainder, taken, turns
 from .snapshot import MixSnapshot, decode, encode, selection_array, slice_pieces
 

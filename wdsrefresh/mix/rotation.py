@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy
 import numpy.random
 
-from ..snapshot import ShardInfo, Snapshot
-from ..snapshot_columns import pack_int64, unpack_int64
-from ..split import Piece, epoch_seed
+from ..core.snapshot import ShardInfo, Snapshot
+from ..core.columns import pack_int64, unpack_int64
+from ..epoch.split import Piece, epoch_seed
 
 _SEPARATOR = "\0"
 

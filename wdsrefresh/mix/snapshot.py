@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from .. import snapshot_columns
-from ..snapshot import ShardInfo, Snapshot
-from ..snapshot_columns import pack_int64, unpack_int64
-from ..split import Piece, Pieces
-from ..statedir import StateDirectory
+from ..core import columns as snapshot_columns
+from ..core.snapshot import ShardInfo, Snapshot
+from ..core.columns import pack_int64, unpack_int64
+from ..epoch.split import Piece, Pieces
+from ..epoch.statedir import StateDirectory
 from .rotation import Rotation
 
 EMPTY_REDISTRIBUTED = "redistributed"  # no sample: its share went to the other sources

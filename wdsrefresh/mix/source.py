@@ -20,15 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..epoch_source import SNAPSHOT_WAIT_SECONDS, EpochSource
-from ..length import worker_shares
-from ..reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
-from ..resume import read_stats
-from ..sample_source import Consumer
-from ..slot import Slot, broadcast_from_rank0, current_slot, dist_info, in_dataloader_worker
-from ..snapshot import Snapshot
-from ..sources import DirectorySource
-from ..split import Assignment, slot_range
+from ..epoch.epochs import SNAPSHOT_WAIT_SECONDS, EpochSource
+from ..pipeline.length import worker_shares
+from ..epoch.reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
+from ..epoch.resume import read_stats
+from ..epoch.feed import Consumer
+from ..epoch.slot import Slot, broadcast_from_rank0, current_slot, dist_info, in_dataloader_worker
+from ..core.snapshot import Snapshot
+from ..storage.local.sources import DirectorySource
+from ..epoch.split import Assignment, slot_range
 from . import resume as resuming
 from .config import MixConfig, parse
 from .plan import epoch_counts
@@ -245,7 +245,7 @@ class MixSource:
         """Options and stores for a source no longer in the mix, whose saved epoch is being finished:
         an object source is read through a store made from the environment (endpoint, credentials)."""
         if name not in self._ghosts:
-            from ..backends import make_source
+            from ..storage.backend import make_source
 
             remote = [u for u in urls if _remote(u)]
             self._ghosts[name] = make_source(remote[:1]).store_for if remote else None
@@ -420,7 +420,7 @@ def _asked(cfg: MixConfig, name: str) -> bool:
 
 def _remote(spec: object) -> bool:
     """Whether ``spec`` names objects (the dataset's storage_options are their default)."""
-    from ..remote import is_remote
+    from ..storage.objects import is_remote
 
     return is_remote(spec) or (isinstance(spec, (list, tuple)) and bool(spec) and all(map(is_remote, spec)))
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from ..stats import NAMES_CAP, EpochStats, epoch_stats
-from ..split import slot_range
-from ..slot import Slot
+from ..epoch.stats import NAMES_CAP, EpochStats, epoch_stats
+from ..epoch.split import slot_range
+from ..epoch.slot import Slot
 from .plan import taken
 from .snapshot import MixSnapshot
 

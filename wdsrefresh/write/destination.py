@@ -83,7 +83,7 @@ def open_destination(out: str | Destination, storage_options: dict | None = None
     """``out`` as a Destination: an ``s3://bucket/prefix/`` URL or a local directory."""
     if isinstance(out, Destination):
         return out
-    from ..remote import is_remote
+    from ..storage.objects import is_remote
 
     if is_remote(out):
         return S3Destination(out, storage_options, **options)
@@ -305,7 +305,7 @@ class S3Destination(Destination):
 
     def __init__(self, url: str, storage_options: dict | None = None,
                  multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD, part_size: int = DEFAULT_PART_SIZE):
-        from ..remote.store import ObjectUrl, Store
+        from ..storage.objects.s3 import ObjectUrl, Store
 
         where = ObjectUrl.parse(url)
         prefix = where.key if where.key == "" or where.key.endswith("/") else where.key + "/"
@@ -326,7 +326,7 @@ class S3Destination(Destination):
 
     def prepare(self) -> None:
         """Checks the bucket can be listed (a missing bucket or no credentials fail here, first)."""
-        from ..remote.store import ObjectVanishedError
+        from ..storage.objects.s3 import ObjectVanishedError
 
         try:
             next(iter(self._list(FRAGMENTS_DIR + "/")), None)
@@ -343,7 +343,7 @@ class S3Destination(Destination):
 
     def _get(self, name: str) -> tuple[bytes, str] | None:
         """``(bytes, ETag)`` of the small object ``name``, or None when there is none."""
-        from ..remote.store import ObjectVanishedError
+        from ..storage.objects.s3 import ObjectVanishedError
 
         try:
             return self.store.get_if_changed(self.location(name), None)
@@ -403,7 +403,7 @@ class S3Destination(Destination):
         """Takes ``count`` shard numbers, then creates the plan naming them (``If-None-Match``).
         When the same plan was created meanwhile (the same pack run twice at once), that plan's
         names are used: the numbers just taken stay unused."""
-        from ..remote.store import ObjectChangedError
+        from ..storage.objects.s3 import ObjectChangedError
 
         names = self.reserve_names(prefix, count)
         name = _plan_name("plan", digest)
@@ -419,7 +419,7 @@ class S3Destination(Destination):
     def reserve_names(self, prefix: str, count: int) -> list[str]:
         """``count`` fresh shard names: numbers after the highest of the counter, the shards listed
         and the manifest's and fragments' entries, taken with a compare-and-swap of the counter."""
-        from ..remote.store import ObjectChangedError
+        from ..storage.objects.s3 import ObjectChangedError
 
         pattern = re.compile(re.escape(prefix) + r"-(\d+)\.tar(?:\.gz)?$")
         taken = [posixpath.basename(s.url) for s in self._list("")]
@@ -481,7 +481,7 @@ class S3Destination(Destination):
 
     def _upload(self, path: str, name: str) -> str | None:
         """The ETag of the new object ``name`` holding the file ``path``; None if it existed."""
-        from ..remote.store import ObjectChangedError
+        from ..storage.objects.s3 import ObjectChangedError
 
         size = os.path.getsize(path)
         try:
@@ -553,7 +553,7 @@ class S3Destination(Destination):
         """The object ``name`` as a binary stream (one GET pinned to its ETag)."""
         import io
 
-        from ..remote.store import ObjectVanishedError
+        from ..storage.objects.s3 import ObjectVanishedError
 
         stat = self.store.head(self.location(name))
         if stat is None:
@@ -577,7 +577,7 @@ class S3Destination(Destination):
     def write_record(self, name: str, data: bytes, create: bool = False) -> bool:
         """PUTs the small object ``name``; with ``create``, only if there is none (``If-None-Match``;
         False when there was one)."""
-        from ..remote.store import ObjectChangedError
+        from ..storage.objects.s3 import ObjectChangedError
 
         try:
             self._put(name, data, create=create)
@@ -588,8 +588,8 @@ class S3Destination(Destination):
         return True
 
     def indexed(self, name: str) -> tuple[ManifestEntry, bool]:
-        from ..remote.reader import index_object
-        from ..remote.store import ObjectVanishedError
+        from ..storage.objects.blocks import index_object
+        from ..storage.objects.s3 import ObjectVanishedError
 
         stat = self.store.head(self.location(name))
         if stat is None:
@@ -655,7 +655,7 @@ class S3Destination(Destination):
         manifest read, or ``If-None-Match: *``), read again and retried when another writer was
         first; then removes them, and marks the plan ``digest`` (if any) done. Fragments of other
         plans still running are left to their own commit. Returns the entries of the plan's shards."""
-        from ..remote.store import ObjectChangedError
+        from ..storage.objects.s3 import ObjectChangedError
 
         plans = self.unfinished_plans()
         found = self.find_plan(digest) if digest else None  # committed already by a concurrent run: its names

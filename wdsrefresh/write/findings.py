@@ -26,6 +26,7 @@ class Listing:
     listed: bool  # named in the manifest (or in manifest.d/ when ``pending``)
     pending: bool = False  # named only in manifest.d/: a pack not yet committed
     replaced: bool = False  # the file or object is no longer the version its entry describes
+    unreadable: str | None = None  # why a reader would not read this unlisted file (incomplete, not a tar)
 
 
 @dataclass(frozen=True)

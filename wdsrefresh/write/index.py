@@ -27,7 +27,7 @@ from ..format import manifest as manifestmod
 from ..format.manifest import ManifestEntry
 from ..format.names import SHARD_PATTERNS, is_shard_name
 from ..format.tario import TarError, index_shard
-from ..snapshot import FileId
+from ..core.snapshot import FileId
 from .publish import MANIFEST_NAME, out_lock
 
 log = logging.getLogger("wdsrefresh")

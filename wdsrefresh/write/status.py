@@ -17,11 +17,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from ..backends import make_source
+from ..storage.backend import make_source
 from ..format.names import split_key
-from ..probe import DEFAULT_SETTLE, Pending, Readiness, Ready, Rejected, probe
-from ..snapshot import ShardInfo
-from ..sources import DirectorySource, NoShardsError, ShardSource
+from ..storage.local.probe import DEFAULT_SETTLE, Pending, Readiness, Ready, Rejected, probe
+from ..core.snapshot import ShardInfo
+from ..storage.local.sources import DirectorySource, NoShardsError, ShardSource
 from .ingest import MARKER_EXT, conflicts_dir, scan_inbox
 
 

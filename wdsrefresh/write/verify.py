@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..format import manifest as manifestmod
 from ..format.digest import DEFAULT_ALGO, split_digest
@@ -161,12 +161,23 @@ def listing(target: str, storage_options: dict | None = None) -> list[Listing]:
     rows = [_row(_path(t.directory, e.url), e, now, listed=True, pending=e.url in pending) for e in entries]
     for name in unlisted:
         path = os.path.join(t.directory, name)
-        try:
-            nsamples: int | None = index_shard(path, url=name, with_digest=False).nsamples
-        except TarError:
-            nsamples = None
-        rows.append(_row(path, ManifestEntry(name, nsamples), now, listed=False))
+        nsamples, unreadable = _header_walk(path, name)
+        rows.append(replace(_row(path, ManifestEntry(name, nsamples), now, listed=False), unreadable=unreadable))
     return rows
+
+
+def _header_walk(path: str, name: str) -> tuple[int | None, str | None]:
+    """(samples, None) for a complete tar; (None, why) for a file no reader would read."""
+    try:
+        found = index_shard(path, url=name, with_digest=False)
+    except TarError as exn:
+        return None, str(exn).removeprefix(f"{name}: ")
+    except OSError as exn:
+        return None, f"cannot be read: {exn.strerror or exn}"
+    if not found.complete:
+        return None, (f"incomplete: {os.path.getsize(path)} bytes and no end-of-archive marker (its tar data "
+                      f"reaches byte {found.end}); a reader waits for its writer, then rejects it as truncated")
+    return found.nsamples, None
 
 
 def _row(path: str, entry: ManifestEntry, now: float, listed: bool, pending: bool = False) -> Listing:

@@ -1,0 +1,1 @@
+"""Observation: what a run reports about itself (the stats plot)."""
