@@ -49,6 +49,19 @@ def write_shard(directory: str, name: str, n: int, size: int = 64, prefix: str |
     return path
 
 
+def write_sources(root, **shards) -> dict[str, str]:
+    """Directories ``root/NAME`` by name, each holding shards ``NAME<i>.tar`` of the given sample
+    counts, published by rename: the sources of a mix."""
+    out = {}
+    for name, counts in shards.items():
+        directory = os.path.join(str(root), name)
+        os.makedirs(directory)
+        for i, n in enumerate(counts):
+            write_shard(directory, f"{name}{i}.tar", n)
+        out[name] = directory
+    return out
+
+
 def write_junk(directory: str, name: str) -> str:
     """A file with a shard's name that is no tar, last written an hour ago (a broken download)."""
     path = os.path.join(directory, name)

@@ -12,19 +12,7 @@ import pytest
 import torch
 
 import wdsrefresh as wr
-from shardutil import write_shard
-
-
-def sources(tmp_path, **shards):
-    """Directories by name, each with its shards ``[(count, ...)]``, published by rename."""
-    out = {}
-    for name, counts in shards.items():
-        d = tmp_path / name
-        d.mkdir()
-        for i, n in enumerate(counts):
-            write_shard(str(d), f"{name}{i}.tar", n)
-        out[name] = str(d)
-    return out
+from shardutil import write_shard, write_sources
 
 
 def source_of(key: str) -> str:
@@ -38,7 +26,7 @@ def read_epoch(ds, epoch, num_workers=0):
 
 
 def test_every_window_of_100_samples_holds_each_source_within_two_of_its_weight(tmp_path):
-    dirs = sources(tmp_path, fresh=[40] * 3, base=[50] * 10, replay=[30] * 4)
+    dirs = write_sources(tmp_path, fresh=[40] * 3, base=[50] * 10, replay=[30] * 4)
     weights = {"fresh": 0.2, "base": 0.5, "replay": 0.3}
     ds = wr.RefreshingWebDataset(dirs, weights=weights, epoch_size=1000, shardshuffle=False)
     mix = ds.set_epoch(0)
@@ -54,7 +42,7 @@ def test_every_window_of_100_samples_holds_each_source_within_two_of_its_weight(
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_each_source_gives_exactly_its_count_rotating_through_its_samples_newest_first(tmp_path, num_workers):
-    dirs = sources(tmp_path, fresh=[6, 6], base=[10] * 5)
+    dirs = write_sources(tmp_path, fresh=[6, 6], base=[10] * 5)
     ds = wr.RefreshingWebDataset(dirs, weights={"fresh": 0.25, "base": 0.75}, epoch_size=40)
     everything = {f"base{i}/{j:06d}" for i in range(5) for j in range(10)}
     reads: collections.Counter = collections.Counter()
@@ -77,7 +65,7 @@ def test_each_source_gives_exactly_its_count_rotating_through_its_samples_newest
 
 
 def test_a_small_source_repeats_each_sample_at_most_ceil_of_count_over_size(tmp_path):
-    dirs = sources(tmp_path, small=[3], big=[20, 20])
+    dirs = write_sources(tmp_path, small=[3], big=[20, 20])
     ds = wr.RefreshingWebDataset(dirs, weights={"small": 0.5, "big": 0.5}, epoch_size=20)
     got = read_epoch(ds, 0)
     small = collections.Counter(k for k, s in got if s == "small")
@@ -87,7 +75,7 @@ def test_a_small_source_repeats_each_sample_at_most_ceil_of_count_over_size(tmp_
 
 
 def test_repeat_reads_each_source_that_many_times_and_no_weights_concatenate(tmp_path):
-    dirs = sources(tmp_path, a=[10], b=[4])
+    dirs = write_sources(tmp_path, a=[10], b=[4])
     ds = wr.RefreshingWebDataset(dirs, repeat={"a": 1, "b": 2.5})
     assert ds.set_epoch(0).counts == {"a": 10, "b": 10}
     got = collections.Counter(k for k, _ in read_epoch(ds, 0))
@@ -104,7 +92,7 @@ def test_repeat_reads_each_source_that_many_times_and_no_weights_concatenate(tmp
 
 
 def test_an_empty_source_gives_its_share_to_the_others_and_stats_say_so(tmp_path):
-    dirs = sources(tmp_path, fresh=[], base=[10] * 3, replay=[10] * 3)
+    dirs = write_sources(tmp_path, fresh=[], base=[10] * 3, replay=[10] * 3)
     ds = wr.RefreshingWebDataset(dirs, weights={"fresh": 0.5, "base": 0.25, "replay": 0.25}, epoch_size=40)
     assert ds.set_epoch(0).counts == {"fresh": 0, "base": 20, "replay": 20}
     read_epoch(ds, 0)
@@ -118,7 +106,7 @@ def test_an_empty_source_gives_its_share_to_the_others_and_stats_say_so(tmp_path
 
 @pytest.mark.timeout(60)
 def test_a_source_with_min_shards_makes_the_epoch_wait_for_it_and_stats_say_so(tmp_path):
-    dirs = sources(tmp_path, fresh=[], base=[10])
+    dirs = write_sources(tmp_path, fresh=[], base=[10])
     ds = wr.RefreshingWebDataset({"fresh": {"source": dirs["fresh"], "min_shards": 1}, "base": dirs["base"]},
                                  weights={"fresh": 0.5, "base": 0.5}, epoch_size=10, timeout=30)
 
@@ -140,7 +128,7 @@ def test_a_source_with_min_shards_makes_the_epoch_wait_for_it_and_stats_say_so(t
 
 
 def test_per_source_options_override_the_datasets(tmp_path):
-    dirs = sources(tmp_path, strict=[5], lenient=[5])
+    dirs = write_sources(tmp_path, strict=[5], lenient=[5])
     ds = wr.RefreshingWebDataset({"strict": {"source": dirs["strict"], "on_change": "raise"}, "lenient": dirs["lenient"]},
                                  weights={"strict": 0.5, "lenient": 0.5}, epoch_size=10)
     ds.set_epoch(0)
@@ -163,13 +151,13 @@ def test_per_source_options_override_the_datasets(tmp_path):
     ({"mode": "stream"}, ValueError, 'use mode="epoch" for a mix'),
 ])
 def test_a_mix_that_cannot_be_read_is_refused_saying_why(tmp_path, kwargs, error, match):
-    dirs = sources(tmp_path, a=[1], b=[1])
+    dirs = write_sources(tmp_path, a=[1], b=[1])
     with pytest.raises(error, match=match):
         wr.RefreshingWebDataset(dirs, **kwargs)
 
 
 def test_source_dicts_and_webdatasets_repeat_are_checked(tmp_path):
-    dirs = sources(tmp_path, a=[1])
+    dirs = write_sources(tmp_path, a=[1])
     with pytest.raises(ValueError, match=r"source 'a': unknown option\(s\) \['weight'\]"):
         wr.RefreshingWebDataset({"a": {"source": dirs["a"], "weight": 1}})
     with pytest.raises(ValueError, match="its dict has no 'source' key"):
@@ -188,7 +176,7 @@ def test_stats_report_each_source_in_stats_jsonl_tensorboard_and_the_plot(tmp_pa
     from wdsrefresh.epoch.stats import read_jsonl
     from wdsrefresh.observe.plot import figure
 
-    dirs = sources(tmp_path, fresh=[4], base=[10] * 4)
+    dirs = write_sources(tmp_path, fresh=[4], base=[10] * 4)
     out = tmp_path / "stats"
     ds = wr.RefreshingWebDataset(dirs, weights={"fresh": 0.3, "base": 0.7}, epoch_size=20, stats_dir=str(out))
     for epoch in range(3):

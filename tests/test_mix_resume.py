@@ -11,21 +11,14 @@ import pytest
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import wdsrefresh as wr
-from shardutil import write_shard
+from shardutil import write_shard, write_sources
 
 WEIGHTS = {"fresh": 0.3, "base": 0.7}
 
 
 @pytest.fixture
 def dirs(tmp_path):
-    out = {}
-    for name, sizes in (("fresh", (7, 5)), ("base", (9, 11, 8, 13, 6))):
-        d = tmp_path / name
-        d.mkdir()
-        for i, n in enumerate(sizes):
-            write_shard(str(d), f"{name}{i}.tar", n)
-        out[name] = str(d)
-    return out
+    return write_sources(tmp_path, fresh=(7, 5), base=(9, 11, 8, 13, 6))
 
 
 def mixed(sources, weights=WEIGHTS):

@@ -23,18 +23,16 @@ from ..pipeline.length import worker_shares
 from .reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
 from ..storage.resolver import Resolver
 from .feed import Consumer
-from .slot import Slot, broadcast_from_rank0, current_slot, dist_info, in_dataloader_worker
+from .slot import Slot
 from ..core.snapshot import Snapshot
 from ..storage.local.sources import DirectorySource, ShardSource
 from .split import Assignment, split
+from .stage import EpochStage
 from .statedir import StateDirectory
 from .stats import EpochStats, epoch_stats, rank_quota
 from ..storage.local.watch import poll_interval
 
 log = logging.getLogger("wdsrefresh")
-
-SNAPSHOT_WAIT_SECONDS = 120.0  # how long a worker's load waits for worker 0 to publish the saved snapshot
-
 
 @dataclass
 class _Iteration:
@@ -49,16 +47,7 @@ class _Iteration:
     shuffle: dict | None = None  # a checkpointed .shuffle() buffer, re-read before the cursor's samples
 
 
-@dataclass(frozen=True)
-class _LoadedState:
-    """A checkpoint loaded into this consumer, waiting for the iteration that resumes it."""
-
-    resume: resuming.ResumeState
-    generation: int
-    state: dict
-
-
-class EpochSource:
+class EpochSource(EpochStage):
     """The first pipeline stage of ``mode="epoch"``; see the module docstring."""
 
     def __init__(self, source: Any, *, shardshuffle: bool, seed: int, options: ReadOptions,
@@ -71,16 +60,8 @@ class EpochSource:
         self.options = options
         self.partial = partial
         self.on_invalid = on_invalid
-        self.statedir = StateDirectory(state_dir)
-        rank, world_size = dist_info()
-        self.statedir.set_control(0, rank, world_size, bump=False)
-        self.current: Consumer | None = None
+        self._init_stage(StateDirectory(state_dir))
         self._resolver: Resolver | None = None
-        self._next: _Iteration | None = None  # prepared when an iterator is made
-        self._live: _Iteration | None = None  # running
-        self._loaded: _LoadedState | None = None
-        self._resumed: resuming.ResumeState | None = None  # the last state loaded here, for the epoch's length
-        self._loads = 0
         self._snapshot_doc: dict | None = None
         # watch: a DirectoryIndex in this process only (never in DataLoader workers), made lazily
         self.watch, self.poll, self.min_shards, self.timeout = watch, poll, min_shards, timeout
@@ -160,35 +141,9 @@ class EpochSource:
             index.close()
         self.source.close()
 
-    def set_epoch(self, epoch: int) -> Snapshot:
-        if self._resumed is not None and self._resumed.epoch != epoch:
-            self._resumed = None  # another epoch: the loaded state no longer says what remains
-        if self._loaded is not None and self._loaded.resume.epoch == epoch:
-            return self._publish_resumed(self._loaded.resume, self._loaded.state, force=True)
-        rank, world_size = dist_info()
-        previous = self.statedir.latest(before=epoch)
-        if world_size > 1:
-            snapshot = broadcast_from_rank0(lambda: self._resolve(epoch, previous))
-        else:
-            snapshot = self._resolve(epoch, previous)
-        with self.statedir.lock():
-            self.statedir.publish(snapshot)
-            self.statedir.set_control(epoch, rank, world_size)
-        return snapshot
-
-    def snapshot(self, epoch: int | None = None) -> Snapshot | None:
-        """The published snapshot of ``epoch`` (default: the latest)."""
-        return self.statedir.latest() if epoch is None else self.statedir.load(epoch)
-
-    def stats(self, epoch: int | None = None) -> EpochStats:
-        """Per-epoch statistics on this rank (default: the latest published epoch); see stats.py."""
-        snap = self.snapshot(epoch)
-        if snap is None:
-            raise LookupError(f"no snapshot published for epoch {epoch}")
-        control = self.statedir.control()
-        return epoch_stats(snap, self.statedir.latest(before=snap.epoch), self.statedir.read_stats(snap.epoch),
-                           rank=control["rank"], world_size=control["world_size"], partial=self.partial,
-                           name_of=self._name_of)
+    def _stats_of(self, snap: Snapshot, previous: Snapshot | None, records: list[dict], control: dict) -> EpochStats:
+        return epoch_stats(snap, previous, records, rank=control["rank"], world_size=control["world_size"],
+                           partial=self.partial, name_of=self.name_of)
 
     def shares(self, epoch: int, num_workers: int | None = None) -> list[int]:
         """The samples each of this rank's consumers yields in ``epoch`` (published) when read
@@ -208,49 +163,14 @@ class EpochSource:
         quota, _ = rank_quota(snapshot.nsamples if snapshot is not None else 0, rank, world_size, self.partial)
         return worker_shares(quota, num_workers or 0)
 
-    def _name_of(self, url: str) -> str:
+    def name_of(self, url: str) -> str:
         """A file's name as stats report it: relative to a directory source, else its base name."""
         if isinstance(self.source, DirectorySource):
             return os.path.relpath(url, self.source.path)
         return os.path.basename(url)
 
     # iterating, in each consumer
-    @property
-    def upcoming(self) -> Snapshot | None:
-        """The snapshot this consumer's prepared iteration reads (None when none is prepared)."""
-        return self._next.snapshot if self._next is not None else None
-
-    def prepare(self) -> None:
-        """Fixes this consumer's next iteration (epoch, snapshot, share) when its iterator is made."""
-        self._next = self._next_iteration()
-
-    def __call__(self):
-        it, self._next = self._next, None
-        if it is None:
-            it = self._next_iteration()
-        self._live = it
-        self.current = it.consumer
-        return self._samples(it)
-
-    def _snapshot_for(self, epoch: int, world_size: int) -> Snapshot:
-        snapshot = self.statedir.load(epoch)
-        if snapshot is not None:
-            return snapshot
-        if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError(
-                f"no snapshot published for epoch {epoch}: under torch.distributed call "
-                f"ds.set_epoch(epoch) in every rank before each epoch, so all ranks read the same shards"
-            )
-        return self.statedir.get_or_resolve(epoch, lambda previous: self._resolve(epoch, previous))
-
-    def _next_iteration(self) -> _Iteration:
-        control = self.statedir.control()
-        slot = current_slot(control["rank"], control["world_size"])
-        epoch, control = self.statedir.next_epoch_for(slot.worker, slot.num_workers)
-        resumed = self._resumed_iteration(epoch, control["generation"], slot)
-        if resumed is not None:
-            return resumed
-        snapshot = self._snapshot_for(epoch, slot.world_size)
+    def _fresh_iteration(self, epoch: int, slot: Slot, snapshot: Snapshot) -> _Iteration:
         assignment = split(snapshot, seed=self.seed, epoch=epoch, slot=slot, shuffle=self.shardshuffle,
                            partial=self.partial)
         return _Iteration(Consumer(slot, epoch, snapshot.id), snapshot, assignment, ReadStats(), Cursor())
@@ -281,27 +201,14 @@ class EpochSource:
         p = it.assignment.pieces[piece]
         return p.shard, p.start + offset - 1
 
-    def shuffle_resume(self) -> tuple[list[tuple[int, int]] | None, tuple | None]:
-        """What a resumed .shuffle() buffer takes back: (positions re-read first, rng state)."""
-        doc = self._live.shuffle if self._live is not None else None
-        if not doc:
-            return None, None
-        version, internal, gauss = doc["rng"]
-        return [tuple(p) for p in doc["buffer"]], (version, tuple(internal), gauss)
-
     # checkpoint and resume (the format and its guarantees: resume.py)
     def fingerprint(self) -> dict:
         return resuming.fingerprint(self.source.describe(), self.seed, self.shardshuffle, self.partial)
 
-    def state_dict(self, shuffle: dict | None = None, held: list | None = None) -> dict:
-        """This consumer's position in its epoch, as plain values (see resume.py); ``shuffle`` is
-        the checkpoint of a .shuffle() buffer between this stage and the consumer. ``held`` is
-        always empty here: an epoch's .batched() holds nothing when it yields."""
-        if self._next is None and self._live is None and self._loaded is not None:
-            return self._loaded.state
-        it = self._next or self._live
-        if it is None:
-            return resuming.make_state(self.fingerprint(), None, None, 1, 1, [])
+    def _state_before_any_epoch(self) -> dict:
+        return resuming.make_state(self.fingerprint(), None, None, 1, 1, [])
+
+    def _state_of(self, it: _Iteration, shuffle: dict | None) -> dict:
         slot = it.consumer.slot
         carry = slot.worker == 0  # one consumer per rank carries the snapshot; the others name it
         if self._snapshot_doc is None or (self._snapshot_doc["id"], "count" in self._snapshot_doc) != (
@@ -315,49 +222,14 @@ class EpochSource:
         return resuming.make_state(self.fingerprint(), it.consumer.epoch, self._snapshot_doc, slot.world_size,
                                    slot.num_workers, [position.as_dict()])
 
-    def load_state_dict(self, state: Any) -> None:
-        """Makes the next iteration resume the saved epoch where ``state`` left it. ``state`` may
-        also hold several consumers' states (a StatefulDataLoader's, or a list of every rank's):
-        they are merged, so a different layout resumes without calling ``resume.merge``."""
-        if not (isinstance(state, dict) and "format" in state):
-            state = resuming.merge(state)
-        resume = resuming.parse(state, self.fingerprint(), self._published_snapshot)
-        self._next = self._live = None
-        self._resumed = resume
-        if resume is None:
-            self._loaded = None
-            return
-        self._publish_resumed(resume, state, force=self._loads > 0)
-        self._loads += 1
-        if not in_dataloader_worker():  # a restarted job's main process says what it resumes, once
-            control = self.statedir.control()
-            log.info("epoch %d: resuming snapshot %s saved by world size %d x %d workers, now rank %d of world "
-                     "size %d", resume.epoch, resume.snapshot.id, resume.world_size, resume.num_workers,
-                     control["rank"], control["world_size"])
+    def _merge(self, states: Any) -> dict:
+        return resuming.merge(states)
 
-    def _published_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        """The snapshot ``snapshot_id`` as published in the state directory: in a DataLoader worker,
-        waits (bounded) for worker 0, which carries it in its state, to publish it at its load."""
-        deadline = time.monotonic() + (SNAPSHOT_WAIT_SECONDS if in_dataloader_worker() else 0.0)
-        while True:
-            for epoch in sorted(self.statedir.published_epochs(), reverse=True):
-                snapshot = self.statedir.load(epoch)
-                if snapshot is not None and snapshot.id == snapshot_id:
-                    return snapshot
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.01)
+    def _parse(self, state: dict) -> resuming.ResumeState | None:
+        return resuming.parse(state, self.fingerprint(), self._published_snapshot)
 
-    def _publish_resumed(self, resume: resuming.ResumeState, state: dict, force: bool) -> Snapshot:
-        """Publishes the saved snapshot as its epoch's and makes that epoch the next one iterated."""
-        snapshot = replace(resume.snapshot, epoch=resume.epoch)
-        with self.statedir.lock():
-            published = self.statedir.load(resume.epoch)
-            if published is None or published.id != snapshot.id:
-                self.statedir.publish(snapshot)
-            generation = self.statedir.restart_at(resume.epoch, resume.token, force)
-        self._loaded = _LoadedState(resume, generation, state)
-        return snapshot
+    def _saved_snapshot(self, resume: resuming.ResumeState) -> Snapshot:
+        return replace(resume.snapshot, epoch=resume.epoch)
 
     def _saved_split(self, resume: resuming.ResumeState):
         """The split of the saved epoch, for a slot of the saved layout."""
@@ -367,11 +239,7 @@ class EpochSource:
 
         return assignment_of
 
-    def _resumed_iteration(self, epoch: int, generation: int, slot: Slot) -> _Iteration | None:
-        loaded, self._loaded = self._loaded, None
-        if loaded is None or loaded.generation != generation or loaded.resume.epoch != epoch:
-            return None
-        resume = loaded.resume
+    def _resumed_iteration(self, resume: resuming.ResumeState, epoch: int, slot: Slot) -> _Iteration:
         start = resuming.restart(resume, self._saved_split(resume), slot, partial=self.partial)
         stats = resuming.read_stats(start.stats, ReadStats)
         log.info("epoch %d rank %d worker %d: resuming at piece %d, sample %d of %d pieces", epoch, slot.rank,

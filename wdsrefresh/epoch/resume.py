@@ -330,46 +330,47 @@ def _triples(value: object, width: int, where: str) -> list[list]:
     return [list(flat[i:i + width]) for i in range(0, len(flat), width)]
 
 
-def merge(states: object) -> dict:
+def merge(states: object, *, carrier: str = "snapshot", carried: str = "count") -> dict:
     """One state holding every consumer found in ``states``.
 
     ``states`` may be a dataset state, a StatefulDataLoader state (its per-worker dataset states
     are found inside it), or a list of either (for instance one per rank). All must come from
     the same epoch and snapshot. Load the result with ``ds.load_state_dict()`` before building a
-    new DataLoader, to resume with a different num_workers or world size.
+    new DataLoader, to resume with a different num_workers or world size. ``carrier``: the key of
+    what worker 0 carries whole (with ``carried`` in it) and the others name by id (a mix: "mix").
     """
-    found = list(_find(states))
+    found = list(find_states(states))
     if not found:
         raise ResumeError("no wdsrefresh state found in the given object")
     started = [s for s in found if s.get("epoch") is not None]
     if not started:
         return found[0]
     first = started[0]
-    key = lambda s: (s.get("epoch"), (s.get("snapshot") or {}).get("id"), s.get("world_size"),  # noqa: E731
-                     s.get("num_workers"), s.get("source"), s.get("seed"))
+    key = lambda s: (s.get("epoch"), (s.get(carrier) or {}).get("id"), s.get("world_size"),  # noqa: E731
+                     s.get("num_workers"), s.get("source"), s.get("seed"), s.get("mode"))
     consumers = []
     for s in started:
         if key(s) != key(first):
             raise ResumeError(
                 f"states from different epochs or layouts cannot be merged: "
-                f"epoch/snapshot/world/workers {key(first)[:4]} vs {key(s)[:4]}"
+                f"epoch/{carrier}/world/workers {key(first)[:4]} vs {key(s)[:4]}"
             )
         consumers.extend(s.get("consumers") or [])
-    carriers = [s["snapshot"] for s in started if isinstance(s.get("snapshot"), dict) and "count" in s["snapshot"]]
-    snapshot = carriers[0] if carriers else first.get("snapshot")
-    return {**first, "snapshot": snapshot, "consumers": consumers}
+    carriers = [s[carrier] for s in started if isinstance(s.get(carrier), dict) and carried in s[carrier]]
+    return {**first, carrier: carriers[0] if carriers else first.get(carrier), "consumers": consumers}
 
 
-def _find(obj: object) -> Iterator[dict]:
+def find_states(obj: object) -> Iterator[dict]:
+    """Every wdsrefresh state in ``obj`` (a state, a loader's state holding some, lists of them)."""
     if isinstance(obj, dict):
         if obj.get("format") == FORMAT:
             yield obj
             return
         for value in obj.values():
-            yield from _find(value)
+            yield from find_states(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _find(value)
+            yield from find_states(value)
 
 
 # ---------------------------------------------------------------------------- where to restart
@@ -505,7 +506,7 @@ def stream_state(source: str, consumers: list[dict]) -> dict:
 def parse_stream(states: object, source: str) -> StreamResume:
     """Every stream consumer's position found in ``states`` (one state, a loader's, a list), checked
     against the stream's source; the union is what a resumed stream skips, on any layout."""
-    found = [s for s in _find(states)]
+    found = [s for s in find_states(states)]
     if not found:
         raise ResumeError("no wdsrefresh state found in the given object")
     done: set[str] = set()

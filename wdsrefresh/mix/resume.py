@@ -28,13 +28,14 @@ raises ResumeError naming it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy
 
 from ..epoch.resume import FORMAT, VERSION, WHOLE_STATE, ResumeError, remaining
+from ..epoch.resume import merge as merge_states
 from ..epoch.slot import Slot
 from ..core.columns import pack_int64, unpack_int64
 from ..epoch.split import Piece, slot_range
@@ -274,35 +275,7 @@ def _shuffle(doc: object, where: str, mix: MixSnapshot) -> dict | None:
 def merge(states: object) -> dict:
     """One mix state holding every consumer found in ``states`` (a loader's state, a list of
     every rank's), the mix carried by whichever worker 0 state is among them."""
-    found = list(_find(states))
-    if not found:
-        raise ResumeError("no wdsrefresh state found in the given object")
-    started = [s for s in found if s.get("epoch") is not None]
-    if not started:
-        return found[0]
-    first = started[0]
-    key = lambda s: (s.get("epoch"), (s.get("mix") or {}).get("id"), s.get("world_size"),  # noqa: E731
-                     s.get("num_workers"), s.get("mode"))
-    consumers = []
-    for s in started:
-        if key(s) != key(first):
-            raise ResumeError(f"states from different epochs or layouts cannot be merged: "
-                              f"epoch/mix/world/workers {key(first)[:4]} vs {key(s)[:4]}")
-        consumers.extend(s.get("consumers") or [])
-    carriers = [s["mix"] for s in started if isinstance(s.get("mix"), dict) and "sources" in s["mix"]]
-    return {**first, "mix": carriers[0] if carriers else first.get("mix"), "consumers": consumers}
-
-
-def _find(obj: object) -> Iterator[dict]:
-    if isinstance(obj, dict):
-        if obj.get("format") == FORMAT:
-            yield obj
-        else:
-            for value in obj.values():
-                yield from _find(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _find(value)
+    return merge_states(states, carrier="mix", carried="sources")
 
 
 # ---------------------------------------------------------------------------- where to restart

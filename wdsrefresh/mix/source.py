@@ -13,21 +13,19 @@ source. Every sample carries ``__source__``, its source's name.
 from __future__ import annotations
 
 import logging
-import os
-import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..epoch.epochs import SNAPSHOT_WAIT_SECONDS, EpochSource
+from ..epoch.epochs import EpochSource
 from ..pipeline.length import worker_shares
 from ..epoch.reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
 from ..epoch.resume import read_stats
 from ..epoch.feed import Consumer
-from ..epoch.slot import Slot, broadcast_from_rank0, current_slot, dist_info, in_dataloader_worker
+from ..epoch.slot import Slot, dist_info, in_dataloader_worker
+from ..epoch.stage import EpochStage
 from ..core.snapshot import Snapshot
-from ..storage.local.sources import DirectorySource
 from ..epoch.split import Assignment, slot_range
 from . import resume as resuming
 from .config import MixConfig, parse
@@ -53,7 +51,7 @@ class MixSources:
 @dataclass
 class _Iteration:
     consumer: Consumer
-    mix: MixSnapshot
+    snapshot: MixSnapshot
     share: resuming.Share
     stats: dict[str, ReadStats]
     cursors: dict[str, Cursor]
@@ -67,15 +65,10 @@ class _Iteration:
         return sum(s.yielded + s.padded for s in self.stats.values()) + self.dry
 
 
-@dataclass(frozen=True)
-class _Loaded:
-    resume: resuming.MixResume
-    generation: int
-    state: dict
-
-
-class MixSource:
+class MixSource(EpochStage):
     """The first pipeline stage of a mix; see the module docstring."""
+
+    _KIND = "mix"
 
     def __init__(self, sources: Mapping, *, weights: Any = None, epoch_size: Any = None, repeat: Any = None,
                  shardshuffle: bool, seed: int, options: ReadOptions, partial: bool, state_dir: str | None,
@@ -95,16 +88,8 @@ class MixSource:
                 timeout=timeout, on_invalid=on_invalid,
                 storage_options=own.get("storage_options", storage_options if _remote(m.spec) else None))
         self.source = MixSources(self.members)
-        self.statedir = MixStateDirectory(state_dir)
-        rank, world_size = dist_info()
-        self.statedir.set_control(0, rank, world_size, bump=False)
-        self.current: Consumer | None = None
-        self._next: _Iteration | None = None
-        self._live: _Iteration | None = None
-        self._loaded: _Loaded | None = None
-        self._resumed: resuming.MixResume | None = None
+        self._init_stage(MixStateDirectory(state_dir))
         self._ghosts: dict[str, Any] = {}  # sources of a loaded state no longer in the mix: their stores
-        self._loads = 0
         self._mix_doc: tuple[str, bool, dict] | None = None
         weakref.finalize(self, self.statedir.cleanup)
 
@@ -154,34 +139,9 @@ class MixSource:
             log.info("%s", mix.describe(previous))
         return mix
 
-    def set_epoch(self, epoch: int) -> MixSnapshot:
-        if self._resumed is not None and self._resumed.epoch != epoch:
-            self._resumed = None
-        if self._loaded is not None and self._loaded.resume.epoch == epoch:
-            return self._publish_resumed(self._loaded.resume, self._loaded.state, force=True)
-        rank, world_size = dist_info()
-        previous = self.statedir.latest(before=epoch)
-        if world_size > 1:
-            mix = broadcast_from_rank0(lambda: self._resolve(epoch, previous))
-        else:
-            mix = self._resolve(epoch, previous)
-        with self.statedir.lock():
-            self.statedir.publish(mix)
-            self.statedir.set_control(epoch, rank, world_size)
-        return mix
-
-    def snapshot(self, epoch: int | None = None) -> MixSnapshot | None:
-        """The published MixSnapshot of ``epoch`` (default: the latest)."""
-        return self.statedir.latest() if epoch is None else self.statedir.load(epoch)
-
-    def stats(self, epoch: int | None = None):
-        mix = self.snapshot(epoch)
-        if mix is None:
-            raise LookupError(f"no snapshot published for epoch {epoch}")
-        control = self.statedir.control()
-        return mix_epoch_stats(mix, self.statedir.latest(before=mix.epoch), self.statedir.read_stats(mix.epoch),
-                               rank=control["rank"], world_size=control["world_size"], partial=self.partial,
-                               name_of={n: _name_of(m) for n, m in self.members.items()})
+    def _stats_of(self, mix: MixSnapshot, previous: MixSnapshot | None, records: list[dict], control: dict):
+        return mix_epoch_stats(mix, previous, records, rank=control["rank"], world_size=control["world_size"],
+                               partial=self.partial, name_of={n: m.name_of for n, m in self.members.items()})
 
     def shares(self, epoch: int, num_workers: int | None = None) -> list[int]:
         """The samples each of this rank's consumers yields in ``epoch`` (see EpochSource.shares)."""
@@ -198,38 +158,7 @@ class MixSource:
         return worker_shares(hi - lo, num_workers or 0)
 
     # iterating, in each consumer
-    @property
-    def upcoming(self) -> MixSnapshot | None:
-        return self._next.mix if self._next is not None else None
-
-    def prepare(self) -> None:
-        self._next = self._next_iteration()
-
-    def __call__(self):
-        it, self._next = self._next, None
-        if it is None:
-            it = self._next_iteration()
-        self._live = it
-        self.current = it.consumer
-        return self._samples(it)
-
-    def _mix_for(self, epoch: int, world_size: int) -> MixSnapshot:
-        mix = self.statedir.load(epoch)
-        if mix is not None:
-            return mix
-        if world_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError(f"no snapshot published for epoch {epoch}: under torch.distributed call "
-                               f"ds.set_epoch(epoch) in every rank before each epoch, so all ranks read the same mix")
-        return self.statedir.get_or_resolve(epoch, lambda previous: self._resolve(epoch, previous))
-
-    def _next_iteration(self) -> _Iteration:
-        control = self.statedir.control()
-        slot = current_slot(control["rank"], control["world_size"])
-        epoch, control = self.statedir.next_epoch_for(slot.worker, slot.num_workers)
-        resumed = self._resumed_iteration(epoch, control["generation"], slot)
-        if resumed is not None:
-            return resumed
-        mix = self._mix_for(epoch, slot.world_size)
+    def _fresh_iteration(self, epoch: int, slot: Slot, mix: MixSnapshot) -> _Iteration:
         return _Iteration(Consumer(slot, epoch, mix.id), mix, resuming.share_of(mix, slot),
                           {n: ReadStats() for n in mix.plans}, {n: Cursor() for n in mix.plans})
 
@@ -254,10 +183,10 @@ class MixSource:
 
     def _samples(self, it: _Iteration):
         slot = it.consumer.slot
-        names = list(it.mix.plans)
+        names = list(it.snapshot.plans)
         generators, takes = [], []
         for i, name in enumerate(names):
-            snap = it.mix.plans[name].snapshot
+            snap = it.snapshot.plans[name].snapshot
             options = self._options(name, slot, snap)
             g = read_assignment(snap, Assignment(slot, it.share.pieces[i], 0), options, it.stats[name],
                                 it.cursors[name])
@@ -292,7 +221,7 @@ class MixSource:
         for i, name in enumerate(names):
             positions = [(shard, index) for source, shard, index in buffer if source == i]
             if positions:
-                snap = it.mix.plans[name].snapshot
+                snap = it.snapshot.plans[name].snapshot
                 options = self._options(name, slot, snap)
                 for position, sample in zip(positions, read_positions(snap, positions, options)):
                     found[(i, *position)] = sample
@@ -309,7 +238,7 @@ class MixSource:
         if p < 0 or it.order is None:
             return None
         source = int(it.order[p])
-        name = list(it.mix.plans)[source]
+        name = list(it.snapshot.plans)[source]
         cursor, pieces = it.cursors[name], it.share.pieces[source]
         piece, offset = cursor.position(it.stats[name])
         if piece >= len(pieces) or offset < 1:
@@ -317,32 +246,23 @@ class MixSource:
         got = pieces[piece]
         return source, got.shard, got.start + offset - 1
 
-    def shuffle_resume(self):
-        doc = self._live.shuffle if self._live is not None else None
-        if not doc:
-            return None, None
-        version, internal, gauss = doc["rng"]
-        return [tuple(p) for p in doc["buffer"]], (version, tuple(internal), gauss)
-
     # checkpoint and resume (the format: mix/resume.py)
     def fingerprint(self) -> dict:
         return resuming.fingerprint(self.seed, self.shardshuffle, self.partial, self.specs)
 
-    def state_dict(self, shuffle: dict | None = None, held: list | None = None) -> dict:
-        if self._next is None and self._live is None and self._loaded is not None:
-            return self._loaded.state
-        it = self._next or self._live
-        if it is None:
-            return resuming.make_state(self.fingerprint(), None, None, 1, 1, [])
+    def _state_before_any_epoch(self) -> dict:
+        return resuming.make_state(self.fingerprint(), None, None, 1, 1, [])
+
+    def _state_of(self, it: _Iteration, shuffle: dict | None) -> dict:
         slot = it.consumer.slot
         carry = slot.worker == 0
-        if self._mix_doc is None or self._mix_doc[:2] != (it.mix.id, carry):
-            self._mix_doc = (it.mix.id, carry, resuming.mix_doc(it.mix, carry))
-        cursors = {n: it.cursors[n].position(it.stats[n]) for n in it.mix.plans}
+        if self._mix_doc is None or self._mix_doc[:2] != (it.snapshot.id, carry):
+            self._mix_doc = (it.snapshot.id, carry, resuming.mix_doc(it.snapshot, carry))
+        cursors = {n: it.cursors[n].position(it.stats[n]) for n in it.snapshot.plans}
         saved = resuming.SavedConsumer(slot.rank, slot.worker, it.dry, cursors,
-                                       {n: it.stats[n].as_dict() for n in it.mix.plans},
+                                       {n: it.stats[n].as_dict() for n in it.snapshot.plans},
                                        it.share if it.explicit else None, shuffle)
-        fp = {**self.fingerprint(), "sources": {**self._saved_specs(it.mix), **self.specs}}
+        fp = {**self.fingerprint(), "sources": {**self._saved_specs(it.snapshot), **self.specs}}
         return resuming.make_state(fp, it.consumer.epoch, self._mix_doc[2], slot.world_size, slot.num_workers,
                                    [saved.as_dict()])
 
@@ -350,9 +270,10 @@ class MixSource:
         """The specs of the sources an epoch reads, those no longer in the mix included."""
         return {n: p.spec for n, p in mix.plans.items()}
 
-    def load_state_dict(self, state: Any) -> None:
-        if not (isinstance(state, dict) and "format" in state):
-            state = resuming.merge(state)
+    def _merge(self, states: Any) -> dict:
+        return resuming.merge(states)
+
+    def _parse(self, state: dict) -> resuming.MixResume | None:
         fp = self.fingerprint()
         if isinstance(state, dict) and state.get("mode") == resuming.MODE and not in_dataloader_worker():
             gone, new = resuming.changed_names(state, fp["sources"])
@@ -362,46 +283,12 @@ class MixSource:
             if new:
                 log.warning("resuming a mix: source(s) %s are new; they are read from the epoch after the "
                             "interrupted one", new)
-        resume = resuming.parse(state, fp, self._published_mix)
-        self._next = self._live = None
-        self._resumed = resume
-        if resume is None:
-            self._loaded = None
-            return
-        self._publish_resumed(resume, state, force=self._loads > 0)
-        self._loads += 1
-        if not in_dataloader_worker():
-            control = self.statedir.control()
-            log.info("epoch %d: resuming mix %s saved by world size %d x %d workers, now rank %d of world size %d",
-                     resume.epoch, resume.mix.id, resume.world_size, resume.num_workers, control["rank"],
-                     control["world_size"])
+        return resuming.parse(state, fp, self._published_snapshot)
 
-    def _published_mix(self, mix_id_: str) -> MixSnapshot | None:
-        deadline = time.monotonic() + (SNAPSHOT_WAIT_SECONDS if in_dataloader_worker() else 0.0)
-        while True:
-            for epoch in sorted(self.statedir.published_epochs(), reverse=True):
-                mix = self.statedir.load(epoch)
-                if mix is not None and mix.id == mix_id_:
-                    return mix
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.01)
+    def _saved_snapshot(self, resume: resuming.MixResume) -> MixSnapshot:
+        return resume.mix
 
-    def _publish_resumed(self, resume: resuming.MixResume, state: dict, force: bool) -> MixSnapshot:
-        mix = resume.mix
-        with self.statedir.lock():
-            published = self.statedir.load(resume.epoch)
-            if published is None or published.id != mix.id:
-                self.statedir.publish(mix)
-            generation = self.statedir.restart_at(resume.epoch, resume.token, force)
-        self._loaded = _Loaded(resume, generation, state)
-        return mix
-
-    def _resumed_iteration(self, epoch: int, generation: int, slot: Slot) -> _Iteration | None:
-        loaded, self._loaded = self._loaded, None
-        if loaded is None or loaded.generation != generation or loaded.resume.epoch != epoch:
-            return None
-        resume = loaded.resume
+    def _resumed_iteration(self, resume: resuming.MixResume, epoch: int, slot: Slot) -> _Iteration:
         start = resuming.restart(resume, slot, self.partial)
         names = list(resume.mix.plans)
         stats = {n: read_stats(start.stats[n], ReadStats) if n in start.stats else ReadStats() for n in names}
@@ -423,14 +310,3 @@ def _remote(spec: object) -> bool:
     from ..storage.objects import is_remote
 
     return is_remote(spec) or (isinstance(spec, (list, tuple)) and bool(spec) and all(map(is_remote, spec)))
-
-
-def _name_of(member: EpochSource):
-    source = member.source
-
-    def name_of(url: str) -> str:
-        if isinstance(source, DirectorySource):
-            return os.path.relpath(url, source.path)
-        return os.path.basename(url)
-
-    return name_of
