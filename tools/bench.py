@@ -526,7 +526,7 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     if scale:
         lines += ["", f"Scale, {scale['shards']:,} one-sample shards (seconds): " + ", ".join(
             f"{k} {v:.3f}" for k, v in scale.items() if isinstance(v, float))]
-    lines += ["", "TARGETS (issue 17)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
+    lines += ["", "TARGETS (issues 17, 25)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
     for t in targets:
         limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
         lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
