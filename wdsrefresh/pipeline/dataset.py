@@ -41,6 +41,10 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
     ``world_size - 1`` left out, unless ``partial=True``); every rank yields the same number of
     samples; shard order is a pure function of (snapshot, seed, epoch). Samples are
     webdataset dicts, so ``.decode()``, ``.to_tuple()``, ``.batched()`` work as usual.
+
+    ``source`` may also be a dict of named sources, mixed with ``weights`` (and ``epoch_size``)
+    or ``repeat``: each source gives exactly its count per epoch, interleaved, rotating through
+    its samples; every sample carries ``__source__`` (see the README's "Mixing sources").
     """
 
     def __init__(
@@ -135,7 +139,8 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         self.close()
 
     def set_epoch(self, epoch: int, *, num_workers: int | None = None) -> Snapshot:
-        """Resolves the snapshot for ``epoch`` and makes it the one every consumer reads next.
+        """Resolves the snapshot for ``epoch`` and makes it the one every consumer reads next
+        (a ``MixSnapshot`` for a mix of sources: ``.sources``, ``.counts``).
 
         Under torch.distributed, call it in every rank (rank 0's snapshot is broadcast).
         Without it, each iteration advances the epoch by one. With ``stats_dir``, the stats of
