@@ -11,7 +11,7 @@ what one shard has given in the current cycle is a count (``done``: its first ``
 plus when it was last read (``last``: the source's read counter then; -1 never). A shard is known
 by its name below the source's root and a token of its content (digest, else ETag, else size and
 mtime), so a replaced shard is a new one, unread. Shards that left the source's snapshot leave the
-state: its size is bounded by the source's current shards, about 40 bytes plus the name each.
+state: its size is bounded by the source's current shards, about 25 bytes plus the name each.
 The cycle wraps when every sample of the snapshot was read in it.
 
 Everything here is a pure function of (snapshot, state, count, seed, epoch): rank 0 computes it
@@ -82,8 +82,11 @@ class Rotation:
 
 
 def shard_token(shard: ShardInfo) -> str:
-    """What tells two contents of one shard name apart (16 hex digits)."""
-    content = shard.digest or shard.etag or f"{shard.size}:{shard.mtime_ns}:{shard.nsamples}"
+    """What tells two contents of one shard name apart (16 hex digits): the tail of its content
+    digest, else a hash of its ETag, else of its size, mtime and count."""
+    if shard.digest:
+        return shard.digest[-16:]
+    content = shard.etag or f"{shard.size}:{shard.mtime_ns}:{shard.nsamples}"
     return hashlib.blake2b(content.encode(), digest_size=8).hexdigest()
 
 
@@ -163,15 +166,10 @@ class _State:
 
     def _priority(self, eligible) -> list[int]:
         """Shards never read first, newest (mtime) first; then the least recently read."""
-        shards = self.snapshot.shards
-
-        def key(j: int):
-            mark = self.marks[j]
-            if mark.last < 0:
-                return (0, -shards[j].mtime_ns, j)
-            return (1, mark.last, j)
-
-        return sorted((j for j in range(len(self.sizes)) if eligible(j)), key=key)
+        shards, marks = self.snapshot.shards, self.marks
+        keys = [(0, -shards[j].mtime_ns, j) if marks[j].last < 0 else (1, marks[j].last, j)
+                for j in range(len(self.sizes)) if eligible(j)]
+        return [j for _, _, j in sorted(keys)]
 
 
 def _ordered(pieces: list[Piece], snapshot: Snapshot, seed: int, epoch: int, name: str,
