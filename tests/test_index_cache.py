@@ -11,7 +11,7 @@ from shardutil import write_shard
 
 import wdsrefresh as wr
 from wdsrefresh.storage.local.index_cache import IndexCache, default_directory
-from wdsrefresh.storage.local.probe import Readiness
+from wdsrefresh.core.options import Readiness
 from wdsrefresh.storage.resolver import Resolver
 from wdsrefresh.storage.backend import make_source
 from wdsrefresh.storage.local.sources import DirectorySource

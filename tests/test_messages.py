@@ -8,7 +8,7 @@ import wdsrefresh as wr
 from wdsrefresh.cli import main
 from wdsrefresh.format.digest import BLOCK_SIZE
 from wdsrefresh.storage.backend import make_source
-from wdsrefresh.storage.local.sources import NoShardsError
+from wdsrefresh.storage.source import NoShardsError
 from wdsrefresh.write.pack import pack
 from s3fixtures import moto_server, s3, shard_bytes  # noqa: F401 - fixtures
 from shardutil import tar_bytes

@@ -11,7 +11,8 @@ import pytest
 import torch.utils.data
 
 import wdsrefresh as wr
-from wdsrefresh.storage.local.directory import DirectoryIndex, NotEnoughShardsError
+from wdsrefresh.storage.local.directory import DirectoryIndex
+from wdsrefresh.storage.waiting import NotEnoughShardsError
 from wdsrefresh.storage.local.inotify import Inotify
 from wdsrefresh.storage.resolver import Resolver
 from wdsrefresh.storage.local.sources import DirectorySource

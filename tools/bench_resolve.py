@@ -40,7 +40,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import wdsrefresh as wr  # noqa: E402
-from wdsrefresh.storage.local.probe import Readiness  # noqa: E402
+from wdsrefresh.core.options import Readiness  # noqa: E402
 from wdsrefresh.storage.resolver import Resolver  # noqa: E402
 from wdsrefresh.storage.local.sources import DirectorySource  # noqa: E402
 from wdsrefresh.format import manifest  # noqa: E402

@@ -285,6 +285,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ls(args: argparse.Namespace) -> int:
+    from .storage.backend import backend_for
     from .write.status import format_age
     from .write.verify import listing
 
@@ -305,7 +306,7 @@ def _run_ls(args: argparse.Namespace) -> int:
     if any(r.replaced for r in rows):
         print("(replaced): the shard is no longer the version its manifest entry describes (size, mtime or ETag "
               "differ): SAMPLES and DIGEST are the entry's, BYTES and AGE the current version's; `wdsrefresh "
-              f"verify {args.target}` checks it" + ("" if "://" in args.target else
+              f"verify {args.target}` checks it" + ("" if not backend_for(args.target).local else
                                                     ", `wdsrefresh index` rebuilds the manifest"))
     return 0
 
@@ -414,7 +415,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    from .storage.local.probe import DEFAULT_SETTLE
+    from .core.options import DEFAULT_SETTLE
 
     p = sub.add_parser(
         "status",

@@ -18,19 +18,19 @@ from typing import Any
 
 from . import resume as resuming
 from ..storage.backend import make_source
-from ..storage.local.directory import DirectoryIndex, resolve_waiting
-from ..pipeline.length import worker_shares
-from .reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
+from ..storage.local import DirectoryIndex, poll_interval
+from ..core.options import ReadOptions
+from .reading import Cursor, ReadStats, read_assignment, read_positions
 from ..storage.resolver import Resolver
 from .feed import Consumer
 from .slot import Slot
 from ..core.snapshot import Snapshot
-from ..storage.local.sources import DirectorySource, ShardSource
-from .split import Assignment, split
+from ..storage.source import ShardSource
+from ..storage.waiting import resolve_waiting
+from .split import Assignment, rank_quota, split, worker_shares
 from .stage import EpochStage
 from .statedir import StateDirectory
-from .stats import EpochStats, epoch_stats, rank_quota
-from ..storage.local.watch import poll_interval
+from .stats import EpochStats, epoch_stats
 
 log = logging.getLogger("wdsrefresh")
 
@@ -117,7 +117,7 @@ class EpochSource(EpochStage):
 
     def _watched_index(self) -> DirectoryIndex | None:
         """The watched index of the source, in the process that built the dataset (None elsewhere)."""
-        if not self.watch or os.getpid() != self._owner_pid or not isinstance(self.source, DirectorySource):
+        if not self.watch or os.getpid() != self._owner_pid or self.source.directory is None:
             return None
         if self._index is None:
             backend = self.watch if isinstance(self.watch, str) else "auto"
@@ -165,8 +165,8 @@ class EpochSource(EpochStage):
 
     def name_of(self, url: str) -> str:
         """A file's name as stats report it: relative to a directory source, else its base name."""
-        if isinstance(self.source, DirectorySource):
-            return os.path.relpath(url, self.source.path)
+        if self.source.directory is not None:
+            return os.path.relpath(url, self.source.directory)
         return os.path.basename(url)
 
     # iterating, in each consumer

@@ -10,27 +10,20 @@ number of samples and DDP does not hang.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
-from ..errors import WdsRefreshError
-from ..format.tario import MAX_SAMPLE_BYTES, Expected, ShardChangedError, ShardReader, TarError, open_shard
-from ..storage.local.probe import DEFAULT_SETTLE, Readiness, Ready, probe
-from ..storage.objects import is_remote
-from ..storage.objects import blocks as remote
-from ..storage.objects.s3 import ObjectReadError
+from ..core.options import ReadOptions
 from ..core.snapshot import ShardInfo, Snapshot
-from ..storage.local.sources import Candidate
+from ..errors import WdsRefreshError
+from ..format.tario import Expected, ShardChangedError, ShardReader, TarError
+from ..storage.backend import backend_for
 from .split import Assignment, Piece
 
 log = logging.getLogger("wdsrefresh")
 
-VERIFY_MODES = ("off", "inline", "strict")
-CHANGE_POLICIES = ("reload", "skip", "raise")
 _RECENT = 16  # samples kept for padding; only under equalize (torch.distributed)
 
 
@@ -39,7 +32,7 @@ class ReadStats:
     """What one consumer did in one epoch; shards are counted by url, so consumers' sets add up.
 
     ``bytes_read``, ``read_seconds`` and ``verify_seconds`` are the reader's IOCounters (per read
-    call and per hashed chunk of a file; per block of an object, see ``remote.reader.BlockFetcher``);
+    call and per hashed chunk of a file; per block of an object, see ``storage/objects/blocks.BlockFetcher``);
     ``started`` and ``ended`` are the wall-clock times at which the consumer began its share and
     finished it (0.0 until then). ``grown`` maps a shard reloaded with more samples than its
     snapshot counted to how many more (read from the next epoch on).
@@ -69,25 +62,6 @@ class ShardVanishedError(WdsRefreshError, FileNotFoundError):
 
 class StopConsumer(Exception):
     """The handler asked to stop reading (webdataset's handler returned False)."""
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    verify: str = "inline"
-    on_change: str = "reload"
-    handler: Callable[[BaseException], bool] | None = None
-    equalize: bool = True
-    settle: float = DEFAULT_SETTLE
-    max_sample_bytes: int = MAX_SAMPLE_BYTES
-    index_cache: str | None = None  # the persistent index cache's directory; None: none
-    # the object store a shard's URL is read through: its source's ``ShardSource.store_for``,
-    # set by each consumer from the source it holds (None: local files only)
-    store_for: Callable[[str], Any] | None = field(default=None, compare=False)
-
-    @property
-    def readiness(self) -> Readiness:
-        return Readiness(with_digest=self.verify != "off", settle=self.settle, max_sample_bytes=self.max_sample_bytes,
-                         index_cache=self.index_cache)
 
 
 @dataclass
@@ -132,7 +106,9 @@ def read_assignment(
                 piece = Piece(piece.shard, min(piece.start + cursor.offset, piece.stop), piece.stop)
             shard = snapshot.shards[piece.shard]
             if index + 1 < len(pieces):
-                prefetched.append(_prefetch(snapshot.shards[pieces[index + 1].shard], options))
+                upcoming = snapshot.shards[pieces[index + 1].shard]
+                backend = backend_for(upcoming.url)
+                prefetched.append((backend, backend.prefetch(upcoming, options)))
             for sample in _read_piece(shard, piece, options, stats):
                 recent.append(sample)
                 stats.yielded += 1
@@ -145,8 +121,8 @@ def read_assignment(
             stats.ended = time.time()
             return
     finally:  # an epoch ended or abandoned (generator closed) leaves no read-ahead running
-        for key in prefetched:
-            remote.discard(key)
+        for backend, key in prefetched:
+            backend.discard(key)
     shortfall = assignment.quota - stats.yielded - stats.padded
     if shortfall > 0 and options.equalize:
         if not recent:
@@ -226,6 +202,8 @@ def _pad(recent: deque, shortfall: int, assignment: Assignment, stats: ReadStats
 
 def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: ReadStats) -> Iterator[dict]:
     expected = shard.expected(with_digest=options.verify != "off")
+    backend = backend_for(shard.url)
+    failures = backend.read_failures
     count: int | None = shard.nsamples  # what the snapshot's version of the shard holds
     # the caller counts every sample it takes in stats.yielded: positions derive from it, so
     # this generator adds no work per sample
@@ -248,7 +226,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
             log.warning("%s: deleted after the snapshot; %d samples skipped", shard.url, piece.stop - position)
         except ShardChangedError as exn:
             position = stats.yielded - base
-            if _same_file(shard.path, expected):  # the content changed, the file did not: corruption
+            if backend.unchanged(shard, expected):  # the content changed, the version did not: corruption
                 _corrupt(_digest_mismatch(shard, exn), shard, piece.stop - position, options, stats)
                 return
             stats.replaced.add(shard.url)
@@ -262,7 +240,7 @@ def _read_piece(shard: ShardInfo, piece: Piece, options: ReadOptions, stats: Rea
                 count = None
                 continue
             log.warning("%s; %d samples skipped", exn, piece.stop - position)
-        except (TarError, ObjectReadError) as exn:  # corrupt, or an object store still failing after retries
+        except failures as exn:  # corrupt, or a store still failing after its retries
             position = stats.yielded - base
             _corrupt(exn, shard, piece.stop - position, options, stats)
             return
@@ -298,15 +276,7 @@ def _digest_mismatch(shard: ShardInfo, exn: ShardChangedError) -> DigestMismatch
                           stop=exn.stop)
 
 
-def _same_file(path: str, expected: Expected) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns, st.st_ino) == (expected.size, expected.mtime_ns, expected.inode or st.st_ino)
-
-
-def _corrupt(exn: TarError | ObjectReadError, shard: ShardInfo, unread: int, options: ReadOptions,
+def _corrupt(exn: BaseException, shard: ShardInfo, unread: int, options: ReadOptions,
              stats: ReadStats) -> None:
     """Counts a shard that cannot be read and asks the handler: re-raise, go on (the rest is
     skipped), or stop."""
@@ -320,14 +290,8 @@ def _corrupt(exn: TarError | ObjectReadError, shard: ShardInfo, unread: int, opt
 
 def _reindex(shard: ShardInfo, options: ReadOptions) -> tuple[Expected, int] | None:
     """What the shard's current content is, and how many samples it holds, if it is ready by
-    the one readiness rule (probe.py)."""
-    if is_remote(shard.url):
-        return remote.reload(_store(shard, options), shard.url, shard.name, options.max_sample_bytes)
-    outcome = probe(Candidate(shard.url, shard.path, name=shard.name), {shard.path: shard}, options.readiness)
-    if not isinstance(outcome, Ready):
-        return None
-    info = outcome.info
-    return Expected(info.size, info.mtime_ns, info.inode, info.digest, info.blocks), info.nsamples or 0
+    its backend's readiness rule."""
+    return backend_for(shard.url).reread(shard, options)
 
 
 def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, options: ReadOptions,
@@ -354,31 +318,9 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
         close()
 
 
-def _prefetch(shard: ShardInfo, options: ReadOptions) -> tuple | None:
-    """An object in a store is read from while the piece before it is parsed (local files: nothing);
-    the key ``remote.discard`` takes."""
-    if is_remote(shard.url):
-        return remote.prefetch(_store(shard, options), shard.url, shard.expected(with_digest=options.verify != "off"),
-                               shard.etag, shard.version_id)
-    return None
-
-
-def _store(shard: ShardInfo, options: ReadOptions) -> Any:
-    """The store of the source that listed ``shard`` (never one chosen by bucket or host: two
-    sources may name the same bucket on two endpoints)."""
-    store = options.store_for(shard.url) if options.store_for is not None else None
-    if store is None:
-        raise ValueError(f"{shard.url}: no object store to read it through; read it through the dataset whose "
-                         "source listed it")
-    return store
-
-
 def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,
           counters: ReadStats | None = None) -> tuple[ShardReader, Callable[[], None]]:
-    """A reader of ``shard`` as ``expected``, and what closes it: a local file, or an object read
-    pinned to its snapshot version (remote/reader.py); ``counters`` adds up what either costs."""
-    if is_remote(shard.url):  # refused, naming the URL, if the entry lost its ETag (never read unpinned)
-        return remote.open_object(_store(shard, options), shard.url, expected, shard.etag, shard.version_id,
-                                  max_sample_bytes=options.max_sample_bytes, counters=counters)
-    reader, fd = open_shard(shard.path, shard.url, expected, counters, max_sample_bytes=options.max_sample_bytes)
-    return reader, lambda: os.close(fd)
+    """A reader of ``shard`` as ``expected``, and what closes it, from the shard's backend (a
+    local file, or an object read pinned to its snapshot version); ``counters`` adds up what
+    either costs."""
+    return backend_for(shard.url).open(shard, expected, options, counters)

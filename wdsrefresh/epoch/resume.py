@@ -70,7 +70,7 @@ from ..errors import WdsRefreshError
 from .slot import Slot
 from ..core.snapshot import ShardInfo, Snapshot, snapshot_id
 from ..core.columns import pack_int64, unpack_int64
-from .split import ORDER, ORDERS, Assignment, Piece, slot_range
+from .split import ORDER, ORDERS, Assignment, Piece, left_out, slot_range
 
 log = logging.getLogger("wdsrefresh")
 
@@ -456,15 +456,15 @@ def restart(state: ResumeState, assignment_of, slot: Slot, partial: bool, warn: 
         unread.extend(c.buffered() + remaining(pieces_of(c), c.piece, c.offset))
     total = sum(p.count for p in unread)
     if slot.world_size != state.world_size:
-        left_out = 0 if partial else total % slot.world_size
-        if left_out and warn:
+        dropped = left_out(total, slot.world_size, partial)
+        if dropped and warn:
             log.warning("resume on %d ranks: %d of %d unread samples left out so ranks stay equal",
-                        slot.world_size, left_out, total)
-        lo, hi = slot_range(total - left_out, slot)
+                        slot.world_size, dropped, total)
+        lo, hi = slot_range(total - dropped, slot)
     else:  # the rank's own unread samples, among its new workers
-        left_out = 0
+        dropped = 0
         lo, hi = slot_range(total, Slot(0, 1, slot.worker, slot.num_workers))
-    return Restart(Assignment(slot, _slice(unread, lo, hi), left_out), 0, 0, {}, True)
+    return Restart(Assignment(slot, _slice(unread, lo, hi), dropped), 0, 0, {}, True)
 
 
 def _restart_in_place(state: ResumeState, slot: Slot, pieces_of, assignment_of) -> Restart:

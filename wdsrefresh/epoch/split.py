@@ -130,9 +130,28 @@ def split(
     counts = _sample_counts(snapshot)[indexes]
     offsets = numpy.concatenate(([0], numpy.cumsum(counts)))
     total = int(offsets[-1])
-    left_out = 0 if partial else total % slot.world_size
-    lo, hi = slot_range(total - left_out, slot)
-    return Assignment(slot, _pieces(indexes, offsets, lo, hi), left_out)
+    dropped = left_out(total, slot.world_size, partial)
+    lo, hi = slot_range(total - dropped, slot)
+    return Assignment(slot, _pieces(indexes, offsets, lo, hi), dropped)
+
+
+def left_out(total: int, world_size: int, partial: bool) -> int:
+    """How many of an epoch's ``total`` samples no rank reads: the last ``total % world_size``,
+    so that every rank reads as many; none under ``partial`` (ranks may then differ by one).
+    The one owner of this rule: the split, the stats and a resume on another world all ask it."""
+    return 0 if partial else total % world_size
+
+
+def rank_quota(total: int, rank: int, world_size: int, partial: bool) -> tuple[int, int]:
+    """(samples rank ``rank`` yields, samples no rank reads) of an epoch of ``total`` samples."""
+    dropped = left_out(total, world_size, partial)
+    lo, hi = even_ranges(total - dropped, world_size)[rank]
+    return hi - lo, dropped
+
+
+def worker_shares(samples: int, num_workers: int) -> list[int]:
+    """The samples each of a rank's ``num_workers`` consumers (0: one) reads of the rank's ``samples``."""
+    return [hi - lo for lo, hi in even_ranges(samples, max(1, num_workers))]
 
 
 def slot_range(total: int, slot: Slot) -> tuple[int, int]:

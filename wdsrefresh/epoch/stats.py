@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.snapshot import ShardInfo, Snapshot
-from .split import even_ranges
+from .split import rank_quota
 
 log = logging.getLogger("wdsrefresh")
 
@@ -207,13 +207,6 @@ def _same_content(a: ShardInfo, b: ShardInfo) -> bool:
 
 def shard_name(shard: ShardInfo) -> str:
     return shard.name or os.path.basename(shard.url)
-
-
-def rank_quota(total: int, rank: int, world_size: int, partial: bool) -> tuple[int, int]:
-    """(samples rank ``rank`` yields, samples no rank reads) of an epoch of ``total`` samples."""
-    left_out = 0 if partial else total % world_size
-    lo, hi = even_ranges(total - left_out, world_size)[rank]
-    return hi - lo, left_out
 
 
 def epoch_stats(snapshot: Snapshot, previous: Snapshot | None, records: Sequence[dict], *, rank: int,

@@ -34,17 +34,16 @@ from typing import Any
 from . import resume as resuming
 from ..storage.backend import make_source
 from ..format.atomic import write_atomic
-from ..storage.local.inotify import Change
-from ..storage.local.probe import Pending, Rejected, WriterSignals
-from .reading import ReadOptions, ReadStats, read_shard
-from ..storage.objects.source import ObjectSource
+from ..core.candidate import Pending, Rejected
+from ..storage.local import Change, DirectorySource, Watcher, WriterSignals, poll_interval, watch_or_poll
+from ..core.options import ReadOptions
+from .reading import ReadStats, read_shard
 from ..storage.resolver import Resolver
 from .feed import Consumer
 from .slot import Slot, current_slot, dist_info, loader_exit_event
 from ..core.snapshot import FileId, ShardInfo, Snapshot
-from ..storage.local.sources import DirectorySource, NoShardsError
+from ..storage.source import NoShardsError
 from .statedir import StateDirectory
-from ..storage.local.watch import Watcher, poll_interval, watch_or_poll
 
 log = logging.getLogger("wdsrefresh")
 
@@ -109,11 +108,10 @@ class StreamSource:
                  poll: bool | float = False, seed: int = 0, rescan_interval: float = DEFAULT_STREAM_RESCAN,
                  equal_ranks: bool = True):
         self.source = make_source(source)
-        if not isinstance(self.source, DirectorySource):
-            hint = (': objects are read with mode="epoch", which lists the store again at every epoch'
-                    if isinstance(self.source, ObjectSource) else "")
+        if self.source.directory is None:
             raise ValueError(f'mode="stream" reads a local directory (it follows file events), not '
-                             f'{self.source.describe()}{hint}')
+                             f'{self.source.describe()}: other sources are read with mode="epoch", which '
+                             f'lists them again at every epoch')
         self.options = replace(options, equalize=False)
         self.seed = seed
         self.poll = poll

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from ..errors import WdsRefreshError
 from .atomic import write_atomic
 from .digest import BLOCK_SIZE, new_hasher
+from .names import join_url, split_url
 
 KIND = "wids-shard-index-v1"
 DEFAULT_NAME = "manifest.json"
@@ -49,7 +50,6 @@ _MAX_DEFLATE_RATIO = 1032  # deflate never expands its input more than this on d
 _BLOCK_DIGEST_HEX = 16  # one xxh3_64 block digest, in hex
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _DIGEST_HEX: dict[str, int] = {}  # hex digits of a digest, by algorithm
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a URL, not a path
 
 
 class ManifestError(WdsRefreshError, ValueError):
@@ -108,7 +108,7 @@ def parse(doc: object, path: str, base: str, *, contained: bool = False,
             errors.append((i, ManifestError(f"{path}: {_where(i, item)}: {exn}")))
     first: dict[str, int] = {}
     repeated: set[str] = set()
-    file_key = _file_key if _SCHEME.match(base) else _local_key(base)
+    file_key = _file_key if split_url(base) else _local_key(base)
     keys = [file_key(entry.url, base) for _, entry in checked]
     for (i, entry), key in zip(checked, keys):
         if key in first:
@@ -235,7 +235,7 @@ def _url(url: object, contained: bool) -> str:
         raise _BadField("url", "contains a NUL character")
     if contained and not is_plain_name(url):
         norm = os.path.normpath(url)
-        if os.path.isabs(url) or _SCHEME.match(url) or norm in (".", "..") or norm.startswith("../"):
+        if os.path.isabs(url) or split_url(url) or norm in (".", "..") or norm.startswith("../"):
             raise _BadField("url", "expected a relative path inside the manifest's directory "
                             "(a directory's own manifest lists only its shards)")
     return url
@@ -314,9 +314,10 @@ def _local_key(base: str):
 
 def _file_key(url: str, base: str) -> str:
     """What tells two entries apart: the file a url names (relative urls against ``base``)."""
-    if _SCHEME.match(url):
+    if split_url(url):
         return url
-    if _SCHEME.match(base):  # a manifest in an object store: keys are "/"-separated, whatever the OS
-        scheme, _, root = base.partition("://")
-        return f"{scheme}://{posixpath.normpath(posixpath.join(root, url))}"
+    in_store = split_url(base)
+    if in_store:  # a manifest in an object store: keys are "/"-separated, whatever the OS
+        scheme, root = in_store
+        return join_url(scheme, posixpath.normpath(posixpath.join(root, url)))
     return os.path.normpath(os.path.join(base, url))

@@ -1,4 +1,5 @@
-"""Which file names are shards, which are still being written, and how members group into samples."""
+"""Which file names are shards, which are still being written, how members group into samples,
+and where a URL's scheme ends (the syntax only: ``storage.backend`` decides what a scheme reads)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
 TEMPORARY_PATTERNS = (".*", "*.tmp", "*.part", "*~", "_tmp*", "*.partial")
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 _TEMPORARY = re.compile("|".join(fnmatch.translate(p) for p in TEMPORARY_PATTERNS))
@@ -32,3 +34,14 @@ def split_key(fname: str) -> tuple[str | None, str | None]:
         return (fname[:dot], fname[dot + 1 :]) if dot > 0 else (None, None)
     match = _KEY_RE.match(fname)
     return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def split_url(name: str) -> tuple[str, str] | None:
+    """(scheme, rest) of a URL: ``"s3://b/k"`` -> ``("s3", "b/k")``; None for a path."""
+    match = _URL_RE.match(name)
+    return (match.group(1), name[match.end():]) if match else None
+
+
+def join_url(scheme: str, rest: str) -> str:
+    """The URL of ``scheme`` and ``rest``: ``split_url``'s inverse."""
+    return f"{scheme}://{rest}"

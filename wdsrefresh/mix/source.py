@@ -19,14 +19,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..epoch.epochs import EpochSource
-from ..pipeline.length import worker_shares
-from ..epoch.reading import Cursor, ReadOptions, ReadStats, read_assignment, read_positions
+from ..core.options import ReadOptions
+from ..epoch.reading import Cursor, ReadStats, read_assignment, read_positions
 from ..epoch.resume import read_stats
 from ..epoch.feed import Consumer
 from ..epoch.slot import Slot, dist_info, in_dataloader_worker
 from ..epoch.stage import EpochStage
 from ..core.snapshot import Snapshot
-from ..epoch.split import Assignment, slot_range
+from ..epoch.split import Assignment, slot_range, worker_shares
 from . import resume as resuming
 from .config import MixConfig, parse
 from .plan import epoch_counts
@@ -307,6 +307,7 @@ def _asked(cfg: MixConfig, name: str) -> bool:
 
 def _remote(spec: object) -> bool:
     """Whether ``spec`` names objects (the dataset's storage_options are their default)."""
-    from ..storage.objects import is_remote
+    from ..storage.backend import backend_for
 
-    return is_remote(spec) or (isinstance(spec, (list, tuple)) and bool(spec) and all(map(is_remote, spec)))
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    return bool(specs) and not any(backend_for(s).local for s in specs)

@@ -14,18 +14,16 @@ from .compat import argument_names, check_ported, shard_shuffle
 from ..epoch.epochs import EpochSource, EpochStats
 from ..format.tario import MAX_SAMPLE_BYTES
 from ..mix.config import is_mix
-from ..storage.local.index_cache import cache_directory
+from ..storage.local import WATCHERS, cache_directory
 from .length import Batching, EpochLengthUnknown, LengthHints, find_batching, rank_items
-from ..storage.local.probe import DEFAULT_SETTLE
-from ..epoch.reading import CHANGE_POLICIES, VERIFY_MODES, ReadOptions
+from ..core.options import CHANGE_POLICIES, DEFAULT_SETTLE, VERIFY_MODES, ReadOptions
 from ..storage.resolver import INVALID_POLICIES
 from ..epoch.feed import SampleSource
 from .batching import DEFAULT_PARTIAL_AFTER, Batched
 from .shuffle import EpochShuffle
 from ..core.snapshot import Snapshot
-from ..storage.local.sources import NoShardsError
+from ..storage.source import NoShardsError
 from ..epoch.stats import StatsRecorder, gather
-from ..storage.local.watch import BACKENDS
 
 log = logging.getLogger("wdsrefresh")
 
@@ -84,7 +82,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
         _check_choice("on_change", on_change, CHANGE_POLICIES)
         _check_choice("mode", mode, MODES)
         if not isinstance(watch, bool):
-            _check_choice("watch", watch, BACKENDS)
+            _check_choice("watch", watch, WATCHERS)
         _check_choice("on_invalid", on_invalid, INVALID_POLICIES)
         if settle < 0:
             raise ValueError(f"settle={settle!r}: expected seconds >= 0")

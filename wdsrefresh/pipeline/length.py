@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import WdsRefreshError
-from ..epoch.split import even_ranges
 
 
 class EpochLengthUnknown(WdsRefreshError, TypeError):
@@ -71,11 +70,6 @@ class LengthHints:
 
     epoch: int | None = None
     num_workers: int | None = None
-
-
-def worker_shares(samples: int, num_workers: int) -> list[int]:
-    """The samples each of a rank's ``num_workers`` consumers (0: one) reads of the rank's ``samples``."""
-    return [hi - lo for lo, hi in even_ranges(samples, max(1, num_workers))]
 
 
 def rank_items(shares: Sequence[int], batching: Batching | None) -> int:

@@ -1,26 +1,52 @@
-"""The one place that maps a source argument to where its shards are: local files or objects.
+"""The one place that reads a URL scheme: a source spec or a shard's URL to its Backend.
 
-``make_source`` turns what a user passes (a directory, glob, brace pattern, manifest, file, a
-list of them, ``s3://`` or ``https://`` URLs, or a ShardSource) into a ShardSource. URLs make a
-``remote.source.ObjectSource``, imported only then: a job that reads local files never loads
-the object-store modules through here.
+``backend_for`` maps a path (or a ``file://``-less string) to local files and a URL to the
+object-store backend of its scheme, importing that backend only then: a job that reads local
+files never loads the object-store modules. ``make_source`` turns what a user passes (a
+directory, glob, brace pattern, manifest, file, a list of them, ``s3://`` or ``https://`` URLs,
+or a ShardSource) into a ShardSource through it.
 """
 
 from __future__ import annotations
 
-from .objects import is_remote
-from .local.sources import ListSource, ShardSource, local_source
+import os
+
+from ..format.names import split_url
+from .interface import Backend
+from .source import ListSource, ShardSource
+
+def backend_for(spec: object) -> Backend:
+    """The backend of ``spec``: a path or a shard's URL (a ``scheme://`` URL is an object's,
+    even of a scheme no backend reads: that backend's source says why)."""
+    url = split_url(spec) if isinstance(spec, str) else None
+    if url is None:
+        from .local.backend import LOCAL_FILES
+
+        return LOCAL_FILES
+    from .objects.backend import objects_backend
+
+    return objects_backend(url[0].lower())
+
+
+def local_path(spec: str) -> str | None:
+    """``spec`` as a local path: itself, or a ``file://`` URL's path; None for any other URL."""
+    url = split_url(spec)
+    if url is None:
+        return spec
+    return url[1] if url[0].lower() == "file" else None
 
 
 def make_source(spec: object, storage_options: dict | None = None) -> ShardSource:
     """A ShardSource for ``spec``; ``storage_options`` go to the object source of ``s3://`` and
     ``https://`` URLs (a list of URLs makes one source), and are refused for anything else."""
-    if is_remote(spec) or (isinstance(spec, (list, tuple)) and spec and all(map(is_remote, spec))):
-        from .objects.source import ObjectSource
-
-        return ObjectSource(spec, storage_options=storage_options)
-    if storage_options is not None:
-        raise TypeError(f"storage_options apply to s3:// and https:// URLs, not to {spec!r}")
+    if isinstance(spec, ShardSource) and storage_options is None:
+        return spec
+    if isinstance(spec, (list, tuple)) and spec:
+        backends = [backend_for(s) for s in spec]
+        if not any(b.local for b in backends):  # URLs: listed together, by one source
+            return backends[0].source(list(spec), storage_options)
     if isinstance(spec, (list, tuple)):
+        if storage_options is not None:
+            raise TypeError(f"storage_options apply to s3:// and https:// URLs, not to {spec!r}")
         return ListSource(make_source(s) for s in spec)
-    return local_source(spec)
+    return backend_for(os.fspath(spec) if isinstance(spec, os.PathLike) else spec).source(spec, storage_options)

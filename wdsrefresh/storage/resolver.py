@@ -6,11 +6,13 @@ import logging
 import os
 from collections.abc import Mapping
 
-from ..format.names import SHARD_PATTERNS
-from .local.index_cache import IndexCache
-from .local.probe import Outcome, Pending, Readiness, Ready, Rejected, probe
+from ..core.candidate import Candidate, Outcome, Pending, Ready, Rejected
+from ..core.options import Readiness
 from ..core.snapshot import FileId, ShardInfo, Snapshot, snapshot_id
-from .local.sources import Candidate, DirectorySource, NoShardsError, ShardSource
+from ..format.names import SHARD_PATTERNS
+from .backend import backend_for
+from .local.index_cache import IndexCache
+from .source import NoShardsError, ShardSource
 
 log = logging.getLogger("wdsrefresh")
 
@@ -41,7 +43,8 @@ class Resolver:
                 self.known.setdefault(shard.path, shard)
 
     def probe(self, cand: Candidate, st=None, seen: str | None = None) -> Outcome:
-        return probe(cand, self.known, self.rules, st=st, seen=seen, cache=self.cache)
+        """What ``cand`` is now, by its backend's readiness rule."""
+        return backend_for(cand.url).ready(cand, self.known, self.rules, st=st, seen=seen, cache=self.cache)
 
     def flush_cache(self, force: bool = True) -> None:
         """Writes what was indexed to the persistent index cache (``force=False``: at most every 30 s)."""
@@ -83,7 +86,7 @@ class Resolver:
     def check_found_any(self) -> None:
         """The source named no file at all: NoShardsError, unless it is a directory that exists
         (a producer may not have started yet: an empty epoch, which the caller reports)."""
-        if not isinstance(self.source, DirectorySource) or not os.path.isdir(self.source.path):
+        if self.source.directory is None or not os.path.isdir(self.source.directory):
             raise NoShardsError(f"{self.source.describe()} matches no shard ({', '.join(SHARD_PATTERNS)})")
 
     def report_pending(self, pending: Mapping[str, Pending]) -> None:

@@ -53,6 +53,7 @@ from ..format.atomic import dead_temporaries, unlink_quietly, write_atomic
 from ..format.manifest import FRAGMENTS_DIR, ManifestEntry
 from ..format.names import is_shard_name
 from ..format.tario import index_shard
+from ..storage.backend import backend_for
 from . import publish
 
 NUMBERS_KEY = ".wdsrefresh/numbers.json"  # on object stores: the next free shard number of each prefix
@@ -83,13 +84,14 @@ def open_destination(out: str | Destination, storage_options: dict | None = None
     """``out`` as a Destination: an ``s3://bucket/prefix/`` URL or a local directory."""
     if isinstance(out, Destination):
         return out
-    from ..storage.objects import is_remote
-
-    if is_remote(out):
-        return S3Destination(out, storage_options, **options)
-    if storage_options:
-        raise DestinationError(f"{out}: storage options apply to s3:// URLs, not to a local directory")
-    return LocalDestination(out)
+    backend = backend_for(out)
+    if backend.name not in DESTINATIONS:
+        raise DestinationError(f"{out}: only s3:// URLs and local directories can be written")
+    if backend.local:
+        if storage_options:
+            raise DestinationError(f"{out}: storage options apply to s3:// URLs, not to a local directory")
+        return LocalDestination(out)
+    return DESTINATIONS[backend.name](out, storage_options, **options)
 
 
 class Destination:
@@ -298,14 +300,14 @@ class LocalDestination(Destination):
 
 
 class S3Destination(Destination):
-    """``s3://bucket/prefix/``; ``storage_options`` as ``remote.store.Store`` takes them. The
+    """``s3://bucket/prefix/``; ``storage_options`` as ``storage/objects/s3.Store`` takes them. The
     boto3 client is made on first use in each process (never pickled)."""
 
     remote = True
 
     def __init__(self, url: str, storage_options: dict | None = None,
                  multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD, part_size: int = DEFAULT_PART_SIZE):
-        from ..storage.objects.s3 import ObjectUrl, Store
+        from ..storage.objects import ObjectUrl, Store
 
         where = ObjectUrl.parse(url)
         prefix = where.key if where.key == "" or where.key.endswith("/") else where.key + "/"
@@ -313,7 +315,7 @@ class S3Destination(Destination):
             raise DestinationError(f"{url}: give a prefix (s3://bucket/prefix/) to write shards under, "
                                    "not an object's name")
         self.bucket, self.prefix = where.bucket, prefix
-        self.url = f"s3://{self.bucket}/{self.prefix}"
+        self.url = str(ObjectUrl(self.bucket, self.prefix))
         self.store = Store(storage_options)
         self.multipart_threshold = max(1, multipart_threshold)
         self.part_size = max(5 * 2**20, part_size)
@@ -326,7 +328,7 @@ class S3Destination(Destination):
 
     def prepare(self) -> None:
         """Checks the bucket can be listed (a missing bucket or no credentials fail here, first)."""
-        from ..storage.objects.s3 import ObjectVanishedError
+        from ..storage.objects import ObjectVanishedError
 
         try:
             next(iter(self._list(FRAGMENTS_DIR + "/")), None)
@@ -343,7 +345,7 @@ class S3Destination(Destination):
 
     def _get(self, name: str) -> tuple[bytes, str] | None:
         """``(bytes, ETag)`` of the small object ``name``, or None when there is none."""
-        from ..storage.objects.s3 import ObjectVanishedError
+        from ..storage.objects import ObjectVanishedError
 
         try:
             return self.store.get_if_changed(self.location(name), None)
@@ -403,7 +405,7 @@ class S3Destination(Destination):
         """Takes ``count`` shard numbers, then creates the plan naming them (``If-None-Match``).
         When the same plan was created meanwhile (the same pack run twice at once), that plan's
         names are used: the numbers just taken stay unused."""
-        from ..storage.objects.s3 import ObjectChangedError
+        from ..storage.objects import ObjectChangedError
 
         names = self.reserve_names(prefix, count)
         name = _plan_name("plan", digest)
@@ -419,7 +421,7 @@ class S3Destination(Destination):
     def reserve_names(self, prefix: str, count: int) -> list[str]:
         """``count`` fresh shard names: numbers after the highest of the counter, the shards listed
         and the manifest's and fragments' entries, taken with a compare-and-swap of the counter."""
-        from ..storage.objects.s3 import ObjectChangedError
+        from ..storage.objects import ObjectChangedError
 
         pattern = re.compile(re.escape(prefix) + r"-(\d+)\.tar(?:\.gz)?$")
         taken = [posixpath.basename(s.url) for s in self._list("")]
@@ -481,7 +483,7 @@ class S3Destination(Destination):
 
     def _upload(self, path: str, name: str) -> str | None:
         """The ETag of the new object ``name`` holding the file ``path``; None if it existed."""
-        from ..storage.objects.s3 import ObjectChangedError
+        from ..storage.objects import ObjectChangedError
 
         size = os.path.getsize(path)
         try:
@@ -553,7 +555,7 @@ class S3Destination(Destination):
         """The object ``name`` as a binary stream (one GET pinned to its ETag)."""
         import io
 
-        from ..storage.objects.s3 import ObjectVanishedError
+        from ..storage.objects import ObjectVanishedError
 
         stat = self.store.head(self.location(name))
         if stat is None:
@@ -577,7 +579,7 @@ class S3Destination(Destination):
     def write_record(self, name: str, data: bytes, create: bool = False) -> bool:
         """PUTs the small object ``name``; with ``create``, only if there is none (``If-None-Match``;
         False when there was one)."""
-        from ..storage.objects.s3 import ObjectChangedError
+        from ..storage.objects import ObjectChangedError
 
         try:
             self._put(name, data, create=create)
@@ -588,8 +590,7 @@ class S3Destination(Destination):
         return True
 
     def indexed(self, name: str) -> tuple[ManifestEntry, bool]:
-        from ..storage.objects.blocks import index_object
-        from ..storage.objects.s3 import ObjectVanishedError
+        from ..storage.objects import ObjectVanishedError, index_object
 
         stat = self.store.head(self.location(name))
         if stat is None:
@@ -655,7 +656,7 @@ class S3Destination(Destination):
         manifest read, or ``If-None-Match: *``), read again and retried when another writer was
         first; then removes them, and marks the plan ``digest`` (if any) done. Fragments of other
         plans still running are left to their own commit. Returns the entries of the plan's shards."""
-        from ..storage.objects.s3 import ObjectChangedError
+        from ..storage.objects import ObjectChangedError
 
         plans = self.unfinished_plans()
         found = self.find_plan(digest) if digest else None  # committed already by a concurrent run: its names
@@ -755,3 +756,4 @@ def _sweep_dead_temporaries(directory: str, start: str) -> None:
             continue  # alive, another user's
 
 
+DESTINATIONS: dict[str, type[Destination]] = {"files": LocalDestination, "s3": S3Destination}  # by backend name

@@ -69,8 +69,7 @@ from ..format import manifest as manifestmod
 from ..format.manifest import ManifestEntry
 from ..format.names import split_key
 from ..format.tarwriter import TarWriteError
-from ..storage.local.lease import open_for_writing
-from ..storage.local.watch import Change, new_watcher
+from ..storage.local import Change, new_watcher, open_for_writing
 from .pack import (
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, DEFAULT_PREFIX, InputId, Member, PackError, Sample, check_local, check_name,
     check_prefix, paths_overlap, plan_shards, write_shard, WrittenShard,

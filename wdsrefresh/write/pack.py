@@ -63,7 +63,8 @@ from ..format.manifest import ManifestEntry
 from ..format.names import split_key
 from ..format.tario import TarError
 from ..format.tarwriter import TarWriter, archive_overhead
-from .destination import Destination, DestinationError, PlanBusy, open_destination
+from ..storage.backend import backend_for
+from .destination import DESTINATIONS, Destination, DestinationError, PlanBusy, open_destination
 from .keys import duplicates as duplicate_keys
 from .keys import record_plan as record_plan_keys
 from .model import Member, PackError, Sample
@@ -76,7 +77,6 @@ DEFAULT_MAXCOUNT = 10_000
 DEFAULT_MAXSIZE = 1_000_000_000
 PLAN_VERSION = 1
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -135,13 +135,13 @@ def check_prefix(prefix: str) -> None:
 
 def check_local(path: str) -> None:
     """Raises PackError for a URL (``scheme://...``): for inputs, which are local files."""
-    if _URL_RE.match(path):
+    if not backend_for(path).local:
         raise PackError(f"{path}: remote locations are not supported here; give a local path")
 
 
 def check_destination(out: str | Destination) -> None:
     """Raises PackError for a URL that cannot be written: only ``s3://`` URLs can."""
-    if isinstance(out, str) and _URL_RE.match(out) and not out.lower().startswith("s3://"):
+    if isinstance(out, str) and backend_for(out).name not in DESTINATIONS:
         raise PackError(f"{out}: only s3:// URLs and local directories can be written")
 
 
@@ -614,7 +614,7 @@ def run_pack(
     (``wr.pack``).
 
     ``out`` is a local directory or an ``s3://bucket/prefix/`` URL (``storage_options`` as
-    ``remote.store.Store`` takes them; by default the AWS chain and ``AWS_ENDPOINT_URL``).
+    ``storage/objects/s3.Store`` takes them; by default the AWS chain and ``AWS_ENDPOINT_URL``).
     Bad input or options raise PackError (or ValueError) before anything is written; so do
     keys that ``out``'s shards hold already (DuplicateKeysError), unless
     ``allow_duplicate_keys``. After a failure or a kill, the same call finishes the same pack;

@@ -1,6 +1,6 @@
 """``wdsrefresh status``: what a reader would find in a shard directory now, and the ingest backlog.
 
-Every file the source names is judged by the reader's own readiness rule (``probe.probe``):
+Every file the source names is judged by the reader's own readiness rule (``storage/local/probe.probe``):
 ready (a complete shard, with its sample count), pending (still being written, or written in
 place less than ``settle`` seconds ago) or rejected (junk, truncated), each with the reason. A
 status is what a reader that rescans the directory now would put in a snapshot: a reader
@@ -17,11 +17,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from ..storage.backend import make_source
-from ..format.names import split_key
-from ..storage.local.probe import DEFAULT_SETTLE, Pending, Readiness, Ready, Rejected, probe
+from ..core.candidate import Pending, Ready, Rejected
+from ..core.options import DEFAULT_SETTLE, Readiness
 from ..core.snapshot import ShardInfo
-from ..storage.local.sources import DirectorySource, NoShardsError, ShardSource
+from ..format.names import split_key
+from ..storage.backend import backend_for, local_path, make_source
+from ..storage.source import NoShardsError, ShardSource
 from .ingest import MARKER_EXT, conflicts_dir, scan_inbox
 
 
@@ -108,13 +109,12 @@ class StatusProbe:
     """Takes statuses of one source, remembering ready shards so unchanged files are not re-read."""
 
     def __init__(self, target: str, settle: float = DEFAULT_SETTLE, inbox: str | None = None):
-        if target.startswith("s3://"):
-            raise ValueError(f"{target}: status judges local files only; for an object store, `wdsrefresh ls "
-                             f"{target}` lists its shards (samples, bytes, digest, age) and `wdsrefresh verify "
-                             f"{target}` re-reads and checks them")
-        if "://" in target and not target.startswith("file://"):
-            raise ValueError(f"{target}: only local directories, manifests, globs and brace patterns are supported")
-        self.target = target.removeprefix("file://")
+        path = local_path(target)
+        if path is None:
+            raise ValueError(f"{target}: status judges local files only (directories, manifests, globs, brace "
+                             f"patterns); for an s3:// prefix, `wdsrefresh ls {target}` lists its shards (samples, "
+                             f"bytes, digest, age) and `wdsrefresh verify {target}` re-reads and checks them")
+        self.target = path
         self.source: ShardSource = make_source(self.target)
         self.rules = Readiness(with_digest=False, settle=settle)
         self.inbox = inbox
@@ -123,8 +123,8 @@ class StatusProbe:
         self.known: dict[str, ShardInfo] = {}
 
     def _name(self, url: str) -> str:
-        if isinstance(self.source, DirectorySource):
-            return os.path.relpath(url, self.source.path)
+        if self.source.directory is not None:
+            return os.path.relpath(url, self.source.directory)
         return url
 
     def take(self) -> Status:
@@ -142,7 +142,7 @@ class StatusProbe:
             except OSError as exn:
                 files.append(FileStatus(self._name(cand.url), "rejected", None, None, reason=str(exn)))
                 continue
-            outcome = probe(cand, self.known, self.rules, st=st)
+            outcome = backend_for(cand.url).ready(cand, self.known, self.rules, st=st)
             size, age = st.st_size, max(0.0, now - st.st_mtime_ns / 1e9)
             name = self._name(cand.url)
             if isinstance(outcome, Ready):

@@ -10,7 +10,6 @@ entries in ``manifest.d/`` (see ``publish.py``).
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, replace
 
@@ -20,10 +19,10 @@ from ..format.manifest import DEFAULT_NAME as MANIFEST_NAME
 from ..format.manifest import ManifestEntry
 from ..format.names import SHARD_PATTERNS, is_shard_name
 from ..format.tario import TarError, index_shard
+from ..storage.backend import backend_for
 from .findings import Listing, Problem, Report, index_problems
 from .publish import fragment_entries, reserved_names
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def check(target: str, storage_options: dict | None = None) -> Report:
     ``s3://`` URL of one: ``verify_remote.py``): in manifest order, then shards of
     manifest.d/, then shards present but not listed (a problem when there is a manifest).
     No shard at all is a problem too."""
-    if _URL.match(target):
+    if not backend_for(target).local:
         from .verify_remote import check_remote
 
         return check_remote(target, storage_options)
@@ -151,7 +150,7 @@ def listing(target: str, storage_options: dict | None = None) -> list[Listing]:
     """One row per shard of ``target``: what the manifest (or manifest.d/) says, with size
     and age from the file system; shards listed by neither are counted by a header walk.
     ``s3://`` URLs are listed by ``verify_remote.py``."""
-    if _URL.match(target):
+    if not backend_for(target).local:
         from .verify_remote import listing_remote
 
         return listing_remote(target, storage_options)

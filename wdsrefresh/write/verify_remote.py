@@ -57,8 +57,7 @@ def _entries(dest: S3Destination, shard: str | None) -> tuple[list[ManifestEntry
 
 
 def _check_object(dest: S3Destination, stat, entry: ManifestEntry) -> tuple[list[Problem], int]:
-    from ..storage.objects.blocks import index_object
-    from ..storage.objects.s3 import ObjectChangedError, ObjectVanishedError, same_etag
+    from ..storage.objects import ObjectChangedError, ObjectVanishedError, index_object, same_etag
 
     url = entry.url
     if stat is None:
@@ -99,7 +98,7 @@ def listing_remote(url: str, storage_options: dict | None = None) -> list[Listin
     """``verify.listing`` for an ``s3://`` prefix or shard: counts and digests from the manifest
     and fragments, sizes and ages (since Last-Modified) from the listing; objects neither lists
     have no count (``verify`` reads them)."""
-    from ..storage.objects.s3 import same_etag
+    from ..storage.objects import same_etag
 
     dest, shard = _target(url, storage_options)
     entries, pending, unlisted, _, stats = _entries(dest, shard)

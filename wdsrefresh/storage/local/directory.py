@@ -10,8 +10,6 @@ healing events the kernel dropped (queue overflow).
 Without a watcher (network file systems, ``poll=``) the index polls instead: a background
 rescan every ``poll`` seconds, and a full rescan (stat of every file; indexing only what
 changed) when a snapshot is taken.
-
-``resolve_waiting`` waits for a minimum number of ready shards.
 """
 
 from __future__ import annotations
@@ -26,24 +24,21 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ...errors import WdsRefreshError
-from ...format.names import is_temporary
-from .inotify import Change
-from .probe import Pending, Readiness, Ready, Rejected, WriterSignals
-from ..resolver import Resolver
+from ...core.candidate import Candidate, Pending, Ready, Rejected
+from ...core.options import Readiness
 from ...core.snapshot import FileId, ShardInfo, Snapshot, shard_key, snapshot_id
-from .sources import Candidate, DirectorySource, NoShardsError
+from ...format.names import is_temporary
+from ..resolver import Resolver
+from ..source import NoShardsError
+from .inotify import Change
+from .probe import WriterSignals
+from .sources import DirectorySource
 from .watch import Watcher, new_watcher, poll_interval, watch_or_poll
 
 log = logging.getLogger("wdsrefresh")
 
 DEFAULT_POLL = 1.0
 DEFAULT_RESCAN = 60.0
-WAIT_REPORT_INTERVAL = 30.0  # seconds between WARNINGs while min_shards waits
-
-
-class NotEnoughShardsError(WdsRefreshError, TimeoutError):
-    """Fewer ready shards than ``min_shards`` appeared before the timeout."""
 
 
 @dataclass
@@ -454,61 +449,3 @@ def _background(ref: weakref.ref, shared: _Shared) -> None:
                 os.read(shared.wake_r, 512)
             except OSError:
                 pass
-
-
-def resolve_waiting(
-    resolve_once: Callable[[], Snapshot],
-    *,
-    describe: str,
-    min_shards: int,
-    timeout: float | None,
-    index: DirectoryIndex | None = None,
-    poll: float = DEFAULT_POLL,
-) -> Snapshot:
-    """``resolve_once()``, repeated until its snapshot lists ``min_shards`` ready shards.
-
-    Between attempts it sleeps until the index reports a change (or ``poll`` seconds pass,
-    without an index). Raises NotEnoughShardsError after ``timeout`` seconds (None: never),
-    naming what was found: ready, pending and rejected shards. With ``min_shards <= 0`` it
-    resolves once, and a source with no shard at all raises NoShardsError as usual.
-    """
-    started = time.monotonic()
-    deadline = None if timeout is None else started + timeout
-    next_word = started  # when the wait is next reported
-    while True:
-        version = index.version if index is not None else 0
-        try:
-            snapshot: Snapshot | None = resolve_once()
-        except NoShardsError:
-            if min_shards <= 0:
-                raise
-            snapshot = None
-        if min_shards <= 0 or (snapshot is not None and len(snapshot.shards) >= min_shards):
-            return snapshot
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise NotEnoughShardsError(_shortage(describe, snapshot, min_shards, time.monotonic() - started))
-        if time.monotonic() >= next_word:
-            until = "without a timeout" if deadline is None else f"for at most {remaining:.0f} s more"
-            log.warning("waiting for min_shards=%d, %s: %s", min_shards, until,
-                        _shortage(describe, snapshot, min_shards, time.monotonic() - started))
-            next_word += WAIT_REPORT_INTERVAL
-        step = poll if remaining is None else min(poll, remaining)
-        if index is not None and not index.polling:
-            index.wait_changed(version, step)
-        else:
-            time.sleep(step)
-
-
-def _shortage(describe: str, snapshot: Snapshot | None, min_shards: int, waited: float) -> str:
-    ready = len(snapshot.shards) if snapshot is not None else 0
-    pending = snapshot.pending if snapshot is not None else ()
-    rejected = snapshot.rejected if snapshot is not None else ()
-    text = (f"{describe}: {ready} ready shards after waiting {waited:.1f} s, need {min_shards}; "
-            f"{len(pending)} pending (incomplete or still being written)")
-    if pending:
-        text += ": " + ", ".join(os.path.basename(p) for p in pending[:5]) + (", ..." if len(pending) > 5 else "")
-    text += f"; {len(rejected)} rejected"
-    if rejected:
-        text += ": " + "; ".join(f"{os.path.basename(u)} ({why})" for u, why in rejected[:5])
-    return text

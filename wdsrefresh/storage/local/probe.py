@@ -1,4 +1,4 @@
-"""The one readiness rule of the read path: is this file a shard ready to read?
+"""The readiness rule of local files: is this file a shard ready to read?
 
 ``probe`` answers for one file: ``Ready`` (a complete tar, with its count and digests),
 ``Pending`` (still being written), ``Rejected`` (not a shard that can be read), or None (there
@@ -17,9 +17,9 @@ reload all ask it, so they cannot disagree about a file. The rule:
   manifest entry that describes it), however long ago its last write was.
 - A file that is not a complete tar is pending while it may still be written, and rejected as
   truncated once renamed or quiet for ``settle`` seconds; a file that is no tar is rejected.
-- An object in a store is ready once listed: a PUT or a completed multipart upload is visible
-  whole or not at all, and temporary names are never listed (``remote/source.py`` indexed it
-  already, or found why it cannot be read).
+
+An object in a store is ready once listed (``objects/backend.py``): a PUT or a completed multipart
+upload is visible whole or not at all.
 """
 
 from __future__ import annotations
@@ -29,54 +29,17 @@ import os
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from ...core.candidate import Candidate, Outcome, Pending, Ready, Rejected
+from ...core.options import Readiness
+from ...core.snapshot import FileId, ShardInfo
 from ...format.digest import DEFAULT_ALGO, split_digest
-from ...format.tario import MAX_SAMPLE_BYTES, ShardChangedError, TarError, index_shard
+from ...format.tario import ShardChangedError, TarError, index_shard
 from .index_cache import IndexCache
 from .lease import open_for_writing
-from ..objects.source import ObjectCandidate
-from ...core.snapshot import FileId, ShardInfo
-from .sources import Candidate
 
 log = logging.getLogger("wdsrefresh")
-
-DEFAULT_SETTLE = 10.0
-
-
-@dataclass(frozen=True)
-class Readiness:
-    """The parameters of the rule: whether digests are computed, and the settle time."""
-
-    with_digest: bool = True
-    settle: float = DEFAULT_SETTLE
-    max_sample_bytes: int = MAX_SAMPLE_BYTES
-    index_cache: str | None = None  # the persistent index cache's directory (index_cache.py); None: none
-
-
-@dataclass(frozen=True)
-class Ready:
-    info: ShardInfo
-
-    @property
-    def file_id(self) -> FileId:
-        return self.info.file_id
-
-
-@dataclass(frozen=True)
-class Pending:
-    file_id: FileId
-    reason: str  # why it waits, and when it is looked at again
-    timed: bool = False  # only the settle time can make this version ready (no writer signal here)
-
-
-@dataclass(frozen=True)
-class Rejected:
-    file_id: FileId | None
-    error: BaseException
-
-
-Outcome = Ready | Pending | Rejected | None
 
 
 class TruncatedShard(TarError):
@@ -128,10 +91,6 @@ def probe(cand: Candidate, known: Mapping[str, ShardInfo], rules: Readiness = Re
     says a watcher saw the file ``RENAMED`` into place or its writer ``CLOSED`` it, with no
     write since; ``cache``, a persistent index cache that stands in for indexing a file version
     it holds (the readiness rule is applied first, the same either way)."""
-    if isinstance(cand, ObjectCandidate):
-        if cand.error is not None:
-            return Rejected(cand.file_id, cand.error)
-        return Ready(cand.info) if cand.info is not None else None
     try:
         st = st if st is not None else os.stat(cand.path)
     except FileNotFoundError:

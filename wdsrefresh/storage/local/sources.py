@@ -1,4 +1,5 @@
-"""Where shard names come from: a directory, a glob, a brace pattern, a manifest, or a list.
+"""Where the names of local shard files come from: a directory, a glob, a brace pattern, a
+manifest, or a file; ``local_source`` picks one for a path.
 
 A source only names candidate files; statting, indexing and deciding which are ready is the
 snapshot's job. Listing order is sorted, so a snapshot's order is deterministic.
@@ -9,64 +10,15 @@ from __future__ import annotations
 import glob as globmod
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import braceexpand
 
-from ...errors import WdsRefreshError
+from ...core.candidate import Candidate
 from ...format import manifest as manifestmod
 from ...format.names import is_shard_name, is_temporary
+from ..source import ListSource, NoShardsError, ShardSource
 
 log = logging.getLogger("wdsrefresh")
-
-
-
-class NoShardsError(WdsRefreshError, FileNotFoundError):
-    """A source matched no shard."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A file a source names, with whatever a manifest says about it."""
-
-    url: str
-    path: str
-    nsamples: int | None = None
-    digest: str | None = None
-    blocks: bytes | None = None
-    filesize: int | None = None
-    mtime_ns: int | None = None  # with filesize: the file version the manifest describes
-    name: str = ""  # below the source's root (a directory's relative path, a manifest's url)
-    real_path: str = ""  # the path with symlinks resolved, when the listing knew it ("": resolve it)
-
-
-class ShardSource:
-    """Names the candidate shard files; ``describe()`` is used in error messages."""
-
-    def candidates(self) -> list[Candidate]:
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def candidate(self, path: str) -> Candidate:
-        """The candidate for one file this source names (a watcher saw it change)."""
-        return _named(path)
-
-    def limit_samples(self, max_sample_bytes: int) -> None:
-        """A source whose candidates arrive indexed (objects) refuses shards holding a member
-        larger than this, as the resolver refuses files; others have nothing to do."""
-
-    def close(self) -> None:
-        """Stops what the source runs in the background (objects: indexing ahead); nothing here."""
-
-    def store_for(self, url: str) -> Any | None:
-        """The object store this source's shard at ``url`` is read through (made from the source's
-        own options, so two sources never read through each other's endpoint or credentials);
-        None: a local file."""
-        return None
 
 
 class DirectorySource(ShardSource):
@@ -151,6 +103,10 @@ class DirectorySource(ShardSource):
             self._manifest_cache = (key, by_path)
         return self._manifest_cache[1]
 
+    @property
+    def directory(self) -> str:
+        return self.path
+
     def describe(self) -> str:
         return f"directory {self.path!r}"
 
@@ -214,29 +170,6 @@ class ManifestSource(ShardSource):
         return f"manifest {self.path!r}"
 
 
-class ListSource(ShardSource):
-    """Several sources, in the order given; a file named twice is listed once."""
-
-    def __init__(self, sources: Iterable[ShardSource]):
-        self.sources = list(sources)
-
-    def candidates(self) -> list[Candidate]:
-        seen: set[str] = set()
-        out = []
-        for source in self.sources:
-            for c in source.candidates():
-                if c.path not in seen:
-                    seen.add(c.path)
-                    out.append(c)
-        return out
-
-    def describe(self) -> str:
-        return "list [" + ", ".join(s.describe() for s in self.sources) + "]"
-
-    def store_for(self, url: str) -> Any | None:
-        return next((store for s in self.sources if (store := s.store_for(url)) is not None), None)
-
-
 def _version(path: str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -276,7 +209,7 @@ def _with_manifest(path: str, entry: manifestmod.ManifestEntry | None, name: str
 
 def local_source(spec: object) -> ShardSource:
     """A ShardSource of local files from a directory, glob, brace pattern, manifest path or file
-    path (``backends.make_source`` is the one entry point, for URLs and lists too)."""
+    path (``storage.backend.make_source`` is the one entry point, for URLs and lists too)."""
     if isinstance(spec, ShardSource):
         return spec
     if isinstance(spec, os.PathLike):

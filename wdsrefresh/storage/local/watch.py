@@ -28,7 +28,7 @@ from .inotify import Change, Inotify
 
 log = logging.getLogger("wdsrefresh")
 
-BACKENDS = ("inotify", "watchdog")
+WATCHERS = ("inotify", "watchdog")
 # File systems whose changes made by other hosts no file event reports.
 NETWORK_FS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "ceph", "glusterfs", "lustre",
@@ -75,8 +75,8 @@ def new_watcher(backend: str | Callable[[], Watcher] = "auto", recursive: bool =
     or made by ``backend`` when it is a callable."""
     if callable(backend):
         return backend()
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"watch backend {backend!r}: expected one of {('auto', *BACKENDS)}")
+    if backend not in ("auto", *WATCHERS):
+        raise ValueError(f"watch backend {backend!r}: expected one of {('auto', *WATCHERS)}")
     if backend == "inotify" or (backend == "auto" and sys.platform.startswith("linux") and not recursive):
         return Inotify()
     return WatchdogWatcher(recursive=recursive)

@@ -1,28 +1,40 @@
 """Shards in object stores (``s3://bucket/prefix/``) and on web servers (``https://``): the same
 invariants, other primitives.
 
+- ``backend.py``: the Backend of every URL scheme (``storage.backend.backend_for`` picks it).
 - ``retry.py``: the retry policy every store shares, and the errors that name the URL.
-- ``store.py``: one S3 store's client (made lazily in each process, never pickled), listing,
-  pinned ranged reads.
-- ``http_store.py``: a web server read the same way: HEAD, ranged GETs pinned by ``If-Match``
-  and checked against the ETag each response names; servers without a strong ETag or ranges
-  are refused.
-- ``listing.py``: ListObjectsV2 pages read from their XML, not by botocore's generic parser.
-- ``reader.py``: a pinned object read block by block, each block checked against its digest
+- ``s3.py``: one S3 store's client (made lazily in each process, never pickled), listing,
+  pinned ranged reads; ``s3_listing.py``: ListObjectsV2 pages read from their XML, not by
+  botocore's generic parser.
+- ``http.py``: a web server read the same way: HEAD, ranged GETs pinned by ``If-Match`` and
+  checked against the ETag each response names; servers without a strong ETag or ranges are
+  refused.
+- ``cache.py``: checked blocks kept on local disk, keyed by URL and version.
+- ``blocks.py``: a pinned object read block by block, each block checked against its digest
   before the tar reader sees a byte of it, with read-ahead in a background thread.
 - ``source.py``: ``ObjectSource``, the shard source of ``s3://`` and ``https://`` URLs: a
-  listing, HEADs or a manifest per epoch, objects indexed once per (URL, ETag).
+  listing, HEADs or a manifest per epoch (``plans.py``), objects indexed once per (URL, ETag),
+  new ones indexed between epochs (``ahead.py``).
 
-This module imports nothing: asking whether a source is remote costs no boto3 import.
+The write side's S3 destination and ``verify`` of a prefix use ``s3.py`` and ``blocks.py``
+through the names below; nothing else outside ``storage/`` imports this package.
 """
 
-from __future__ import annotations
+from importlib import import_module
 
-import re
+_FACE = {
+    "Store": "s3",
+    "ObjectUrl": "s3",
+    "same_etag": "s3",
+    "ObjectChangedError": "retry",
+    "ObjectVanishedError": "retry",
+    "index_object": "blocks",
+}
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-
-def is_remote(spec: object) -> bool:
-    """Whether ``spec`` is a URL (``s3://...``, ``gs://...``), not a local path."""
-    return isinstance(spec, str) and _SCHEME.match(spec) is not None
+def __getattr__(name: str):
+    if name not in _FACE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_FACE[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -22,7 +22,7 @@ import braceexpand
 
 from ...format import manifest as manifestmod
 from ...format.names import is_shard_name, is_temporary
-from ..local.sources import NoShardsError
+from ..source import NoShardsError
 from . import http as http_store
 from .http import is_http
 from .s3 import ObjectReadError, ObjectStat, ObjectUrl, ObjectVanishedError, Store, same_etag

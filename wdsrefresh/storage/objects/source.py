@@ -48,7 +48,8 @@ from ...format import manifest as manifestmod
 from ...format.digest import DEFAULT_ALGO, split_digest
 from ...format.tario import MAX_SAMPLE_BYTES, TarError
 from ...core.snapshot import FileId, ShardInfo
-from ..local.sources import Candidate, NoShardsError, ShardSource
+from ...core.candidate import Candidate
+from ..source import NoShardsError, ShardSource
 from .ahead import DEFAULT_INTERVAL, AheadIndexer
 from .plans import Listed, Objects, list_prefix, plan_for
 from .blocks import ObjectCorruptError, check_digest, index_object
