@@ -7,7 +7,7 @@ place), each imported from its module when first asked for. Nothing outside ``st
 imports a module of this package directly.
 """
 
-from importlib import import_module
+from ..face import lazy_names
 
 _FACE = {
     "DirectoryIndex": "directory",
@@ -24,9 +24,4 @@ _FACE = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _FACE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_FACE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _FACE)

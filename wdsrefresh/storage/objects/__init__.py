@@ -20,7 +20,7 @@ The write side's S3 destination and ``verify`` of a prefix use ``s3.py`` and ``b
 through the names below; nothing else outside ``storage/`` imports this package.
 """
 
-from importlib import import_module
+from ..face import lazy_names
 
 _FACE = {
     "Store": "s3",
@@ -32,9 +32,4 @@ _FACE = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _FACE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_FACE[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _FACE)
