@@ -41,9 +41,10 @@ import random
 import re
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,15 +95,137 @@ def open_destination(out: str | Destination, storage_options: dict | None = None
     return DESTINATIONS[backend.name](out, storage_options, **options)
 
 
-class Destination:
-    """What pack and ingest do to their output (see the module docstring); ``url`` names it."""
+class Destination(ABC):
+    """What pack and ingest do to their output, step by step (see the module docstring); ``url``
+    names it, ``remote`` says its shards are uploaded from local temporaries. Names are relative
+    to the output; shard names are ``PREFIX-NNNNNN.tar``."""
 
     url: str
     remote = False
 
+    @abstractmethod
     def location(self, name: str) -> str:
-        """Where ``name`` (relative to the output) is, for messages and reports."""
-        raise NotImplementedError
+        """Where ``name`` is, for messages and reports."""
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Makes the output ready to be written, or fails first (a missing bucket, no credentials)."""
+
+    # ---- plans
+    @abstractmethod
+    def numbering(self) -> AbstractContextManager:
+        """Held while a plan is found or reserved (what makes taking shard numbers safe)."""
+
+    @abstractmethod
+    def find_plan(self, digest: str) -> FoundPlan | None:
+        """The plan ``digest`` names, committed or not; None when there is none."""
+
+    @abstractmethod
+    def unfinished_plans(self) -> dict[str, tuple[str, dict]]:
+        """``{hash: (location, document)}`` of the plans not committed yet."""
+
+    @abstractmethod
+    def reserve_plan(self, digest: str, prefix: str, count: int, doc_for: Callable[[list[str]], dict],
+                     ) -> tuple[list[str], str]:
+        """Names for ``count`` fresh shards and the location of the plan reserving them (the
+        document ``doc_for(names)``); call within ``numbering``."""
+
+    @abstractmethod
+    def hold_plan(self, digest: str, shared: bool = False) -> Callable[[], None]:
+        """Holds the plan until the returned function is called (``shared`` with the plan's other
+        array tasks); PlanBusy when another run holds it."""
+
+    @abstractmethod
+    def done_location(self, digest: str) -> str:
+        """Where the committed plan ``digest`` is recorded."""
+
+    @abstractmethod
+    def finished_tasks(self, digest: str) -> set[int]:
+        """The tasks of plan ``digest`` whose fragment exists."""
+
+    @abstractmethod
+    def committed_urls(self) -> set[str]:
+        """The shard names the manifest lists."""
+
+    @abstractmethod
+    def load_fragment(self, digest: str, task: int) -> list[ManifestEntry] | None:
+        """The entries of task ``task``'s fragment of plan ``digest``; None without one."""
+
+    @abstractmethod
+    def temporary(self, digest: str, task: int, kind: str = "pack") -> str:
+        """The local path a task writes its shard to before ``publish``."""
+
+    # ---- shards
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` exists."""
+
+    @abstractmethod
+    def publish(self, tmp_path: str, entry: ManifestEntry) -> ManifestEntry | None:
+        """Puts the finished shard ``tmp_path`` under ``entry.url`` without replacing anything;
+        its entry, or None (``tmp_path`` removed) when that name exists already."""
+
+    @abstractmethod
+    def publish_next(self, tmp_path: str, prefix: str, entry: ManifestEntry) -> ManifestEntry:
+        """Puts the finished shard ``tmp_path`` under the next free name ``PREFIX-NNNNNN.tar``
+        (``entry.url`` is replaced by it); its entry."""
+
+    @abstractmethod
+    def indexed(self, name: str) -> tuple[ManifestEntry, bool]:
+        """The entry of the shard ``name`` as it is now, and whether it is complete; TarError
+        if it is not a tar."""
+
+    @abstractmethod
+    def shard_names(self) -> set[str]:
+        """The shard names directly in the output."""
+
+    @abstractmethod
+    def reserved_names(self) -> set[str]:
+        """The shard names plans reserved."""
+
+    @abstractmethod
+    def shard_identity(self, name: str) -> tuple[int, object] | None:
+        """``(size, version)`` of the shard ``name`` (a change of either is a new shard); None
+        without one."""
+
+    @abstractmethod
+    def open_shard(self, name: str) -> AbstractContextManager:
+        """The shard ``name`` as a binary file, read from its start."""
+
+    # ---- records, fragments, the manifest
+    @abstractmethod
+    def read_record(self, name: str) -> bytes | None:
+        """The bytes of the small file ``name``; None without one."""
+
+    @abstractmethod
+    def list_records(self, folder: str) -> list[str]:
+        """The base names in ``folder``."""
+
+    @abstractmethod
+    def write_record(self, name: str, data: bytes, create: bool = False) -> bool:
+        """Writes the small file ``name`` whole; with ``create``, only if there is none (False
+        when there was one)."""
+
+    @abstractmethod
+    def write_fragment(self, digest: str, task: int, entries: Sequence[ManifestEntry]) -> None:
+        """Records task ``task``'s shards of plan ``digest`` (after the shards exist)."""
+
+    @abstractmethod
+    def fragment_entries(self) -> list[ManifestEntry]:
+        """The entries of every fragment not merged into the manifest yet."""
+
+    @abstractmethod
+    def manifest_entries(self) -> list[ManifestEntry]:
+        """The entries of ``manifest.json`` (none without one)."""
+
+    @abstractmethod
+    def sweep(self, digest: str, names: Sequence[str]) -> None:
+        """Removes what killed tasks of plan ``digest`` left (call holding the plan)."""
+
+    @abstractmethod
+    def commit(self, digest: str | None) -> list[ManifestEntry]:
+        """Merges the fragments into ``manifest.json`` (the plan ``digest``'s, or all of them);
+        the manifest's entries."""
 
 
 # ---------------------------------------------------------------------------- a local directory
