@@ -7,7 +7,8 @@ import pytest
 
 from wdsrefresh.cli import main
 from wdsrefresh.observe.plot import figure
-from wdsrefresh.epoch.stats import EpochStats, read_jsonl
+from wdsrefresh.epoch.stats import EpochStats
+from wdsrefresh.observe.stats_log import read_jsonl
 
 OUTLIER = 160_000.0
 

@@ -9,9 +9,9 @@ from importlib import import_module
 _EXPORTS = {
     "RefreshingWebDataset": "pipeline.dataset",
     "EpochStats": "epoch.stats",
-    "TimedLoader": "epoch.stats",
-    "log_stats": "epoch.stats",
-    "timed": "epoch.stats",
+    "TimedLoader": "observe.timed",
+    "log_stats": "observe.tensorboard",
+    "timed": "observe.timed",
     "ReadStats": "epoch.reading",
     "ShardVanishedError": "epoch.reading",
     "DigestMismatch": "epoch.reading",

@@ -445,7 +445,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 def _run_stats(args: argparse.Namespace) -> int:
     import json
 
-    from .epoch.stats import read_jsonl
+    from .observe.stats_log import read_jsonl
     from .write.status import format_age
 
     try:

@@ -1,37 +1,28 @@
-"""What an epoch read, on one rank: ``EpochStats``, and how it leaves the process.
+"""What an epoch read, on one rank: ``EpochStats``, and every rank's, gathered.
 
 ``EpochStats`` joins two sources: the epoch's snapshot compared with the one before it (what
 the producers did between the two epochs: the same on every rank), and the counters each
 consumer (DataLoader worker) of this rank wrote to the state directory when it finished its
 share (what reading met: shards replaced or deleted under it, bytes, seconds). ``wr.timed``
-adds how long the training loop waited for batches.
+(``observe/timed.py``) adds how long the training loop waited for batches.
 
-Export: ``EpochStats.to_dict()`` (plain JSON values); ``StatsLog`` appends one JSON line per
-epoch to ``stats.jsonl`` (the dataset's ``stats_dir=``); ``log_stats`` writes the numbers to a
-TensorBoard ``SummaryWriter``; ``gather`` collects every rank's stats over torch.distributed.
+Export: ``EpochStats.to_dict()`` (plain JSON values); ``gather`` collects every rank's stats
+over torch.distributed. How they leave the process is ``observe/``: ``stats.jsonl``
+(``stats_log.py``) and TensorBoard (``tensorboard.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
-import logging
-import math
 import os
-import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.snapshot import ShardInfo, Snapshot
 from .split import rank_quota
 
-log = logging.getLogger("wdsrefresh")
-
 NAMES_CAP = 20  # names kept per list; the count next to a list is always complete
-STATS_FILE = "stats.jsonl"
 
 
 @dataclass(frozen=True)
@@ -279,228 +270,3 @@ def gather(stats: EpochStats) -> list[EpochStats]:
     docs: list = [None] * dist.get_world_size()
     dist.all_gather_object(docs, stats.to_dict())
     return [EpochStats.from_dict(d) for d in docs]
-
-
-# --------------------------------------------------------------------------- stats.jsonl
-
-
-class StatsLog:
-    """``DIR/stats.jsonl``: one JSON line (``EpochStats.to_dict()``) per epoch and rank.
-
-    Every rank's main process appends to the same file: each line is one ``write`` on a
-    descriptor opened with O_APPEND, under an fcntl lock (which NFS honours), so lines from
-    several ranks never interleave.
-    """
-
-    def __init__(self, directory: str):
-        self.directory = os.fspath(directory)
-        self.path = os.path.join(self.directory, STATS_FILE)
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-        except OSError as exn:
-            raise OSError(exn.errno, f"stats_dir {self.directory}: {exn.strerror}") from None
-
-    def append(self, stats: EpochStats) -> None:
-        line = (json.dumps(stats.to_dict(), separators=(",", ":")) + "\n").encode()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-                os.write(fd, line)
-            finally:
-                os.close(fd)
-        except OSError as exn:
-            raise OSError(exn.errno, f"{self.path}: cannot append the stats of epoch {stats.epoch}: "
-                                     f"{exn.strerror}") from None
-
-
-def read_jsonl(path: str) -> list[EpochStats]:
-    """The EpochStats lines of ``path`` (a stats.jsonl, or a directory holding one), in file order.
-    Raises ValueError naming the file and line for a line that is not a JSON object."""
-    if os.path.isdir(path):
-        path = os.path.join(path, STATS_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: give a stats_dir= directory or its {STATS_FILE}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError as exn:
-                raise ValueError(f"{path}: line {number}: not JSON ({exn})") from None
-            if not isinstance(doc, dict) or "epoch" not in doc:
-                raise ValueError(f"{path}: line {number}: not an epoch's stats (no 'epoch')")
-            out.append(EpochStats.from_dict(doc))
-    return out
-
-
-class StatsRecorder:
-    """The main process's side of ``stats_dir=`` and ``wr.timed``: the training loop's timing
-    per epoch, and each epoch's line in ``stats.jsonl``.
-
-    An epoch's line is appended once, at the first of: ``flush`` after it (the next
-    ``set_epoch``, ``close()``), the end of the recorder (the last dataset sharing it garbage
-    collected) or interpreter exit; with every field known then. ``source`` is the dataset's
-    EpochSource, never the dataset itself, so the hook keeps no dataset alive. Lives in the
-    dataset; workers' copies write nothing.
-    """
-
-    def __init__(self, stats_dir: str | None, source: Any = None):
-        self.log = StatsLog(stats_dir) if stats_dir is not None else None
-        self.logged: set[int] = set()
-        self.loops: dict[int, dict] = {}
-        self.source = source
-        if self.log is not None and source is not None:
-            # created after the source's own finalizer (its state directory's removal), so at
-            # exit it runs first: finalizers run newest first
-            weakref.finalize(self, _flush_at_end, self.log, source, self.loops, self.logged)
-
-    def record_loop(self, epoch: int, batches: int, seconds: float, wait_seconds: float) -> None:
-        """Adds one pass of a timed loop to ``epoch``'s (several passes in one epoch add up)."""
-        loop = self.loops.setdefault(epoch, {"batches": 0, "seconds": 0.0, "wait_seconds": 0.0})
-        loop["batches"] += batches
-        loop["seconds"] += seconds
-        loop["wait_seconds"] += wait_seconds
-        for old in sorted(self.loops)[:-16]:
-            del self.loops[old]
-
-    def joined(self, stats: EpochStats) -> EpochStats:
-        """``stats`` with what the timed loop saw of its epoch, if it saw it."""
-        return with_loop(stats, self.loops)
-
-    def flush(self, before: int | None = None) -> None:
-        """Appends the line of each published epoch not logged yet (only those < ``before``)."""
-        if self.log is not None and self.source is not None:
-            _flush(self.log, self.source, self.loops, self.logged, before)
-
-
-def with_loop(stats: EpochStats, loops: dict[int, dict]) -> EpochStats:
-    """``stats`` with the timed loop's pass over its epoch (``loops``: per epoch), if any."""
-    loop = loops.get(stats.epoch)
-    if loop is None:
-        return stats
-    return dataclasses.replace(stats, batches=loop["batches"], loop_seconds=loop["seconds"],
-                               wait_seconds=loop["wait_seconds"])
-
-
-def _flush(stats_log: StatsLog, source: Any, loops: dict[int, dict], logged: set[int],
-           before: int | None = None) -> None:
-    if os.getpid() != source.statedir.owner_pid:
-        return  # a worker's copy: the main process logs
-    for epoch in sorted(source.statedir.published_epochs()):
-        if epoch in logged or (before is not None and epoch >= before):
-            continue
-        stats_log.append(with_loop(source.stats(epoch), loops))
-        logged.add(epoch)
-
-
-def _flush_at_end(stats_log: StatsLog, source: Any, loops: dict[int, dict], logged: set[int]) -> None:
-    try:
-        _flush(stats_log, source, loops, logged)
-    except Exception as exn:  # at exit or in garbage collection: nobody to raise to
-        log.warning("%s: the stats lines of the last epochs were not written: %s", stats_log.path, exn)
-
-
-# --------------------------------------------------------------------------- the training loop
-
-
-class TimedLoader:
-    """Iterates a loader like the loader itself, measuring how long each pass waited for data.
-
-    After each pass (exhausted, or left early): ``batches`` (items the loader gave), ``seconds``
-    (wall-clock time of the pass) and ``wait_seconds`` (the part spent inside the loader's
-    ``__next__``: waiting for workers, collating, copying). When the loader's dataset is a
-    RefreshingWebDataset (or ``dataset=`` names one), the pass is added to the stats of the
-    epoch it read (the latest published snapshot's), per rank: ``ds.stats(epoch).wait_seconds``.
-    """
-
-    def __init__(self, loader: Iterable, dataset: Any = None):
-        self.loader = loader
-        self.dataset = dataset if dataset is not None else getattr(loader, "dataset", loader)
-        self.batches = 0
-        self.seconds = 0.0
-        self.wait_seconds = 0.0
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":  # not set yet (unpickling)
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    @property
-    def wait_share(self) -> float | None:
-        return self.wait_seconds / self.seconds if self.seconds else None
-
-    def __iter__(self) -> Iterator:
-        clock = time.perf_counter
-        start = clock()
-        wait = 0.0
-        batches = 0
-        it = iter(self.loader)
-        try:
-            while True:
-                asked = clock()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    wait += clock() - asked
-                    break
-                wait += clock() - asked
-                batches += 1
-                yield item
-        finally:
-            self.batches, self.seconds, self.wait_seconds = batches, clock() - start, wait
-            recorder = getattr(self.dataset, "record_loop", None)
-            if recorder is not None:
-                recorder(batches, self.seconds, wait)
-
-
-def timed(loader: Iterable, dataset: Any = None) -> TimedLoader:
-    """``for batch in wr.timed(loader):`` measures how long the training loop waits for data.
-
-    See TimedLoader: the wait and loop time of each pass go into the dataset's EpochStats
-    (``wait_seconds``, ``loop_seconds``, ``batches``), and so into ``stats.jsonl`` and
-    ``log_stats``. The cost is two clock reads per batch.
-    """
-    return TimedLoader(loader, dataset)
-
-
-# --------------------------------------------------------------------------- TensorBoard
-
-
-SCALARS = (
-    "shards", "samples", "shard_bytes", "added", "added_samples", "changed", "changed_samples", "removed",
-    "removed_samples", "pending", "rejected", "resolve_seconds", "lag_seconds", "quota", "yielded", "padded",
-    "skipped", "left_out", "replaced", "deleted", "corrupt", "bytes_read", "read_seconds", "verify_seconds",
-    "seconds", "samples_per_second", "batches", "loop_seconds", "wait_seconds", "wait_share",
-)
-
-
-def log_stats(writer: Any, stats: EpochStats | Sequence[EpochStats], step: int | None = None,
-              prefix: str = "wdsrefresh") -> int:
-    """Writes the numbers of ``stats`` as scalars to a TensorBoard ``SummaryWriter`` (from
-    ``torch.utils.tensorboard``, which needs the ``tensorboard`` package: ``pip install
-    wdsrefresh[tensorboard]``) at ``step`` (default: the epoch). Tags are ``PREFIX/FIELD``, or
-    ``PREFIX/rankR/FIELD`` for a list of every rank's stats (``ds.stats(epoch, all_ranks=True)``).
-    Fields that are None (not measured) are left out; a mix's sources write theirs under
-    ``.../source/NAME/FIELD``. Returns the number of scalars written."""
-    many = not isinstance(stats, EpochStats)
-    written = 0
-    for one in (stats if many else [stats]):
-        base = f"{prefix}/rank{one.rank}" if many else prefix
-        for name in SCALARS:
-            value = getattr(one, name)
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            writer.add_scalar(f"{base}/{name}", value, one.epoch if step is None else step)
-            written += 1
-        for source, fields in one.sources.items():  # a mix: each source's numbers under its name
-            for name, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-                    writer.add_scalar(f"{base}/source/{source}/{name}", value, one.epoch if step is None else step)
-                    written += 1
-    return written

@@ -23,7 +23,8 @@ from .batching import DEFAULT_PARTIAL_AFTER, Batched
 from .shuffle import EpochShuffle
 from ..core.snapshot import Snapshot
 from ..storage.source import NoShardsError
-from ..epoch.stats import StatsRecorder, gather
+from ..epoch.stats import gather
+from ..observe.stats_log import StatsRecorder
 
 log = logging.getLogger("wdsrefresh")
 
