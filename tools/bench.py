@@ -38,6 +38,8 @@ each sample once) against one source.
     .venv/bin/python tools/bench.py --remote     # the same shards from an S3 server on 127.0.0.1
     .venv/bin/python tools/bench.py --pack       # packing speed: pack --jobs 1/2 vs ShardWriter
     .venv/bin/python tools/bench.py --peers      # LitData on the same samples (its own venv, made once)
+    .venv/bin/python tools/bench.py --base main  # HEAD / main, paired per row (main's worktree, made once)
+    .venv/bin/python tools/bench.py --base main --aa   # main against itself: the noise of those ratios
 """
 
 from __future__ import annotations
@@ -573,6 +575,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
                              "samples in LitData's own format, run from a separate venv made once under --data "
                              "(tools/bench_peers.py); a table of ratios, no PASS/MISS")
+    parser.add_argument("--base", default=None, metavar="COMMIT",
+                        help="instead: HEAD against COMMIT (a git worktree made once under --data), every reader "
+                             "in a process of its own, interleaved; paired ratios HEAD / base per row "
+                             "(tools/bench_base.py)")
+    parser.add_argument("--aa", action="store_true", help="with --base: COMMIT against itself (the noise)")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
@@ -592,6 +599,10 @@ def main(argv: list[str] | None = None) -> None:
         return run_peers(args)
     if args.scale is None:
         args.scale = 10_000 if args.quick else 100_000
+    if args.base:
+        from bench_base import run_base
+
+        return run_base(args)
     specs = chosen_sets(args)
     root = Path(args.data)
     root.mkdir(parents=True, exist_ok=True)

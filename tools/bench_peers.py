@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import select
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 import webdataset as wds
 from bench import (BARE, INLINE, OFF, ONE_PROC, TENSORS, WEBDATASET, FORMAT_VERSION, Row, ShardSet, bench_set,
                    chosen_sets, paired_ratio, readers_for)
+from bench_pipe import PassServer
 
 import wdsrefresh as wr
 
@@ -114,50 +114,9 @@ def ensure_litdata_set(python: Path, root: Path, spec: ShardSet, urls: list[str]
     return str(out)
 
 
-START_SECONDS = 300.0  # the litdata reader's imports and first listing of its chunks
-PASS_SECONDS = 600.0  # one pass over a shard set
-
-
-class LitDataPeer:
-    """``litdata.StreamingDataset`` (or its DataLoader) in a process of the peers venv: a pass is
-    one ``pass`` line to it, answered with the number of samples the pass yielded."""
-
-    def __init__(self, python: Path, directory: str, *options: str):
-        command = [str(python), str(CHILD), "serve", directory, *options]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env=_peer_env())
-        ready = self._line(START_SECONDS)
-        if not ready.startswith("ready"):
-            self.close()
-            raise SystemExit(f"--peers: `{' '.join(command)}` did not start (said {ready!r}, "
-                             f"exit status {self.process.returncode})")
-
-    def prepare(self) -> None:
-        pass
-
-    def one_pass(self) -> int:
-        self.process.stdin.write("pass\n")
-        self.process.stdin.flush()
-        answer = self._line(PASS_SECONDS)
-        if not answer:
-            raise SystemExit(f"--peers: the litdata reader exited mid-run (status {self.process.wait()}); "
-                             "its error is above")
-        return int(answer)
-
-    def _line(self, seconds: float) -> str:
-        """The reader's next line; a reader silent for ``seconds`` is killed (a hang fails the run)."""
-        if not select.select([self.process.stdout], [], [], seconds)[0]:
-            self.process.kill()
-            raise SystemExit(f"--peers: the litdata reader said nothing for {seconds:.0f} s; killed")
-        return self.process.stdout.readline()
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def litdata_peer(python: Path, directory: str, *options: str) -> PassServer:
+    """``litdata.StreamingDataset`` (or its DataLoader) in a process of the peers venv."""
+    return PassServer([str(python), str(CHILD), "serve", directory, *options], _peer_env(), "--peers")
 
 
 def peer_chooser(python: Path, root: Path, args):
@@ -167,9 +126,9 @@ def peer_chooser(python: Path, root: Path, args):
         ours = [r for r in readers_for(mode, spec, urls, directory, state_root) if r[0] in OUR_READERS]
         litdata = ensure_litdata_set(python, root, spec, urls)
         if mode == ONE_PROC:
-            return ours + [(LITDATA, LitDataPeer(python, litdata), None),
-                           (LITDATA_BYTES, LitDataPeer(python, litdata, "--bytes"), None)]
-        loader = LitDataPeer(python, litdata, "--workers", str(args.workers), "--batch", str(args.batch))
+            return ours + [(LITDATA, litdata_peer(python, litdata), None),
+                           (LITDATA_BYTES, litdata_peer(python, litdata, "--bytes"), None)]
+        loader = litdata_peer(python, litdata, "--workers", str(args.workers), "--batch", str(args.batch))
         return ours + [(LITDATA, loader, None)]
 
     return choose

@@ -1,0 +1,62 @@
+"""A reader of bench.py's ``interleaved_rates`` that runs in another process: a pass is one
+``pass`` line to it, answered with the number of samples the pass yielded.
+
+The other process (``bench_peers_child.py serve``, ``bench_base_child.py``) starts once, opens
+its dataset, prints ``ready ...`` and then answers each ``pass``, while this process waits; its
+clock runs here and so includes one pipe round trip (about 20 us here).
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+
+START_SECONDS = 300.0  # the reader's imports and first listing
+PASS_SECONDS = 600.0  # one pass over a shard set
+
+
+class PassServer:
+    """The process running ``command`` (with ``env``), which ``what`` names in errors; with
+    ``prepares``, ``prepare`` (untimed, before each pass) is a ``prepare`` line answered ``ok``."""
+
+    def __init__(self, command: list[str], env: dict, what: str, prepares: bool = False):
+        self.what = what
+        self.prepares = prepares
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self._line(START_SECONDS)
+        if not self.ready.startswith("ready"):
+            self.close()
+            raise SystemExit(f"{what}: `{' '.join(command)}` did not start (said {self.ready!r}, "
+                             f"exit status {self.process.returncode})")
+
+    def prepare(self) -> None:
+        if self.prepares and self._ask("prepare").strip() != "ok":
+            raise SystemExit(f"{self.what}: the reader exited before a pass (status {self.process.wait()}); "
+                             "its error is above")
+
+    def one_pass(self) -> int:
+        answer = self._ask("pass")
+        if not answer:
+            raise SystemExit(f"{self.what}: the reader exited mid-run (status {self.process.wait()}); "
+                             "its error is above")
+        return int(answer)
+
+    def _ask(self, what: str) -> str:
+        self.process.stdin.write(what + "\n")
+        self.process.stdin.flush()
+        return self._line(PASS_SECONDS)
+
+    def _line(self, seconds: float) -> str:
+        """The reader's next line; a reader silent for ``seconds`` is killed (a hang fails the run)."""
+        if not select.select([self.process.stdout], [], [], seconds)[0]:
+            self.process.kill()
+            raise SystemExit(f"{self.what}: the reader said nothing for {seconds:.0f} s; killed")
+        return self.process.stdout.readline()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
