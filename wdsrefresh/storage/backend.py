@@ -18,14 +18,25 @@ from .source import ListSource, ShardSource
 def backend_for(spec: object) -> Backend:
     """The backend of ``spec``: a path or a shard's URL (a ``scheme://`` URL is an object's,
     even of a scheme no backend reads: that backend's source says why)."""
-    url = split_url(spec) if isinstance(spec, str) else None
-    if url is None:
+    url = split_url(spec) if isinstance(spec, str) and "://" in spec else None
+    scheme = "" if url is None else url[0].lower()
+    backend = _BY_SCHEME.get(scheme)
+    if backend is None:  # asked once per scheme and process: a snapshot asks once per shard
+        backend = _BY_SCHEME[scheme] = _load(scheme)
+    return backend
+
+
+_BY_SCHEME: dict[str, Backend] = {}
+
+
+def _load(scheme: str) -> Backend:
+    if not scheme:
         from .local.backend import LOCAL_FILES
 
         return LOCAL_FILES
     from .objects.backend import objects_backend
 
-    return objects_backend(url[0].lower())
+    return objects_backend(scheme)
 
 
 def local_path(spec: str) -> str | None:
