@@ -346,7 +346,9 @@ def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
                 gc.collect()
                 t0 = time.perf_counter()
                 count = one_pass()
-                seconds += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                # a reader that times its own passes (CPU seconds: bench_base.py --cpu) says so
+                seconds += getattr(reader, "pass_seconds", None) or elapsed
                 if count != expected:
                     raise SystemExit(f"a pass yielded {count} samples, expected {expected}")
                 count_total += count
@@ -580,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
                              "in a process of its own, interleaved; paired ratios HEAD / base per row "
                              "(tools/bench_base.py)")
     parser.add_argument("--aa", action="store_true", help="with --base: COMMIT against itself (the noise)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="with --base: rates by the CPU seconds of each pass (reader and its workers), which "
+                             "other jobs' load changes least, instead of the wall clock")
     args = parser.parse_args(argv)
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3

@@ -11,7 +11,9 @@ Rows, for each shard set of the bench: in one process, ``verify`` inline and off
 DataLoader with the bench's workers and batch, inline with webdataset's collation and with
 ``wr.collate_tensors``; then ``set_epoch`` on ``--scale`` unchanged one-sample shards, rescanned
 and watched. ``--aa`` runs the commit against itself instead: the spread of those ratios
-around 1.00 is the noise of the machine.
+around 1.00 is the noise of the machine. ``--cpu`` rates passes by the CPU seconds they took
+(the reader's process and its DataLoader workers) instead of the wall clock: on a machine
+shared with other jobs, that is what the load changes least.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def child_env(tree: Path) -> dict:
     return env
 
 
-def server(tree: Path, kind: str, directory: str, *options: str) -> PassServer:
-    reader = PassServer([sys.executable, str(CHILD), kind, directory, *options], child_env(tree),
-                        f"--base ({tree})", prepares=True)
+def server(tree: Path, kind: str, directory: str, *options: str, cpu: bool = False) -> PassServer:
+    reader = PassServer([sys.executable, str(CHILD), kind, directory, *options, *(["--cpu"] if cpu else [])],
+                        child_env(tree), f"--base ({tree})", prepares=True)
     imported = reader.ready.split(maxsplit=1)[1].strip()
     if not imported.startswith(str(tree)):
         raise SystemExit(f"--base: the reader meant to run {tree} imported {imported}")
@@ -72,7 +74,7 @@ def base_chooser(head: Path, base: Path, args):
             loader = ("--workers", str(args.workers), "--batch", str(args.batch),
                       "--members", ",".join(spec.extensions))
             kinds = [("inline", loader), ("tensors", loader)]
-        return [(f"{side} {kind}", server(tree, kind, directory, *options), None)
+        return [(f"{side} {kind}", server(tree, kind, directory, *options, cpu=args.cpu), None)
                 for kind, options in kinds for side, tree in (("HEAD", head), ("base", base))]
 
     return choose
@@ -83,7 +85,7 @@ def scale_rows(head: Path, base: Path, root: Path, args) -> list[Row]:
     plain, _ = ensure_scale_dirs(str(root), args.scale)
     rows = []
     for kind in ("rescan", "watched"):
-        readers = [(f"{side} set_epoch {kind}", server(tree, kind, plain)) for side, tree in
+        readers = [(f"{side} set_epoch {kind}", server(tree, kind, plain, cpu=args.cpu)) for side, tree in
                    (("HEAD", head), ("base", base))]
         per_round: list[list[float]] = []
         try:
@@ -111,7 +113,8 @@ def base_report(rows: list[Row], head_name: str, base_name: str, args) -> str:
 
     lines = [
         f"{head_name} against {base_name}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{os.cpu_count()} CPUs; each reader in a process of its own, both trees interleaved, median of "
+        f"{os.cpu_count()} CPUs; {'CPU seconds' if args.cpu else 'wall clock'}; each reader in a process of its "
+        f"own, both trees interleaved, median of "
         f"{args.repeat} rounds of at least {args.min_time} s each; ratio: median of the rounds' paired ratios; "
         f"warm page cache{'; --quick' if args.quick else ''}; load average at the end: {os.getloadavg()[0]:.1f}",
         "",

@@ -14,6 +14,10 @@ with ``ok`` once the next pass is prepared (untimed: the next epoch's ``set_epoc
 - ``rescan``, ``watched``: one ``set_epoch`` on DIR's unchanged shards, rescanned (``watch=False``)
   or answered by the watched index.
 
+``--cpu``: each answer also gives the CPU seconds the pass took, of this process and of its
+DataLoader workers (``/proc/PID/stat``, in clock ticks), which load from other jobs on the
+machine barely changes.
+
 Only the public API is used, so the same file drives any commit's tree. This module imports
 nothing of the project at its top but through ``PYTHONPATH``.
 """
@@ -21,8 +25,10 @@ nothing of the project at its top but through ``PYTHONPATH``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import time
 
 
 def dataset(kind: str, directory: str, state_dir: str):
@@ -35,7 +41,7 @@ def dataset(kind: str, directory: str, state_dir: str):
 
 
 def passes_of(kind: str, directory: str, workers: int, batch: int, members: list[str]):
-    """(prepare, one_pass) of the reader KIND."""
+    """(prepare, one_pass, its DataLoader or None) of the reader KIND."""
     import torch.utils.data
 
     import wdsrefresh as wr
@@ -43,17 +49,28 @@ def passes_of(kind: str, directory: str, workers: int, batch: int, members: list
     ds = dataset(kind, directory, tempfile.mkdtemp(prefix="wdsrefresh-bench-base-"))
     epochs = iter(range(1 << 30))
     if kind in ("rescan", "watched"):
-        return (lambda: None), (lambda: len(ds.set_epoch(next(epochs)).shards))
+        return (lambda: None), (lambda: len(ds.set_epoch(next(epochs)).shards)), None
 
     def prepare() -> None:
         ds.set_epoch(next(epochs))
 
     if not workers:
-        return prepare, (lambda: sum(1 for _ in ds))
+        return prepare, (lambda: sum(1 for _ in ds)), None
     pipeline = ds.to_tuple(*members)
     pipeline = pipeline.batched(batch, collation_fn=wr.collate_tensors) if kind == "tensors" else pipeline.batched(batch)
     loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=True)
-    return prepare, (lambda: sum(len(b[0]) for b in loader))
+    return prepare, (lambda: sum(len(b[0]) for b in loader)), loader
+
+
+def cpu_seconds(loader) -> float:
+    """CPU seconds of this process and of ``loader``'s worker processes so far."""
+    total = time.process_time()
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", ())
+    for worker in workers:
+        with open(f"/proc/{worker.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--members", default="bin,cls")
+    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args(argv)
-    prepare, one_pass = passes_of(args.kind, args.directory, args.workers, args.batch, args.members.split(","))
+    prepare, one_pass, loader = passes_of(args.kind, args.directory, args.workers, args.batch,
+                                          args.members.split(","))
     import wdsrefresh
 
     print("ready", wdsrefresh.__file__, flush=True)
@@ -72,6 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         if line.strip() == "prepare":
             prepare()
             print("ok", flush=True)
+        elif line.strip() == "pass" and args.cpu:
+            before = cpu_seconds(loader)
+            count = one_pass()
+            print(count, cpu_seconds(loader) - before, flush=True)
         elif line.strip() == "pass":
             print(one_pass(), flush=True)
         else:

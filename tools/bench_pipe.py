@@ -22,6 +22,7 @@ class PassServer:
     def __init__(self, command: list[str], env: dict, what: str, prepares: bool = False):
         self.what = what
         self.prepares = prepares
+        self.pass_seconds: float | None = None
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._line(START_SECONDS)
         if not self.ready.startswith("ready"):
@@ -35,11 +36,14 @@ class PassServer:
                              "its error is above")
 
     def one_pass(self) -> int:
-        answer = self._ask("pass")
+        """The pass's sample count; a second number on the answer's line, the seconds the
+        reader measured the pass to take itself, is kept in ``pass_seconds``."""
+        answer = self._ask("pass").split()
         if not answer:
             raise SystemExit(f"{self.what}: the reader exited mid-run (status {self.process.wait()}); "
                              "its error is above")
-        return int(answer)
+        self.pass_seconds = float(answer[1]) if len(answer) > 1 else None
+        return int(answer[0])
 
     def _ask(self, what: str) -> str:
         self.process.stdin.write(what + "\n")
