@@ -42,6 +42,7 @@ def base_tree(root: Path, commit: str) -> tuple[Path, str]:
                               text=True).stdout.strip()
 
     full = git("rev-parse", "--verify", f"{commit}^{{commit}}")
+    root.mkdir(parents=True, exist_ok=True)
     tree = (root / f"base-{full[:12]}").resolve()
     if not (tree / "wdsrefresh" / "__init__.py").exists():
         print(f"making the worktree {tree} of {full[:12]} ...", file=sys.stderr, flush=True)
@@ -129,9 +130,8 @@ def base_report(rows: list[Row], head_name: str, base_name: str, args) -> str:
 
 
 def run_base(args) -> None:
+    base, full = base_tree(Path(args.data), args.base)
     root = Path(args.data)
-    root.mkdir(parents=True, exist_ok=True)
-    base, full = base_tree(root, args.base)
     head, head_name = (base, f"{full[:12]} (A/A)") if args.aa else (HEAD_TREE, f"HEAD ({HEAD_TREE})")
     specs = chosen_sets(args)
     choose = base_chooser(head, base, args)
