@@ -28,13 +28,13 @@ def collecting_handler():
 
 
 def test_bit_rot_goes_through_the_handler_as_digest_mismatch_and_is_never_yielded(tmp_path):
-    from wdsrefresh.write.pack import pack
+    from wdsrefresh.write.pack import pack_entries
 
     raw = tmp_path / "raw"
     raw.mkdir()
     for i in range(6):
         (raw / f"k{i}.bin").write_bytes(bytes([65 + i]) * 1000)
-    pack([str(raw)], str(tmp_path / "out"), maxcount=100)
+    pack_entries([str(raw)], str(tmp_path / "out"), maxcount=100)
     shard = str(tmp_path / "out" / "shard-000000.tar")
     st = os.stat(shard)
     with open(shard, "r+b") as f:  # one payload byte of sample k2 rots; size and mtime stay

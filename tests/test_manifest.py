@@ -234,7 +234,7 @@ def test_directory_manifest_of_a_newer_version_is_ignored_and_the_shards_indexed
 
 
 def packed(tmp_path, nfiles=8, maxcount=3):
-    from wdsrefresh.write.pack import pack
+    from wdsrefresh.write.pack import pack_entries
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -242,7 +242,7 @@ def packed(tmp_path, nfiles=8, maxcount=3):
         (raw / f"k{i}.txt").write_bytes(b"x" * (10 + i))
         (raw / f"k{i}.cls").write_bytes(str(i).encode())
     out = str(tmp_path / "out")
-    pack([str(raw)], out, maxcount=maxcount)
+    pack_entries([str(raw)], out, maxcount=maxcount)
     return out
 
 
@@ -286,13 +286,13 @@ def test_index_of_a_directory_without_shards_fails_and_writes_nothing(tmp_path, 
 
 def test_pack_and_ingest_record_each_shards_mtime_so_a_same_size_replacement_is_not_trusted(tmp_path):
     from wdsrefresh.write.ingest import IngestConfig, Ingester
-    from wdsrefresh.write.pack import pack
+    from wdsrefresh.write.pack import pack_entries
 
     raw, out = tmp_path / "raw", str(tmp_path / "out")
     raw.mkdir()
     for i in range(4):
         (raw / f"k{i}.txt").write_bytes(b"x" * 10)
-    pack([str(raw)], out, maxcount=2)
+    pack_entries([str(raw)], out, maxcount=2)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "z.txt").write_bytes(b"y" * 10)

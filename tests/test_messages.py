@@ -9,7 +9,7 @@ from wdsrefresh.cli import main
 from wdsrefresh.format.digest import BLOCK_SIZE
 from wdsrefresh.storage.backend import make_source
 from wdsrefresh.storage.source import NoShardsError
-from wdsrefresh.write.pack import pack
+from wdsrefresh.write.pack import pack_entries
 from s3fixtures import moto_server, s3, shard_bytes  # noqa: F401 - fixtures
 from shardutil import tar_bytes
 
@@ -47,7 +47,7 @@ def test_digest_mismatch_names_the_block_holding_the_flipped_byte(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "big.bin").write_bytes(b"\0" * (BLOCK_SIZE + 4096))  # the shard spans two blocks
-    pack([str(raw)], str(tmp_path / "out"))
+    pack_entries([str(raw)], str(tmp_path / "out"))
     shard = str(tmp_path / "out" / "shard-000000.tar")
     st = os.stat(shard)
     with open(shard, "r+b") as f:  # byte 700 (in big.bin's payload) rots; size and mtime stay
@@ -68,7 +68,7 @@ def test_digest_mismatch_names_the_block_holding_the_flipped_byte(tmp_path):
 def test_ls_of_a_directory_marks_a_shard_replaced_since_its_manifest_entry(tmp_path, capsys):
     raw = packed(tmp_path, n=4)
     out = str(tmp_path / "out")
-    pack([str(raw)], out, maxcount=2)
+    pack_entries([str(raw)], out, maxcount=2)
     tmp = os.path.join(out, ".new.tmp")
     with open(tmp, "wb") as f:
         f.write(tar_bytes([{"__key__": "other", "bin": b"x" * 5000}]))
@@ -83,7 +83,7 @@ def test_ls_of_a_directory_marks_a_shard_replaced_since_its_manifest_entry(tmp_p
 
 def test_ls_of_a_prefix_marks_an_object_replaced_since_its_manifest_entry(s3, tmp_path, capsys):
     raw = packed(tmp_path, n=4)
-    pack([str(raw)], s3.url("out/"), maxcount=2)
+    pack_entries([str(raw)], s3.url("out/"), maxcount=2)
     s3.put("out/shard-000000.tar", shard_bytes("new", 3))
     assert main(["ls", s3.url("out/")]) == 0
     rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}

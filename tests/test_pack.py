@@ -15,7 +15,7 @@ import wdsrefresh as wr
 from shardutil import write_shard
 from wdsrefresh.cli import main
 from wdsrefresh.format import manifest
-from wdsrefresh.write.pack import PackError, group_samples, pack
+from wdsrefresh.write.pack import PackError, group_samples, pack_entries
 from wdsrefresh.format.tario import index_shard
 
 LONG = "d" * 60 + "/" + "n" * 70  # a member name over 100 bytes needs a GNU long-name record
@@ -58,7 +58,7 @@ def tree(tmp_path):
 def test_round_trip_reads_back_identical_bytes_with_webdataset_and_refreshing(tree, tmp_path):
     src, expected = tree
     out = str(tmp_path / "out")
-    entries = pack([src], out, maxcount=7)
+    entries = pack_entries([src], out, maxcount=7)
     assert [e.url for e in entries] == [f"shard-{i:06d}.tar" for i in range(4)]
     urls = [os.path.join(out, name) for name in shard_files(out)]
     assert as_dicts(wds.WebDataset(urls, shardshuffle=False)) == expected
@@ -74,7 +74,7 @@ def test_round_trip_reads_back_identical_bytes_with_webdataset_and_refreshing(tr
 def test_long_names_survive_gnu_tar_listing(tree, tmp_path):
     src, expected = tree
     out = str(tmp_path / "out")
-    pack([src], out)
+    pack_entries([src], out)
     listed = subprocess.run(["tar", "tf", os.path.join(out, "shard-000000.tar")],
                             capture_output=True, text=True, check=True).stdout.split()
     assert f"sub/{LONG}0005.jpg" in listed and len(listed) == sum(len(f) for f in expected.values())
@@ -83,7 +83,7 @@ def test_long_names_survive_gnu_tar_listing(tree, tmp_path):
 def test_shards_are_plain_tar_without_pax_headers(tree, tmp_path):
     src, _ = tree
     out = str(tmp_path / "out")
-    pack([src], out, maxcount=7)
+    pack_entries([src], out, maxcount=7)
     with tarfile.open(os.path.join(out, "shard-000000.tar")) as tar:
         members = tar.getmembers()
         assert tar.pax_headers == {}
@@ -105,8 +105,8 @@ def _header_offsets(data):
 def test_same_tree_packs_to_same_bytes(tree, tmp_path):
     src, _ = tree
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    pack([src], a, maxcount=7)
-    pack([src], b, maxcount=7, jobs=2)
+    pack_entries([src], a, maxcount=7)
+    pack_entries([src], b, maxcount=7, jobs=2)
     for name in shard_files(a):
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read()
@@ -115,7 +115,7 @@ def test_same_tree_packs_to_same_bytes(tree, tmp_path):
 def test_manifest_counts_and_digests_are_exact(tree, tmp_path):
     src, expected = tree
     out = str(tmp_path / "out")
-    pack([src], out, maxcount=7)
+    pack_entries([src], out, maxcount=7)
     entries = manifest.load(os.path.join(out, "manifest.json"))
     assert sum(e.nsamples for e in entries) == len(expected)
     for e in entries:
@@ -132,8 +132,8 @@ def test_numbering_continues_after_highest_existing_shard(tree, tmp_path):
     out = str(tmp_path / "out")
     os.makedirs(out)
     write_shard(out, "shard-000007.tar", 3)
-    pack([src], out, maxcount=20)
-    pack([str(more)], out, maxcount=20)
+    pack_entries([src], out, maxcount=20)
+    pack_entries([str(more)], out, maxcount=20)
     assert shard_files(out) == ["shard-000007.tar"] + [f"shard-{i:06d}.tar" for i in range(8, 12)]
     urls = [e.url for e in manifest.load(os.path.join(out, "manifest.json"))]
     assert urls == shard_files(out)
@@ -143,7 +143,7 @@ def test_maxsize_bounds_shards_and_oversized_sample_gets_own_shard(tree, tmp_pat
     src, _ = tree
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
-        entries = pack([src], out, maxsize="64KB")
+        entries = pack_entries([src], out, maxsize="64KB")
     big = [e for e in entries if e.filesize > 64_000]
     assert len(big) == 1 and big[0].nsamples == 1
     assert "more than maxsize" in caplog.text and "s0007" in caplog.text
@@ -168,9 +168,9 @@ def test_symlink_outside_source_is_refused_unless_followed(tree, tmp_path):
     os.symlink(outside, os.path.join(src, "link.txt"))
     out = str(tmp_path / "out")
     with pytest.raises(PackError, match=r"link\.txt: symlink points outside"):
-        pack([src], out)
+        pack_entries([src], out)
     assert_nothing_published(out)
-    pack([src], out, follow_symlinks=True)
+    pack_entries([src], out, follow_symlinks=True)
     got = as_dicts(wds.WebDataset([os.path.join(out, "shard-000000.tar")], shardshuffle=False))
     assert got["link"] == {"txt": b"secret"}
 
@@ -187,7 +187,7 @@ def test_duplicate_keys_are_refused(tmp_path, second):
         (one / second).write_bytes(b"2")
     out = str(tmp_path / "out")
     with pytest.raises(PackError, match="duplicate key 'a'"):
-        pack(sources, out)
+        pack_entries(sources, out)
     assert_nothing_published(out)
 
 
@@ -197,13 +197,13 @@ def test_empty_source_and_name_without_extension_under_strict_are_refused(tmp_pa
     (src / ".hidden.jpg").write_bytes(b"skipped")
     out = str(tmp_path / "out")
     with pytest.raises(PackError, match="nothing to pack"):
-        pack([str(src)], out)
+        pack_entries([str(src)], out)
     (src / "README").write_bytes(b"x")
     with pytest.raises(PackError, match="nothing to pack"):  # a stray file alone is no sample
-        pack([str(src)], out)
+        pack_entries([str(src)], out)
     (src / "a.jpg").write_bytes(b"x")
     with pytest.raises(PackError, match="README.*no extension"):
-        pack([str(src)], out, strict=True)
+        pack_entries([str(src)], out, strict=True)
     assert_nothing_published(out)
 
 
@@ -243,9 +243,9 @@ def test_prefix_that_is_not_a_plain_name_is_refused_before_anything_is_written(t
     assert "prefix '../escaped' is not a plain name" in r.stderr
     for prefix in ("/abs/shard", "sub/dir", ".hidden", "", "a b"):
         with pytest.raises(PackError, match=f"prefix {re.escape(repr(prefix))} is not a plain name"):
-            pack([src], str(out), prefix=prefix)
+            pack_entries([src], str(out), prefix=prefix)
     assert sorted(os.listdir(tmp_path)) == ["src"]  # nothing written, in OUT or beside it
-    pack([src], str(out), prefix="v2.train_part-A")
+    pack_entries([src], str(out), prefix="v2.train_part-A")
     assert shard_files(str(out))[0] == "v2.train_part-A-000000.tar"
 
 
@@ -265,7 +265,7 @@ def test_jobs_below_one_is_refused(tree, tmp_path, capsys):
     assert exit_.value.code == 2 and "--jobs: must be at least 1, got 0" in capsys.readouterr().err
     for jobs in (0, -2):
         with pytest.raises(ValueError, match=f"jobs must be at least 1 \\(got {jobs}\\)"):
-            pack([src], str(out), jobs=jobs)
+            pack_entries([src], str(out), jobs=jobs)
     assert not out.exists()
 
 
@@ -289,7 +289,7 @@ def test_help_shows_the_defaults_the_code_uses(capsys):
 def test_running_a_finished_pack_again_does_nothing(tree, tmp_path, capsys, caplog):
     src, expected = tree
     out = str(tmp_path / "out")
-    first = pack([src], out, maxcount=7)
+    first = pack_entries([src], out, maxcount=7)
     with caplog.at_level(logging.WARNING, logger="wdsrefresh"):
         assert main(["pack", src, "-o", out, "--maxcount", "7"]) == 0
     assert capsys.readouterr().out == (f"nothing to do: these inputs were packed into {out} before "
@@ -323,7 +323,7 @@ def test_output_bytes_are_unchanged_from_earlier_versions(tmp_path):
 
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     golden_tree(src)
-    pack([src], out, maxcount=5)  # and so with --jobs: test_same_tree_packs_to_same_bytes
+    pack_entries([src], out, maxcount=5)  # and so with --jobs: test_same_tree_packs_to_same_bytes
     found = {}
     shards = (n for n in os.listdir(out) if n.endswith(".tar"))  # the manifest's format has its own version
     for name in sorted(shards):

@@ -17,7 +17,7 @@ from conftest import wait_for
 
 from wdsrefresh.format import manifest
 from wdsrefresh.format.tario import open_shard
-from wdsrefresh.write.pack import PackError, pack
+from wdsrefresh.write.pack import PackError, pack_entries
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
 PAGE = 4096
@@ -86,7 +86,7 @@ def inputs(tmp_path_factory):
     src = str(root / "src")
     keys = make_inputs(src, 16, 150_000)
     reference = str(root / "reference" / "out")
-    pack([src], reference, maxcount=1)
+    pack_entries([src], reference, maxcount=1)
     return src, keys, digests(reference)
 
 
@@ -144,9 +144,9 @@ def test_other_pack_into_a_directory_with_an_unfinished_pack_takes_numbers_after
     keys = make_inputs(first, 12, 300_000)
     other = {f"x/{k}" for k in make_inputs(os.path.join(second, "x"), 3, 1000, seed=1)}
     kill_when_half_done(first, out, procs)
-    entries = pack([second], out, maxcount=1)
+    entries = pack_entries([second], out, maxcount=1)
     assert [e.url for e in entries] == ["shard-000012.tar", "shard-000013.tar", "shard-000014.tar"]
-    pack([first], out, maxcount=1)  # finishes the first pack under the names it reserved
+    pack_entries([first], out, maxcount=1)  # finishes the first pack under the names it reserved
     assert_packed_exactly_once(out, keys | other)
 
 
@@ -189,7 +189,7 @@ def test_out_of_space_at_every_step_then_rerun_packs_every_input_once(tmp_path, 
     src = str(tmp_path / "src")
     keys = make_inputs(src, 12, 9000)  # 12 inputs: 4 shards of 3 samples, 9 pages each
     reference = str(tmp_path / "reference" / "out")
-    pack([src], reference, maxcount=3)
+    pack_entries([src], reference, maxcount=3)
     expected = digests(reference)
     disk = tmpfs(1)
     outcomes = collections.Counter()
@@ -197,13 +197,13 @@ def test_out_of_space_at_every_step_then_rerun_packs_every_input_once(tmp_path, 
         tmpfs(pages)
         out = os.path.join(disk, f"out{pages:02d}", "out")
         try:
-            pack([src], out, maxcount=3)
+            pack_entries([src], out, maxcount=3)
             outcomes["fits"] += 1
         except OSError as exn:
             assert exn.errno == errno.ENOSPC and disk in str(exn), exn  # the error names the file
             outcomes["out of space"] += 1
             tmpfs(4096)  # space freed
-            pack([src], out, maxcount=3)
+            pack_entries([src], out, maxcount=3)
         assert_packed_exactly_once(out, keys)
         assert digests(out) == expected
         subprocess.run(["rm", "-rf", os.path.dirname(out)], check=True)
@@ -225,12 +225,12 @@ def test_shard_renamed_before_its_fragment_is_indexed_not_rewritten_and_must_be_
         planned = f.read()
     os.replace(write_shard(str(tmp_path), "other.tar", 1), shard)  # something else under the reserved name
     with pytest.raises(PackError, match=f"{shard}: reserved for 1 samples .* but holds something else"):
-        pack([src], out, maxcount=1)
+        pack_entries([src], out, maxcount=1)
     with open(shard + ".restore", "wb") as f:
         f.write(planned)
     os.replace(shard + ".restore", shard)
     inode = os.stat(shard).st_ino
-    pack([src], out, maxcount=1)
+    pack_entries([src], out, maxcount=1)
     assert os.stat(shard).st_ino == inode  # indexed, not written again
     assert_packed_exactly_once(out, keys)
     assert digests(out) == reference

@@ -11,7 +11,7 @@ import webdataset as wds
 
 import wdsrefresh as wr
 from shardutil import write_shard
-from wdsrefresh.write.pack import DuplicateKeysError, PackError, pack
+from wdsrefresh.write.pack import DuplicateKeysError, PackError, pack_entries
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
 CLASSES = ("zebra", "ant", "Bee", "cat")  # sorted: Bee, ant, cat, zebra (upper case first, as ImageFolder sorts)
@@ -57,7 +57,7 @@ def published(out):
 
 def test_class_per_folder_tree_packs_class_sorted_shards_without_shuffle(tmp_path):
     src, out = class_tree(tmp_path / "src"), str(tmp_path / "out")
-    pack([src], out, maxcount=12)
+    pack_entries([src], out, maxcount=12)
     classes = [{s["__key__"].split("/")[0] for s in shard} for shard in samples_by_shard(out)]
     assert classes == [{c} for c in sorted(CLASSES)]  # the problem --shuffle solves
 
@@ -65,9 +65,9 @@ def test_class_per_folder_tree_packs_class_sorted_shards_without_shuffle(tmp_pat
 def test_shuffle_mixes_classes_in_every_shard_and_same_seed_packs_same_bytes(tmp_path):
     src = class_tree(tmp_path / "src")
     a, b, c = (str(tmp_path / n) for n in "abc")
-    pack([src], a, maxcount=12, shuffle=7)
-    pack([src], b, maxcount=12, shuffle=7, jobs=2)
-    pack([src], c, maxcount=12, shuffle=8)
+    pack_entries([src], a, maxcount=12, shuffle=7)
+    pack_entries([src], b, maxcount=12, shuffle=7, jobs=2)
+    pack_entries([src], c, maxcount=12, shuffle=8)
     shards = samples_by_shard(a)
     assert len(shards) == 4
     for shard in shards:
@@ -102,16 +102,16 @@ def test_label_from_dir_numbers_classes_in_sorted_folder_order_like_imagefolder(
 
 def test_a_subset_of_the_classes_keeps_the_numbering_of_out_and_an_unknown_class_is_refused(tmp_path):
     train, out = class_tree(tmp_path / "train"), str(tmp_path / "out")
-    pack([train], out, label_from_dir=True)
+    pack_entries([train], out, label_from_dir=True)
     val = class_tree(tmp_path / "val", classes=("cat", "zebra"), per_class=3, stem="val")
-    pack([val], out, label_from_dir=True)
+    pack_entries([val], out, label_from_dir=True)
     numbers = {s["__key__"].split("/")[0]: int(s["cls"]) for s in samples_by_shard(out)[-1]}
     train_numbers = {c: i for i, c in enumerate(sorted(CLASSES))}
     assert numbers == {"cat": train_numbers["cat"], "zebra": train_numbers["zebra"]}
     before = published(out)
     other = class_tree(tmp_path / "other", classes=("cat", "dog"), per_class=2, stem="other")
     with pytest.raises(PackError, match=r"classes\.json numbers 4 classes and lacks 1 .*'dog'"):
-        pack([other], out, label_from_dir=True)
+        pack_entries([other], out, label_from_dir=True)
     assert published(out) == before
 
 
@@ -119,11 +119,11 @@ def test_label_from_dir_refuses_samples_outside_class_folders_and_samples_with_a
     src, out = class_tree(tmp_path / "src", per_class=2), str(tmp_path / "out")
     (tmp_path / "src" / "loose.jpg").write_bytes(b"x")
     with pytest.raises(PackError, match="loose.jpg: sample 'loose' is not inside a class folder"):
-        pack([src], out, label_from_dir=True)
+        pack_entries([src], out, label_from_dir=True)
     os.unlink(tmp_path / "src" / "loose.jpg")
     (tmp_path / "src" / "cat" / "img001.cls").write_bytes(b"9")
     with pytest.raises(PackError, match="sample 'cat/img001' already has a .cls member"):
-        pack([src], out, label_from_dir=True)
+        pack_entries([src], out, label_from_dir=True)
     assert not os.path.exists(out) or not os.path.exists(os.path.join(out, "classes.json"))
 
 
@@ -154,7 +154,7 @@ def test_exclude_matches_relative_paths_and_single_file_sources(tmp_path):
     src = tmp_path / "src"
     class_tree(src, classes=("a", "b"), per_class=2)
     out = str(tmp_path / "out")
-    pack([str(src), str(src / "a" / "img001.jpg")], out, exclude=["b/*", "img001.jpg"])
+    pack_entries([str(src), str(src / "a" / "img001.jpg")], out, exclude=["b/*", "img001.jpg"])
     keys = sorted(s["__key__"] for shard in samples_by_shard(out) for s in shard)
     assert keys == ["a/deep/img000"]
 
@@ -164,7 +164,7 @@ def test_exclude_matches_relative_paths_and_single_file_sources(tmp_path):
 
 def test_packing_keys_out_already_holds_is_refused_naming_them_and_writes_nothing(tmp_path):
     src, out = class_tree(tmp_path / "src"), str(tmp_path / "out")
-    pack([src], out, maxcount=10)
+    pack_entries([src], out, maxcount=10)
     before = published(out)
     r = subprocess.run(CLI + ["pack", src, "-o", out, "--maxcount", "20"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
@@ -174,7 +174,7 @@ def test_packing_keys_out_already_holds_is_refused_naming_them_and_writes_nothin
     again = subprocess.run(CLI + ["pack", src, "-o", out, "--maxcount", "10"], capture_output=True, text=True,
                            timeout=60)
     assert again.returncode == 0 and again.stdout.startswith("nothing to do")  # the same plan: a no-op
-    entries = pack([src], out, maxcount=20, allow_duplicate_keys=True)
+    entries = pack_entries([src], out, maxcount=20, allow_duplicate_keys=True)
     assert [e.url for e in entries] == ["shard-000005.tar", "shard-000006.tar", "shard-000007.tar"]
 
 
@@ -201,10 +201,10 @@ def test_duplicate_keys_are_found_in_shards_written_by_other_tools_and_by_the_wr
     write_made_samples(out)
     src = files_again(tmp_path / "src", "foreign-000000/000001.bin")
     with pytest.raises(DuplicateKeysError, match=r"1 of the keys .* 'foreign-000000/000001' \(in foreign-000000.tar\)"):
-        pack([str(src)], out)
+        pack_entries([str(src)], out)
     files_again(tmp_path / "src", "made/2.txt")
     with pytest.raises(DuplicateKeysError, match=r"2 of the keys .*'made/2' \(in shard-000001.tar\)"):
-        pack([str(src)], out)
+        pack_entries([str(src)], out)
     assert os.listdir(os.path.join(out, ".wdsrefresh", "keys"))  # what was read is recorded for next time
 
 
@@ -219,4 +219,4 @@ def test_keys_of_an_unfinished_pack_count_as_taken(tmp_path):
     copy = tmp_path / "copy"
     class_tree(copy, classes=("ant",), per_class=1)
     with pytest.raises(DuplicateKeysError, match="'ant/deep/img000' \\(in shard-000000.tar\\)"):
-        pack([str(copy)], out)
+        pack_entries([str(copy)], out)

@@ -28,7 +28,7 @@ from wdsrefresh.storage.objects.source import ObjectSource
 from wdsrefresh.storage.objects.s3 import ObjectChangedError, Store
 from wdsrefresh.write.destination import S3Destination
 from wdsrefresh.write.ingest import IngestConfig, Ingester
-from wdsrefresh.write.pack import PackError, collect, open_plan, pack, plan_shards, run_task
+from wdsrefresh.write.pack import PackError, collect, open_plan, pack_entries, plan_shards, run_task
 
 FIXTURES = (fault_proxy, moto_server, s3)  # pytest finds fixtures among the module's names
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
@@ -109,8 +109,8 @@ def test_a_second_pack_into_the_prefix_numbers_after_the_first(s3, src, tmp_path
     path, expected = src
     other = str(tmp_path / "other")
     more = {f"x/{k}" for k in make_inputs(os.path.join(other, "x"), 3, 100, seed=1)}
-    pack([path], s3.url("out/"), maxcount=5)
-    entries = pack([other], s3.url("out"), maxcount=2)  # no trailing '/': the same prefix
+    pack_entries([path], s3.url("out/"), maxcount=5)
+    entries = pack_entries([other], s3.url("out"), maxcount=2)  # no trailing '/': the same prefix
     assert [e.url for e in entries] == ["shard-000003.tar", "shard-000004.tar"]
     assert_packed_exactly_once(s3, expected | more)
 
@@ -130,7 +130,7 @@ def test_readers_take_counts_and_digests_from_fragments_and_manifest_without_rea
     infos = [c.info for c in source.candidates()]
     assert [i.nsamples for i in infos] == [5, 5, 2] and all(i.digest and i.blocks for i in infos)
     assert not [r for r in fault_proxy.requests("GET") if r.range]  # no object was read to index it
-    pack([path], url, maxcount=5)  # the same plan: committed now
+    pack_entries([path], url, maxcount=5)  # the same plan: committed now
     assert "manifest.d" not in " ".join(keys(s3))
     fault_proxy.clear()
     source = ObjectSource(url, storage_options=options)
@@ -153,7 +153,7 @@ def test_rerun_aborts_the_multipart_uploads_a_killed_run_left_and_its_temporarie
         tmp = plan.dest.temporary(plan.hash, 2).rsplit(".", 3)[0] + f".{dead}.tar.tmp"
         open(tmp, "wb").close()  # a killed task's local temporary
     assert leftovers(s3) != []
-    assert pack([path], s3.url("out/"), maxcount=5)[0].url == "shard-000000.tar"
+    assert pack_entries([path], s3.url("out/"), maxcount=5)[0].url == "shard-000000.tar"
     assert_packed_exactly_once(s3, expected)
     assert os.listdir(tmp_path / "tmp") == []
 
@@ -164,7 +164,7 @@ def test_shard_above_the_threshold_is_uploaded_in_parts_and_read_back(s3, tmp_pa
     with open(os.path.join(path, "a.bin"), "wb") as f:
         f.write(random.Random(0).randbytes(12 * MiB))
     dest = S3Destination(s3.url("out/"), multipart_threshold=5 * MiB, part_size=5 * MiB)
-    [entry] = pack([path], dest)
+    [entry] = pack_entries([path], dest)
     assert entry.etag.strip('"').endswith("-3")  # three parts: an ETag that is no MD5
     assert main(["verify", s3.url("out/")]) == 0
     [sample] = wr.RefreshingWebDataset(s3.url("out/"), shardshuffle=False, watch=False)
@@ -197,9 +197,9 @@ def test_a_pack_into_a_prefix_with_an_unfinished_pack_takes_numbers_after_its_re
     groups = plan_shards(collect([path]), 1, 10**9)
     with open_plan(s3.url("out/"), [path], groups, "shard", 1, 10**9) as plan:
         run_task(plan.out, plan.hash, plan.tasks[0])  # then killed: 11 of its 12 names reserved, not used yet
-    entries = pack([other], s3.url("out/"), maxcount=1)
+    entries = pack_entries([other], s3.url("out/"), maxcount=1)
     assert [e.url for e in entries] == ["shard-000012.tar", "shard-000013.tar", "shard-000014.tar"]
-    pack([path], s3.url("out/"), maxcount=1)  # finishes the first pack under the names it reserved
+    pack_entries([path], s3.url("out/"), maxcount=1)  # finishes the first pack under the names it reserved
     assert_packed_exactly_once(s3, expected | more)
 
 
@@ -213,9 +213,9 @@ def test_a_shard_under_a_reserved_name_is_kept_only_if_it_holds_the_planned_byte
     s3.delete(f"out/manifest.d/part-{plan.hash[:16]}-00001.json")  # the state a kill before the fragment leaves
     s3.put(key, shard_bytes("s", 5, size=3000))  # and something else under the name: 5 samples too
     with pytest.raises(PackError, match="shard-000001.tar: reserved for 5 samples .* holds something else"):
-        pack([path], s3.url("out/"), maxcount=5)
+        pack_entries([path], s3.url("out/"), maxcount=5)
     s3.put(key, planned)
-    pack([path], s3.url("out/"), maxcount=5)
+    pack_entries([path], s3.url("out/"), maxcount=5)
     assert_packed_exactly_once(s3, expected)
 
 
@@ -342,7 +342,7 @@ def test_ingest_python_api_takes_storage_options(s3, tmp_path, monkeypatch):
 def test_verify_and_ls_take_s3_urls(s3, src, capsys):
     path, _ = src
     url = s3.url("out/")
-    pack([path], url, maxcount=5)
+    pack_entries([path], url, maxcount=5)
     assert main(["verify", url]) == 0
     assert "verified: 3 shards, 12 samples" in capsys.readouterr().out
     assert main(["ls", url]) == 0

@@ -84,7 +84,7 @@ def test_samples_equal_webdatasets_on_third_party_shards(name):
 
 def packed_six_samples(shard_dir):
     """Two shards of three samples packed by `pack`: (their directory, its manifest's path, the manifest)."""
-    from wdsrefresh.write.pack import pack
+    from wdsrefresh.write.pack import pack_entries
 
     raw = os.path.join(shard_dir, "..", "raw")
     os.makedirs(raw)
@@ -92,7 +92,7 @@ def packed_six_samples(shard_dir):
         with open(os.path.join(raw, f"k{i}.txt"), "wb") as f:
             f.write(b"x" * 10)
     out = os.path.join(shard_dir, "packed")
-    pack([raw], out, maxcount=3)
+    pack_entries([raw], out, maxcount=3)
     manifest = os.path.join(out, "manifest.json")
     return out, manifest, json.load(open(manifest))
 

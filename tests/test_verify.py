@@ -8,7 +8,7 @@ import pytest
 
 from shardutil import write_shard
 from wdsrefresh.cli import main
-from wdsrefresh.write.pack import pack
+from wdsrefresh.write.pack import pack_entries
 from wdsrefresh.write.verify import listing, verify
 
 CLI = [sys.executable, "-m", "wdsrefresh.cli"]
@@ -22,7 +22,7 @@ def packed(tmp_path):
         (src / f"s{i:03d}.bin").write_bytes(os.urandom(300_000))
         (src / f"s{i:03d}.cls").write_bytes(str(i).encode())
     out = str(tmp_path / "out")
-    pack([str(src)], out, maxcount=15)  # two shards, each over one 4 MiB block
+    pack_entries([str(src)], out, maxcount=15)  # two shards, each over one 4 MiB block
     return out
 
 

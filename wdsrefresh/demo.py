@@ -92,7 +92,7 @@ def _train(data: str, workdir: str, epochs: int, workers: int) -> None:
     import torch
 
     import wdsrefresh as wr
-    from wdsrefresh.write.pack import pack
+    from wdsrefresh.write.pack import pack_entries
 
     torch.manual_seed(0)
     model = torch.nn.Linear(DIM, NUM_CLASSES)
@@ -117,7 +117,7 @@ def _train(data: str, workdir: str, epochs: int, workers: int) -> None:
                   f"(+{len(added)} -{len(removed)})  samples {seen:5d}  "
                   f"loss {total_loss / max(batches, 1):.3f}  ({time.time() - start:.1f}s)")
             previous = snap
-            entries = pack([drop_raw_files(workdir, next_index)], data, prefix="example")
+            entries = pack_entries([drop_raw_files(workdir, next_index)], data, prefix="example")
             print(f"  producer: dropped {PER_SHARD} samples as files; pack published "
                   f"{', '.join(e.url for e in entries)}")
             next_index += 1

@@ -715,7 +715,7 @@ def _listed_entries(plan: Plan, tasks: Sequence[Task]) -> list[ManifestEntry]:
     return [by_url[t.shard] for t in tasks if t.shard in by_url]
 
 
-def pack(
+def pack_entries(
     sources: Sequence[str] | str,
     out: str | Destination,
     maxcount: int = DEFAULT_MAXCOUNT,
