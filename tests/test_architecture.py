@@ -20,7 +20,7 @@ from shardutil import write_shard
 PACKAGE = os.path.dirname(wdsrefresh.__file__)
 COMMAND_LINE = {"wdsrefresh.cli", "wdsrefresh.demo", "wdsrefresh.__main__"}
 # bottom to top: a module imports modules of its own layer or of layers below it
-LAYERS = ("wdsrefresh.errors", "wdsrefresh.format", "wdsrefresh.core", "wdsrefresh.storage", "wdsrefresh.epoch",
+LAYERS = ("wdsrefresh.errors", "wdsrefresh.format", "wdsrefresh.core", "wdsrefresh.storage", "wdsrefresh.epoch", "wdsrefresh.mix",
           "wdsrefresh.observe", "wdsrefresh.pipeline", "wdsrefresh.write", "command line")
 BACKENDS = ("wdsrefresh.storage.local", "wdsrefresh.storage.objects")
 # what the rest of the package may import of storage/: the shared modules and each backend's face

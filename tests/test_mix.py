@@ -173,7 +173,7 @@ def test_stats_report_each_source_in_stats_jsonl_tensorboard_and_the_plot(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from wdsrefresh.epoch.stats import read_jsonl
+    from wdsrefresh.observe.stats_log import read_jsonl
     from wdsrefresh.observe.plot import figure
 
     dirs = write_sources(tmp_path, fresh=[4], base=[10] * 4)
