@@ -368,10 +368,29 @@ class Row:
 ONE_PROC = "1 proc"
 WEBDATASET, INLINE, OFF = "webdataset", "wdsrefresh inline", "wdsrefresh off"
 TENSORS = "wdsrefresh inline, collate_tensors"
+CEILING, CEILING_TENSORS = "transport ceiling (ready-made batches)", "transport ceiling, collate_tensors"
 ALONE, BARE, PREAD = "(tario alone, inline)", "bare walker (floor)", "os.pread 1 MiB (floor)"
 
 
-def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str) -> list[tuple]:
+def sample_tuple(members: tuple[tuple[str, int], ...], i: int) -> tuple:
+    """Sample ``i`` of a set as ``.to_tuple(*extensions)`` gives it."""
+    sample = _sample(i, members)
+    return tuple(sample[ext] for ext, _ in members)
+
+
+def ceilings(spec: ShardSet, args) -> list[tuple]:
+    """The transport ceiling rows (bench_transport.py), one per collation timed through workers."""
+    from functools import partial
+
+    from bench_transport import TransportCeiling
+
+    make = partial(sample_tuple, spec.members)
+    return [(CEILING, TransportCeiling(make, spec.samples, args.workers, args.batch), None),
+            (CEILING_TENSORS, TransportCeiling(make, spec.samples, args.workers, args.batch, wr.collate_tensors),
+             None)]
+
+
+def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str, args) -> list[tuple]:
     """(name, reader, collate) of every reader timed in ``mode``."""
     def refreshing(verify: str) -> Refreshing:
         return Refreshing(directory, verify, tempfile.mkdtemp(dir=state_root))
@@ -381,7 +400,7 @@ def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, stat
                 (OFF, refreshing("off"), None), (ALONE, ReaderAlone(urls), None),
                 (BARE, BareWalker(urls), None), (PREAD, PreadFloor(urls, spec.samples), None)]
     return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
-            (TENSORS, refreshing("inline"), wr.collate_tensors)]
+            (TENSORS, refreshing("inline"), wr.collate_tensors)] + ceilings(spec, args)
 
 
 def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_for) -> list[Row]:
@@ -391,7 +410,7 @@ def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_
     modes = [ONE_PROC] + ([f"loader {args.workers}w b{args.batch}"] if args.workers > 0 else [])
     rows = []
     for mode in modes:
-        readers = choose(mode, spec, urls, directory, state_root)
+        readers = choose(mode, spec, urls, directory, state_root, args)
         wrapped = [one_process(reader) if mode == ONE_PROC or hasattr(reader, "one_pass")
                    else data_loader(reader, args.workers, args.batch, spec.extensions, collate)
                    for _, reader, collate in readers]
@@ -519,7 +538,20 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     for t in targets:
         limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
         lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + crossing_costs(rows, specs))
+
+
+def crossing_costs(rows: list[Row], specs: list[ShardSet]) -> list[str]:
+    """Lines saying what crossing the worker pipe costs per sample with each collation: the inverse
+    of its transport ceiling's rate (the main process's time per sample when workers only send)."""
+    ceilings = [r for r in rows if r.reader.startswith("transport ceiling")]
+    if not ceilings:
+        return []
+    described = {s.name: f"{s.describe} ({s.shards}x{s.samples_per_shard})" for s in specs}
+    lines = ["", "Crossing the worker pipe (1 / transport ceiling), us per sample:", ""]
+    for r in ceilings:
+        lines.append(f"- {described[r.shard_set]}, {r.mode}, {r.reader}: {1e6 / r.rate:.2f} us")
+    return lines
 
 
 def chosen_sets(args) -> list[ShardSet]:

@@ -42,15 +42,16 @@ import tempfile
 from pathlib import Path
 
 import webdataset as wds
-from bench import (BARE, INLINE, OFF, ONE_PROC, TENSORS, WEBDATASET, FORMAT_VERSION, Row, ShardSet, bench_set,
-                   chosen_sets, paired_ratio, readers_for)
+from bench import (BARE, CEILING, CEILING_TENSORS, INLINE, OFF, ONE_PROC, TENSORS, WEBDATASET, FORMAT_VERSION, Row, ShardSet, bench_set,
+                   chosen_sets, crossing_costs, paired_ratio, readers_for)
 
 import wdsrefresh as wr
 
 PEERS_VENV = "peers-venv"
 CHILD = Path(__file__).resolve().with_name("bench_peers_child.py")
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
-OUR_READERS = (WEBDATASET, INLINE, OFF, BARE, TENSORS)  # of bench.readers_for, next to litdata's
+# of bench.readers_for, next to litdata's
+OUR_READERS = (WEBDATASET, INLINE, OFF, BARE, TENSORS, CEILING, CEILING_TENSORS)
 LITDATA, LITDATA_BYTES = "litdata StreamingDataset", "litdata, payloads to bytes"
 PIP_TAIL_LINES = 15
 
@@ -163,8 +164,8 @@ class LitDataPeer:
 def peer_chooser(python: Path, root: Path, args):
     """A ``readers_for`` for bench_set: our readers of OUR_READERS, then litdata's."""
 
-    def choose(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str) -> list[tuple]:
-        ours = [r for r in readers_for(mode, spec, urls, directory, state_root) if r[0] in OUR_READERS]
+    def choose(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str, args) -> list[tuple]:
+        ours = [r for r in readers_for(mode, spec, urls, directory, state_root, args) if r[0] in OUR_READERS]
         litdata = ensure_litdata_set(python, root, spec, urls)
         if mode == ONE_PROC:
             return ours + [(LITDATA, LitDataPeer(python, litdata), None),
@@ -194,7 +195,7 @@ def peers_report(rows: list[Row], specs: list[ShardSet], litdata_version: str, a
         litdata = by_name[(r.shard_set, r.mode, LITDATA)]
         lines.append(f"| {described[r.shard_set]} | {r.mode} | {r.reader} | {r.rate:,.0f} | {r.mbps:,.0f} | "
                      f"{paired_ratio(r.rounds, webdataset.rounds):.2f}x | {paired_ratio(r.rounds, litdata.rounds):.2f}x |")
-    return "\n".join(lines)
+    return "\n".join(lines + crossing_costs(rows, specs))
 
 
 def run_peers(args) -> None:
