@@ -369,6 +369,7 @@ ONE_PROC = "1 proc"
 WEBDATASET, INLINE, OFF = "webdataset", "wdsrefresh inline", "wdsrefresh off"
 TENSORS = "wdsrefresh inline, collate_tensors"
 CEILING, CEILING_TENSORS = "transport ceiling (ready-made batches)", "transport ceiling, collate_tensors"
+CEILING_TORCH = "transport ceiling, unpacked (torch's own)"
 ALONE, BARE, PREAD = "(tario alone, inline)", "bare walker (floor)", "os.pread 1 MiB (floor)"
 
 
@@ -386,6 +387,7 @@ def ceilings(spec: ShardSet, args) -> list[tuple]:
 
     make = partial(sample_tuple, spec.members)
     return [(CEILING, TransportCeiling(make, spec.samples, args.workers, args.batch), None),
+            (CEILING_TORCH, TransportCeiling(make, spec.samples, args.workers, args.batch, packed=False), None),
             (CEILING_TENSORS, TransportCeiling(make, spec.samples, args.workers, args.batch, wr.collate_tensors),
              None)]
 
@@ -400,7 +402,7 @@ def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, stat
                 (OFF, refreshing("off"), None), (ALONE, ReaderAlone(urls), None),
                 (BARE, BareWalker(urls), None), (PREAD, PreadFloor(urls, spec.samples), None)]
     return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
-            (TENSORS, refreshing("inline"), wr.collate_tensors)] + ceilings(spec, args)
+            (TENSORS, refreshing("inline"), wr.collate_tensors)] + (ceilings(spec, args) if args.ceilings else [])
 
 
 def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_for) -> list[Row]:
@@ -491,6 +493,18 @@ def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
             targets.append(Target(f"{label}, {workers_mode}: collate_tensors / webdataset default",
                                   ratio("large", workers_mode, TENSORS, WEBDATASET), 2.5, True))
     return targets
+
+
+def base_targets(rows: list[Row]) -> list[Target]:
+    """No regression (issue 26): each wdsrefresh reader at >= 0.95x the same reader of ``--base``'s
+    commit, both run the same way (bench_base.py)."""
+    from bench_base import HEAD, PREFIX
+
+    rounds = {(r.shard_set, r.mode, r.reader): r.rounds for r in rows}
+    return [Target(f"{r.shard_set}, {r.mode}: {r.reader[len(HEAD):]}, head / base", paired_ratio(r.rounds, rounds[key]),
+                   0.95, True)
+            for r in rows if r.reader.startswith(HEAD)
+            and (key := (r.shard_set, r.mode, PREFIX + r.reader[len(HEAD):])) in rounds]
 
 
 def scale_targets(scale: dict) -> list[Target]:
@@ -594,7 +608,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
                              "samples in LitData's own format, run from a separate venv made once under --data "
                              "(tools/bench_peers.py); a table of ratios, no PASS/MISS")
+    parser.add_argument("--base", default=None, metavar="COMMIT",
+                        help="also run each wdsrefresh reader as the code of COMMIT has it, in the same rounds "
+                             "(tools/bench_base.py), with a no-regression target for each (>= 0.95x)")
     args = parser.parse_args(argv)
+    args.ceilings = True
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
     if args.repeat is None:
@@ -611,6 +629,12 @@ def main(argv: list[str] | None = None) -> None:
         from bench_peers import run_peers
 
         return run_peers(args)
+    choose = readers_for
+    if args.base:
+        from bench_base import base_chooser, ensure_base_tree
+
+        tree, args.base = ensure_base_tree(Path(args.data), args.base)
+        choose = base_chooser(readers_for, tree, Path(args.data))
     if args.scale is None:
         args.scale = 10_000 if args.quick else 100_000
     specs = chosen_sets(args)
@@ -620,8 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
         rows = []
         for spec in specs:
-            rows += bench_set(root, spec, args, state_root)
-        targets = read_targets(rows, workers_mode)
+            rows += bench_set(root, spec, args, state_root, choose)
+        targets = read_targets(rows, workers_mode) + (base_targets(rows) if args.base else [])
         scale = None
         if args.scale:
             from bench_resolve import scale_figures

@@ -42,8 +42,8 @@ import tempfile
 from pathlib import Path
 
 import webdataset as wds
-from bench import (BARE, CEILING, CEILING_TENSORS, INLINE, OFF, ONE_PROC, TENSORS, WEBDATASET, FORMAT_VERSION, Row, ShardSet, bench_set,
-                   chosen_sets, crossing_costs, paired_ratio, readers_for)
+from bench import (BARE, CEILING, CEILING_TENSORS, CEILING_TORCH, FORMAT_VERSION, INLINE, OFF, ONE_PROC, TENSORS,
+                   WEBDATASET, Row, ShardSet, bench_set, chosen_sets, crossing_costs, paired_ratio, readers_for)
 
 import wdsrefresh as wr
 
@@ -51,7 +51,7 @@ PEERS_VENV = "peers-venv"
 CHILD = Path(__file__).resolve().with_name("bench_peers_child.py")
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 # of bench.readers_for, next to litdata's
-OUR_READERS = (WEBDATASET, INLINE, OFF, BARE, TENSORS, CEILING, CEILING_TENSORS)
+OUR_READERS = (WEBDATASET, INLINE, OFF, BARE, TENSORS, CEILING, CEILING_TORCH, CEILING_TENSORS)
 LITDATA, LITDATA_BYTES = "litdata StreamingDataset", "litdata, payloads to bytes"
 PIP_TAIL_LINES = 15
 
@@ -123,8 +123,8 @@ class LitDataPeer:
     """``litdata.StreamingDataset`` (or its DataLoader) in a process of the peers venv: a pass is
     one ``pass`` line to it, answered with the number of samples the pass yielded."""
 
-    def __init__(self, python: Path, directory: str, *options: str):
-        command = [str(python), str(CHILD), "serve", directory, *options]
+    def __init__(self, python: Path, directory: str, *options: str, child: Path = CHILD):
+        command = [str(python), str(child), "serve", directory, *options]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env=_peer_env())
         ready = self._line(START_SECONDS)
@@ -204,6 +204,11 @@ def run_peers(args) -> None:
     python, version = ensure_peers_venv(root)
     specs = chosen_sets(args)
     choose = peer_chooser(python, root, args)
+    if args.base:
+        from bench_base import base_chooser, ensure_base_tree
+
+        tree, args.base = ensure_base_tree(root, args.base)
+        choose = base_chooser(choose, tree, root)
     with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
         rows = []
         for spec in specs:
