@@ -495,6 +495,37 @@ def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
     return targets
 
 
+def transport_targets(rows: list[Row], workers_mode: str | None, litdata: str | None = None) -> list[Target]:
+    """The targets of issue 26 that this run's rows measure (``litdata``: the LitData loader's
+    reader name, in a ``--peers`` run)."""
+    rounds = {(r.shard_set, r.mode, r.reader): r.rounds for r in rows}
+    targets = []
+
+    def add(what, name, mode, a, b, limit):
+        if (name, mode, a) in rounds and (name, mode, b) in rounds:
+            targets.append(Target(what, paired_ratio(rounds[(name, mode, a)], rounds[(name, mode, b)]), limit, True))
+
+    for name, label in (("small-pax", "1 KiB x3, PAX"), ("small-plain", "1 KiB x3, plain")):
+        add(f"{label}, 1 proc: inline / bare walker", name, ONE_PROC, INLINE, BARE, 0.95)
+        if workers_mode and litdata:
+            add(f"{label}, {workers_mode}: inline / litdata's loader", name, workers_mode, INLINE, litdata, 1.2)
+    if workers_mode:
+        for reader, what in ((TENSORS, "collate_tensors"), (INLINE, "default collation")):
+            add(f"256 KiB, {workers_mode}: {what} / webdataset's loader", "large", workers_mode, reader, WEBDATASET,
+                2.5)
+            if litdata:
+                add(f"256 KiB, {workers_mode}: {what} / litdata's loader", "large", workers_mode, reader, litdata, 1.5)
+    return targets
+
+
+def targets_table(title: str, targets: list[Target]) -> list[str]:
+    lines = ["", title, "", "| target | measured | limit | |", "|---|---:|---:|---|"]
+    for t in targets:
+        limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
+        lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
+    return lines
+
+
 def base_targets(rows: list[Row]) -> list[Target]:
     """No regression (issue 26): each wdsrefresh reader at >= 0.95x the same reader of ``--base``'s
     commit, both run the same way (bench_base.py)."""
@@ -548,10 +579,10 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     if scale:
         lines += ["", f"Scale, {scale['shards']:,} one-sample shards (seconds): " + ", ".join(
             f"{k} {v:.3f}" for k, v in scale.items() if isinstance(v, float))]
-    lines += ["", "TARGETS (issue 17)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
-    for t in targets:
-        limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
-        lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
+    lines += targets_table("TARGETS (issue 17)", targets)
+    workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
+    lines += targets_table("TARGETS (issue 26; no regression: with --base)",
+                           transport_targets(rows, workers_mode) + (base_targets(rows) if args.base else []))
     return "\n".join(lines + crossing_costs(rows, specs))
 
 
@@ -607,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
                              "samples in LitData's own format, run from a separate venv made once under --data "
-                             "(tools/bench_peers.py); a table of ratios, no PASS/MISS")
+                             "(tools/bench_peers.py); a table of ratios and the targets of issue 26, PASS/MISS")
     parser.add_argument("--base", default=None, metavar="COMMIT",
                         help="also run each wdsrefresh reader as the code of COMMIT has it, in the same rounds "
                              "(tools/bench_base.py), with a no-regression target for each (>= 0.95x)")
@@ -645,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for spec in specs:
             rows += bench_set(root, spec, args, state_root, choose)
-        targets = read_targets(rows, workers_mode) + (base_targets(rows) if args.base else [])
+        targets = read_targets(rows, workers_mode)
         scale = None
         if args.scale:
             from bench_resolve import scale_figures

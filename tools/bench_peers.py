@@ -27,7 +27,8 @@ it yields (payloads are memoryviews into its chunk file: no copy at all) and lit
 payload copied to ``bytes`` (what the tar readers yield); through a DataLoader with the bench's
 workers and batch, webdataset and wdsrefresh as in bench.py and litdata's StreamingDataLoader
 with a collation into lists of ``bytes`` (see bench_peers_child.py for why not its default).
-Ratios are medians of the rounds' paired ratios. Nothing is gated: no PASS/MISS.
+Ratios are medians of the rounds' paired ratios. The report ends with the targets of issue 26
+that need LitData (and with ``--base COMMIT``, the no-regression ones), PASS or MISS.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from pathlib import Path
 
 import webdataset as wds
 from bench import (BARE, CEILING, CEILING_TENSORS, CEILING_TORCH, FORMAT_VERSION, INLINE, OFF, ONE_PROC, TENSORS,
-                   WEBDATASET, Row, ShardSet, bench_set, chosen_sets, crossing_costs, paired_ratio, readers_for)
+                   WEBDATASET, Row, ShardSet, base_targets, bench_set, chosen_sets, crossing_costs, paired_ratio,
+                   readers_for, targets_table, transport_targets)
 
 import wdsrefresh as wr
 
@@ -195,6 +197,9 @@ def peers_report(rows: list[Row], specs: list[ShardSet], litdata_version: str, a
         litdata = by_name[(r.shard_set, r.mode, LITDATA)]
         lines.append(f"| {described[r.shard_set]} | {r.mode} | {r.reader} | {r.rate:,.0f} | {r.mbps:,.0f} | "
                      f"{paired_ratio(r.rounds, webdataset.rounds):.2f}x | {paired_ratio(r.rounds, litdata.rounds):.2f}x |")
+    workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
+    lines += targets_table("TARGETS (issue 26; no regression: with --base)",
+                           transport_targets(rows, workers_mode, LITDATA) + (base_targets(rows) if args.base else []))
     return "\n".join(lines + crossing_costs(rows, specs))
 
 

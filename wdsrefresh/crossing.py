@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from . import segments
+from .format.heap import keep_freed_memory
 
 _LIST, _TUPLE, _DICT = 0, 1, 2  # what the item is: a list or tuple of fields (both rebuilt as lists), a dict
 _OTHER = -1  # a field that crosses as it is (already what default_convert makes of it)
@@ -107,6 +108,7 @@ def unpack(kind: int, keys: list | None, layout: list[int], blob: bytes | segmen
     """What ``default_convert`` made of the packed item: lists for lists and tuples, a dict for a dict."""
     ends = list(accumulate(sizes))
     if isinstance(blob, segments.Ref):  # copied out, then the segment is the worker's again
+        keep_freed_memory()  # large payloads, batch after batch: reuse their pages (format/heap.py)
         attached = segments.attach(blob)
         base = segments.HEADER
         payloads = list(map(attached.map.__getitem__, map(slice, [base, *(e + base for e in ends[:-1])],
