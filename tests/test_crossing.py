@@ -184,7 +184,8 @@ def test_a_collate_fn_of_the_users_gets_the_batch_itself(tmp_path):
     ([b"only", b"bytes"],),
     (["no bytes"], [1]),
     "a string",
-], ids=["tuple", "list", "dict", "one-field", "no-bytes", "scalar"])
+    (),
+], ids=["tuple", "list", "dict", "one-field", "no-bytes", "scalar", "empty"])
 @pytest.mark.parametrize("large", [False, True], ids=["pipe", "segment"])
 def test_packed_items_unpickle_as_default_convert_makes_them(item, large):
     if large and isinstance(item, (tuple, list)):
