@@ -1,12 +1,13 @@
 """Batches whose payloads travel as one uint8 tensor plus offsets, not as lists of ``bytes``.
 
 A DataLoader worker hands each batch to the main process by pickling it through a pipe: a
-list of 64 payloads of 256 KiB is 16 MiB copied through the pipe and unpickled there. A
-tensor is not: torch moves its storage through shared memory and only a handle crosses the
-pipe. ``collate_tensors`` packs each column of ``bytes`` into one ``PackedBytes`` (the
-payloads back to back in one uint8 tensor, allocated in shared memory when made in a worker,
-plus their offsets), so a batch costs one copy of its payloads in the worker and none in the
-main process. Use it as the collation of ``.batched()``:
+list of 64 payloads of 256 KiB is 16 MiB copied through the pipe and unpickled there.
+``collate_tensors`` packs each column of ``bytes`` into one ``PackedBytes`` (the payloads back
+to back in one uint8 tensor, plus their offsets). Made in a worker, a large column is a view of
+one of the worker's reused shared-memory segments (segments.py) and crosses as a handle, so a
+batch costs one copy of its payloads in the worker and none in the main process; a small one
+crosses through the pipe, which is cheaper than torch's shared-memory handshake per tensor.
+Use it as the collation of ``.batched()``:
 
     ds = wr.RefreshingWebDataset(...).to_tuple("jpg", "cls").batched(64, collation_fn=wr.collate_tensors)
     for jpgs, labels in DataLoader(ds, batch_size=None, num_workers=4):
