@@ -238,3 +238,15 @@ def test_to_tuple_yields_what_webdatasets_yields(args, kw):
     with pytest.raises(ValueError) as theirs:
         list(wds.filters.to_tuple("jpg", "cls")(iter(SAMPLES)))
     assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.skipif(not segments.available(), reason="no memfd or /proc here")
+def test_a_segment_that_cannot_be_mapped_says_which_worker_and_fd():
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with pytest.raises(wr.AttachError, match=f"worker {os.getpid()}'s fd {fd} is not the batch segment"):
+            segments.attach(segments.Ref(os.getpid(), fd, b"t" * 16, 1, 10))
+    finally:
+        os.close(fd)
+    with pytest.raises(wr.AttachError, match=r"cannot open DataLoader worker 1's batch segment \(fd 999999\)"):
+        segments.attach(segments.Ref(1, 999999, b"u" * 16, 1, 10))

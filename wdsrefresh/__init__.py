@@ -29,6 +29,7 @@ _EXPORTS = {
     "StreamStats": "stream",
     "collate_tensors": "tensors",
     "PackedBytes": "tensors",
+    "AttachError": "segments",
     "WdsRefreshError": "errors",
     "ColumnsError": "snapshot_columns",
     "EpochLengthUnknown": "length",

@@ -31,6 +31,8 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .errors import WdsRefreshError
+
 HEADER = mmap.PAGESIZE  # the data starts on the second page
 _MAGIC = b"wdsrseg1"
 _LAYOUT = struct.Struct("<8s16sQQ")  # magic, token, handed out, released
@@ -55,8 +57,8 @@ class Ref:
     retired: tuple[bytes, ...] = ()
 
 
-class AttachError(RuntimeError):
-    """The main process could not map a worker's segment."""
+class AttachError(WdsRefreshError, RuntimeError):
+    """The main process could not map a DataLoader worker's batch segment."""
 
 
 def available() -> bool:
@@ -160,8 +162,9 @@ class Attached:
         except OSError as e:
             raise AttachError(f"cannot open DataLoader worker {ref.pid}'s batch segment (fd {ref.fd}): {e}") from e
         try:
-            magic, token, _, _ = _LAYOUT.unpack(os.pread(self.fd, _LAYOUT.size, 0))
-            if magic != _MAGIC or token != ref.token:
+            header = os.pread(self.fd, _LAYOUT.size, 0)
+            magic, token = header[:8], header[8:24]
+            if len(header) < _LAYOUT.size or magic != _MAGIC or token != ref.token:
                 raise AttachError(f"DataLoader worker {ref.pid}'s fd {ref.fd} is not the batch segment it sent "
                                   f"(header {magic!r}); the worker may have exited")
             self.map = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
