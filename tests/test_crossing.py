@@ -118,6 +118,12 @@ def test_released_segments_are_reused_and_held_ones_are_not(tmp_path):
     ds.set_epoch(3)
     held = [payloads for (payloads,) in loader]
     assert len({p.data.data_ptr() for p in held}) == len(held) == 40  # every held batch in memory of its own
+    del held, payloads
+    ds.set_epoch(4)  # all 40 free again: the worker keeps a few and closes the rest
+    for (payloads,) in loader:
+        pass
+    del payloads
+    assert _batch_mappings() - before <= segments.KEEP
 
 
 def test_a_large_column_arrives_as_a_view_of_shared_memory(tmp_path):

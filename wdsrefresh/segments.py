@@ -114,22 +114,25 @@ class Pool:
         self.lock = threading.Lock()  # refs are made by the queue's feeder thread too
 
     def take(self, nbytes: int) -> Segment:
-        """A segment of at least ``nbytes`` that nobody uses, handed out for a new use."""
+        """A segment of at least ``nbytes`` that nobody uses, handed out for a new use. Free
+        segments beyond ``KEEP`` (after a burst of held batches, or too small) are closed."""
         free = [s for s in self.segments if s.free()]
         fits = [s for s in free if s.size >= nbytes]
-        if fits:
-            segment = min(fits, key=lambda s: s.size)
-        else:
-            while free and len(self.segments) >= KEEP:  # too small for this blob: make room
-                victim = free.pop(0)
-                self.segments.remove(victim)
-                with self.lock:
-                    self.retired.append(victim.token)
-                victim.close()
+        segment = min(fits, key=lambda s: s.size) if fits else None
+        spare = sorted((s for s in free if s is not segment), key=lambda s: s.size)
+        while spare and len(self.segments) >= KEEP + (segment is not None):
+            self._close(spare.pop(0))
+        if segment is None:
             segment = Segment(-(-nbytes // GRAIN) * GRAIN)
             self.segments.append(segment)
         segment.hand_out()
         return segment
+
+    def _close(self, segment: Segment) -> None:
+        self.segments.remove(segment)
+        with self.lock:
+            self.retired.append(segment.token)
+        segment.close()
 
     def ref(self, segment: Segment, nbytes: int) -> Ref:
         """The ``Ref`` of ``segment``'s current use, for ``nbytes`` of data."""
