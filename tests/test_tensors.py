@@ -51,15 +51,6 @@ def test_payloads_round_trip_exactly_through_two_dataloader_workers(tmp_path):
     assert seen == expected
 
 
-def test_tensors_made_in_a_worker_are_in_shared_memory(tmp_path):
-    _write(str(tmp_path), "a.tar", _samples("a", 8, random.Random(1)))
-    ds = wr.RefreshingWebDataset(str(tmp_path), index_cache=False).to_tuple("bin").batched(
-        8, collation_fn=wr.collate_tensors)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, timeout=120)
-    (payloads,) = next(iter(loader))
-    assert payloads.data.is_shared()
-
-
 def test_dict_batches_pack_bytes_stack_tensors_and_keep_strings():
     batch = wr.collate_tensors([
         {"__key__": "a", "jpg": b"xy", "cls": 3, "emb": torch.ones(2)},

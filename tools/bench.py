@@ -374,12 +374,33 @@ class Row:
 ONE_PROC = "1 proc"
 WEBDATASET, INLINE, OFF = "webdataset", "wdsrefresh inline", "wdsrefresh off"
 TENSORS = "wdsrefresh inline, collate_tensors"
+CEILING, CEILING_TENSORS = "transport ceiling (ready-made batches)", "transport ceiling, collate_tensors"
+CEILING_TORCH = "transport ceiling, unpacked (torch's own)"
 ALONE, BARE, PREAD = "(tario alone, inline)", "bare walker (floor)", "os.pread 1 MiB (floor)"
 MIXED = "wdsrefresh inline, mix of 2 sources"
 MIXED_SET = "small-plain"  # the set a mix of two sources (its shards halved) is timed on
 
 
-def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str) -> list[tuple]:
+def sample_tuple(members: tuple[tuple[str, int], ...], i: int) -> tuple:
+    """Sample ``i`` of a set as ``.to_tuple(*extensions)`` gives it."""
+    sample = _sample(i, members)
+    return tuple(sample[ext] for ext, _ in members)
+
+
+def ceilings(spec: ShardSet, args) -> list[tuple]:
+    """The transport ceiling rows (bench_transport.py), one per collation timed through workers."""
+    from functools import partial
+
+    from bench_transport import TransportCeiling
+
+    make = partial(sample_tuple, spec.members)
+    return [(CEILING, TransportCeiling(make, spec.samples, args.workers, args.batch), None),
+            (CEILING_TORCH, TransportCeiling(make, spec.samples, args.workers, args.batch, packed=False), None),
+            (CEILING_TENSORS, TransportCeiling(make, spec.samples, args.workers, args.batch, wr.collate_tensors),
+             None)]
+
+
+def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str, args) -> list[tuple]:
     """(name, reader, collate) of every reader timed in ``mode``."""
     def refreshing(verify: str, source=directory) -> Refreshing:
         return Refreshing(source, verify, tempfile.mkdtemp(dir=state_root))
@@ -392,7 +413,7 @@ def readers_for(mode: str, spec: ShardSet, urls: list[str], directory: str, stat
                 (OFF, refreshing("off"), None), (ALONE, ReaderAlone(urls), None),
                 (BARE, BareWalker(urls), None), (PREAD, PreadFloor(urls, spec.samples), None)] + mixed
     return [(WEBDATASET, Plain(urls), None), (INLINE, refreshing("inline"), None),
-            (TENSORS, refreshing("inline"), wr.collate_tensors)] + mixed
+            (TENSORS, refreshing("inline"), wr.collate_tensors)] + mixed + (ceilings(spec, args) if args.ceilings else [])
 
 
 def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_for) -> list[Row]:
@@ -402,7 +423,7 @@ def bench_set(root: Path, spec: ShardSet, args, state_root: str, choose=readers_
     modes = [ONE_PROC] + ([f"loader {args.workers}w b{args.batch}"] if args.workers > 0 else [])
     rows = []
     for mode in modes:
-        readers = choose(mode, spec, urls, directory, state_root)
+        readers = choose(mode, spec, urls, directory, state_root, args)
         wrapped = [one_process(reader) if mode == ONE_PROC or hasattr(reader, "one_pass")
                    else data_loader(reader, args.workers, args.batch, spec.extensions, collate)
                    for _, reader, collate in readers]
@@ -489,6 +510,39 @@ def read_targets(rows: list[Row], workers_mode: str | None) -> list[Target]:
     return targets
 
 
+def transport_targets(rows: list[Row], workers_mode: str | None, litdata: str | None = None) -> list[Target]:
+    """The targets of issue 26 that this run's rows measure (``litdata``: the LitData loader's
+    reader name, in a ``--peers`` run)."""
+    rounds = {(r.shard_set, r.mode, r.reader): r.rounds for r in rows}
+    targets = []
+
+    def add(what, name, mode, a, b, limit):
+        if (name, mode, a) in rounds and (name, mode, b) in rounds:
+            targets.append(Target(what, paired_ratio(rounds[(name, mode, a)], rounds[(name, mode, b)]), limit, True))
+
+    for name, label in (("small-pax", "1 KiB x3, PAX"), ("small-plain", "1 KiB x3, plain")):
+        add(f"{label}, 1 proc: inline / bare walker", name, ONE_PROC, INLINE, BARE, 0.95)
+        if workers_mode and litdata:
+            add(f"{label}, {workers_mode}: inline / litdata's loader", name, workers_mode, INLINE, litdata, 1.2)
+    if workers_mode:
+        for reader, what in ((TENSORS, "collate_tensors"), (INLINE, "default collation")):
+            add(f"256 KiB, {workers_mode}: {what} / webdataset's loader", "large", workers_mode, reader, WEBDATASET,
+                2.5)
+            if litdata:
+                add(f"256 KiB, {workers_mode}: {what} / litdata's loader", "large", workers_mode, reader, litdata, 1.5)
+    return targets
+
+
+def targets_table(title: str, targets: list[Target]) -> list[str]:
+    lines = ["", title, "", "| target | measured | limit | |", "|---|---:|---:|---|"]
+    for t in targets:
+        limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
+        lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
+    return lines
+
+
+
+
 def scale_targets(scale: dict) -> list[Target]:
     n = f"{scale['shards']:,} shards"
     return [
@@ -530,11 +584,23 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     if scale:
         lines += ["", f"Scale, {scale['shards']:,} one-sample shards (seconds): " + ", ".join(
             f"{k} {v:.3f}" for k, v in scale.items() if isinstance(v, float))]
-    lines += ["", "TARGETS (issues 17, 25)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
-    for t in targets:
-        limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
-        lines.append(f"| {t.what} | {t.shown(t.value)} | {limit} | {'PASS' if t.passed else 'MISS'} |")
-    return "\n".join(lines)
+    lines += targets_table("TARGETS (issues 17, 25)", targets)
+    workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
+    lines += targets_table("TARGETS (issue 26)", transport_targets(rows, workers_mode))
+    return "\n".join(lines + crossing_costs(rows, specs))
+
+
+def crossing_costs(rows: list[Row], specs: list[ShardSet]) -> list[str]:
+    """Lines saying what crossing the worker pipe costs per sample with each collation: the inverse
+    of its transport ceiling's rate (the main process's time per sample when workers only send)."""
+    ceilings = [r for r in rows if r.reader.startswith("transport ceiling")]
+    if not ceilings:
+        return []
+    described = {s.name: f"{s.describe} ({s.shards}x{s.samples_per_shard})" for s in specs}
+    lines = ["", "Crossing the worker pipe (1 / transport ceiling), us per sample:", ""]
+    for r in ceilings:
+        lines.append(f"- {described[r.shard_set]}, {r.mode}, {r.reader}: {1e6 / r.rate:.2f} us")
+    return lines
 
 
 def chosen_sets(args) -> list[ShardSet]:
@@ -576,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
                              "samples in LitData's own format, run from a separate venv made once under --data "
-                             "(tools/bench_peers.py); a table of ratios, no PASS/MISS")
+                             "(tools/bench_peers.py); a table of ratios and the targets of issue 26, PASS/MISS")
     parser.add_argument("--base", default=None, metavar="COMMIT",
                         help="instead: HEAD against COMMIT (a git worktree made once under --data), every reader "
                              "in a process of its own, interleaved; paired ratios HEAD / base per row "
@@ -586,6 +652,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --base: rates by the CPU seconds of each pass (reader and its workers), which "
                              "other jobs' load changes least, instead of the wall clock")
     args = parser.parse_args(argv)
+    args.ceilings = True
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
     if args.repeat is None:

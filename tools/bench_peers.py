@@ -27,7 +27,8 @@ it yields (payloads are memoryviews into its chunk file: no copy at all) and lit
 payload copied to ``bytes`` (what the tar readers yield); through a DataLoader with the bench's
 workers and batch, webdataset and wdsrefresh as in bench.py and litdata's StreamingDataLoader
 with a collation into lists of ``bytes`` (see bench_peers_child.py for why not its default).
-Ratios are medians of the rounds' paired ratios. Nothing is gated: no PASS/MISS.
+Ratios are medians of the rounds' paired ratios. The report ends with the targets of issue 26
+that need LitData, PASS or MISS (the no-regression target: ``tools/bench.py --base COMMIT``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ import tempfile
 from pathlib import Path
 
 import webdataset as wds
-from bench import (BARE, INLINE, OFF, ONE_PROC, TENSORS, WEBDATASET, FORMAT_VERSION, Row, ShardSet, bench_set,
-                   chosen_sets, paired_ratio, readers_for)
+from bench import (BARE, CEILING, CEILING_TENSORS, CEILING_TORCH, FORMAT_VERSION, INLINE, OFF, ONE_PROC, TENSORS,
+                   WEBDATASET, Row, ShardSet, bench_set, chosen_sets, crossing_costs, paired_ratio,
+                   readers_for, targets_table, transport_targets)
 from bench_pipe import PassServer
 
 import wdsrefresh as wr
@@ -50,7 +52,8 @@ import wdsrefresh as wr
 PEERS_VENV = "peers-venv"
 CHILD = Path(__file__).resolve().with_name("bench_peers_child.py")
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
-OUR_READERS = (WEBDATASET, INLINE, OFF, BARE, TENSORS)  # of bench.readers_for, next to litdata's
+# of bench.readers_for, next to litdata's
+OUR_READERS = (WEBDATASET, INLINE, OFF, BARE, TENSORS, CEILING, CEILING_TORCH, CEILING_TENSORS)
 LITDATA, LITDATA_BYTES = "litdata StreamingDataset", "litdata, payloads to bytes"
 PIP_TAIL_LINES = 15
 
@@ -122,8 +125,8 @@ def litdata_peer(python: Path, directory: str, *options: str) -> PassServer:
 def peer_chooser(python: Path, root: Path, args):
     """A ``readers_for`` for bench_set: our readers of OUR_READERS, then litdata's."""
 
-    def choose(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str) -> list[tuple]:
-        ours = [r for r in readers_for(mode, spec, urls, directory, state_root) if r[0] in OUR_READERS]
+    def choose(mode: str, spec: ShardSet, urls: list[str], directory: str, state_root: str, args) -> list[tuple]:
+        ours = [r for r in readers_for(mode, spec, urls, directory, state_root, args) if r[0] in OUR_READERS]
         litdata = ensure_litdata_set(python, root, spec, urls)
         if mode == ONE_PROC:
             return ours + [(LITDATA, litdata_peer(python, litdata), None),
@@ -153,7 +156,10 @@ def peers_report(rows: list[Row], specs: list[ShardSet], litdata_version: str, a
         litdata = by_name[(r.shard_set, r.mode, LITDATA)]
         lines.append(f"| {described[r.shard_set]} | {r.mode} | {r.reader} | {r.rate:,.0f} | {r.mbps:,.0f} | "
                      f"{paired_ratio(r.rounds, webdataset.rounds):.2f}x | {paired_ratio(r.rounds, litdata.rounds):.2f}x |")
-    return "\n".join(lines)
+    workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
+    lines += targets_table("TARGETS (issue 26)",
+                           transport_targets(rows, workers_mode, LITDATA))
+    return "\n".join(lines + crossing_costs(rows, specs))
 
 
 def run_peers(args) -> None:

@@ -29,6 +29,7 @@ _EXPORTS = {
     "StreamStats": "epoch.stream",
     "collate_tensors": "pipeline.tensors",
     "PackedBytes": "pipeline.tensors",
+    "AttachError": "pipeline.segments",
     "WdsRefreshError": "errors",
     "ColumnsError": "core.columns",
     "EpochLengthUnknown": "pipeline.length",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from typing import Any, Callable
 
 import webdataset as wds
@@ -11,6 +12,7 @@ from webdataset.filters import default_collation_fn
 from webdataset.handlers import reraise_exception
 
 from .compat import argument_names, check_ported, shard_shuffle
+from .crossing import packing
 from ..epoch.epochs import EpochSource, EpochStats
 from ..format.tario import MAX_SAMPLE_BYTES
 from ..mix.config import is_mix
@@ -25,6 +27,7 @@ from ..core.snapshot import Snapshot
 from ..storage.source import NoShardsError
 from ..epoch.stats import gather
 from ..observe.stats_log import StatsRecorder
+from .tuples import ToTuple
 
 log = logging.getLogger("wdsrefresh")
 
@@ -164,7 +167,7 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
             upcoming = getattr(self.sample_source, "upcoming", None)
             if upcoming is not None:
                 _check_not_empty(upcoming, self.sample_source.source.describe())
-        return super().__iter__()
+        return packing(super().__iter__(), sys._getframe(1))
 
     def state_dict(self) -> dict:
         """This consumer's position in the current epoch, as a versioned dict of plain values.
@@ -284,6 +287,11 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
 
         stream = self.sample_source if isinstance(self.sample_source, StreamSource) else None
         return self.compose(Batched(batchsize, collation_fn, partial, partial_after, stream))
+
+    def to_tuple(self, *args: str, **kw: Any):
+        """Samples as tuples of the named fields, exactly as webdataset's ``to_tuple`` (same
+        arguments, ``;`` alternatives, handler), with its per-sample work done once."""
+        return self.compose(ToTuple(*args, **kw))
 
     def shuffle(self, size: int, initial: int = 100, *, seed: int | None = None, rng: random.Random | None = None):
         """A sample shuffle buffer of ``size`` samples, yielding from ``initial`` on.

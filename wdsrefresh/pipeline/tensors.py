@@ -1,12 +1,13 @@
 """Batches whose payloads travel as one uint8 tensor plus offsets, not as lists of ``bytes``.
 
 A DataLoader worker hands each batch to the main process by pickling it through a pipe: a
-list of 64 payloads of 256 KiB is 16 MiB copied through the pipe and unpickled there. A
-tensor is not: torch moves its storage through shared memory and only a handle crosses the
-pipe. ``collate_tensors`` packs each column of ``bytes`` into one ``PackedBytes`` (the
-payloads back to back in one uint8 tensor, allocated in shared memory when made in a worker,
-plus their offsets), so a batch costs one copy of its payloads in the worker and none in the
-main process. Use it as the collation of ``.batched()``:
+list of 64 payloads of 256 KiB is 16 MiB copied through the pipe and unpickled there.
+``collate_tensors`` packs each column of ``bytes`` into one ``PackedBytes`` (the payloads back
+to back in one uint8 tensor, plus their offsets). Made in a worker, a large column is a view of
+one of the worker's reused shared-memory segments (segments.py) and crosses as a handle, so a
+batch costs one copy of its payloads in the worker and none in the main process; a small one
+crosses through the pipe, which is cheaper than torch's shared-memory handshake per tensor.
+Use it as the collation of ``.batched()``:
 
     ds = wr.RefreshingWebDataset(...).to_tuple("jpg", "cls").batched(64, collation_fn=wr.collate_tensors)
     for jpgs, labels in DataLoader(ds, batch_size=None, num_workers=4):
@@ -17,10 +18,14 @@ main process. Use it as the collation of ``.batched()``:
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy
 import torch
+
+from . import segments
 
 
 class PackedBytes:
@@ -32,7 +37,7 @@ class PackedBytes:
     memoryviews, ``[i]`` a uint8 tensor view of one item.
     """
 
-    __slots__ = ("data", "offsets")
+    __slots__ = ("data", "offsets", "_crossing")
 
     def __init__(self, data: torch.Tensor, offsets: torch.Tensor):
         if data.dtype != torch.uint8 or data.dim() != 1:
@@ -41,6 +46,7 @@ class PackedBytes:
             raise TypeError("PackedBytes offsets must be a 1-d int64 tensor holding at least the start, 0")
         self.data = data
         self.offsets = offsets
+        self._crossing: Any = None  # made in a DataLoader worker: how it goes to the main process
 
     @classmethod
     def pack(cls, items: Sequence[bytes | bytearray | memoryview]) -> PackedBytes:
@@ -50,13 +56,15 @@ class PackedBytes:
         offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
         if sizes:
             torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0, out=offsets[1:])
-        data = _new_bytes(int(offsets[-1]))
+        data, crossing = _new_bytes(int(offsets[-1]))
         target = memoryview(data.numpy())
         end = 0
         for item, size in zip(items, sizes):
             target[end : end + size] = item
             end += size
-        return cls(data, offsets)
+        packed = cls(data, offsets)
+        packed._crossing = crossing
+        return packed
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -94,19 +102,53 @@ class PackedBytes:
     def __repr__(self) -> str:
         return f"PackedBytes({len(self)} items, {self.data.numel()} bytes)"
 
+    def pin_memory(self, device: Any = None) -> PackedBytes:
+        """A copy in page-locked memory (what ``DataLoader(pin_memory=True)`` asks of a batch's
+        parts): ``data`` pinned, ``offsets`` as they are."""
+        return PackedBytes(self.data.pin_memory() if device is None else self.data.pin_memory(device), self.offsets)
+
     def __reduce__(self):
+        crossing, self._crossing = self._crossing, None
+        if isinstance(crossing, segments.Segment):  # made in a worker: one use of a reused segment
+            return _attached, (segments.pool().ref(crossing, self.data.numel()), self.offsets.numpy().tobytes())
+        if crossing is not None:  # made in a worker, small: through the pipe, no shared-memory handshake
+            return _inline, (self.data.numpy().tobytes(), self.offsets.numpy().tobytes())
         return PackedBytes, (self.data, self.offsets)
 
 
-def _new_bytes(size: int) -> torch.Tensor:
-    """An uninitialized uint8 tensor; in a DataLoader worker, already in shared memory, so that
-    sending it to the main process does not copy it into shared memory first."""
-    if torch.utils.data.get_worker_info() is not None:
-        try:
-            return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-        except (AttributeError, RuntimeError):  # a torch without it: sharing copies once more
-            pass
-    return torch.empty(size, dtype=torch.uint8)
+def _new_bytes(size: int) -> tuple[torch.Tensor, Any]:
+    """An uninitialized uint8 tensor, and how it will cross to the main process: in a DataLoader
+    worker, a large one is a view of a reused shared-memory segment (segments.py), a small one
+    goes through the pipe; elsewhere it is private memory and pickles as any tensor."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(size, dtype=torch.uint8), None
+    if size < segments.LARGE or not segments.available():
+        return torch.empty(size, dtype=torch.uint8), _INLINE
+    segment = segments.pool().take(size)
+    data = torch.frombuffer(segment.map, dtype=torch.uint8, count=size, offset=segments.HEADER)
+    segment.views.append(weakref.ref(data))
+    return data, segment
+
+
+_INLINE = "inline"
+
+
+def _offsets(raw: bytes) -> torch.Tensor:
+    return torch.from_numpy(numpy.frombuffer(raw, dtype=numpy.int64).copy())
+
+
+def _inline(data: bytes, offsets: bytes) -> PackedBytes:
+    """A small PackedBytes arrived through the pipe."""
+    return PackedBytes(torch.from_numpy(numpy.frombuffer(bytearray(data), dtype=numpy.uint8)), _offsets(offsets))
+
+
+def _attached(ref: segments.Ref, offsets: bytes) -> PackedBytes:
+    """A PackedBytes arrived in a worker's segment: a view of the main process's mapping of it,
+    the use released once nothing views it any more."""
+    attached = segments.attach(ref)
+    array = numpy.frombuffer(attached.map, dtype=numpy.uint8, count=ref.nbytes, offset=segments.HEADER)
+    segments.release_when_gone(array, attached, ref.use)
+    return PackedBytes(torch.from_numpy(array), _offsets(offsets))
 
 
 def collate_tensors(samples: Sequence[Any]) -> Any:
