@@ -636,6 +636,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolve-sizes", default=None,
                         help="with --remote: comma-separated object counts for the snapshot-resolution rows; "
                              "empty skips them (default: 10000; quick: 2000)")
+    parser.add_argument("--link-sets", default=None,
+                        help="with --remote: the shaped link's sets, of small-plain,large-objects ('none' skips the "
+                             "shaped link; tools/bench_link.py)")
+    parser.add_argument("--link-delay", type=float, default=0.025,
+                        help="with --remote: the shaped link's first-byte delay per request, seconds (default: "
+                             "%(default)s, +/- 5 ms)")
+    parser.add_argument("--conn-rate", type=float, default=16e6,
+                        help="with --remote: bytes/s per connection on the shaped link (default: 16e6)")
+    parser.add_argument("--link-rate", type=float, default=160e6,
+                        help="with --remote: bytes/s of the whole shaped link (default: 160e6); refused above 80%% of "
+                             "the proxy's unshaped ceiling, measured first")
+    parser.add_argument("--link-options", default=None,
+                        help="with --remote: storage_options (JSON) of a second wdsrefresh row on the shaped link")
+    parser.add_argument("--growth", type=int, default=None,
+                        help="with --remote: objects of the shaped growth row (default: 10000; quick: 2000; 0 skips it)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="with --remote: no LitData, webdataset or Mosaic rows on the shaped link (no peers venv)")
     parser.add_argument("--pack", action="store_true",
                         help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
                              "on the same input files (tools/bench_pack.py)")

@@ -240,6 +240,13 @@ def run_remote(args) -> None:
             for spec in specs:
                 rows += bench_set(client, endpoint, root, spec, args, state_root)
             resolution = [bench_resolution(client, n, state_root) for n in sizes]
+            shaped = []
+            if args.link_sets != "none":
+                from bench_link import run_link
+
+                if args.growth is None:
+                    args.growth = 2000 if args.quick else 10000
+                shaped = run_link(args, client, endpoint, state_root)
     finally:
         shutdown()
     lines = [
@@ -261,4 +268,4 @@ def run_remote(args) -> None:
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {n:,} | {m:.2f} s | {i:.2f} s | {w:.2f} s | {p:.2f} s | {w / p:.2f}x | {a:.2f} s | {g:.2f} s |"
                   for n, m, i, w, p, a, g in resolution]
-    print("\n".join(lines))
+    print("\n".join(lines + shaped))
