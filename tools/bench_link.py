@@ -53,8 +53,9 @@ CEILING_SHARE = 0.8  # the link may use at most this share of the proxy's unshap
 CEILING_THREADS = 8
 CEILING_SECONDS = 1.0
 LINK_THREADS = 16
+RANGE_BYTES = 1 << 20  # the link-capacity reader's GETs: enough of them in flight on a few objects
 BUCKET = "bench"
-LINK_CAPACITY, DEFAULTS, LITDATA, PIPE_AWS = ("link capacity (16 threads of 4 MiB ranged GETs)", "wdsrefresh s3://, defaults",
+LINK_CAPACITY, DEFAULTS, LITDATA, PIPE_AWS = ("link capacity (16 threads of 1 MiB ranged GETs)", "wdsrefresh s3://, defaults",
                                               "litdata StreamingDataset", "webdataset pipe:aws s3 cp")
 
 
@@ -95,14 +96,14 @@ class ShaperProcess:
 
 
 class ThreadedGets:
-    """Ranged GETs of every 4 MiB block of the objects, ``threads`` at a time: what the link
-    delivers for these bytes, however few the objects."""
+    """Ranged GETs of every 1 MiB of the objects, ``threads`` at a time: what the link delivers
+    for these bytes, however few the objects."""
 
     def __init__(self, client, keys: list[str], samples: int, threads: int):
         self.client, self.samples, self.threads = client, samples, threads
         sizes = {k: client.head_object(Bucket=BUCKET, Key=k)["ContentLength"] for k in keys}
-        self.ranges = [(k, start, min(start + BLOCK_SIZE, size) - 1) for k, size in sizes.items()
-                       for start in range(0, size, BLOCK_SIZE)]
+        self.ranges = [(k, start, min(start + RANGE_BYTES, size) - 1) for k, size in sizes.items()
+                       for start in range(0, size, RANGE_BYTES)]
         self.size = sum(sizes.values())
         self.firsts: list[float] = []
 
@@ -210,7 +211,7 @@ def measure_link(shaper: ShaperProcess, client, keys: list[str], link_rate: floa
             passes += 1
         rates.append(passes * gets.size / (time.perf_counter() - t0))
     ceiling = statistics.median(rates)
-    print(f"  shaper ceiling, shaping off ({CEILING_THREADS} threads of 4 MiB ranged GETs): {ceiling / 1e6:,.0f} MB/s",
+    print(f"  shaper ceiling, shaping off ({CEILING_THREADS} threads of 1 MiB ranged GETs): {ceiling / 1e6:,.0f} MB/s",
           file=sys.stderr, flush=True)
     if link_rate > CEILING_SHARE * ceiling:
         raise SystemExit(f"--remote: --link-rate {link_rate / 1e6:.0f} MB/s is above {CEILING_SHARE:.0%} of what "
@@ -223,10 +224,10 @@ def measure_link(shaper: ShaperProcess, client, keys: list[str], link_rate: floa
         client.head_object(Bucket=BUCKET, Key=key)
         rtts.append(time.perf_counter() - t0)
     rtt = statistics.median(rtts)
-    for job in gets.ranges[:5]:
+    for key in keys[:5]:  # whole blocks, one connection
         t0 = time.perf_counter()
-        gets._get(job)
-        rates.append((job[2] + 1 - job[1]) / max(time.perf_counter() - t0 - rtt, 1e-6))
+        gets._get((key, 0, BLOCK_SIZE - 1))
+        rates.append(BLOCK_SIZE / max(time.perf_counter() - t0 - rtt, 1e-6))
     return Link(ceiling, rtt, statistics.median(rates))
 
 
