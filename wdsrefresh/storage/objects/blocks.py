@@ -232,6 +232,7 @@ class BlockFetcher:
                         if self.closed:
                             raise RuntimeError(f"{self.url}: read after close")
                         self.waiting = i
+                        self.window.waited = True
                         self.window.changed()
                         self.cond.wait()
                 finally:

@@ -12,10 +12,11 @@ later) hand it their wants; its threads fetch block-aligned runs for them. Guara
   were prefetched. A reader that jumps over blocks never has them requested (except an object
   being indexed, read whole and in order: one stream at a time).
 - Several GETs in flight, sized from what they observe: a run of blocks long enough that the
-  first-byte latency costs at most a fifth of its transfer (4 x latency x rate, within
-  ``request_blocks``); as many runs at once as keep their per-stream rate while the reader
-  waits (one more each time; one less when the rate falls under half the best seen, a link
-  shared by too many), within ``max_requests``. An idle window (no object open) starts again
+  first-byte latency costs at most a ninth of its transfer (8 x latency x rate, within
+  ``request_blocks``: on a loopback server, whose latency is its CPU, few and long GETs); as
+  many runs at once as keep their per-stream rate while the reader waits (one more each time;
+  one less when the rate falls under half the best seen, a link shared by too many), within
+  ``max_requests``. An idle window (no object open) starts again
   at ``START_REQUESTS``: the first batch of an epoch is fetched at full per-connection rate
   rather than sharing the link with everything behind it.
 - Threads: one per GET in flight, made on demand; they end when no object is open, and
@@ -37,7 +38,7 @@ START_REQUESTS = 4  # GETs in flight when a window starts (a batch of 64 x 256 K
 DEFAULT_MAX_REQUESTS = 8  # GETs in flight per consumer at most
 DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes per consumer (16 blocks of 4 MiB)
 DEFAULT_REQUEST_BLOCKS = 16  # blocks one ranged GET asks for at most
-_LATENCY_SHARE = 4  # a run transfers for at least this many first-byte latencies
+_LATENCY_SHARE = 8  # a run transfers for at least this many first-byte latencies
 _GROW_RATE, _SHRINK_RATE = 0.8, 0.5  # of the best per-stream rate seen
 _BEST_DECAY = 0.95  # per run: the best rate seen fades, so a slower link is learned again
 _JOIN_SECONDS = 10.0
@@ -57,6 +58,7 @@ class Window:
         self.limit = min(START_REQUESTS, max_requests)
         self.latency: float | None = None  # seconds to a response's headers
         self.best_rate = 0.0  # bytes/s of one stream, fading
+        self.waited = False  # a reader waited for a block since the limit last grew
         self.threads: list[threading.Thread] = []
         self.idle = 0  # threads waiting for a job
 
@@ -182,8 +184,9 @@ class Window:
         """(Under cond.) One run's first-byte latency and per-stream rate."""
         self.latency = latency if self.latency is None else 0.7 * self.latency + 0.3 * latency
         self.best_rate = max(rate, self.best_rate * _BEST_DECAY)
-        if rate >= _GROW_RATE * self.best_rate and self.runs + 1 >= self.limit:
+        if rate >= _GROW_RATE * self.best_rate and self.waited and self.runs + 1 >= self.limit:
             self.limit = min(self.limit + 1, self.max_requests)
+            self.waited = False
         elif rate < _SHRINK_RATE * self.best_rate:
             self.limit = max(self.limit - 1, 1)
 
