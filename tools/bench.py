@@ -325,7 +325,7 @@ def data_loader(reader, workers: int, batch: int, members: tuple[str, ...] = ("b
     return one_pass, close
 
 
-def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
+def interleaved_rates(readers, expected_all: int, rounds: int, round_time: float,
                       per_round: list[list[float]] | None = None) -> list[tuple[float, int]]:
     """Samples per second of each reader: the median over ``rounds`` rounds (each round's rates
     are appended to ``per_round``, one list per reader, when given).
@@ -340,6 +340,7 @@ def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
     passes = [0] * len(readers)
     for round_no in range(rounds + 1):
         for i, (reader, one_pass) in enumerate(readers):
+            expected = getattr(reader, "expected", expected_all)  # a reader of a subset says how many
             count_total, seconds = 0, 0.0
             while True:
                 reader.prepare()

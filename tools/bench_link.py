@@ -4,7 +4,7 @@ loopback network shaper (tools/netshaper.py) by wdsrefresh and by the loaders us
 The shaper runs in a process of its own in front of the bench's moto server: each request's
 first byte waits ``--link-delay`` (25 ms, +/- 5 ms), each connection gets ``--conn-rate`` (16 MB/s),
 the whole link ``--link-rate`` (160 MB/s). Before anything is timed, the shaper's own ceiling
-is measured with shaping off (8 threads of whole-object GETs of the same objects, through it):
+is measured with shaping off (16 threads of 4 MiB ranged GETs of the same objects, through it):
 a link rate above 80% of that ceiling is refused, so the shaped network, not moto or the proxy,
 is the bound of every row.
 
@@ -12,7 +12,7 @@ Shard sets: the bench's 1 KiB x3 members set, and 256 KiB samples in objects of 
 one digest block each, the issue's layout: 24 objects, 8 with --quick). Readers, each through a
 DataLoader with the bench's workers (2) and batches of 64, persistent workers:
 
-- ``link capacity``: 16 threads of whole-object GETs (twice the connections the link needs):
+- ``link capacity``: 16 threads of 1 MiB ranged GETs (more connections than the link needs):
   what the shaped link delivers for these objects;
 - ``wdsrefresh``: ``RefreshingWebDataset("s3://bench/<set>/")`` with default options, and with
   the options of ``--link-options`` (the best found, named in the row);
@@ -50,9 +50,10 @@ from wdsrefresh.format.digest import BLOCK_SIZE
 
 NETSHAPER = Path(__file__).resolve().with_name("netshaper.py")
 CEILING_SHARE = 0.8  # the link may use at most this share of the proxy's unshaped ceiling
-CEILING_THREADS = 8
+CEILING_THREADS = 16
 CEILING_SECONDS = 1.0
 LINK_THREADS = 16
+PIPE_OBJECTS = 8  # objects webdataset's pipe:aws reads (each a process: seconds of start-up on a loaded machine)
 RANGE_BYTES = 1 << 20  # the link-capacity reader's GETs: enough of them in flight on a few objects
 BUCKET = "bench"
 LINK_CAPACITY, DEFAULTS, LITDATA, PIPE_AWS = ("link capacity (16 threads of 1 MiB ranged GETs)", "wdsrefresh s3://, defaults",
@@ -99,11 +100,11 @@ class ThreadedGets:
     """Ranged GETs of every 1 MiB of the objects, ``threads`` at a time: what the link delivers
     for these bytes, however few the objects."""
 
-    def __init__(self, client, keys: list[str], samples: int, threads: int):
+    def __init__(self, client, keys: list[str], samples: int, threads: int, range_bytes: int = RANGE_BYTES):
         self.client, self.samples, self.threads = client, samples, threads
         sizes = {k: client.head_object(Bucket=BUCKET, Key=k)["ContentLength"] for k in keys}
-        self.ranges = [(k, start, min(start + RANGE_BYTES, size) - 1) for k, size in sizes.items()
-                       for start in range(0, size, RANGE_BYTES)]
+        self.ranges = [(k, start, min(start + range_bytes, size) - 1) for k, size in sizes.items()
+                       for start in range(0, size, range_bytes)]
         self.size = sum(sizes.values())
         self.firsts: list[float] = []
 
@@ -201,7 +202,7 @@ def measure_link(shaper: ShaperProcess, client, keys: list[str], link_rate: floa
     """The ceiling (shaping off; refuses a link rate above CEILING_SHARE of it), then the shaped
     round trip and one connection's rate."""
     shaper.shaped(False)
-    gets = ThreadedGets(client, keys, 0, CEILING_THREADS)
+    gets = ThreadedGets(client, keys, 0, CEILING_THREADS, BLOCK_SIZE)
     gets.one_pass()  # connections opened, server warm
     rates = []
     for _ in range(3):  # each at least CEILING_SECONDS of passes, so that a small set is not timed by its start
@@ -211,7 +212,7 @@ def measure_link(shaper: ShaperProcess, client, keys: list[str], link_rate: floa
             passes += 1
         rates.append(passes * gets.size / (time.perf_counter() - t0))
     ceiling = statistics.median(rates)
-    print(f"  shaper ceiling, shaping off ({CEILING_THREADS} threads of 1 MiB ranged GETs): {ceiling / 1e6:,.0f} MB/s",
+    print(f"  shaper ceiling, shaping off ({CEILING_THREADS} threads of 4 MiB ranged GETs): {ceiling / 1e6:,.0f} MB/s",
           file=sys.stderr, flush=True)
     if link_rate > CEILING_SHARE * ceiling:
         raise SystemExit(f"--remote: --link-rate {link_rate / 1e6:.0f} MB/s is above {CEILING_SHARE:.0%} of what "
@@ -254,8 +255,12 @@ def link_readers(spec: ShardSet, keys: list[str], through, shaper: ShaperProcess
         readers.append((LITDATA, FirstTimed(litdata_peer(python, litdata_url, "--workers", str(args.workers),
                                                          "--batch", str(args.batch), "--endpoint", shaper.url,
                                                          "--cache", cache))))
-        commands = [f"pipe:{aws} s3 cp --quiet --endpoint-url {shaper.url} s3://{BUCKET}/{k} -" for k in keys]
-        readers.append((PIPE_AWS, TimedLoader(Plain(commands), args.workers, args.batch, spec.extensions)))
+        some = keys[:PIPE_OBJECTS]  # an aws process per object: its rate is its start-up's, on any number of them
+        commands = [f"pipe:{aws} s3 cp --quiet --endpoint-url {shaper.url} s3://{BUCKET}/{k} -" for k in some]
+        pipe = TimedLoader(Plain(commands), args.workers, args.batch, spec.extensions)
+        pipe.expected = spec.samples_per_shard * len(some)
+        name = PIPE_AWS if len(some) == len(keys) else f"{PIPE_AWS} ({len(some)} of the {len(keys)} objects)"
+        readers.append((name, pipe))
     return readers
 
 
@@ -377,7 +382,7 @@ def peers_for_sets(client, args, python: Path):
 # --------------------------------------------------------------------------- report
 
 
-PEERS = (LITDATA, PIPE_AWS)
+PEERS = (LITDATA, PIPE_AWS)  # (a row's name starts with one of these)
 
 
 @dataclass(frozen=True)
@@ -398,7 +403,7 @@ class LinkTarget:
 
 
 def best_peer(rows: list[LinkRow], shard_set: str) -> LinkRow | None:
-    peers = [r for r in rows if r.shard_set == shard_set and r.reader in PEERS]
+    peers = [r for r in rows if r.shard_set == shard_set and r.reader.startswith(PEERS)]
     return max(peers, key=lambda r: r.rate) if peers else None
 
 

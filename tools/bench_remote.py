@@ -236,17 +236,17 @@ def run_remote(args) -> None:
         root = Path(args.data)
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
-            rows = []
-            for spec in specs:
-                rows += bench_set(client, endpoint, root, spec, args, state_root)
-            resolution = [bench_resolution(client, n, state_root) for n in sizes]
             shaped = []
-            if args.link_sets != "none":
+            if args.link_sets != "none":  # first: it refuses a link the machine cannot carry before the long part
                 from bench_link import run_link
 
                 if args.growth is None:
                     args.growth = 2000 if args.quick else 10000
                 shaped = run_link(args, client, endpoint, state_root)
+            rows = []
+            for spec in specs:
+                rows += bench_set(client, endpoint, root, spec, args, state_root)
+            resolution = [bench_resolution(client, n, state_root) for n in sizes]
     finally:
         shutdown()
     lines = [
