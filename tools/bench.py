@@ -361,6 +361,20 @@ def interleaved_rates(readers, expected_all: int, rounds: int, round_time: float
     return [(statistics.median(rates), n) for rates, n in zip(per_round, passes)]
 
 
+def rounds_of(readers: list[tuple[str, object]], expected: int, args) -> tuple[list, list[list[float]]]:
+    """``interleaved_rates`` of named readers that run their own passes (``one_pass``), with
+    ``args.repeat`` rounds of ``args.min_time``, and each round's rates; every reader is closed
+    after."""
+    per_round: list[list[float]] = []
+    try:
+        rates = interleaved_rates([(r, r.one_pass) for _, r in readers], expected, args.repeat, args.min_time,
+                                  per_round)
+    finally:
+        for _, r in readers:
+            getattr(r, "close", lambda: None)()
+    return rates, per_round
+
+
 @dataclass
 class Row:
     shard_set: str

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench
-from bench import LARGE_MEMBERS, Plain, Refreshing, ShardSet, ensure_set, interleaved_rates, shard_sets
+from bench import LARGE_MEMBERS, Plain, Refreshing, ShardSet, ensure_set, rounds_of, shard_sets
 
 import wdsrefresh as wr
 from wdsrefresh.format.digest import BLOCK_SIZE
@@ -88,12 +88,9 @@ class ShaperProcess:
         self.control("set", **(self.settings if on else {"delay": 0, "conn_rate": None, "link_rate": None}))
 
     def close(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        from bench_pipe import stop
+
+        stop(self.process, 30.0)
 
 
 class ThreadedGets:
@@ -272,13 +269,7 @@ def bench_link_set(spec: ShardSet, client, through, shaper: ShaperProcess, args,
     keys = upload(client, files, spec.directory(Path(args.data)).name)
     size = sum(os.path.getsize(f) for f in files)
     readers = link_readers(spec, keys, through, shaper, state_root, args, peers_for(spec, files))
-    per_round: list[list[float]] = []
-    try:
-        rates = interleaved_rates([(r, r.one_pass) for _, r in readers], spec.samples, args.repeat,
-                                  args.min_time, per_round)
-    finally:
-        for _, r in readers:
-            getattr(r, "close", lambda: None)()
+    rates, per_round = rounds_of(readers, spec.samples, args)
     rows = []
     for (name, reader), (rate, _), rounds in zip(readers, rates, per_round):
         firsts = reader.firsts[-len(rounds):] if reader.firsts else []  # the timed rounds' passes, warm-up left out

@@ -62,9 +62,14 @@ class PassServer:
         return self.process.stdout.readline()
 
     def close(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
+
+
+def stop(process: subprocess.Popen, seconds: float = 60.0) -> None:
+    """Ends a child that runs until its stdin closes; killed if it has not exited ``seconds`` later."""
+    process.stdin.close()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
