@@ -5,7 +5,10 @@ test) sets dummy credentials and ``AWS_ENDPOINT_URL`` in the environment (so Dat
 workers and spawned ranks inherit them; no request can reach a real AWS endpoint), and makes
 a fresh bucket. ``fault_proxy`` sits between the code under test and the server: it forwards
 every request and can answer some with a status (503), delay them, or reset the connection
-before or in the middle of the response body. Import the fixtures into a test module.
+before or in the middle of the response body. ``link`` puts tools/netshaper.py's shaper (the
+one ``tools/bench.py --remote`` measures through) in front of the server instead: first-byte
+delays, per-connection bandwidth, requests in flight and bytes sent counted at the proxy.
+Import the fixtures into a test module.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import http.client
 import os
 import socket
 import struct
+import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -257,3 +261,20 @@ def fault_proxy(moto_server):
     server.shutdown()
     server.server_close()
     thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- the network shaper
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+
+
+@pytest.fixture
+def link(moto_server):
+    """tools/netshaper.py's ``Shaper`` in front of the S3 server, started: 10 ms (+/- 2 ms) to a
+    response's first byte, 32 MB/s per connection, no bound on the link; a test may change
+    its settings (``link.set(...)``) and set ``link.fault``."""
+    from netshaper import Settings, Shaper
+
+    shaper = Shaper(moto_server, Settings(delay=0.01, jitter=0.002, conn_rate=32e6, link_rate=None)).start()
+    yield shaper
+    shaper.stop()

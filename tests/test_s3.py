@@ -447,13 +447,13 @@ def test_read_ahead_threads_end_with_their_reader_and_with_an_abandoned_epoch(s3
     reader, close = open_object(ds.sample_source.source.store, shard.url, shard.expected(), shard.etag,
                                 shard.version_id)
     next(reader.samples(0, 1))
-    assert len(readahead_threads()) == 1
+    assert readahead_threads()  # its blocks are fetched ahead, by several GETs at once
     close()
     assert readahead_threads() == []  # joined by close()
 
     it = iter(ds)
     next(it)  # a.tar is read ahead, b.tar prefetched
-    assert wait_until(lambda: len(readahead_threads()) == 2)
+    assert wait_until(lambda: len(readahead_threads()) >= 2)
     it.close()  # the consumer abandons its epoch
     assert wait_until(lambda: readahead_threads() == [])
 
@@ -483,16 +483,23 @@ def test_injected_faults_are_retried_and_the_epoch_is_read_exactly_once(s3, faul
 
 
 def test_a_stream_cut_midway_resumes_at_the_block_it_was_reading(s3, fault_proxy):
-    data = shard_bytes("a", 24, BIG, version="v1")  # three blocks, streamed by one GET
+    data = shard_bytes("a", 24, BIG, version="v1")  # three blocks
     s3.put("m/a.tar", data)
     ds = wr.RefreshingWebDataset(wr.ObjectSource(s3.url("m/"), storage_options=via(s3, fault_proxy)))
     ds.set_epoch(0)
     fault_proxy.clear()
-    cut = fault_proxy.inject("cut-body", times=1, ranged=True)  # half the body: block 0 whole, block 1 in part
+    cut = fault_proxy.inject("cut-body", times=1, ranged=True, path="/m/a.tar")  # half of a GET's body
     samples = list(ds)
     assert sorted(keys_of(samples)) == expected_keys(a=24) and {tagged(s) for s in samples} == {"v1"}
-    ranges = [r.range for r in fault_proxy.requests("GET") if r.range]
-    assert cut.injected == 1 and ranges == [f"bytes=0-{len(data) - 1}", f"bytes={BLOCK_SIZE}-{len(data) - 1}"]
+    assert cut.injected == 1
+    gets = [(r, [int(x) for x in r.range.split("=")[1].split("-")]) for r in fault_proxy.requests("GET") if r.range]
+    (start, end), = [span for r, span in gets if r.fault == "cut-body"]
+    resumed = (start + (end + 1 - start) // 2) // BLOCK_SIZE * BLOCK_SIZE  # the block the cut fell in
+    assert [f"{s}-{e}" for _, (s, e) in gets].count(f"{resumed}-{end}") == 1  # reopened there, to the same end
+    # every block came whole from exactly one response: none twice, none in part
+    fetched = [b for r, (s, e) in gets for b in range(s // BLOCK_SIZE, resumed // BLOCK_SIZE if r.fault else
+                                                      e // BLOCK_SIZE + 1)]
+    assert sorted(fetched) == list(range(math.ceil(len(data) / BLOCK_SIZE)))
 
 
 def test_read_failing_after_its_retries_names_url_and_range_through_the_handler(s3, fault_proxy):

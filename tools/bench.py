@@ -325,7 +325,7 @@ def data_loader(reader, workers: int, batch: int, members: tuple[str, ...] = ("b
     return one_pass, close
 
 
-def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
+def interleaved_rates(readers, expected_all: int, rounds: int, round_time: float,
                       per_round: list[list[float]] | None = None) -> list[tuple[float, int]]:
     """Samples per second of each reader: the median over ``rounds`` rounds (each round's rates
     are appended to ``per_round``, one list per reader, when given).
@@ -340,6 +340,7 @@ def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
     passes = [0] * len(readers)
     for round_no in range(rounds + 1):
         for i, (reader, one_pass) in enumerate(readers):
+            expected = getattr(reader, "expected", expected_all)  # a reader of a subset says how many
             count_total, seconds = 0, 0.0
             while True:
                 reader.prepare()
@@ -358,6 +359,20 @@ def interleaved_rates(readers, expected: int, rounds: int, round_time: float,
                 per_round[i].append(count_total / seconds)
                 passes[i] += count_total // expected
     return [(statistics.median(rates), n) for rates, n in zip(per_round, passes)]
+
+
+def rounds_of(readers: list[tuple[str, object]], expected: int, args) -> tuple[list, list[list[float]]]:
+    """``interleaved_rates`` of named readers that run their own passes (``one_pass``), with
+    ``args.repeat`` rounds of ``args.min_time``, and each round's rates; every reader is closed
+    after."""
+    per_round: list[list[float]] = []
+    try:
+        rates = interleaved_rates([(r, r.one_pass) for _, r in readers], expected, args.repeat, args.min_time,
+                                  per_round)
+    finally:
+        for _, r in readers:
+            getattr(r, "close", lambda: None)()
+    return rates, per_round
 
 
 @dataclass
@@ -636,6 +651,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolve-sizes", default=None,
                         help="with --remote: comma-separated object counts for the snapshot-resolution rows; "
                              "empty skips them (default: 10000; quick: 2000)")
+    parser.add_argument("--link-sets", default=None,
+                        help="with --remote: the shaped link's sets, of small-plain,large-objects ('none' skips the "
+                             "shaped link; tools/bench_link.py)")
+    parser.add_argument("--link-delay", type=float, default=0.025,
+                        help="with --remote: the shaped link's first-byte delay per request, seconds (default: "
+                             "%(default)s, +/- 5 ms)")
+    parser.add_argument("--conn-rate", type=float, default=16e6,
+                        help="with --remote: bytes/s per connection on the shaped link (default: 16e6)")
+    parser.add_argument("--link-rate", type=float, default=160e6,
+                        help="with --remote: bytes/s of the whole shaped link (default: 160e6); refused above 80%% of "
+                             "the proxy's unshaped ceiling, measured first")
+    parser.add_argument("--link-options", default=None,
+                        help="with --remote: storage_options (JSON) of a second wdsrefresh row on the shaped link")
+    parser.add_argument("--growth", type=int, default=None,
+                        help="with --remote: objects of the shaped growth row (default: 10000; quick: 2000; 0 skips it)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="with --remote: no LitData, webdataset or Mosaic rows on the shaped link (no peers venv)")
     parser.add_argument("--pack", action="store_true",
                         help="time packing instead: wdsrefresh pack --jobs 1 and 2 against webdataset's ShardWriter "
                              "on the same input files (tools/bench_pack.py)")

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import ONE_PROC, Row, bench_set, chosen_sets, interleaved_rates, paired_ratio
+from bench import ONE_PROC, Row, bench_set, chosen_sets, paired_ratio, rounds_of
 from bench_pipe import PassServer
 from bench_resolve import ensure_scale_dirs
 
@@ -88,13 +88,7 @@ def scale_rows(head: Path, base: Path, root: Path, args) -> list[Row]:
     for kind in ("rescan", "watched"):
         readers = [(f"{side} set_epoch {kind}", server(tree, kind, plain, cpu=args.cpu)) for side, tree in
                    (("HEAD", head), ("base", base))]
-        per_round: list[list[float]] = []
-        try:
-            rates = interleaved_rates([(r, r.one_pass) for _, r in readers], args.scale, args.repeat,
-                                      args.min_time, per_round)
-        finally:
-            for _, r in readers:
-                r.close()
+        rates, per_round = rounds_of(readers, args.scale, args)
         for (name, _), (rate, passes), rounds in zip(readers, rates, per_round):
             rows.append(Row(f"scale-{args.scale}", "1 proc", name, rate, passes, 0.0, rounds))
             print(f"  scale-{args.scale} {name:36s} {rate:12,.0f} shards/s ({passes} passes)", file=sys.stderr,

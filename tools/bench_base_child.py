@@ -1,7 +1,7 @@
 """One reader of ``tools/bench.py --base``, run in a process of its own with one tree of
 wdsrefresh first on ``PYTHONPATH`` (HEAD's, or the base commit's worktree):
 
-    python bench_base_child.py KIND DIR [--workers N --batch B --members bin,cls]
+    python bench_base_child.py KIND DIR [--workers N --batch B --members bin,cls]   (DIR: or an s3:// prefix)
 
 prints ``ready <the wdsrefresh file imported>``, then answers each ``prepare`` line on stdin
 with ``ok`` once the next pass is prepared (untimed: the next epoch's ``set_epoch``), and each
@@ -35,6 +35,8 @@ def dataset(kind: str, directory: str, state_dir: str):
     import wdsrefresh as wr
 
     verify = "off" if kind == "off" else "inline"
+    if "://" in directory:  # objects (bench.py --remote --base): listed, never watched
+        return wr.RefreshingWebDataset(directory, shardshuffle=False, verify=verify, state_dir=state_dir)
     # settle=0: the shards were written whole (maybe just now, in place): read them at once
     return wr.RefreshingWebDataset(directory, shardshuffle=False, verify=verify, watch=kind == "watched",
                                    state_dir=state_dir, settle=0)

@@ -8,8 +8,12 @@ where litdata is absent) and litdata inside the commands:
         writes the shards' samples, in order, in LitData's own format (``BinaryWriter``: chunk
         files and an index.json) into OUT, through a temporary directory renamed at the end;
     python bench_peers_child.py serve DIR [--workers N --batch B] [--bytes]
+                                          [--endpoint URL --cache DIR]
         opens ``litdata.StreamingDataset(DIR)``, prints ``ready <litdata version>``, then
-        answers each ``pass`` line on stdin with the number of samples one pass yielded.
+        answers each ``pass`` line on stdin with the number of samples one pass yielded and
+        ``first=`` the seconds from ``iter()`` to its first sample or batch. DIR may be an ``s3://`` URL
+        read through ``--endpoint`` (the bench's store): its chunks are downloaded into
+        ``--cache``, which is emptied before every pass, so every pass reads from the store.
 
 A pass in one process iterates the dataset and drops each sample as litdata yields it (its
 payloads are memoryviews into the chunk: no copy); ``--bytes`` copies each payload to
@@ -30,6 +34,7 @@ import re
 import shutil
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 
 CHUNK_BYTES = "64MB"  # the chunk size LitData's documentation uses in its examples
@@ -83,33 +88,59 @@ def collate_bytes(samples: list[dict]) -> dict:
     return {k: [s[k] if isinstance(s[k], str) else bytes(s[k]) for s in samples] for k in samples[0]}
 
 
-def serve(directory: str, workers: int, batch: int, as_bytes: bool) -> None:
+def _timed(items, size) -> tuple[int, float]:
+    """(samples, seconds to the first item) of one pass over ``items``."""
+    started = time.perf_counter()
+    first, count = None, 0
+    for item in items:
+        if first is None:
+            first = time.perf_counter() - started
+        count += size(item)
+    return count, first or 0.0
+
+
+def _empty(cache: str) -> None:
+    """Drops the downloaded chunks (the index stays): the next pass downloads them again."""
+    for root, _, files in os.walk(cache):
+        for name in files:
+            if name.endswith(".bin") or name.endswith(".lock"):
+                os.remove(os.path.join(root, name))
+
+
+def serve(directory: str, workers: int, batch: int, as_bytes: bool, endpoint: str | None = None,
+          cache: str | None = None) -> None:
     import litdata
     from litdata import StreamingDataLoader, StreamingDataset
 
-    dataset = StreamingDataset(directory)
+    options = {"storage_options": {"endpoint_url": endpoint}} if endpoint else {}
+    if endpoint and endpoint.startswith("http://"):
+        # litdata downloads chunks with obstore, whose client refuses plain http unless told (the
+        # bench's store is on 127.0.0.1); its own options are a module-level dict
+        from litdata.streaming import downloader
+
+        downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
+    dataset = StreamingDataset(directory, cache_dir=cache, **options)
     if workers:
         loader = StreamingDataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=True,
                                      collate_fn=collate_bytes)
 
-        def one_pass() -> int:
-            return sum(len(b["__key__"]) for b in loader)
+        def one_pass() -> tuple[int, float]:
+            return _timed(loader, lambda b: len(b["__key__"]))
     elif as_bytes:
-        def one_pass() -> int:
-            count = 0
-            for sample in dataset:
-                _to_bytes(sample)
-                count += 1
-            return count
+        def one_pass() -> tuple[int, float]:
+            return _timed((_to_bytes(s) for s in dataset), lambda s: 1)
     else:
-        def one_pass() -> int:
-            return sum(1 for _ in dataset)
+        def one_pass() -> tuple[int, float]:
+            return _timed(dataset, lambda s: 1)
 
     print("ready", litdata.__version__, flush=True)
     for line in sys.stdin:
         if line.strip() != "pass":
             raise SystemExit(f"bench_peers_child: expected 'pass' on stdin, got {line!r}")
-        print(one_pass(), flush=True)
+        if cache:
+            _empty(cache)
+        count, first = one_pass()
+        print(count, f"first={first:.6f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,11 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--bytes", action="store_true", dest="as_bytes")
+    p.add_argument("--endpoint", default=None, help="the S3 endpoint of an s3:// DIR")
+    p.add_argument("--cache", default=None, help="where an s3:// DIR's chunks go (emptied before each pass)")
     args = parser.parse_args(argv)
     if args.command == "export":
         export(args.out, args.shards)
     else:
-        serve(args.directory, args.workers, args.batch, args.as_bytes)
+        serve(args.directory, args.workers, args.batch, args.as_bytes, args.endpoint, args.cache)
 
 
 if __name__ == "__main__":

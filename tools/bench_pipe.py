@@ -23,6 +23,7 @@ class PassServer:
         self.what = what
         self.prepares = prepares
         self.pass_seconds: float | None = None
+        self.named: dict[str, float] = {}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._line(START_SECONDS)
         if not self.ready.startswith("ready"):
@@ -37,12 +38,15 @@ class PassServer:
 
     def one_pass(self) -> int:
         """The pass's sample count; a second number on the answer's line, the seconds the
-        reader measured the pass to take itself, is kept in ``pass_seconds``."""
+        reader measured the pass to take itself, is kept in ``pass_seconds``, and ``name=value``
+        numbers after it in ``named`` (bench_link.py's ``first=``)."""
         answer = self._ask("pass").split()
         if not answer:
             raise SystemExit(f"{self.what}: the reader exited mid-run (status {self.process.wait()}); "
                              "its error is above")
-        self.pass_seconds = float(answer[1]) if len(answer) > 1 else None
+        plain = [a for a in answer[1:] if "=" not in a]
+        self.named = {k: float(v) for k, v in (a.split("=", 1) for a in answer[1:] if "=" in a)}
+        self.pass_seconds = float(plain[0]) if plain else None
         return int(answer[0])
 
     def _ask(self, what: str) -> str:
@@ -58,9 +62,14 @@ class PassServer:
         return self.process.stdout.readline()
 
     def close(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
+
+
+def stop(process: subprocess.Popen, seconds: float = 60.0) -> None:
+    """Ends a child that runs until its stdin closes; killed if it has not exited ``seconds`` later."""
+    process.stdin.close()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

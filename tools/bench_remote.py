@@ -121,20 +121,28 @@ def bench_set(client, endpoint: str, root: Path, spec, args, state_root: str) ->
         if mode == "1 proc":
             readers.append(("plain GET (server ceiling)", PlainGets(client, keys, spec.samples)))
         readers.append(("wdsrefresh inline", Refreshing(url, "inline", tempfile.mkdtemp(dir=state_root))))
+        if args.base:  # HEAD and the base commit, each in a process of its own (bench_base.py), same rounds
+            from bench_base import server
+
+            loader = () if mode == "1 proc" else ("--workers", str(args.workers), "--batch", str(args.batch),
+                                                  "--members", ",".join(spec.extensions))
+            readers += [(f"{side} inline", server(tree, "inline", url, *loader)) for side, tree in args.trees]
         readers.append(("webdataset http", Plain(http)))
         if shutil.which("aws"):
             readers.append(("webdataset pipe:aws", Plain([f"pipe:aws s3 cp --quiet --endpoint-url {endpoint} "
                                                            f"s3://{BUCKET}/{k} -" for k in keys])))
-        wrapped = [(r.pass_, lambda: None) if isinstance(r, PlainGets) else wrap(r) for _, r in readers]
+        wrapped = [(r.pass_, lambda: None) if isinstance(r, PlainGets) else
+                   (r.one_pass, r.close) if hasattr(r, "one_pass") else wrap(r) for _, r in readers]
+        per_round: list[list[float]] = []
         try:
             rates = interleaved_rates([(r, one_pass) for (_, r), (one_pass, _) in zip(readers, wrapped)],
-                                      spec.samples, args.repeat, args.min_time)
+                                      spec.samples, args.repeat, args.min_time, per_round)
         finally:
             for _, close in wrapped:
                 close()
-        for (name, _), (rate, _passes) in zip(readers, rates):
+        for (name, _), (rate, _passes), rounds in zip(readers, rates, per_round):
             mbps = rate * size / spec.samples / 1e6  # object bytes per second, the same bytes for every reader
-            rows.append((spec, mode, name, rate, mbps))
+            rows.append((spec, mode, name, rate, mbps, rounds))
             print(f"  {spec.name:12s} {mode:16s} {name:28s} {rate:12,.0f} samples/s {mbps:8,.0f} MB/s",
                   file=sys.stderr, flush=True)
     return rows
@@ -216,6 +224,23 @@ def growth_epoch(client, prefix: str, data: bytes, new: int, state_root: str) ->
     return seconds[0], seconds[1]
 
 
+def base_lines(rows: list[tuple], commit: str) -> list[str]:
+    """HEAD / base of the unshaped rows (``--base``): the median of the rounds' paired ratios."""
+    from bench import paired_ratio
+    from bench_base import LIMIT
+
+    rounds = {(spec.name, mode, name): r for spec, mode, name, _, _, r in rows}
+    lines = ["", f"HEAD / base {commit} (unshaped; each in a process of its own, same rounds)", "",
+             "| shards | mode | reader | HEAD / base | |", "|---|---|---|---:|---|"]
+    for spec, mode, name, _, _, r in rows:
+        base = rounds.get((spec.name, mode, "base " + name.removeprefix("HEAD "))) if name.startswith("HEAD ") else None
+        if base is not None:
+            ratio = paired_ratio(r, base)
+            lines.append(f"| {spec.describe} | {mode} | {name.removeprefix('HEAD ')} | {ratio:.3f} | "
+                         f"{'ok' if ratio >= LIMIT else 'BELOW ' + str(LIMIT)} |")
+    return lines
+
+
 def run_remote(args) -> None:
     """What ``tools/bench.py --remote`` runs; prints a markdown report."""
     import platform
@@ -235,7 +260,18 @@ def run_remote(args) -> None:
         sizes = [int(s) for s in (("2000" if args.quick else "10000") if args.resolve_sizes is None else args.resolve_sizes).split(",") if s]
         root = Path(args.data)
         root.mkdir(parents=True, exist_ok=True)
+        if args.base:
+            from bench_base import HEAD_TREE, base_tree
+
+            args.trees = (("HEAD", HEAD_TREE), ("base", base_tree(root, args.base)[0]))
         with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
+            shaped = []
+            if args.link_sets != "none":  # first: it refuses a link the machine cannot carry before the long part
+                from bench_link import run_link
+
+                if args.growth is None:
+                    args.growth = 2000 if args.quick else 10000
+                shaped = run_link(args, client, endpoint, state_root)
             rows = []
             for spec in specs:
                 rows += bench_set(client, endpoint, root, spec, args, state_root)
@@ -251,9 +287,11 @@ def run_remote(args) -> None:
         "|---|---|---|---:|---:|---:|",
     ]
     ceiling = {r[0].name: r[3] for r in rows if r[2].startswith("plain GET")}
-    for spec, mode, name, rate, mbps in rows:
+    for spec, mode, name, rate, mbps, _ in rows:
         lines.append(f"| {spec.describe} ({spec.shards}x{spec.samples_per_shard}) | {mode} | {name} | {rate:,.0f} | "
                      f"{mbps:,.0f} | {rate / ceiling[spec.name]:.2f}x |")
+    if args.base:
+        lines += base_lines(rows, args.base)
     if resolution:
         lines += ["", "| one-sample objects | set_epoch, manifest with ETags | set_epoch, every object indexed "
                   "| next set_epoch (nothing changed) | plain boto3 listing of the prefix | next set_epoch x listing "
@@ -261,4 +299,4 @@ def run_remote(args) -> None:
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {n:,} | {m:.2f} s | {i:.2f} s | {w:.2f} s | {p:.2f} s | {w / p:.2f}x | {a:.2f} s | {g:.2f} s |"
                   for n, m, i, w, p, a, g in resolution]
-    print("\n".join(lines))
+    print("\n".join(lines + shaped))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..core.options import ReadOptions
@@ -105,10 +105,7 @@ def read_assignment(
             if cursor.offset:
                 piece = Piece(piece.shard, min(piece.start + cursor.offset, piece.stop), piece.stop)
             shard = snapshot.shards[piece.shard]
-            if index + 1 < len(pieces):
-                upcoming = snapshot.shards[pieces[index + 1].shard]
-                backend = backend_for(upcoming.url)
-                prefetched.append((backend, backend.prefetch(upcoming, options)))
+            prefetched += _prefetch_ahead(snapshot, pieces, index, options)
             for sample in _read_piece(shard, piece, options, stats):
                 recent.append(sample)
                 stats.yielded += 1
@@ -316,6 +313,27 @@ def _read_verified(shard: ShardInfo, expected: Expected, start: int, stop: int, 
                                 f"holds {found} samples, its snapshot entry counts {count}")
     finally:
         close()
+
+
+_PREFETCH_AT_MOST = 32  # shards read ahead of the one being read, per consumer
+
+
+def _prefetch_ahead(snapshot: Snapshot, pieces: Sequence, index: int, options: ReadOptions) -> list:
+    """The shards of the pieces after ``index``, read ahead while it is parsed: as many as their
+    backend's read-ahead bytes hold, at least the next one (local files: none); ``(backend, key)``
+    pairs, each key the one ``backend.discard`` takes."""
+    started: list = []
+    room = None
+    for piece in pieces[index + 1 : index + 1 + _PREFETCH_AT_MOST]:
+        upcoming = snapshot.shards[piece.shard]
+        backend = backend_for(upcoming.url)
+        if room is None:
+            room = backend.read_ahead(upcoming, options)
+        started.append((backend, backend.prefetch(upcoming, options)))
+        room -= upcoming.size or 0
+        if room <= 0:
+            break
+    return started
 
 
 def _open(shard: ShardInfo, expected: Expected, options: ReadOptions,

@@ -68,5 +68,9 @@ class Backend(ABC):
         """Starts reading ``shard`` ahead of its ``open``; returns the key ``discard`` takes."""
         return None
 
+    def read_ahead(self, shard: ShardInfo, options: ReadOptions) -> int:
+        """How many bytes of the shards after ``shard`` a consumer may have prefetched (0: only the next)."""
+        return 0
+
     def discard(self, key: Any) -> None:
         """Stops the read-ahead ``prefetch`` started, if no ``open`` took it over."""

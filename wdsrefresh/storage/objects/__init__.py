@@ -11,7 +11,8 @@ invariants, other primitives.
   refused.
 - ``cache.py``: checked blocks kept on local disk, keyed by URL and version.
 - ``blocks.py``: a pinned object read block by block, each block checked against its digest
-  before the tar reader sees a byte of it, with read-ahead in a background thread.
+  before the tar reader sees a byte of it, read ahead through ``window.py``: one consumer's
+  GETs, several in flight, within its memory budget.
 - ``source.py``: ``ObjectSource``, the shard source of ``s3://`` and ``https://`` URLs: a
   listing, HEADs or a manifest per epoch (``plans.py``), objects indexed once per (URL, ETag),
   new ones indexed between epochs (``ahead.py``).

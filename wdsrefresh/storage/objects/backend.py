@@ -50,6 +50,9 @@ class ObjectStore(Backend):
         return blocks.prefetch(_store(shard, options), shard.url, shard.expected(with_digest=options.verify != "off"),
                                shard.etag, shard.version_id)
 
+    def read_ahead(self, shard: ShardInfo, options: ReadOptions) -> int:
+        return _store(shard, options).memory_budget  # the window holds their bytes to it (window.py)
+
     def discard(self, key: Any) -> None:
         blocks.discard(key)
 

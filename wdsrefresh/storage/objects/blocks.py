@@ -7,11 +7,14 @@ Guarantees:
   each block whole or not at all). A block is checked against its digest before the tar
   reader sees any byte of it, so every sample is cut from verified bytes and nothing is held
   back (``verified`` is infinite, as for gzip).
-- A background thread per open object reads up to ``readahead`` blocks ahead of the reader,
-  so network latency overlaps parsing. When the reader jumps over blocks (payloads it skips,
-  a consumer that starts mid-shard) the stream is closed and a new GET starts at the block it
-  needs: skipped blocks are not requested, unless the object is being indexed (every block is
-  then digested, in order).
+- Blocks are fetched ahead of the reader through the consumer's ``window.Window``: several
+  ranged GETs in flight, the objects being read first, then those prefetched (the next of the
+  consumer's assignment), all within the consumer's memory budget, so network latency overlaps
+  parsing. When the reader jumps over blocks (payloads it skips, a consumer that starts
+  mid-shard) no GET starts for the blocks it skipped, unless the object is being indexed (every
+  block is then digested, in order, one stream at a time).
+- A checked block is handed to the tar reader as it is (no copy) whenever the reader goes on
+  from its start; only payloads are copied out, to ``bytes``.
 - A block that failed (after the store's retries) raises when, and only if, the reader needs
   it; a block fetched ahead that no sample needs never fails a read.
 - A digest mismatch on a pinned version is corruption (the object is the snapshot's version
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from time import perf_counter
@@ -33,10 +35,10 @@ from ...format import tario
 from ...format.digest import BLOCK_SIZE, DEFAULT_ALGO, FileDigester, block_at, block_digest, split_digest
 from ...format.tario import MAX_SAMPLE_BYTES, Expected, IOCounters, ShardReader, TarError
 from .s3 import NULL_VERSION, ObjectChangedError, ObjectStat, ObjectVanishedError, Store
+from .window import window_of
 
 log = logging.getLogger("wdsrefresh")
 
-_CHUNK = 1 << 20  # most bytes handed to the tar reader per refill (a copy out of the block)
 _JOIN_SECONDS = 10.0  # how long closing a reader waits for a block in flight
 _INF = float("inf")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -55,11 +57,14 @@ class ObjectExpected(Expected):
 
 
 class BlockFetcher:
-    """The blocks of one object version, fetched by a background thread ahead of the reader.
+    """The blocks of one object version, fetched through its store's ``window.Window`` (the
+    consumer's GETs in this process) ahead of the reader.
 
     ``get(i)`` waits for block ``i``; ``release_below(i)`` says blocks before ``i`` are no
     longer wanted. With ``digests`` every block is checked as it arrives; with ``record`` (a
-    FileDigester) every block is fetched in order and digested (indexing).
+    FileDigester) every block is fetched in order, by one stream at a time, and digested
+    (indexing). A fetcher made for an object a reader will open later (``prefetch``) waits
+    behind the objects being read.
 
     ``counters`` (a tario ``IOCounters``; None: not counted), set by the reader that opens it,
     gets when the fetcher is closed: the bytes of the blocks it fetched, the seconds ``get``
@@ -68,59 +73,147 @@ class BlockFetcher:
     """
 
     def __init__(self, store: Store, url: str, size: int, *, etag: str | None, version_id: str | None,
-                 digests: bytes | None = None, block_size: int = BLOCK_SIZE, record: FileDigester | None = None,
-                 readahead: int | None = None):
+                 digests: bytes | None = None, block_size: int = BLOCK_SIZE, record: FileDigester | None = None):
         self.store, self.url, self.size, self.block_size = store, url, size, block_size
         self.etag, self.version_id = etag, version_id
         self.digests, self.record = digests, record
         self.counters: IOCounters | None = None
-        self.tally = IOCounters()  # added to ``counters`` at close (the thread writes it under ``cond``)
+        self.tally = IOCounters()  # added to ``counters`` at close (the threads write it under ``cond``)
         # checked blocks are cached under the snapshot's pin (never one learned on the way; the
         # ``null`` version is replaced in place while versioning is suspended: its ETag tells)
         self.cache = store.cache if digests is not None and record is None else None
         self.version = (version_id if version_id != NULL_VERSION else None) or etag or ""
-        self.readahead = store.readahead if readahead is None else readahead
         self.nblocks = -(-size // block_size)
-        self.cond = threading.Condition()
+        self.window = window_of(store)
+        self.cond = self.window.cond  # one lock for the window and its fetchers: the budget spans them
         self.ready: dict[int, bytes] = {}
         self.failed: tuple[int, BaseException] | None = None
         self.floor = 0  # blocks below are not wanted any more
         self.wanted = 0  # the highest block asked for
-        self.next = 0  # the next block the thread fetches
+        self.next = 0  # the next block no run has claimed
+        self.missing: set[int] = set()  # claimed, lost by a failed run the reader had passed, wanted again
+        self.waiting: int | None = None  # the block the reader waits for
+        self.runs = 0  # GETs in flight for this object
         self.fetched = 0  # blocks fetched so far (in order when recording)
+        self.opened = False  # a reader reads it (else it is prefetched, behind those being read)
+        self.started = False
         self.closed = False
-        self.finished = False  # every block it will fetch was fetched (or it failed, or was closed)
-        self.followers: list[BlockFetcher] = []  # started once this one's first block is here
-        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Starts reading from block 0 (and ``readahead`` blocks on) before anything asks."""
+        """Makes its blocks wanted, from block 0, before anything asks."""
         with self.cond:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="wdsrefresh-readahead", daemon=True)
-                self.thread.start()
-
-    def start_after(self, other: BlockFetcher) -> None:
-        """Starts ``other`` once this fetcher has its first block (or has stopped): the block a
-        reader waits for first never shares the store with a prefetch, and the next object's
-        request is served while the rest of this one streams and is parsed."""
-        with self.cond:
-            if not self.finished and self.fetched == 0 and self.thread is not None:
-                self.followers.append(other)
+            if self.started or self.closed:
                 return
-        other.start()
+            self.started = True
+        self.window.add(self)
 
-    def _release_followers(self) -> None:
-        """(Under ``cond``.)"""
-        followers, self.followers = self.followers, []
-        for other in followers:
-            other.start()
+    def open(self) -> None:
+        """A reader reads it now: its blocks come before those of objects prefetched."""
+        with self.cond:
+            self.opened = True
+        self.start()
 
-    def _finish(self) -> None:
-        """(Under ``cond``.) Nothing more to fetch."""
-        self.finished = True
-        self._release_followers()
+    # ------------------------------------------------------------------ the window asks (under cond)
+    def length(self, i: int) -> int:
+        return min(self.block_size, self.size - i * self.block_size)
 
+    def urgent(self) -> int | None:
+        """The block to request now because the reader waits for it (None: it does not)."""
+        i = self.waiting
+        if i is None or self.closed or i in self.ready or (self.failed is not None and self.failed[0] <= i):
+            return None
+        if self.record is not None:
+            return self.next if not self.runs and self.next < self.nblocks else None
+        return i if i >= self.next or i in self.missing else None
+
+    def wants_next(self) -> int | None:
+        """The first block to request ahead of the reader (None: nothing now)."""
+        if self.closed or self.failed is not None or (self.record is not None and self.runs):
+            return None
+        again = [i for i in self.missing if i >= self.floor]
+        if again:
+            return min(again)
+        i = max(self.next, self.floor)
+        return i if i < self.nblocks else None
+
+    def ahead(self) -> int:
+        """Blocks claimed beyond the one the reader reads (for ``readahead``)."""
+        return max(0, self.next - max(self.wanted, self.floor) - (1 if self.opened else 0))
+
+    def run_limit(self, i: int) -> int:
+        """The most blocks a run from block ``i`` may claim (a block lost and wanted again: itself)."""
+        return 1 if i in self.missing else self.nblocks - i
+
+    def claim(self, first: int, stop: int) -> None:
+        if first in self.missing:
+            self.missing.discard(first)
+        else:
+            self.next = max(self.next, stop)
+        self.runs += 1
+
+    # ------------------------------------------------------------------ the window's thread runs these
+    def fetch_run(self, first: int, stop: int, opened: Callable[[], None]) -> int:
+        """Fetches blocks ``first <= i < stop`` (one ranged GET, pinned; cached blocks from the
+        cache) and hands each over checked; returns the first block it did not process."""
+        blocks: Iterator | None = None
+        i = first
+        try:
+            while i < stop:
+                with self.cond:
+                    if self.closed or (self.record is None and stop <= self.floor):
+                        return i  # nobody needs the rest
+                cached = self.cache.get(self.url, self.version, i, block_at(self.digests, i)) if self.cache else None
+                if cached is not None:
+                    if blocks is not None:
+                        blocks.close()
+                        blocks = None
+                    self._arrived(i, cached, 0.0)
+                    i += 1
+                    continue
+                try:
+                    if blocks is None:
+                        blocks = self.store.read_blocks(self.url, i, stop, self.block_size, self.size,
+                                                        etag=self.etag, version_id=self.version_id, opened=opened)
+                    data, etag, version_id = next(blocks)
+                    checking = perf_counter()
+                    self._check(i, data, etag, version_id)
+                    checked = perf_counter() - checking
+                except Exception as exn:  # noqa: BLE001 - handed to the reader if it needs block i
+                    self._failed(i, stop, exn)
+                    return i
+                if self.cache is not None:
+                    self.cache.put(self.url, self.version, i, data)
+                self._arrived(i, data, checked)
+                i += 1
+            return i
+        finally:
+            if blocks is not None:
+                blocks.close()
+            with self.cond:
+                self.runs -= 1
+                self.cond.notify_all()
+
+    def _arrived(self, i: int, data: bytes, checked: float) -> None:
+        with self.cond:
+            self.fetched += 1
+            self.tally.bytes_read += len(data)
+            self.tally.verify_seconds += checked
+            kept = i >= self.floor and not self.closed and i not in self.ready
+            if kept:
+                self.ready[i] = data
+            self.window.arrived(self.length(i), kept)
+            self.cond.notify_all()
+
+    def _failed(self, i: int, stop: int, exn: BaseException) -> None:
+        with self.cond:
+            if i >= self.floor and not self.closed:
+                if self.failed is None or i < self.failed[0]:
+                    self.failed = (i, exn)  # the reader raises it when it needs block i
+            elif self.record is None:  # the reader moved past block i: the rest of the run is wanted again
+                self.missing.update(range(max(i + 1, self.floor), stop))
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------------ the reader's side
     def get(self, i: int) -> bytes:
         """Block ``i`` (checked); raises the error that fetching it met."""
         self.start()
@@ -129,7 +222,7 @@ class BlockFetcher:
                 self.wanted = i
                 if self.record is None and self.next < i and i not in self.ready:
                     self.next = i  # jump over blocks nothing reads
-                self.cond.notify_all()
+                    self.missing = {k for k in self.missing if k >= i}
             if i not in self.ready:
                 started = perf_counter()
                 try:
@@ -138,8 +231,12 @@ class BlockFetcher:
                             raise self.failed[1]
                         if self.closed:
                             raise RuntimeError(f"{self.url}: read after close")
+                        self.waiting = i
+                        self.window.waited = True
+                        self.window.changed()
                         self.cond.wait()
                 finally:
+                    self.waiting = None
                     self.tally.read_seconds += perf_counter() - started
             return self.ready[i]
 
@@ -149,35 +246,36 @@ class BlockFetcher:
                 return
             self.floor = i
             for k in [k for k in self.ready if k < i]:
-                del self.ready[k]
+                self.window.released(len(self.ready.pop(k)))
             if i > self.wanted:
                 self.wanted = i
             if self.record is None and self.next < i:
                 self.next = i
-            self.cond.notify_all()
+            self.missing = {k for k in self.missing if k >= i}
+            self.window.changed()
 
     def drain(self) -> None:
         """Waits until every block was fetched (and digested): the end of an index."""
         self.release_below(self.nblocks)
-        if self.nblocks:
-            self.start()
         with self.cond:
             while self.fetched < self.nblocks:
                 if self.failed is not None:
                     raise self.failed[1]
+                self.waiting = self.next  # every block is wanted, in order
+                self.window.changed()
                 self.cond.wait()
+            self.waiting = None
 
     def close(self) -> None:
-        """Stops fetching and joins the read-ahead thread: it ends at once unless a block is in
-        flight, which it finishes reading first (at most ``_JOIN_SECONDS``: past that, a stalled
-        read is left to end in the background and dropped)."""
+        """Stops fetching; when it was the last object its window read, joins the window's
+        threads: they end at once unless a block is in flight, which they finish reading first
+        (at most ``_JOIN_SECONDS``: past that, a stalled read is left to end in the background)."""
         with self.cond:
             self.closed = True
-            self.ready.clear()
-            self._finish()
+            for k in list(self.ready):
+                self.window.released(len(self.ready.pop(k)))
             self.cond.notify_all()
-            thread = self.thread
-        if thread is not None and thread is not threading.current_thread():
+        for thread in self.window.remove(self):
             thread.join(_JOIN_SECONDS)
             if thread.is_alive():
                 log.debug("%s: a read-ahead request still in flight after %.0f s; left to end", self.url,
@@ -188,75 +286,6 @@ class BlockFetcher:
             self.counters.bytes_read += tally.bytes_read
             self.counters.read_seconds += tally.read_seconds
             self.counters.verify_seconds += tally.verify_seconds
-
-    def _run(self) -> None:
-        blocks: Iterator | None = None  # one streamed GET, positioned at block ``at``
-        at = stop = -1
-        try:
-            while True:
-                with self.cond:
-                    while not self.closed and (self.next >= self.nblocks
-                                               or self.next > max(self.wanted, self.floor) + self.readahead):
-                        if self.next >= self.nblocks and not self.finished:
-                            self._finish()
-                        self.cond.wait()
-                    if self.closed:
-                        return
-                    i = self.next
-                    self.next += 1
-                cached = self.cache.get(self.url, self.version, i, block_at(self.digests, i)) if self.cache else None
-                if cached is not None:
-                    if at == i:  # the stream would deliver this block next: it is not needed
-                        blocks.close()
-                        blocks, at = None, -1
-                    with self.cond:
-                        self.fetched += 1
-                        self.tally.bytes_read += len(cached)
-                        if i >= self.floor and not self.closed:
-                            self.ready[i] = cached
-                        self._release_followers()
-                        self.cond.notify_all()
-                    continue
-                try:
-                    if i != at:  # the first block, or the reader jumped: a new GET from block i
-                        if blocks is not None:
-                            blocks.close()
-                        at, stop = i, min(self.nblocks, i + self.store.request_blocks)
-                        blocks = self.store.read_blocks(self.url, i, stop, self.block_size, self.size,
-                                                        etag=self.etag, version_id=self.version_id)
-                    data, etag, version_id = next(blocks)
-                    at += 1
-                    if at == stop:
-                        blocks.close()
-                        blocks, at = None, -1
-                    checking = perf_counter()
-                    self._check(i, data, etag, version_id)
-                    checked = perf_counter() - checking
-                except Exception as exn:  # noqa: BLE001 - handed to the reader if it needs block i
-                    if blocks is not None:
-                        blocks.close()
-                    blocks, at = None, -1
-                    with self.cond:
-                        if i >= self.floor and self.next == i + 1:  # still wanted: the reader will ask for it
-                            self.failed = (i, exn)
-                            self.cond.notify_all()
-                            return
-                    continue  # the reader moved past block i meanwhile: its failure does not matter
-                if self.cache is not None:
-                    self.cache.put(self.url, self.version, i, data)
-                with self.cond:
-                    self.fetched += 1
-                    self.tally.bytes_read += len(data)
-                    self.tally.verify_seconds += checked
-                    if i >= self.floor and not self.closed:
-                        self.ready[i] = data
-                    self._release_followers()
-                    self.cond.notify_all()
-        finally:
-            if blocks is not None:
-                blocks.close()
-            with self.cond:
-                self._finish()
 
     def _check(self, i: int, data: bytes, etag: str | None, version_id: str | None) -> None:
         if self.version_id is None and version_id is not None:
@@ -309,15 +338,27 @@ class ObjectByteSource:
 
     def refill(self, buf: bytes, base: int, p: int, need: int, hoff: int) -> tuple[bytes, int]:
         pos = base + p
-        block_end = (pos // self.block_size + 1) * self.block_size
-        return self._bytes(pos, max(pos + need, min(block_end, pos + _CHUNK))), pos
+        if pos >= self.size:
+            return b"", pos
+        i = pos // self.block_size
+        offset = pos - i * self.block_size
+        self.fetcher.release_below(i)
+        block = self.fetcher.get(i)
+        if offset + need > len(block):  # across a block's end (never a header: blocks and headers are 512-aligned)
+            return self._bytes(pos, pos + need), pos
+        return (block if offset == 0 else block[offset:]), pos  # a block from its start: handed over, no copy
 
     def take(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, bytes, int, int]:
         start = base + q
         if start + size > self.size:
             raise TarError(self.url, hoff, f"truncated member: header declares {size} bytes, only "
                            f"{max(self.size - start, 0)} present", truncated=True)
-        return self._bytes(start, start + size), b"", start + size, -size & 511
+        payload = self._bytes(start, start + size)
+        after = start + size + (-size & 511)
+        if after >= self.size:
+            return payload, b"", start + size, -size & 511
+        i = after // self.block_size  # the reader goes on in the block holding what follows: whole, no copy
+        return payload, self.fetcher.get(i), i * self.block_size, after - i * self.block_size
 
     def skip(self, buf: bytes, base: int, q: int, size: int, hoff: int) -> tuple[bytes, int, int]:
         end = base + q + size
@@ -381,9 +422,7 @@ def open_object(store: Store, url: str, expected: Expected, etag: str | None, ve
                                digests=expected.blocks, block_size=expected.block_size)
     fetcher.counters = counters
     try:
-        fetcher.start()
-        while _waiting:  # the objects prefetched for after this one: fetched once this one is
-            fetcher.start_after(_waiting.pop(0))
+        fetcher.open()
         source = _byte_source(fetcher)
     except BaseException:
         fetcher.close()
@@ -391,23 +430,22 @@ def open_object(store: Store, url: str, expected: Expected, etag: str | None, ve
     return ShardReader(source, url, local_path=url, max_sample_bytes=max_sample_bytes), fetcher.close
 
 
-_PREFETCHED_AT_MOST = 2  # per process (a DataLoader worker is one consumer): the next object or two
+_PREFETCHED_AT_MOST = 32  # per process (a DataLoader worker is one consumer); the window's budget bounds their bytes
 _prefetched: dict[tuple, BlockFetcher] = {}
-_waiting: list[BlockFetcher] = []  # prefetched, to start once the next object opened is fetched
 
 
 def _forget_in_child() -> None:  # a forked child (a DataLoader worker) inherits fetchers, not their threads
     _prefetched.clear()
-    _waiting.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def prefetch(store: Store, url: str, expected: Expected, etag: str | None, version_id: str | None) -> tuple | None:
-    """Reads the object a consumer will open after the one it opens next: its first blocks are
-    fetched once that one's are (so they never compete), while it is parsed. ``open_object``
-    with the same arguments takes it over; ``discard`` with the key returned drops it."""
+    """Reads ahead the object a consumer will open after those it reads now: its blocks are
+    requested behind theirs, within the consumer's memory budget (``window.Window``), while they
+    are parsed. ``open_object`` with the same arguments takes it over; ``discard`` with the key
+    returned drops it."""
     key = (store, url, expected, etag, version_id)  # one URL in two sources' stores: two objects
     if key in _prefetched or not (etag or version_id) or expected.size is None or (
             expected.digest and expected.blocks is None):
@@ -417,7 +455,7 @@ def prefetch(store: Store, url: str, expected: Expected, etag: str | None, versi
     fetcher = BlockFetcher(store, url, expected.size, etag=etag, version_id=version_id,
                            digests=expected.blocks, block_size=expected.block_size)
     _prefetched[key] = fetcher
-    _waiting.append(fetcher)
+    fetcher.start()
     return key
 
 
@@ -425,16 +463,12 @@ def discard(key: tuple | None) -> None:
     """Stops a prefetch that no reader took over (a consumer that ended or abandoned its epoch)."""
     fetcher = _prefetched.pop(key, None) if key is not None else None
     if fetcher is not None:
-        if fetcher in _waiting:
-            _waiting.remove(fetcher)
         fetcher.close()
 
 
 def _take_prefetched(store: Store, url: str, expected: Expected, etag: str | None,
                      version_id: str | None) -> BlockFetcher | None:
     fetcher = _prefetched.pop((store, url, expected, etag, version_id), None)
-    if fetcher in _waiting:
-        _waiting.remove(fetcher)
     if fetcher is not None and fetcher.failed is not None:  # failed early (retries spent ahead of time): anew
         fetcher.close()
         return None
@@ -466,6 +500,7 @@ def index_object(store: Store, stat: ObjectStat, algo: str = DEFAULT_ALGO, *,
     """
     digester = FileDigester(algo)
     fetcher = BlockFetcher(store, stat.url, stat.size, etag=stat.etag, version_id=stat.version_id, record=digester)
+    fetcher.open()
     try:
         reader = ShardReader(_byte_source(fetcher), stat.url, max_sample_bytes=max_sample_bytes)
         try:

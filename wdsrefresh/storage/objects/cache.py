@@ -33,13 +33,13 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(value: int | str) -> int:
-    """Bytes from ``123``, ``"50GB"``, ``"1.5 GiB"``; ValueError naming the value otherwise."""
+def parse_size(value: int | str, name: str = "cache_limit") -> int:
+    """Bytes from ``123``, ``"50GB"``, ``"1.5 GiB"``; ValueError naming the option and value otherwise."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     match = _SIZE.match(value) if isinstance(value, str) else None
     if match is None or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"cache_limit={value!r}: expected bytes, or a size such as '50GB' or '512MiB'")
+        raise ValueError(f"{name}={value!r}: expected bytes, or a size such as '50GB' or '512MiB'")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

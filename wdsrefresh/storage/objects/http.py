@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from ...errors import WdsRefreshError
 from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying, ShortBody, stream_blocks
-from .s3 import (DEFAULT_ATTEMPTS, DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_READAHEAD,
-                    DEFAULT_REQUEST_BLOCKS, ObjectStat, same_etag)
+from .s3 import DEFAULT_ATTEMPTS, DEFAULT_BACKOFF, DEFAULT_MAX_BACKOFF, ObjectStat, same_etag
+from .window import read_options
 
 SCHEMES = ("http", "https")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
 MAX_REDIRECTS = 5
 _OPTIONS = ("headers", "attempts", "backoff", "max_backoff", "readahead", "request_blocks", "cache_dir",
-            "cache_limit", "connect_timeout", "read_timeout")
+            "cache_limit", "connect_timeout", "read_timeout", "memory_budget", "max_requests")
 _RETRIED_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -80,7 +80,7 @@ class HttpStore(Retrying):
     """A web server and how to reach it; ``storage_options``: ``headers`` (sent with every
     request: an ``Authorization`` token, say), ``connect_timeout`` (10 s), ``read_timeout`` (60 s),
     and as for ``s3://``: ``attempts``, ``backoff``, ``max_backoff``, ``readahead``,
-    ``request_blocks``, ``cache_dir`` with ``cache_limit``."""
+    ``request_blocks``, ``memory_budget``, ``max_requests``, ``cache_dir`` with ``cache_limit``."""
 
     def __init__(self, storage_options: dict[str, Any] | None = None):
         options = dict(storage_options or {})
@@ -96,13 +96,11 @@ class HttpStore(Retrying):
         self.attempts = int(options.get("attempts", DEFAULT_ATTEMPTS))
         self.backoff = float(options.get("backoff", DEFAULT_BACKOFF))
         self.max_backoff = float(options.get("max_backoff", DEFAULT_MAX_BACKOFF))
-        self.readahead = int(options.get("readahead", DEFAULT_READAHEAD))
-        self.request_blocks = int(options.get("request_blocks", DEFAULT_REQUEST_BLOCKS))
+        self.readahead, self.request_blocks, self.memory_budget, self.max_requests = read_options(options)
         self.timeouts = (float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
                          float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)))
-        if min(self.attempts, self.request_blocks) < 1 or self.readahead < 0 or min(self.timeouts) <= 0:
-            raise ValueError("storage_options: attempts and request_blocks must be >= 1, readahead >= 0, "
-                             "timeouts > 0")
+        if self.attempts < 1 or min(self.timeouts) <= 0:
+            raise ValueError("storage_options: attempts must be >= 1, timeouts > 0")
         self.cache = None
         if options.get("cache_dir") is not None or options.get("cache_limit") is not None:
             if options.get("cache_dir") is None or options.get("cache_limit") is None:
@@ -179,12 +177,13 @@ class HttpStore(Retrying):
         return ObjectStat(url, int(length), etag, _mtime_ns(r.headers.get("Last-Modified")))
 
     def read_blocks(self, url: str, first: int, stop: int, block_size: int, size: int, *,
-                    etag: str | None = None, version_id: str | None = None,
+                    etag: str | None = None, version_id: str | None = None, opened: Callable[[], None] | None = None,
                     ) -> Iterator[tuple[bytes, str | None, str | None]]:
         """Blocks ``first <= i < stop`` of the version whose ETag is ``etag``, in order, each whole:
         ``(data, etag, None)``. One ranged GET (``If-Match``) streams them all; a stream cut by a
         retryable failure is reopened at the block it was reading, so no block is yielded twice or
-        in part. Closing the generator closes the stream."""
+        in part. Closing the generator closes the stream; ``opened`` is called when a response's
+        headers arrived."""
         pin = _strong_etag(url, etag)
 
         def open_at(i: int) -> _Body:
@@ -198,7 +197,7 @@ class HttpStore(Retrying):
                 raise
             return _Body(response, pin)
 
-        return stream_blocks(self, url, first, stop, block_size, size, open_at)
+        return stream_blocks(self, url, first, stop, block_size, size, open_at, opened)
 
     def get_if_changed(self, url: str, etag: str | None) -> tuple[bytes, str | None] | None:
         """The whole (small) document at ``url`` and its ETag, unless its ETag is still ``etag``

@@ -119,16 +119,20 @@ class BlockStream(Protocol):
 
 
 def stream_blocks(retrying: Retrying, url: str, first: int, stop: int, block_size: int, size: int,
-                  open_at: Callable[[int], BlockStream]) -> Iterator[tuple[bytes, str | None, str | None]]:
+                  open_at: Callable[[int], BlockStream], opened: Callable[[], None] | None = None,
+                  ) -> Iterator[tuple[bytes, str | None, str | None]]:
     """Blocks ``first <= i < stop`` of an object, in order, each whole, read from the stream
     ``open_at(i)`` opens at block ``i``: a stream cut by a retryable failure is reopened at the
     block it was reading (after ``retrying``'s backoff), so a block is never yielded twice or
-    in part. Closing the generator closes the stream."""
+    in part. Closing the generator closes the stream. ``opened()`` is called each time a
+    stream's response arrived."""
     i, attempt = first, 1
     while i < stop:
         stream = None
         try:
             stream = open_at(i)
+            if opened is not None:
+                opened()
             while i < stop:
                 data = read_exactly(stream, min(block_size, size - i * block_size))
                 if i + 1 == stop:

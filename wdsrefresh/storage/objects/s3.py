@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +30,7 @@ from typing import Any
 
 from . import s3_listing as listing
 from .retry import ObjectChangedError, ObjectReadError, ObjectVanishedError, Retrying, ShortBody, stream_blocks  # noqa: F401 - re-exported
+from .window import read_options
 
 log = logging.getLogger("wdsrefresh")
 
@@ -37,8 +38,6 @@ DEFAULT_ATTEMPTS = 6  # tries per request, the first included
 DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubles at each retry, with full jitter
 DEFAULT_MAX_BACKOFF = 10.0
 DEFAULT_PAGE_SIZE = 1000  # keys per ListObjectsV2 page (S3's maximum)
-DEFAULT_READAHEAD = 4  # blocks fetched ahead of the reader, per consumer
-DEFAULT_REQUEST_BLOCKS = 16  # blocks one ranged GET asks for at most (a stream; closed early when not needed)
 LIST_THREADS = 8  # key ranges of a prefix listed at once (each usually one page)
 
 # storage_options understood here; anything else is refused, naming the key (never a value)
@@ -49,7 +48,7 @@ _CLIENT_OPTIONS = {
     "aws_session_token": "aws_session_token", "token": "aws_session_token",
 }
 _OWN_OPTIONS = ("attempts", "backoff", "max_backoff", "page_size", "readahead", "request_blocks", "cache_dir",
-                "cache_limit", "profile", "client_kwargs", "config_kwargs")
+                "cache_limit", "profile", "client_kwargs", "config_kwargs", "memory_budget", "max_requests")
 _RETRIED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
                   "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
                   "BandwidthLimitExceeded", "EC2ThrottledException"}
@@ -126,8 +125,10 @@ class Store(Retrying):
     HF datasets: ``endpoint_url``, ``region_name``, ``profile``, ``key``/``secret``/``token``,
     ``client_kwargs`` and ``config_kwargs`` (botocore ``Config``), plus ``attempts``,
     ``backoff``, ``max_backoff`` (retries), ``page_size`` (listing), ``readahead`` (blocks read
-    ahead of each reader), ``request_blocks`` (blocks one GET streams at most), and
-    ``cache_dir`` with ``cache_limit`` (a node-local cache of checked blocks, ``cache.py``).
+    ahead of each reader at most), ``request_blocks`` (blocks one GET streams at most),
+    ``memory_budget`` and ``max_requests`` (each consumer's bytes read ahead and GETs in flight,
+    ``window.py``), and ``cache_dir`` with ``cache_limit`` (a node-local cache of checked blocks,
+    ``cache.py``).
     Unset options come from the AWS chain and the environment (``AWS_ENDPOINT_URL`` included).
     """
 
@@ -141,8 +142,7 @@ class Store(Retrying):
         self.backoff = float(options.pop("backoff", DEFAULT_BACKOFF))
         self.max_backoff = float(options.pop("max_backoff", DEFAULT_MAX_BACKOFF))
         self.page_size = int(options.pop("page_size", DEFAULT_PAGE_SIZE))
-        self.readahead = int(options.pop("readahead", DEFAULT_READAHEAD))
-        self.request_blocks = int(options.pop("request_blocks", DEFAULT_REQUEST_BLOCKS))
+        self.readahead, self.request_blocks, self.memory_budget, self.max_requests = read_options(options, pop=True)
         cache_dir, cache_limit = options.pop("cache_dir", None), options.pop("cache_limit", None)
         if (cache_dir is None) != (cache_limit is None):
             raise ValueError("storage_options: cache_dir and cache_limit go together")
@@ -151,8 +151,8 @@ class Store(Retrying):
             from .cache import BlockCache
 
             self.cache = BlockCache(cache_dir, cache_limit)
-        if min(self.attempts, self.page_size, self.request_blocks) < 1 or self.readahead < 0:
-            raise ValueError("storage_options: attempts, page_size and request_blocks must be >= 1, readahead >= 0")
+        if min(self.attempts, self.page_size) < 1:
+            raise ValueError("storage_options: attempts and page_size must be >= 1")
         self._options = options
         self._client: Any = None
         self._pid: int | None = None
@@ -218,14 +218,15 @@ class Store(Retrying):
         return super().gone(url, what, exn)
 
     def read_blocks(self, url: str, first: int, stop: int, block_size: int, size: int, *,
-                    etag: str | None = None, version_id: str | None = None,
+                    etag: str | None = None, version_id: str | None = None, opened: Callable[[], None] | None = None,
                     ) -> Iterator[tuple[bytes, str | None, str | None]]:
         """Blocks ``first <= i < stop`` of the object version pinned by ``version_id`` (else
         ``etag``), in order, each whole: ``(data, etag, version_id)`` as the response names them.
 
         One ranged GET streams them all; a stream cut by a retryable failure is reopened at the
         block it was reading (after a backoff), so a block is never yielded twice or in part.
-        Closing the generator closes the stream.
+        Closing the generator closes the stream; ``opened`` is called when a response's headers
+        arrived (the first-byte latency the reader's window sizes its GETs from).
         """
         if not etag and not version_id:
             raise ValueError(f"{url}: refusing to read an object with neither VersionId nor ETag to pin it")
@@ -242,7 +243,7 @@ class Store(Retrying):
                 kwargs.update(_pin(named[1], etag))
             return _Body(response["Body"], named)
 
-        return stream_blocks(self, url, first, stop, block_size, size, open_at)
+        return stream_blocks(self, url, first, stop, block_size, size, open_at, opened)
 
     def head(self, url: str, if_match: str | None = None) -> ObjectStat | None:
         """The current version of the object (None if there is none); 412 when ``if_match`` fails."""
