@@ -68,7 +68,7 @@ def server(tree: Path, kind: str, directory: str, *options: str, cpu: bool = Fal
 def base_chooser(head: Path, base: Path, args):
     """A ``readers_for`` for bench_set: each wdsrefresh reader of the bench, from both trees."""
 
-    def choose(mode: str, spec, urls: list[str], directory: str, state_root: str) -> list[tuple]:
+    def choose(mode: str, spec, urls: list[str], directory: str, state_root: str, _args=None) -> list[tuple]:
         if mode == ONE_PROC:
             kinds = [("inline", ()), ("off", ())]
         else:

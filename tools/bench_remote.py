@@ -263,7 +263,8 @@ def run_remote(args) -> None:
         if args.base:
             from bench_base import HEAD_TREE, base_tree
 
-            args.trees = (("HEAD", HEAD_TREE), ("base", base_tree(root, args.base)[0]))
+            base = base_tree(root, args.base)[0]
+            args.trees = (("HEAD", base if args.aa else HEAD_TREE), ("base", base))  # --aa: the noise
         with tempfile.TemporaryDirectory(prefix="wdsrefresh-bench-") as state_root:
             shaped = []
             if args.link_sets != "none":  # first: it refuses a link the machine cannot carry before the long part

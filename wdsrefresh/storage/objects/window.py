@@ -5,8 +5,8 @@ object readers of that process (``blocks.BlockFetcher``: an object open, or pref
 later) hand it their wants; its threads fetch block-aligned runs for them. Guarantees:
 
 - Memory: the bytes of blocks fetched and not yet released by their reader, plus the bytes
-  requested and not yet arrived, stay within ``memory_budget``; only the block a reader waits
-  for is requested past it (so never more than the budget plus one request).
+  requested and not yet arrived, stay within ``memory_budget``; only the GET of a block a
+  reader waits for goes past it (so never more than the budget plus one request per reader).
 - Order: blocks are requested in the order the consumer needs them: the objects being read
   first (each from the block its reader needs next), then those prefetched, in the order they
   were prefetched. A reader that jumps over blocks never has them requested (except an object
