@@ -3,7 +3,9 @@
 replaces and deletes shards between epochs; checked for exactly once, equal per rank, across
 restarts and a lost node.
 
-The recipe (what ``launch`` runs, once per node; node 0 first, it hosts the c10d store)::
+The recipe (what ``launch`` runs, once per node, both at once; node 0 hosts the c10d store, and
+every other node adds ``,is_host=false`` to ``--rdzv_conf``: on one machine each agent would
+otherwise take the endpoint for its own)::
 
     TMPDIR=node0/tmp XDG_CACHE_HOME=node0/cache \\
     torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT \\
@@ -338,7 +340,7 @@ def node_command(job: Job, node: int, source: str, *, nnodes: str, max_restarts:
         os.makedirs(os.path.join(home, d), exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=2",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{job.port}", "--rdzv_id=multinode",
-           f"--rdzv_conf={RDZV_CONF}", f"--max_restarts={max_restarts}", "--monitor_interval=0.2",
+           f"--rdzv_conf={RDZV_CONF}{'' if node == 0 else ',is_host=false'}", f"--max_restarts={max_restarts}", "--monitor_interval=0.2",
            os.path.join(HERE, "multinode.py"), "train", source, "--job-dir", job.run, "--node-name", f"node{node}",
            "--state-dir", os.path.join(home, "state"), "--cache-dir", os.path.join(home, "objects"),
            "--epochs", str(epochs), "--every", str(every), "--step-seconds", str(step_seconds),
@@ -348,8 +350,11 @@ def node_command(job: Job, node: int, source: str, *, nnodes: str, max_restarts:
 
 def launch(run: str, source: str, *, nnodes: str = "2", max_restarts: int = 3, epochs: int = 3, every: int = 4,
            step_seconds: float = 0.1, attempts: int = 3, procs: list | None = None) -> Job:
-    """Starts two agents; node 0 first, and once it listens on the rendezvous port (it hosts the
-    c10d store), node 1. ``procs`` collects them for a test fixture's teardown."""
+    """Starts two agents at once and waits until node 0 listens on the rendezvous port (it hosts
+    the c10d store; node 1, told it is not the host, connects when the store is up). Started
+    together, both join the first rendezvous round: one started after the other listens could
+    miss the round's ``last_call_timeout`` while importing torch, and with ``--nnodes=1:2`` the
+    job would begin with node 0 alone. ``procs`` collects them for a test fixture's teardown."""
     job = Job(run, free_port())
     for node in range(2):
         cmd, env = node_command(job, node, source, nnodes=nnodes, max_restarts=max_restarts, epochs=epochs,
@@ -360,8 +365,7 @@ def launch(run: str, source: str, *, nnodes: str = "2", max_restarts: int = 3, e
         job.agents.append(agent)
         if procs is not None:
             procs.append(agent)
-        if node == 0:
-            _wait_listening(job.port, agent)
+    _wait_listening(job.port, job.agents[0])
     return job
 
 
