@@ -277,6 +277,19 @@ def test_objects_are_indexed_once_per_etag(s3, fault_proxy):
     assert third.id != first.id and [s.nsamples for s in third.shards] == [3, 4, 3]
 
 
+def test_the_indexing_threads_ask_once_per_listing_whether_the_bucket_is_versioned(s3, fault_proxy):
+    for i in range(24):  # more objects than indexing threads, each without a VersionId of its own
+        s3.put_shard(f"v/{i:02d}.tar", 2)
+    ds = wr.RefreshingWebDataset(wr.make_source(s3.url("v/"), storage_options=via(s3, fault_proxy)))
+    assert len(ds.set_epoch(0).shards) == 24
+    asked = [r for r in fault_proxy.requests("GET") if r.path.endswith("?versioning")]
+    assert len(asked) == 1, [r.path for r in asked]
+    s3.put_shard("v/24.tar", 2)
+    fault_proxy.clear()
+    assert len(ds.set_epoch(1).shards) == 25
+    assert len([r for r in fault_proxy.requests("GET") if r.path.endswith("?versioning")]) == 1
+
+
 @pytest.mark.parametrize("spec", ["gs://bucket/shards/", "az://container/shards/",
                                   ["s3://bucket/a.tar", "gs://bucket/b.tar"]])
 def test_other_protocols_are_refused_saying_why(spec):

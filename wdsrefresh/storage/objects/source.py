@@ -115,19 +115,27 @@ class ObjectSource(ShardSource):
         self._versioned: dict[str, bool | None] = {}
         self._ahead: dict[str, _Known] = {}  # url -> indexed by the background thread since the last epoch
         self._resolving = threading.Event()  # an epoch is resolving: the background thread waits its turn
-        self._locked_in, self._lock_of_pid = threading.Lock(), os.getpid()
+        self._locks_in, self._lock_of_pid = (threading.Lock(), threading.Lock()), os.getpid()
+
+    def _locks(self) -> tuple[threading.Lock, threading.Lock]:
+        """This process's locks (fresh after a fork: the parent's background thread may have held them)."""
+        if self._lock_of_pid != os.getpid():
+            self._locks_in, self._lock_of_pid = (threading.Lock(), threading.Lock()), os.getpid()
+        return self._locks_in
 
     @property
     def _lock(self) -> threading.Lock:
-        """Guards the listing caches, ``_known`` and ``_ahead`` (fresh after a fork: the parent's
-        background thread may have held it)."""
-        if self._lock_of_pid != os.getpid():
-            self._locked_in, self._lock_of_pid = threading.Lock(), os.getpid()
-        return self._locked_in
+        """Guards the listing caches, ``_known`` and ``_ahead``."""
+        return self._locks()[0]
+
+    @property
+    def _asking(self) -> threading.Lock:
+        """Guards ``_versioned``: the indexing threads ask the store about a bucket once per listing."""
+        return self._locks()[1]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_known", "_manifests", "_fragments", "_versioned", "_ahead", "_resolving", "_locked_in",
+        for key in ("_known", "_manifests", "_fragments", "_versioned", "_ahead", "_resolving", "_locks_in",
                     "_lock_of_pid"):
             state.pop(key)  # what the resolving process learned stays there
         return state
@@ -298,9 +306,10 @@ class ObjectSource(ShardSource):
         if is_http(url):
             return False  # a web server has no versions: the ETag pins
         bucket = ObjectUrl.parse(url).bucket
-        versioned = self._versioned.get(bucket, ...)
-        if versioned is ...:  # (the background thread's listing may clear the cache meanwhile)
-            versioned = self._versioned[bucket] = self.store.versioning(bucket)
+        with self._asking:
+            versioned = self._versioned.get(bucket, ...)
+            if versioned is ...:  # (the background thread's listing may clear the cache meanwhile)
+                versioned = self._versioned[bucket] = self.store.versioning(bucket)
         return versioned
 
     def manifest(self, url: str, contained: bool) -> list[manifestmod.ManifestEntry]:
