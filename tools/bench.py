@@ -684,6 +684,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --base: rates by the CPU seconds of each pass (reader and its workers), which "
                              "other jobs' load changes least, instead of the wall clock")
     args = parser.parse_args(argv)
+    if args.base and (args.peers or args.pack):
+        parser.error("--base pairs the rows of make bench (or, with --remote, the unshaped rows) against a commit; "
+                     "it does not combine with --peers or --pack: run them one after the other")
     args.ceilings = True
     if args.min_time is None:
         args.min_time = 0.1 if args.quick else 0.3
