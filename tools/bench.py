@@ -599,9 +599,9 @@ def report(rows: list[Row], specs: list[ShardSet], targets: list[Target], scale:
     if scale:
         lines += ["", f"Scale, {scale['shards']:,} one-sample shards (seconds): " + ", ".join(
             f"{k} {v:.3f}" for k, v in scale.items() if isinstance(v, float))]
-    lines += targets_table("TARGETS (issues 17, 25)", targets)
+    lines += targets_table("TARGETS", targets)
     workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
-    lines += targets_table("TARGETS (issue 26)", transport_targets(rows, workers_mode))
+    lines += targets_table("TARGETS (through DataLoader workers)", transport_targets(rows, workers_mode))
     return "\n".join(lines + crossing_costs(rows, specs))
 
 
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true",
                         help="instead: webdataset and wdsrefresh next to litdata.StreamingDataset on the same "
                              "samples in LitData's own format, run from a separate venv made once under --data "
-                             "(tools/bench_peers.py); a table of ratios and the targets of issue 26, PASS/MISS")
+                             "(tools/bench_peers.py); a table of ratios and the targets through DataLoader workers, PASS/MISS")
     parser.add_argument("--base", default=None, metavar="COMMIT",
                         help="instead: HEAD against COMMIT (a git worktree made once under --data), every reader "
                              "in a process of its own, interleaved; paired ratios HEAD / base per row "

@@ -452,7 +452,7 @@ def link_report(rows: list[LinkRow], specs: list[ShardSet], link: Link, settings
         first = f"{r.first * 1e3:,.0f} ms" if r.first is not None else ""
         lines.append(f"| {described[r.shard_set]} | {r.reader} | {r.rate:,.0f} | {r.mbps:,.1f} | "
                      f"{paired_ratio(r.rounds, capacity.rounds):.2f}x | {vs_peer} | {first} |")
-    lines += ["", "TARGETS (issue 29)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
+    lines += ["", "TARGETS (shaped link)", "", "| target | measured | limit | |", "|---|---:|---:|---|"]
     for t in targets:
         limit = ("\u2265 " if t.at_least else "\u2264 ") + t.shown(t.limit)
         note = f" ({t.note})" if t.note else ""

@@ -157,7 +157,7 @@ def peers_report(rows: list[Row], specs: list[ShardSet], litdata_version: str, a
         lines.append(f"| {described[r.shard_set]} | {r.mode} | {r.reader} | {r.rate:,.0f} | {r.mbps:,.0f} | "
                      f"{paired_ratio(r.rounds, webdataset.rounds):.2f}x | {paired_ratio(r.rounds, litdata.rounds):.2f}x |")
     workers_mode = f"loader {args.workers}w b{args.batch}" if args.workers > 0 else None
-    lines += targets_table("TARGETS (issue 26)",
+    lines += targets_table("TARGETS (through DataLoader workers)",
                            transport_targets(rows, workers_mode, LITDATA))
     return "\n".join(lines + crossing_costs(rows, specs))
 
