@@ -166,7 +166,7 @@ def test_cli_page_shows_every_flag_of_every_command(site):
         if f'<h2 id="{anchor}"' not in page:
             missing.append(parser.prog)
             continue
-        text = section(page, anchor)
+        shown = section(page, anchor)
         missing += [f"{parser.prog} {flag}" for flag in flags(parser)
-                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text)]
+                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", shown)]
     assert missing == [], f"the command-line reference does not show: {missing}"
