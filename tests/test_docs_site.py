@@ -72,13 +72,24 @@ def refused_keys(url: str) -> set[str]:
     return set(str(refused.value).split("known: ", 1)[1].split(", "))
 
 
-def storage_keys() -> set[str]:
-    """Every key ``storage_options`` takes, for s3:// or https:// sources."""
-    keys = refused_keys("s3://bucket/shards/") | refused_keys("https://host.invalid/a.tar")
-    assert {"endpoint_url", "headers", "cache_dir"} <= keys  # the refusals were read, not an empty list
+def storage_keys() -> dict[str, set[str]]:
+    """Every key ``storage_options`` takes, by the store that takes it ("s3", "https")."""
+    keys = {"s3": refused_keys("s3://bucket/shards/"), "https": refused_keys("https://host.invalid/a.tar")}
+    assert {"endpoint_url", "cache_dir"} <= keys["s3"] and "headers" in keys["https"]  # the lists were read
     for key in SOURCE_KEYS:
         wr.make_source("s3://bucket/shards/", storage_options={key: 0})  # taken, not refused
-    return keys | set(SOURCE_KEYS)
+        wr.make_source("https://host.invalid/a.tar", storage_options={key: 0})
+    return {store: taken | set(SOURCE_KEYS) for store, taken in keys.items()}
+
+
+def storage_rows(page: str) -> dict[str, set[str]]:
+    """Each key of the storage_options table, with the stores its "for" column names."""
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", page, re.S):
+        cells = re.findall(r"<td>(.*?)</td>", row, re.S)
+        for key in re.findall(r'id="storage-([^"]+)"', cells[0] if cells else ""):
+            rows[key] = set(text(cells[1]).replace(",", " ").split())
+    return rows
 
 
 def test_the_site_builds_strictly_with_no_warning(site):
@@ -114,9 +125,16 @@ def test_options_page_has_an_entry_for_each_option_of_a_mixed_source(site):
 
 
 def test_options_page_has_an_entry_for_each_storage_option_of_s3_and_https(site):
-    accepted = storage_keys()
+    accepted = set().union(*storage_keys().values())
     documented = prefixed(site.page("reference/options.html"), "storage-")
     assert documented == accepted, missing_and_extra(documented, accepted)
+
+
+def test_options_page_says_which_stores_take_each_storage_option(site):
+    keys = storage_keys()
+    rows = storage_rows(site.page("reference/options.html"))
+    wrong = {key: stores for key, stores in rows.items() if stores != {s for s in keys if key in keys[s]}}
+    assert rows and wrong == {}, f"the 'for' column names the wrong stores for {wrong}"
 
 
 def test_api_page_documents_every_exported_name(site):
