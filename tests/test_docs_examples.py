@@ -4,8 +4,9 @@ and line (tests/docs_blocks.py says which blocks are examples and how the marker
 Each block runs in a subprocess, in a fresh working directory holding ``shards/`` (4 shards of 50
 samples, ``jpg`` and ``cls``, written by ``wr.Writer``), with this interpreter's ``python`` and
 ``wdsrefresh`` first on PATH; a block that needs the object store (``<!-- example: s3 -->``, or
-one that names ``s3://``) also gets ``AWS_ENDPOINT_URL`` pointing at the tests' moto server, dummy
-credentials and a bucket ``bucket`` holding the same samples under ``shards/``. A block gets 30 s.
+one that names ``s3://``) also gets ``AWS_ENDPOINT_URL`` pointing at the tests' moto server and a
+bucket ``bucket`` holding the same samples under ``shards/`` (every block gets dummy credentials;
+the others an endpoint where nothing listens). A block gets 30 s.
 
 ``WDSREFRESH_DOCS=PATH[:PATH...]`` (files or directories) collects other pages instead, e.g. an
 older README: ``git show 842b066:README.md > /tmp/old.md; WDSREFRESH_DOCS=/tmp/old.md pytest
@@ -120,9 +121,10 @@ def test_example_runs_as_written(block, bad_marker, tmp_path, shards_template, r
     caplog.set_level(logging.WARNING, logger="werkzeug")  # moto's request lines
     work = tmp_path / "work"
     shutil.copytree(shards_template, work / "shards")
+    # dummy credentials always: an example that reaches for a store never reaches a real one
+    endpoint = request.getfixturevalue("moto_server") if block.needs_s3 else "http://127.0.0.1:9"
+    aws_environment(monkeypatch, endpoint)
     if block.needs_s3:
-        endpoint = request.getfixturevalue("moto_server")
-        aws_environment(monkeypatch, endpoint)
         fill_bucket(endpoint)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
