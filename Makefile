@@ -1,11 +1,11 @@
-# make demo: run the demo on example_shards/.  make test: run the test suite.
+# make demo: run the demo on example_shards/.  make test: run the test suite.  make docs: build the site into site/.
 # Both create .venv on first use; torch is pinned to the CPU build through constraints.txt.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench stress clean
+.PHONY: demo test docs bench stress clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
 
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) tools/bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -46,7 +46,8 @@ class RefreshingWebDataset(wds.DataPipeline, wds.FluidInterface):
 
     ``source`` may also be a dict of named sources, mixed with ``weights`` (and ``epoch_size``)
     or ``repeat``: each source gives exactly its count per epoch, interleaved, rotating through
-    its samples; every sample carries ``__source__`` (see the README's "Mixing sources").
+    its samples; every sample carries ``__source__`` (see "Mixing sources" in the documentation).
+    Every argument is described under "Options" in the documentation's reference.
     """
 
     def __init__(

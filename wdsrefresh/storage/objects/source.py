@@ -87,10 +87,12 @@ class _Known:
 
 
 class ObjectSource(ShardSource):
-    """The shards named by ``s3://`` or ``https://`` URLs (see the module docstring);
-    ``storage_options`` as in pandas and HF datasets (``store.Store``, ``http_store.HttpStore``),
-    plus ``index_interval``: seconds between the background listings that index new objects
-    ahead of the next epoch (0: none; the default for ``https://``, which has no listing)."""
+    """The shards named by ``s3://`` or ``https://`` URLs, listed afresh at every epoch: a prefix,
+    a glob, a brace pattern, one object, a manifest, or a list of these (see "Object stores" in
+    the documentation). ``storage_options`` as in pandas and HF datasets: the store's
+    (``s3.Store``, ``http.HttpStore``: endpoint, credentials, retries, read-ahead, the block
+    cache), plus ``index_interval``: seconds between the background listings that index new
+    objects ahead of the next epoch (0: none; the default for ``https://``, which has no listing)."""
 
     def __init__(self, spec: str | Iterable[str], storage_options: dict[str, Any] | None = None,
                  threads: int = DEFAULT_THREADS):
