@@ -1,5 +1,6 @@
-"""What the README says about the dataset's arguments and extras is what the code does:
-the lists are read from the code (the constructor's signature, pyproject's extras)."""
+"""What the README and the docs say about the dataset's arguments and extras is what the code does:
+the lists are read from the code (the constructor's signature, pyproject's extras). That the
+reference names every argument is tests/test_docs_site.py's part."""
 
 import inspect
 import os
@@ -19,8 +20,9 @@ PARAMETERS = [name for name in inspect.signature(wr.RefreshingWebDataset.__init_
               if name not in ("self", "webdataset_args")]
 
 
-def readme_section(title: str) -> str:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def section(page: str, title: str) -> str:
+    """The text of the section ``## title`` of ``page`` (a path from the repository's root)."""
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
         text = f.read()
     start = text.index(f"\n## {title}")
     end = text.find("\n## ", start + 1)
@@ -42,23 +44,24 @@ def test_webdatasets_cache_arguments_point_to_the_object_stores_cache(shard_dir,
         wr.RefreshingWebDataset(shard_dir, **{name: value})
     assert 'storage_options={"cache_dir": ..., "cache_limit"' in str(refused.value)
     assert "not supported" not in str(refused.value)
-    table = readme_section("Use")
-    [row] = [line for line in table.splitlines() if line.startswith("| `cache_dir`")]
+    with open(os.path.join(ROOT, "docs", "from-webdataset.md"), encoding="utf-8") as f:
+        [row] = [line for line in f if line.startswith("| `cache_dir`")]
     assert "storage_options" in row and "not supported" not in row and "no remote" not in row
 
 
-def test_the_readme_names_every_argument_of_the_dataset():
-    use = readme_section("Use")
-    missing = [name for name in PARAMETERS[1:] if not re.search(rf"`{name}[`=]", use)]
-    assert not missing, f"the README's Use section does not name {missing}"
+def test_getting_started_names_every_argument_of_the_dataset():
+    arguments = section("docs/getting-started.md", "The dataset's arguments")
+    missing = [name for name in PARAMETERS[1:] if not re.search(rf"`{name}[`=]", arguments)]
+    assert not missing, f"getting started's list of arguments does not name {missing}"
 
 
-def test_the_readme_install_section_names_every_extra():
+def test_the_install_sections_name_every_extra():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]
-    install = readme_section("Install into your own environment")
-    assert [name for name in extras if f"`{name}`" not in install] == []
-    dependencies = readme_section("Dependencies")
+    for page in ("README.md", "docs/getting-started.md"):
+        install = section(page, "Install into your own environment")
+        assert [name for name in extras if f"`{name}`" not in install] == [], page
+    dependencies = section("docs/getting-started.md", "Dependencies")
     paragraphs = [p for p in dependencies.split("\n\n") if p.strip()]
     assert len(paragraphs) == len(set(paragraphs))
     for name in extras:
