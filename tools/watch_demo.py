@@ -1,9 +1,9 @@
 """A small run to watch: 2 gloo ranks x 2 DataLoader workers train while a producer changes the shards.
 
 Writes ``OUT/stats.jsonl`` (``stats_dir=``) and, with ``--plot``, the figure of
-``wdsrefresh stats OUT --plot FILE`` (the README's docs/watching.png comes from here):
+``wdsrefresh stats OUT --plot FILE`` (docs/img/watch-demo.png comes from here):
 
-    python tools/watch_demo.py --out /tmp/watch --plot docs/watching.png
+    python tools/watch_demo.py --out /tmp/watch --plot docs/img/watch-demo.png
 
 The producer adds a shard of 100..400 samples every ``--every`` seconds, replaces one now and
 then and deletes the oldest beyond 10; each training step takes ``--step`` seconds.
