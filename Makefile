@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # the variable: no notice from Material about MkDocs 2
 
 bench: $(STAMP)
 	$(PY) tools/bench.py
