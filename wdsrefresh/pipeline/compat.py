@@ -1,8 +1,8 @@
 """Arguments of webdataset's ``WebDataset`` that users bring along when they port a pipeline.
 
 Each is accepted where it means something here, and otherwise refused with an error that
-says what replaces it: never ignored, never a bare TypeError. The README's "Coming from
-webdataset" table says the same for users.
+says what replaces it: never ignored, never a bare TypeError. docs/from-webdataset.md says
+the same for users, argument by argument.
 """
 
 from __future__ import annotations
