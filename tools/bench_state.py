@@ -4,9 +4,10 @@
 
 Part 1 (synthetic snapshots of N shards, names like ``part3/shard-000001.tar``, 1-3 blocks each):
 the pickled size of worker 0's state (which carries the snapshot), of another worker's (which
-names it), bytes per shard against the tests' bound (<= 120 per shard + 8 per block; docs/resume.md gives the measured 114), and
-the time torchdata's worker spends per step on our state (``_IncrementalState.generate_delta``
-on an unchanged snapshot, the code StatefulDataLoader runs at every step by default).
+names it), bytes per shard against the tests' bound (<= 120 per shard + 8 per block; docs/resume.md
+gives the measured 114), and the time torchdata's worker spends per step on our state
+(``_IncrementalState.generate_delta`` on an unchanged snapshot, the code StatefulDataLoader runs
+at every step by default).
 
 Part 2 (real shards, 2 DataLoader workers): batches/s with a state captured at every step
 against one every 10**9 steps, interleaved over rounds; the ratio is the per-step cost.
