@@ -95,3 +95,11 @@ def test_storage_options_are_refused_where_they_cannot_apply(shard_dir):
         wr.RefreshingWebDataset(shard_dir, storage_options={"cache_dir": "/tmp/x"})
     with pytest.raises(ValueError, match='mode="epoch"'):
         wr.RefreshingWebDataset(shard_dir, mode="stream", storage_options={})
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/shards/", "https://host.invalid/a.tar"])
+def test_a_mistyped_storage_option_is_refused_listing_the_sources_own_options_too(url):
+    with pytest.raises(TypeError, match="unknown option") as refused:
+        wr.make_source(url, storage_options={"index_intervall": 60})
+    known = str(refused.value).split("known: ", 1)[1].split(", ")
+    assert "index_interval" in known and "index_intervall" not in known

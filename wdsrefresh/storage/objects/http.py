@@ -82,12 +82,13 @@ class HttpStore(Retrying):
     and as for ``s3://``: ``attempts``, ``backoff``, ``max_backoff``, ``readahead``,
     ``request_blocks``, ``memory_budget``, ``max_requests``, ``cache_dir`` with ``cache_limit``."""
 
-    def __init__(self, storage_options: dict[str, Any] | None = None):
+    def __init__(self, storage_options: dict[str, Any] | None = None, also_known: tuple[str, ...] = ()):
+        """``also_known``: as ``s3.Store``'s."""
         options = dict(storage_options or {})
         unknown = sorted(k for k in options if k not in _OPTIONS)
         if unknown:
             raise TypeError(f"storage_options for https:// URLs: unknown option(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(sorted(_OPTIONS))}")
+                            f"{', '.join(sorted({*_OPTIONS, *also_known}))}")
         headers = options.get("headers") or {}
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                     for k, v in headers.items()):

@@ -132,12 +132,14 @@ class Store(Retrying):
     Unset options come from the AWS chain and the environment (``AWS_ENDPOINT_URL`` included).
     """
 
-    def __init__(self, storage_options: dict[str, Any] | None = None):
+    def __init__(self, storage_options: dict[str, Any] | None = None, also_known: tuple[str, ...] = ()):
+        """``also_known``: keys its caller took out of ``storage_options`` first, listed as known
+        when a key is refused."""
         options = dict(storage_options or {})
         unknown = sorted(k for k in options if k not in _CLIENT_OPTIONS and k not in _OWN_OPTIONS)
         if unknown:
             raise TypeError(f"storage_options: unknown option(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(sorted({*_CLIENT_OPTIONS, *_OWN_OPTIONS}))}")
+                            f"{', '.join(sorted({*_CLIENT_OPTIONS, *_OWN_OPTIONS, *also_known}))}")
         self.attempts = int(options.pop("attempts", DEFAULT_ATTEMPTS))
         self.backoff = float(options.pop("backoff", DEFAULT_BACKOFF))
         self.max_backoff = float(options.pop("max_backoff", DEFAULT_MAX_BACKOFF))

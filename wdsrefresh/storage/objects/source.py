@@ -60,6 +60,8 @@ from .s3 import (NULL_VERSION, ObjectChangedError, ObjectReadError, ObjectStat, 
 log = logging.getLogger("wdsrefresh")
 
 DEFAULT_THREADS = 8  # objects indexed (or HEADed) at once while an epoch resolves
+INDEX_INTERVAL = "index_interval"
+SOURCE_STORAGE_OPTIONS = (INDEX_INTERVAL,)  # storage_options the source takes before its store sees the rest
 
 
 class RemoteTruncated(TarError):
@@ -101,7 +103,7 @@ class ObjectSource(ShardSource):
             raise NoShardsError("an empty list of URLs names no shard")
         self.plans = [plan_for(s) for s in self.specs]
         options = dict(storage_options or {})
-        interval = options.pop("index_interval", None)
+        interval = options.pop(INDEX_INTERVAL, None)
         self.store = _store(self.specs, options)
         if interval is None:  # a web server has no listing: a background pass would HEAD every URL
             interval = DEFAULT_INTERVAL if isinstance(self.store, Store) else 0
@@ -393,8 +395,8 @@ def _store(specs: list[str], storage_options: dict[str, Any] | None) -> Store | 
     """The store the source's URLs are read through: one protocol per source."""
     web = [is_http(s) for s in specs]
     if all(web):
-        return HttpStore(storage_options)
+        return HttpStore(storage_options, also_known=SOURCE_STORAGE_OPTIONS)
     if any(web):
         raise ValueError("a list of URLs mixes https:// and s3:// URLs, whose storage_options differ: "
                          "one source reads one protocol")
-    return Store(storage_options)
+    return Store(storage_options, also_known=SOURCE_STORAGE_OPTIONS)
